@@ -1,0 +1,9 @@
+"""Error types that map to the CLI's exit codes (DESIGN.md: 2 = bad input, 1 = internal)."""
+
+
+class QtoolError(Exception):
+    """Bad input from the user: the CLI prints one line and exits 2."""
+
+
+class NotImplementedYet(QtoolError):
+    """A command of the contract whose issue has not landed yet."""
