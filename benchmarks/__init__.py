@@ -1,0 +1,1 @@
+"""Reproducible measurements; results go to benchmarks/results/."""

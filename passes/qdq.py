@@ -1,0 +1,359 @@
+"""QDQ insertion driven by a QuantPlan: mark tensors per op, then emit one shared Q/DQ per tensor.
+
+Marking (`mark_tensors`) walks the fused graph in order and asks a small registry of per-op
+handlers which tensors the op wants quantized:
+
+- Conv / ConvTranspose / Gemm / MatMul with a constant weight (a quantization unit, see units.py):
+  input activation, weight (per-channel on the output-channel axis), bias (int32, derived), and the
+  unit's output, i.e. after its activation. onnxruntime forms QLinearConv / QGemm only when that
+  output is quantized too.
+- Add / Mul of two activations (residuals), Concat, AveragePool, GlobalAveragePool: inputs and output,
+  so onnxruntime forms QLinearAdd / QLinearConcat / QLinearGlobalAveragePool. An Add or Mul followed by
+  a sole-consumer Relu/Clip is quantized after the Relu/Clip, which the Q then absorbs exactly.
+- MaxPool / Reshape / Flatten / Transpose / Squeeze / Unsqueeze: pass-through; when either side is
+  quantized both are, and the output shares the input's parameters (`share_with`), which is what lets
+  onnxruntime drop the DQ -> op -> Q around them instead of leaving a requantize chain.
+
+Emission (`insert_qdq`): activations get Q -> DQ right after their producer and every reader is
+pointed at the DQ, so each tensor has exactly one pair. Weights are stored quantized (int8/uint8
+initializer + DequantizeLinear, `axis` for per-channel); the DQ output keeps the weight's name so
+the plan's names stay valid in the result. Biases become int32 with scale s_in * s_w and zero point 0.
+Activations narrower than their 8-bit container get a Clip to the narrowed range before the Q, so the
+graph computes exactly what a b-bit fake-quant computes. A quantized graph output keeps its name (its
+float producer is renamed `<name>_float`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.core import PassResult, QPass, new_initializer, unique_name
+from passes.units import ANCHOR_OPS, unit_activation
+
+log = logging.getLogger(__name__)
+
+PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+ABSORBED_ACTS = ("Relu", "Clip")  # a following Q represents these exactly
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str  # "activation" | "weight"
+    axis: int | None = None  # per-channel axis of a weight (None: per-tensor only)
+    share_with: str | None = None  # activation reusing another tensor's parameters
+
+
+@dataclass
+class Marks:
+    tensors: dict[str, Role] = field(default_factory=dict)
+    biases: dict[str, tuple[str, str]] = field(default_factory=dict)  # bias -> (input, weight)
+    skipped: list[str] = field(default_factory=list)
+
+    def activations(self) -> list[str]:
+        return [k for k, r in self.tensors.items() if r.kind == "activation"]
+
+    def root(self, name: str) -> str:
+        seen = set()
+        while (r := self.tensors[name]).share_with is not None and name not in seen:
+            seen.add(name)
+            name = r.share_with
+        return name
+
+
+class _Marker:
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.marks = Marks()
+
+    def act(self, v: ir.Value | None) -> None:
+        if v is None or v.const_value is not None or not v.name:
+            return
+        if v.type is not None and v.type.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            return
+        self.marks.tensors.setdefault(v.name, Role("activation"))
+
+    def weight(self, v: ir.Value, axis: int | None) -> None:
+        prev = self.marks.tensors.get(v.name)
+        if prev is not None and prev.axis != axis:
+            axis = None  # shared by nodes with different channel axes: per-tensor is right for both
+        self.marks.tensors[v.name] = Role("weight", axis)
+
+    def output(self, node: ir.Node) -> None:
+        """Mark the node's effective output: after a sole-consumer Relu/Clip that the Q absorbs."""
+        act = unit_activation(node)
+        if node.op_type in ANCHOR_OPS:
+            self.act((act or node).outputs[0])
+        elif act is not None and act.op_type in ABSORBED_ACTS:
+            self.act(act.outputs[0])
+        else:
+            self.act(node.outputs[0])
+
+
+Handler = Callable[[ir.Node, _Marker], None]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def register(*op_types: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        for op in op_types:
+            _HANDLERS[op] = fn
+        return fn
+    return deco
+
+
+def _is_weight(v: ir.Value | None) -> bool:
+    return (v is not None and v.is_initializer() and not v.is_graph_input() and v.const_value is not None
+            and np.issubdtype(v.const_value.numpy().dtype, np.floating))
+
+
+@register("Conv", "ConvTranspose")
+def _conv(node: ir.Node, m: _Marker) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if not _is_weight(w):
+        m.marks.skipped.append(f"{node.name}: weight {w.name!r} is not a constant initializer; left float")
+        return
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    # ConvTranspose's axis 1 holds out_channels / group: per-channel is only unambiguous for group 1.
+    axis = 0 if node.op_type == "Conv" else (1 if group == 1 else None)
+    m.act(x)
+    m.weight(w, axis)
+    if _is_weight(b):
+        m.marks.biases[b.name] = (x.name, w.name)
+    m.output(node)
+
+
+@register("Gemm")
+def _gemm(node: ir.Node, m: _Marker) -> None:
+    a, w = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if "transA" in node.attributes and node.attributes["transA"].as_int():
+        m.marks.skipped.append(f"{node.name}: transA=1; left float")
+        return
+    if not _is_weight(w):
+        m.marks.skipped.append(f"{node.name}: weight {w.name!r} is not a constant initializer; left float")
+        return
+    trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
+    m.act(a)
+    m.weight(w, 0 if trans_b else 1)
+    n_out = w.const_value.shape[0 if trans_b else 1]
+    alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.0
+    beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+    # int32 bias = C / (s_a * s_b) holds only for the plain Y = A B + C with a per-column C.
+    if _is_weight(c) and alpha == 1.0 and beta == 1.0 and c.const_value.numpy().size == n_out \
+            and c.const_value.numpy().ndim == 1:
+        m.marks.biases[c.name] = (a.name, w.name)
+    m.output(node)
+
+
+@register("MatMul")
+def _matmul(node: ir.Node, m: _Marker) -> None:
+    a, b = node.inputs
+    if _is_weight(b):
+        m.act(a)
+        m.weight(b, None)  # per-tensor: onnxruntime's QLinearMatMul wants a scalar B scale on CPU
+    elif _is_weight(a):
+        m.marks.skipped.append(f"{node.name}: constant left operand; left float")
+        return
+    else:
+        m.act(a)
+        m.act(b)
+    m.output(node)
+
+
+@register("Add", "Mul")
+def _binary(node: ir.Node, m: _Marker) -> None:
+    if any(v is None or v.const_value is not None for v in node.inputs):
+        return  # bias-like constant operands stay float (folded earlier where exact)
+    for v in node.inputs:
+        m.act(v)
+    m.output(node)
+
+
+@register("Concat")
+def _concat(node: ir.Node, m: _Marker) -> None:
+    if any(v is None or v.const_value is not None for v in node.inputs):
+        return
+    for v in node.inputs:
+        m.act(v)
+    m.output(node)
+
+
+@register("AveragePool", "GlobalAveragePool")
+def _pool(node: ir.Node, m: _Marker) -> None:
+    m.act(node.inputs[0])
+    m.output(node)
+
+
+def mark_tensors(graph: ir.Graph) -> Marks:
+    """Which tensors a QDQ graph quantizes, by role; the plan builder and insert_qdq both use it."""
+    m = _Marker(graph)
+    nodes = list(graph)
+    for node in nodes:
+        h = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if h is not None:
+            h(node, m)
+    # Pass-through ops second: their inputs and outputs may have been marked by either neighbour.
+    for node in nodes:
+        if node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if x is None or not (x.name in m.marks.tensors or y.name in m.marks.tensors):
+            continue
+        m.act(x)
+        if x.name in m.marks.tensors and m.marks.tensors[x.name].kind == "activation":
+            m.marks.tensors[y.name] = Role("activation", share_with=x.name)
+    return m.marks
+
+
+# -- emission ----------------------------------------------------------------------------------
+
+def quantize_array(x: np.ndarray, scale, zero_point, axis: int | None, qmin: int, qmax: int,
+                   dtype=np.int8) -> np.ndarray:
+    """round-half-to-even(x / s) + z, saturated: exactly onnxruntime's QuantizeLinear."""
+    s = np.asarray(scale, np.float32)
+    z = np.asarray(zero_point, np.int64)
+    if axis is not None and s.ndim == 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z
+    return np.clip(q, qmin, qmax).astype(dtype)
+
+
+class InsertQDQPass(QPass):
+    """Insert Q/DQ for every tensor of `plan` (a qtool.plan.QuantPlan with scales set)."""
+
+    def __init__(self, plan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> PassResult:
+        g = model.graph
+        values = _values_by_name(g)
+        missing = [n for n in self.plan.tensors if n not in values]
+        if missing:
+            raise ValueError(f"plan tensors not in the graph: {missing[:5]}")
+        uncal = [n for n, t in self.plan.tensors.items() if not t.calibrated]
+        if uncal:
+            raise ValueError(f"plan tensors without scale/zero_point: {uncal[:5]}")
+        marks = mark_tensors(g)
+        for name, (inp, w) in marks.biases.items():
+            self._bias(g, values[name], inp, w)
+        for name, tq in self.plan.tensors.items():
+            if tq.kind == "weight":
+                self._weight(g, values[name], tq)
+            else:
+                self._activation(g, values[name], tq)
+        g.sort()
+        return PassResult(model, True)
+
+    def _params(self, g: ir.Graph, base: str, tq, dtype) -> tuple[ir.Value, ir.Value]:
+        per_channel = tq.granularity == "per_channel"
+        s = np.asarray(tq.scale, np.float32) if per_channel else np.float32(tq.scale)
+        z = np.asarray(tq.zero_point, dtype) if per_channel else np.asarray(tq.zero_point, dtype).reshape(())
+        return (new_initializer(g, np.asarray(s, np.float32), f"{base}_scale"),
+                new_initializer(g, z, f"{base}_zero_point"))
+
+    def _weight(self, g: ir.Graph, w: ir.Value, tq) -> None:
+        dtype = np.int8 if tq.signed else np.uint8
+        qmin, qmax = tq.qrange
+        axis = tq.axis if tq.granularity == "per_channel" else None
+        q = quantize_array(w.const_value.numpy(), tq.scale, tq.zero_point, axis, qmin, qmax, dtype)
+        name = w.name
+        q_v = new_initializer(g, q, f"{name}_quantized")
+        s_v, z_v = self._params(g, name, tq, dtype)
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [q_v, s_v, z_v], attributes=attrs, name=f"{name}_DequantizeLinear")
+        out = dq.outputs[0]
+        out.type, out.shape = w.type, w.shape
+        g.insert_before(next(iter(g)), dq)
+        w.replace_all_uses_with(out)
+        g.initializers.pop(name)
+        w.name = None
+        out.name = name
+        self.fire(f"weight {name}: {tq.bits}-bit {tq.granularity}")
+
+    def _bias(self, g: ir.Graph, b: ir.Value, inp: str, w: str) -> None:
+        ti, tw = self.plan.tensors.get(inp), self.plan.tensors.get(w)
+        if ti is None or tw is None:
+            log.debug("bias %s stays float: input or weight not in the plan", b.name)
+            return
+        s_w = np.asarray(tw.scale, np.float64)
+        s = (np.float64(np.float32(ti.scale)) * s_w.astype(np.float32).astype(np.float64)).astype(np.float32)
+        bias = b.const_value.numpy().astype(np.float64)
+        per_channel = s.ndim == 1
+        q = np.clip(np.rint(bias / (s.astype(np.float64) if per_channel else float(s))),
+                    -(2**31), 2**31 - 1).astype(np.int32)
+        name = b.name
+        q_v = new_initializer(g, q, f"{name}_quantized")
+        s_v = new_initializer(g, s, f"{name}_scale")
+        z_v = new_initializer(g, np.zeros(s.shape, np.int32), f"{name}_zero_point")
+        attrs = {"axis": 0} if per_channel else {}
+        dq = ir.node("DequantizeLinear", [q_v, s_v, z_v], attributes=attrs, name=f"{name}_DequantizeLinear")
+        out = dq.outputs[0]
+        out.type, out.shape = b.type, b.shape
+        g.insert_before(next(iter(g)), dq)
+        b.replace_all_uses_with(out)
+        g.initializers.pop(name)
+        b.name = None
+        out.name = name
+        self.fire(f"bias {name}: int32")
+
+    def _activation(self, g: ir.Graph, t: ir.Value, tq) -> None:
+        dtype = np.int8 if tq.signed else np.uint8
+        name = t.name
+        s_v, z_v = self._params(g, name, tq, dtype)
+        readers = [(n, i) for n, i in t.uses()]
+        src = t
+        new_nodes = []
+        qmin, qmax = tq.qrange
+        cmin, cmax = (-128, 127) if tq.signed else (0, 255)
+        if (qmin, qmax) != (cmin, cmax):
+            s, z = float(tq.scale), int(tq.zero_point)
+            lo = new_initializer(g, np.float32((qmin - z) * s), f"{name}_clip_min")
+            hi = new_initializer(g, np.float32((qmax - z) * s), f"{name}_clip_max")
+            clip = ir.node("Clip", [t, lo, hi], name=f"{name}_Clip")
+            new_nodes.append(clip)
+            src = clip.outputs[0]
+            src.name = unique_name(g, f"{name}_clipped")
+        q = ir.node("QuantizeLinear", [src, s_v, z_v], name=f"{name}_QuantizeLinear")
+        q.outputs[0].name = unique_name(g, f"{name}_quantized")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s_v, z_v], name=f"{name}_DequantizeLinear")
+        out = dq.outputs[0]
+        out.type, out.shape = t.type, t.shape
+        new_nodes += [q, dq]
+        producer = t.producer()
+        if producer is None:
+            g.insert_before(next(iter(g)), new_nodes)
+        else:
+            g.insert_after(producer, new_nodes)
+        for n, i in readers:
+            n.replace_input_with(i, out)
+        if t.is_graph_output():
+            idx = [i for i, o in enumerate(g.outputs) if o is t]
+            t.name = unique_name(g, f"{name}_float")
+            out.name = name
+            for i in idx:
+                g.outputs[i] = out
+        else:
+            out.name = unique_name(g, f"{name}_dequantized")
+        self.fire(f"activation {name}: {'s' if tq.signed else 'u'}{tq.bits}")
+
+
+def _values_by_name(g: ir.Graph) -> dict[str, ir.Value]:
+    out: dict[str, ir.Value] = {v.name: v for v in g.inputs if v.name}
+    out.update({k: v for k, v in g.initializers.items()})
+    for n in g:
+        for v in n.outputs:
+            if v.name:
+                out[v.name] = v
+    return out
+
+
+def insert_qdq(model: ir.Model, plan) -> PassResult:
+    return InsertQDQPass(plan)(model)

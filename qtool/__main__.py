@@ -1,0 +1,5 @@
+import sys
+
+from qtool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,250 @@
+"""The `qtool` command line: a thin click skin over the Python API (one API call per command).
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 internal error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+import click
+
+from qtool.errors import NotImplementedYet, QtoolError
+
+DATA_HELP = ("data SPEC: digits (embedded default) | cifar10:PATH (python batches dir, ImageFolder dir with "
+             "train/ and/or test/, or a .tar.gz of one) | imagefolder:PATH | npz:PATH")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"w(\d+)a(\d+)", text.strip().lower())
+    if not m:
+        raise QtoolError(f"--bits must look like w8a8 or w4a4, got {text!r}")
+    w, a = int(m.group(1)), int(m.group(2))
+    for v, what in ((w, "weight"), (a, "activation")):
+        if not 2 <= v <= 8:
+            raise QtoolError(f"{what} bits must be in 2..8, got {v}")
+    return w, a
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise QtoolError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise QtoolError(f"{what} is empty")
+    return vals
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise QtoolError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise QtoolError(f"{what} values must be >= 1, got {text!r}")
+    return vals
+
+
+def echo(msg: str = "") -> None:
+    click.echo(msg)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log what passes did and refused (DEBUG level).")
+@click.version_option(package_name="qtool")
+def cli(verbose: bool):
+    """qtool: quantize ONNX models into INT8 / mixed-precision ONNX files that run on stock onnxruntime.
+
+    Typical flow: train (or bring a model) -> fuse -> quantize (PTQ) or qat -> export -> eval / bench.
+    Run `qtool demo` for the whole flow on the embedded digits data, offline, in a few minutes.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--model", "model_name", default="resnet20", show_default=True, help="zoo model: resnet20/32/44/56, mobilenetv2, lenet5, vgg_small, resnet18")
+@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@click.option("--epochs", default=10, show_default=True, type=int)
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--lr", default=0.2, show_default=True, type=float, help="peak learning rate of the one-cycle schedule")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-o", "--output", required=True, help="ONNX file to write (a .pt checkpoint is written beside it)")
+def train(model_name, data, epochs, batch_size, lr, seed, output):
+    """Train a zoo model in FP32 and export it to ONNX (BatchNormalization kept, preprocessing in metadata)."""
+    from qtool.train import TrainConfig, train as run
+
+    r = run(TrainConfig(model=model_name, data=data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed), output)
+    echo(f"val accuracy: PyTorch {r.val_acc_torch:.4f}, ONNX on onnxruntime {r.val_acc_onnx:.4f} "
+         f"({r.wall_time_s:.0f} s) -> {r.onnx_path} (checkpoint {r.checkpoint})")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, help="fused ONNX file to write")
+@click.option("--verbose", is_flag=True, help="also list refusals (why a fusion did not fire)")
+def fuse(model, output, verbose):
+    """Fold BatchNormalization and constant Mul/Add into Conv/Gemm/MatMul, simplify (onnxsim), and mark
+    Conv/Gemm/MatMul + activation groups as single quantization units."""
+    from qtool.quantize import fuse_file
+
+    summary = fuse_file(model, output, verbose=verbose)
+    for line in summary.lines(verbose=verbose) if _accepts_verbose(summary.lines) else summary.lines():
+        echo(line)
+
+
+def _accepts_verbose(fn) -> bool:
+    import inspect
+
+    return "verbose" in inspect.signature(fn).parameters
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", default="digits", show_default=True, help=DATA_HELP + " (calibration images come from its train split)")
+@click.option("--calib", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
+@click.option("--bits", default="w8a8", show_default=True, help="weight/activation bits, e.g. w8a8")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scale granularity")
+@click.option("--symmetric-activations", is_flag=True, help="int8 symmetric activations (S8S8; slower than the default U8S8 on x86 CPUs)")
+@click.option("--format", "fmt", default="qdq", show_default=True, type=click.Choice(["qdq", "qoperator"]))
+@click.option("--calib-size", default=512, show_default=True, type=int, help="number of calibration images")
+@click.option("--mean", default=None, help="per-channel mean, e.g. 0.49,0.48,0.45 (overrides model metadata)")
+@click.option("--std", default=None, help="per-channel std (overrides model metadata)")
+@click.option("-o", "--output", required=True)
+@click.option("--plan-out", default=None, help="also write the QuantPlan JSON here")
+def quantize(model, data, calib, bits, per_channel, symmetric_activations, fmt, calib_size, mean, std, output, plan_out):
+    """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
+    from qtool.quantize import quantize_cli
+
+    w, a = parse_bits(bits)
+    summary = quantize_cli(model, output, data=data, calib=calib, weight_bits=w, act_bits=a, per_channel=per_channel,
+                           act_signed=symmetric_activations, fmt=fmt, calib_size=calib_size,
+                           mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), plan_out=plan_out)
+    for line in summary.lines():
+        echo(line)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@click.option("--bits", default=None, help="uniform bits, e.g. w4a4")
+@click.option("--plan", default=None, help="QuantPlan JSON giving per-tensor bits")
+@click.option("--config", default=None, help="YAML config (NNI config_list style)")
+@click.option("--algo", default="lsq", show_default=True, type=click.Choice(["minmax", "lsq", "pact", "dorefa", "bnn"]))
+@click.option("--epochs", default=1, show_default=True, type=int)
+@click.option("-o", "--output", required=True)
+def qat(model, data, bits, plan, config, algo, epochs, output):
+    """Quantization-aware training on a PyTorch module lifted from the ONNX graph."""
+    raise NotImplementedYet("qat: not implemented yet")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@click.option("--objectives", default="acc,flops", show_default=True, help="acc,flops[,bitops,size,latency]")
+@click.option("--bits", default="2,4,8", show_default=True, help="candidate bit-widths")
+@click.option("--pop", default=16, show_default=True, type=int)
+@click.option("--gens", default=10, show_default=True, type=int)
+@click.option("--eval", "evaluator", default="supernet", show_default=True, type=click.Choice(["supernet", "qat"]))
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
+@click.option("--workdir", required=True)
+@click.option("--resume", is_flag=True)
+def search(model, data, objectives, bits, pop, gens, evaluator, executor, workdir, resume):
+    """NSGA-III search over per-layer weight/activation bit-widths."""
+    raise NotImplementedYet("search: not implemented yet")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--plan", default=None, help="QuantPlan JSON")
+@click.option("--from-search", default=None, help="search workdir")
+@click.option("--pick", default=None, type=int, help="front member to export")
+@click.option("--int8", is_flag=True, help="export an integer model")
+@click.option("--format", "fmt", default="qdq", show_default=True, type=click.Choice(["qdq", "qoperator", "integer"]))
+@click.option("-o", "--output", required=True)
+def export(model, plan, from_search, pick, int8, fmt, output):
+    """Export a fused graph + QuantPlan to a deployable ONNX file (QDQ, QOperator or integer-only)."""
+    raise NotImplementedYet("export: not implemented yet")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--ep", default="cpu", show_default=True, help="execution providers: cpu,cuda,tensorrt")
+@click.option("--batch", default="1", show_default=True, help="batch sizes, e.g. 1,32")
+@click.option("--threads", default=2, show_default=True, type=int, help="intra-op threads")
+@click.option("--warmup", default=10, show_default=True, type=int)
+@click.option("--runs", default=100, show_default=True, type=int)
+@click.option("--json", "json_out", default=None, help="write the report as JSON here")
+def bench(models, ep, batch, threads, warmup, runs, json_out):
+    """Latency (median/p90/p99), throughput and ratio vs the first model on onnxruntime EPs."""
+    from qtool.bench import bench as run
+    from qtool.io import check_output_path
+
+    if json_out:
+        check_output_path(json_out, *models)
+    eps = tuple(e.strip() for e in ep.split(",") if e.strip())
+    report = run(list(models), eps=eps, batches=parse_ints(batch, "--batch"), threads=threads, warmup=warmup, runs=runs)
+    from rich.console import Console
+
+    Console().print(report.table())
+    if json_out:
+        report.to_json(json_out)
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]))
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--mean", default=None, help="per-channel mean (for models without qtool metadata)")
+@click.option("--std", default=None, help="per-channel std")
+def eval_cmd(model, data, split, batch_size, mean, std):
+    """Top-1 accuracy on onnxruntime."""
+    from qtool.evaluate import evaluate_model
+    from qtool.io import load_model
+
+    r = evaluate_model(load_model(model), data, split, batch_size, parse_floats(mean, "--mean"), parse_floats(std, "--std"))
+    echo(f"top-1 {r.accuracy * 100:.2f}% on {r.n} images ({data}, {split})")
+
+
+@cli.command()
+@click.option("--workdir", default="demo-out", show_default=True, help="where the demo writes its models")
+@click.option("--epochs", default=8, show_default=True, type=int)
+def demo(workdir, epochs):
+    """The whole flow on the embedded digits data: train -> fuse -> quantize -> eval -> bench (offline)."""
+    from qtool.demo import run_demo
+
+    run_demo(workdir, epochs=epochs)
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="qtool", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("qtool: aborted", err=True)
+        return 1
+    except click.ClickException as e:  # usage errors: one line, exit 2
+        click.echo(f"qtool: error: {e.format_message()}", err=True)
+        return 2
+    except QtoolError as e:
+        click.echo(f"qtool: error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("qtool: interrupted", err=True)
+        return 130
+    except Exception as e:  # internal error: still one line unless debugging
+        if os.environ.get("QTOOL_DEBUG"):
+            raise
+        click.echo(f"qtool: internal error ({type(e).__name__}): {e} (set QTOOL_DEBUG=1 for a traceback)", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
