@@ -28,15 +28,16 @@ class FoldAffinePass(QPass):
         for node in list(model.graph):
             if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx"):
                 continue
-            nxt = sole_consumer(node.outputs[0])
-            if nxt is None or nxt.op_type not in AFFINE_OPS:
-                continue
-            reason, c = self._check(node, nxt)
-            if reason:
-                self.refuse(nxt, f"not folded into {node.name or node.op_type}: {reason}")
-                continue
-            self._fold(model.graph, node, nxt, c)
-            modified = True
+            while (nxt := sole_consumer(node.outputs[0])) is not None and nxt.op_type in AFFINE_OPS:
+                other = [v for v in nxt.inputs if v is not node.outputs[0]]
+                if other and other[0] is not None and other[0].producer() is not None:
+                    break  # y + z of two activations (a residual) is not a candidate at all
+                reason, c = self._check(node, nxt)
+                if reason:
+                    self.refuse(nxt, f"not folded into {node.name or node.op_type}: {reason}")
+                    break
+                self._fold(model.graph, node, nxt, c)  # then try the next link of the chain
+                modified = True
         return PassResult(model, modified)
 
     def _check(self, node: ir.Node, op: ir.Node) -> tuple[str | None, np.ndarray | None]:
@@ -45,10 +46,10 @@ class FoldAffinePass(QPass):
         if pos == 1 and op.op_type in ("Sub", "Div"):
             return f"{op.op_type} with the tensor on the right is not affine in it", None
         cv = op.inputs[1 - pos]
+        if cv is not None and cv.is_graph_input():
+            return f"{cv.name!r} is a graph input", None
         if cv is None or cv.const_value is None:
             return "the other operand is not a constant", None
-        if cv.is_graph_input():
-            return f"{cv.name!r} is a graph input", None
         for v, what in ((node.inputs[1], "weight"), (node.inputs[2] if len(node.inputs) > 2 else None, "bias")):
             if v is None:
                 continue

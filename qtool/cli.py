@@ -118,9 +118,9 @@ def _accepts_verbose(fn) -> bool:
 @click.option("--plan-out", default=None, help="also write the QuantPlan JSON here")
 def quantize(model, data, calib, bits, per_channel, symmetric_activations, fmt, calib_size, mean, std, output, plan_out):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
+    w, a = parse_bits(bits)
     from qtool.quantize import quantize_cli
 
-    w, a = parse_bits(bits)
     summary = quantize_cli(model, output, data=data, calib=calib, weight_bits=w, act_bits=a, per_channel=per_channel,
                            act_signed=symmetric_activations, fmt=fmt, calib_size=calib_size,
                            mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), plan_out=plan_out)

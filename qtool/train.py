@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,9 +80,11 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], pre: Preprocess,
     preprocessing stored in metadata."""
     model.eval()
     buf = io.BytesIO()
-    torch.onnx.export(model, (torch.zeros(1, *input_shape),), buf, dynamo=False, opset_version=opset,
-                      training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings():  # the exporter's deprecation and constant-folding chatter
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, *input_shape),), buf, dynamo=False, opset_version=opset,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     m = onnx.load_from_string(buf.getvalue())
     write_preprocess(m, pre)
     m.producer_name = "qtool"

@@ -1,0 +1,28 @@
+"""Pure-ONNX graph passes (onnx_ir based; never imports torch).
+
+`fuse_pipeline()` is the pass list `qtool.quantize.fuse` repeats to a fixpoint.
+"""
+from __future__ import annotations
+
+from onnx_ir.passes.common import (IdentityEliminationPass, RemoveUnusedNodesPass, ShapeInferencePass,
+                                   TopologicalSortPass)
+
+from passes.core import Fired, PipelineResult, QPass, Refusal, run_to_fixpoint, to_ir, to_proto
+from passes.fold_affine import FoldAffinePass, fold_affine
+from passes.fold_bn import FoldBatchNormPass, fold_batchnorm
+from passes.qdq import InsertQDQPass, Marks, Role, insert_qdq, mark_tensors, register
+from passes.simplify import OnnxSimPass, simplify
+from passes.units import UNITS_KEY, Unit, find_units, read_units, record_units
+
+__all__ = ["FoldAffinePass", "FoldBatchNormPass", "Fired", "IdentityEliminationPass", "InsertQDQPass", "Marks",
+           "OnnxSimPass", "PipelineResult", "QPass", "Refusal", "RemoveUnusedNodesPass", "Role",
+           "ShapeInferencePass", "TopologicalSortPass", "UNITS_KEY", "Unit", "find_units", "fold_affine",
+           "fold_batchnorm", "fuse_pipeline", "insert_qdq", "mark_tensors", "read_units", "record_units",
+           "register", "run_to_fixpoint", "simplify", "to_ir", "to_proto"]
+
+
+def fuse_pipeline(simplify_with_onnxsim: bool = True) -> list:
+    passes = [OnnxSimPass()] if simplify_with_onnxsim else []
+    passes += [ShapeInferencePass(), IdentityEliminationPass(), FoldBatchNormPass(), FoldAffinePass(),
+               RemoveUnusedNodesPass(), TopologicalSortPass()]
+    return passes
