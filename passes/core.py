@@ -187,7 +187,11 @@ def run_to_fixpoint(model: ir.Model, passes: Sequence[ir.passes.PassBase], max_i
 
 
 def to_ir(model: onnx.ModelProto) -> ir.Model:
-    return ir.serde.deserialize_model(model)
+    """A private ir.Model: onnx_ir wraps the proto's tensors lazily, and renaming an initializer
+    renames the proto it came from, so the caller's proto is copied first."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return ir.serde.deserialize_model(copy)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -38,9 +38,11 @@ def test_range_methods_clip_outliers():
     st = TensorStats()
     for chunk in np.array_split(np.concatenate([x[:-1], [3.0]]), 7):
         st.update(chunk)
-    for m in ("entropy", "mse"):
-        lo, hi = st.range(m, signed=False)
-        assert lo >= 0 and 0.8 < hi < 1.6, (m, hi)
+    lo, hi = st.range("entropy", signed=False)
+    assert lo >= 0 and 0.8 < hi < 1.6, hi
+    # mse weighs the outlier's squared clipping error against 200k rounding errors: clips, but less
+    lo, hi = st.range("mse", signed=False)
+    assert lo >= 0 and 1.0 < hi < 3.0, hi
     lo, hi = st.range("percentile", signed=True, percentile=99.9)
     assert 0.95 < hi < 1.1
     with pytest.raises(QtoolError, match="unknown calibration method"):

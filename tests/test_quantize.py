@@ -1,0 +1,186 @@
+"""PTQ end to end: config validation, QDQ structure, numbers vs a NumPy reference, onnxruntime fusion."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qtool.errors import QtoolError
+from qtool.plan import QuantPlan
+from qtool.quantize import QuantConfig, fuse, fuse_file, quantize, quantize_file
+from tests.test_passes import _torch_cnn_onnx, ops, run
+
+RNG = np.random.default_rng(2)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(weight_bits=9), "weight_bits must be an integer in 2..8"),
+    (dict(act_bits=1), "act_bits must be an integer in 2..8"),
+    (dict(weight_bits=True), "weight_bits"),
+    (dict(calib="kl"), "calib must be one of minmax, percentile, entropy, mse"),
+    (dict(percentile=40), "percentile must be in (50, 100]"),
+    (dict(per_channel="yes"), "per_channel must be true or false"),
+    (dict(act_symmetric=True), "act_symmetric needs act_signed"),
+    (dict(bins=10), "bins must be a multiple of 4"),
+    (dict(max_batches=0), "max_batches must be a positive integer"),
+])
+def test_bad_config(kw, msg):
+    with pytest.raises(QtoolError) as ei:
+        QuantConfig(**kw)
+    assert msg in str(ei.value) and "\n" not in str(ei.value)
+
+
+def mlp():
+    nodes = [helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "W2", "B2"], ["y"], name="fc2", transB=1)]
+    inits = [numpy_helper.from_array(RNG.normal(size=(16, 8)).astype(np.float32) * s, n) if n.startswith("W")
+             else numpy_helper.from_array(RNG.normal(size=k).astype(np.float32) * 0.1, n)
+             for n, s, k in (("W1", 0.5, 16), ("B1", 0, 16))]
+    inits += [numpy_helper.from_array(RNG.normal(size=(5, 16)).astype(np.float32) * 0.3, "W2"),
+              numpy_helper.from_array(RNG.normal(size=5).astype(np.float32) * 0.1, "B2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.metadata_props.add(key="qtool.preprocess", value='{"mean": [0.0], "std": [1.0]}')
+    return m
+
+
+def batches(shape, n=4, seed=0):
+    r = np.random.default_rng(seed)
+    return [{"x": r.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+def fq(x, t, axis=None):
+    """NumPy fake-quant with the plan entry's parameters (round half to even, saturate)."""
+    s, z = np.asarray(t.scale, np.float32), np.asarray(t.zero_point, np.float32)
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    lo, hi = t.qrange
+    return ((np.clip(np.rint(x / s) + z, lo, hi) - z) * s).astype(np.float32)
+
+
+def test_qdq_numbers_match_numpy_reference():
+    m = mlp()
+    q, plan = quantize(m, batches((8, 8)), QuantConfig())
+    onnx.checker.check_model(q, full_check=True)
+    T = plan.tensors
+    assert T["W1"].granularity == "per_channel" and T["W1"].axis == 0 and T["x"].signed is False
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    x = np.random.default_rng(9).normal(size=(6, 8)).astype(np.float32)
+
+    def bias(b, t_in, t_w):
+        s = (np.float32(t_in.scale) * np.asarray(t_w.scale, np.float32)).astype(np.float32)
+        return (np.rint(b / s) * s).astype(np.float32)
+
+    h = fq(x, T["x"]) @ fq(init["W1"], T["W1"], 0).T + bias(init["B1"], T["x"], T["W1"])
+    r = fq(np.maximum(h, 0), T["r"])
+    y = fq(r @ fq(init["W2"], T["W2"], 0).T + bias(init["B2"], T["r"], T["W2"]), T["y"])
+    got = run(q, {"x": x})[0]
+    assert np.max(np.abs(got - y)) <= 2 * T["y"].scale + 1e-6
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert "qtool.preprocess" in meta and "qtool.units" in meta
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / f"opt_{len(os.listdir(tmp_path))}.onnx")
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(so.optimized_model_filepath))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cnn_qdq_structure_and_ort_fusion(tmp_path):
+    m = _torch_cnn_onnx(13)
+    fused, _ = fuse(m)
+    q, plan = quantize(fused, batches((2, 3, 8, 8)), QuantConfig(calib="percentile"))
+    onnx.checker.check_model(q, full_check=True)
+    # one Q per quantized activation, and no DQ feeding a Q (no requantize chains)
+    producers = {o: n for n in q.graph.node for o in n.output}
+    qs = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert len({n.input[0] for n in qs}) == len(qs) == sum(t.kind == "activation" for t in plan.tensors.values())
+    assert not any(producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "DequantizeLinear"
+                   for n in qs)
+    # onnxruntime turns every Conv/Gemm into an integer kernel: no float fallback
+    opt = _optimized_ops(q, tmp_path)
+    assert opt.get("QLinearConv", 0) == 2 and opt.get("QGemm", 0) == 1 and opt.get("QLinearAdd", 0) == 1, opt
+    assert "Conv" not in opt and "Gemm" not in opt and "FusedConv" not in opt, opt
+    assert opt.get("QLinearGlobalAveragePool", 0) == 1
+    # the same integer kernels as onnxruntime's own quantize_static (U8S8, per-channel, QDQ)
+    qs_mod = pytest.importorskip("onnxruntime.quantization")
+
+    class Reader(qs_mod.CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches((2, 3, 8, 8)))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    fused_path, ref_path = tmp_path / "fused.onnx", tmp_path / "ref.onnx"
+    onnx.save(fused, fused_path)
+    qs_mod.quantize_static(str(fused_path), str(ref_path), Reader(), quant_format=qs_mod.QuantFormat.QDQ,
+                           per_channel=True, activation_type=qs_mod.QuantType.QUInt8,
+                           weight_type=qs_mod.QuantType.QInt8)
+    ref_opt = _optimized_ops(onnx.load(ref_path), tmp_path)
+    for k in ("QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool"):
+        assert opt.get(k, 0) >= ref_opt.get(k, 0), (k, opt, ref_opt)
+    # and the result is close to float
+    x = np.random.default_rng(5).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    ref, got = run(m, {"x": x})[0], run(q, {"x": x})[0]
+    assert np.max(np.abs(ref - got)) < 0.05 * np.max(np.abs(ref)) + 0.02
+
+
+@pytest.mark.parametrize("calib", ["minmax", "entropy", "mse"])
+def test_calib_methods_and_per_tensor(calib):
+    q, plan = quantize(mlp(), batches((8, 8)), QuantConfig(calib=calib, per_channel=False))
+    assert all(t.granularity == "per_tensor" for t in plan.tensors.values())
+    onnx.checker.check_model(q, full_check=True)
+
+
+def test_sub_8_bit_weights_and_activations():
+    q, plan = quantize(mlp(), batches((8, 8)), QuantConfig(weight_bits=4, act_bits=4))
+    w = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert w["W1_quantized"].dtype == np.int8 and np.abs(w["W1_quantized"]).max() <= 7
+    assert ops(q).get("Clip", 0) == sum(t.kind == "activation" for t in plan.tensors.values())
+    x = np.random.default_rng(3).normal(size=(4, 8)).astype(np.float32) * 3
+    y = run(q, {"x": x})[0]
+    t = plan.tensors["y"]
+    codes = y / t.scale + t.zero_point
+    assert np.allclose(codes, np.rint(codes), atol=1e-3) and codes.min() >= -1e-3 and codes.max() <= 15 + 1e-3
+
+
+def test_files_metadata_plan_and_bad_paths(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(mlp(), src)
+    s = fuse_file(src, tmp_path / "fused.onnx")
+    assert s.units == 2 and s.lines()
+    summary = quantize_file(src, tmp_path / "q.onnx", batches((8, 8)), QuantConfig(), plan_out=tmp_path / "plan.json")
+    q = onnx.load(tmp_path / "q.onnx")
+    assert {p.key: p.value for p in q.metadata_props}["qtool.preprocess"] == '{"mean": [0.0], "std": [1.0]}'
+    plan = QuantPlan.load(tmp_path / "plan.json", onnx.load(tmp_path / "fused.onnx"))
+    assert plan.calibrated and summary.tensors and summary.lines()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(QtoolError, match="equals the input"):
+        fuse_file(src, src)
+    with pytest.raises(QtoolError, match="does not exist"):
+        quantize_file(src, tmp_path / "no" / "q.onnx", batches((8, 8)))
+    with pytest.raises(QtoolError, match="no calibration batches"):
+        quantize_file(src, tmp_path / "q2.onnx", [])
+    assert sorted(os.listdir(tmp_path)) == before  # no partial outputs
+
+
+def test_inputs_are_not_mutated():
+    m = mlp()
+    before = m.SerializeToString()
+    fused, _ = fuse(m)
+    fused_before = fused.SerializeToString()
+    quantize(fused, batches((8, 8), n=1))
+    assert m.SerializeToString() == before and fused.SerializeToString() == fused_before
