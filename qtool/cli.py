@@ -92,15 +92,8 @@ def fuse(model, output, verbose):
     Conv/Gemm/MatMul + activation groups as single quantization units."""
     from qtool.quantize import fuse_file
 
-    summary = fuse_file(model, output, verbose=verbose)
-    for line in summary.lines(verbose=verbose) if _accepts_verbose(summary.lines) else summary.lines():
+    for line in fuse_file(model, output, verbose=verbose).lines():
         echo(line)
-
-
-def _accepts_verbose(fn) -> bool:
-    import inspect
-
-    return "verbose" in inspect.signature(fn).parameters
 
 
 @cli.command()
@@ -190,7 +183,9 @@ def bench(models, ep, batch, threads, warmup, runs, json_out):
     report = run(list(models), eps=eps, batches=parse_ints(batch, "--batch"), threads=threads, warmup=warmup, runs=runs)
     from rich.console import Console
 
-    Console().print(report.table())
+    console = Console()
+    console.width = max(console.width, 150)  # the table has 10 columns: never truncate numbers
+    console.print(report.table())
     if json_out:
         report.to_json(json_out)
 

@@ -24,6 +24,7 @@ def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, bench_runs: int 
     from qtool.train import TrainConfig, train
 
     console = Console(quiet=quiet)
+    console.width = max(console.width, 120)
     wd = Path(workdir)
     if wd.exists() and not wd.is_dir():
         raise QtoolError(f"demo workdir is not a directory: {wd}")

@@ -32,7 +32,7 @@ import copy
 import math
 import re
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -168,7 +168,7 @@ def _gemm(a, training, A, B, C=None):
     if a.get("transA", 0):
         A = A.transpose(0, 1)
     alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
-    if a.get("transB", 0) and alpha == 1.0 and beta == 1.0:
+    if a.get("transB", 0) and alpha == 1.0 and beta == 1.0 and (C is None or C.dim() == 1):
         return F.linear(A, B, C)
     if a.get("transB", 0):
         B = B.transpose(0, 1)
@@ -289,6 +289,14 @@ def _log(a, training, x):
 @_op("Reciprocal")
 def _reciprocal(a, training, x):
     return torch.reciprocal(x)
+
+
+@_op("Sum")
+def _sum(a, training, *xs):
+    y = xs[0]
+    for t in xs[1:]:
+        y = y + t
+    return y
 
 
 @_op("Max")
@@ -635,6 +643,10 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     return np.asarray(v, dtype=kinds[attr.name])
 
 
+def _label(node: onnx.NodeProto) -> str:
+    return repr(node.name) if node.name else f"(unnamed, output {node.output[0]!r})"
+
+
 def _sanitize(name: str, taken: set[str], prefix: str) -> str:
     base = prefix + re.sub(r"\W", "_", name)
     key, i = base, 1
@@ -682,7 +694,7 @@ class LiftedModule(nn.Module):
             if imp.domain not in ("", "ai.onnx"):
                 used = [n for n in graph.node if n.domain == imp.domain]
                 if used:
-                    raise QtoolError(f"unsupported op {imp.domain}::{used[0].op_type} in node {used[0].name!r}")
+                    raise QtoolError(f"unsupported op {imp.domain}::{used[0].op_type} in node {_label(used[0])}")
 
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self._init_dtypes = {t.name: t.data_type for t in graph.initializer}
@@ -696,12 +708,12 @@ class LiftedModule(nn.Module):
         state_names = set(inits)
         for node in _topological(list(graph.node), set(inits) | set(self.input_names)):
             if node.domain not in ("", "ai.onnx"):
-                raise QtoolError(f"unsupported op {node.domain}::{node.op_type} in node {node.name!r}")
+                raise QtoolError(f"unsupported op {node.domain}::{node.op_type} in node {_label(node)}")
             if node.op_type == "Constant":
                 try:
                     consts[node.output[0]] = _constant_value(node)
                 except _Unsupported as e:
-                    raise QtoolError(f"unsupported Constant node {node.name!r}: {e}") from None
+                    raise QtoolError(f"unsupported Constant node {_label(node)}: {e}") from None
             elif node.op_type == "Identity" and node.input[0] in state_names:
                 src = node.input[0]
                 self._alias_source[node.output[0]] = self._alias_source.get(src, src)
@@ -760,7 +772,7 @@ class LiftedModule(nn.Module):
         self._steps: list[tuple[Callable, dict, tuple[str, ...], tuple[str, ...]]] = []
         for node in compute:
             if node.op_type not in _OPS:
-                raise QtoolError(f"unsupported op {node.op_type} in node {node.name!r}")
+                raise QtoolError(f"unsupported op {node.op_type} in node {_label(node)}")
             run, parse = _OPS[node.op_type]
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             attrs["_n_outputs"] = len(node.output)
@@ -768,7 +780,7 @@ class LiftedModule(nn.Module):
                 try:
                     attrs = parse(attrs, node)
                 except _Unsupported as e:
-                    raise QtoolError(f"unsupported {node.op_type} in node {node.name!r}: {e}") from None
+                    raise QtoolError(f"unsupported {node.op_type} in node {_label(node)}: {e}") from None
             ins = tuple(node.input)
             while ins and not ins[-1]:  # trailing optional inputs left out
                 ins = ins[:-1]
@@ -873,8 +885,9 @@ class LiftedModule(nn.Module):
         feeds = dict(zip(self.input_names, args))
         feeds.update(named)
         missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise QtoolError(f"missing model inputs: {missing}")
+        unknown = [n for n in named if n not in self.input_names]
+        if missing or unknown:
+            raise QtoolError(f"model inputs are {self.input_names}; missing {missing}, unknown {unknown}")
         qk, qmods = self._quant_key, self.quantizers
         env: dict[str, torch.Tensor] = {}
         for name, (kind, key) in self._state_key.items():

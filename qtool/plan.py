@@ -128,8 +128,10 @@ class QuantPlan:
     version: int = PLAN_VERSION
 
     def to_json(self) -> str:
-        return json.dumps({"version": self.version, "meta": self.meta,
-                           "tensors": {k: v.to_dict() for k, v in self.tensors.items()}}, indent=1)
+        # One line per tensor: per-channel scale lists stay readable and diffable.
+        rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v.to_dict())}" for k, v in self.tensors.items())
+        return (f'{{"version": {json.dumps(self.version)},\n "meta": {json.dumps(self.meta)},\n'
+                f' "tensors": {{\n{rows}\n }}\n}}\n')
 
     @classmethod
     def from_json(cls, text: str, model: onnx.ModelProto | None = None) -> QuantPlan:

@@ -14,13 +14,11 @@ weights with narrow range.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -30,7 +28,7 @@ from onnx_ir.passes.common import NameFixPass
 import passes
 from passes.core import Refusal
 from qtool.calibrate import DEFAULT_BINS, METHODS, TensorStats, collect_stats
-from qtool.errors import QtoolError
+from qtool.errors import NotImplementedYet, QtoolError
 from qtool.io import check_output_path, load_model, save_model
 from qtool.plan import QuantPlan, TensorQuant
 
@@ -259,14 +257,21 @@ class QuantizeSummary:
         return out
 
 
-def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches: Iterable[dict[str, np.ndarray]],
+CalibSource = Iterable[dict[str, np.ndarray]] | Callable[[onnx.ModelProto], Iterable[dict[str, np.ndarray]]]
+
+
+def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches: CalibSource,
                   config: QuantConfig = QuantConfig(), plan_out: str | os.PathLike | None = None) -> QuantizeSummary:
+    """`calib_batches` is an iterable of input dicts, or a function of the loaded model giving one
+    (data loaders need the model's input name and shape)."""
     check_output_path(out, inp)
     if plan_out is not None:
         check_output_path(plan_out, inp)
         if os.path.abspath(plan_out) == os.path.abspath(out):
             raise QtoolError(f"--plan-out and the output model are the same path: {out}")
     model = load_model(inp)
+    if callable(calib_batches):
+        calib_batches = calib_batches(model)
     fsum = None
     if not _is_fused(model):
         model, fsum = fuse(model)
@@ -276,3 +281,19 @@ def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches:
         plan.save(plan_out)
     return QuantizeSummary(str(out), str(plan_out) if plan_out else None, config, plan.summary_counts(),
                            _ops(model), _ops(qmodel), fsum)
+
+
+def quantize_cli(inp: str | os.PathLike, out: str | os.PathLike, *, data: str, calib: str = "minmax",
+                 weight_bits: int = 8, act_bits: int = 8, per_channel: bool = True, act_signed: bool = False,
+                 fmt: str = "qdq", calib_size: int = 512, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None, plan_out: str | os.PathLike | None = None) -> QuantizeSummary:
+    """`qtool quantize`: calibration images from the train split of a data SPEC."""
+    from qtool.data import calib_inputs, parse_spec
+
+    if fmt != "qdq":
+        raise NotImplementedYet(f"--format {fmt}: not implemented yet (QDQ only for now)")
+    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, calib=calib, per_channel=per_channel,
+                         act_signed=act_signed, act_symmetric=act_signed)
+    parse_spec(data)  # a bad SPEC fails before any work
+    return quantize_file(inp, out, lambda m: calib_inputs(m, data, n=calib_size, mean=mean, std=std), config,
+                         plan_out)

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
 from qtool.quantize import QuantConfig, fuse, fuse_file, quantize, quantize_file
-from tests.test_passes import _torch_cnn_onnx, ops, run
+from test_passes import _torch_cnn_onnx, ops, run
 
 RNG = np.random.default_rng(2)
 

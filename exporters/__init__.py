@@ -1,0 +1,1 @@
+"""Exporters: fused graph + QuantPlan (+ tuned weights) -> deployable ONNX (QDQ today; see issue 5)."""
