@@ -33,7 +33,8 @@ import onnx
 import onnxruntime as ort
 
 from qtool.errors import QtoolError
-from qtool.io import EXTERNAL_DATA_THRESHOLD, atomic_write_text, check_output_path, load_model
+import qtool.io
+from qtool.io import atomic_write_text, check_output_path, load_model
 from qtool.ortgraph import IntegerKernelReport, integer_kernel_report
 from qtool.progress import progress as progress_bar
 
@@ -297,7 +298,7 @@ def _load(paths: Sequence) -> list[_Model]:
         if seen[label] > 1:  # the same file twice (e.g. a noise check): keep rows apart
             label = f"{label} #{seen[label]}"
         # Bytes keep an upgraded opset and leave no temp file; a path only past protobuf's 2 GiB.
-        source = proto.SerializeToString() if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD else str(p)
+        source = proto.SerializeToString() if proto.ByteSize() < qtool.io.EXTERNAL_DATA_THRESHOLD else str(p)
         models.append(_Model(label, proto, source, _input_specs(proto, label)))
     return models
 

@@ -81,13 +81,19 @@ class TensorStats:
         if method == "minmax":
             return float(self.min), float(self.max)
         if method == "percentile":
-            return self._percentile(percentile, signed)
-        if method == "entropy":
+            lo, hi = self._percentile(percentile, signed)
+        elif method == "entropy":
             t = self._entropy_threshold(levels=2 ** (bits - 1) if (signed or self.min < 0) else 2**bits)
-            return max(float(self.min), -t), min(float(self.max), t)
-        if method == "mse":
-            return self._mse(signed, bits)
-        raise QtoolError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+            lo, hi = max(float(self.min), -t), min(float(self.max), t)
+        elif method == "mse":
+            lo, hi = self._mse(signed, bits)
+        else:
+            raise QtoolError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+        if lo > hi:
+            # Every value lies beyond one clip bound (e.g. a constant tensor clipped below its value):
+            # the data-side bounds cross, so the range collapses onto that clip bound.
+            lo = hi = hi if self.min > hi else lo
+        return float(lo), float(hi)
 
     def _abs_hist(self) -> tuple[np.ndarray, float]:
         """Histogram of |x| over [0, R] with bins/2 bins (the symmetric grid folds exactly)."""

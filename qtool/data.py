@@ -114,14 +114,19 @@ def _read_imagefolder_tree(files: dict[str, callable], where: str):
         ims, labels = [], []
         for ci, c in enumerate(classes):
             for rel in sorted(per_class.get(c, [])):
-                ims.append(_decode_image(files[rel](), rel))
+                try:
+                    blob = files[rel]()
+                except OSError as e:  # a dangling symlink, an unreadable file
+                    raise QtoolError(f"cannot read image {rel}: {e.strerror or e}") from None
+                ims.append(_decode_image(blob, rel))
                 labels.append(ci)
         out[split] = _stack(ims, labels, f"{where} ({split})")
     return out, classes
 
 
 def _read_folder(path: Path):
-    files = {str(p.relative_to(path)): p.read_bytes for p in path.rglob("*") if p.is_file()}
+    # A symlink whose target is gone is a missing image, not a file to skip silently.
+    files = {str(p.relative_to(path)): p.read_bytes for p in path.rglob("*") if p.is_file() or p.is_symlink()}
     return _read_imagefolder_tree(files, str(path))
 
 
@@ -139,14 +144,46 @@ def _read_targz(path: Path):
     return _read_imagefolder_tree({n: (lambda b=b: b) for n, b in blobs.items()}, str(path))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """The official CIFAR-10 python batches are pickles of a dict of bytes/str/int/list and one numpy
+    uint8 array. Only the globals that rebuild those may be looked up, so a crafted file cannot
+    run code (a plain pickle.load would call whatever callable the file names)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),  # numpy int labels
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("builtins", "dict"), ("builtins", "list"), ("builtins", "bytes"), ("builtins", "str"), ("builtins", "int"),
+        ("__builtin__", "dict"), ("__builtin__", "list"), ("__builtin__", "str"), ("__builtin__", "int"),
+        ("_codecs", "encode"),  # how python 3 pickles a bytes object under protocol < 3
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batches(path: Path):
     def load(f: Path):
         try:
             with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")  # the official format is pickle; only read local files
+                d = _CifarUnpickler(fh, encoding="bytes").load()
         except Exception as e:
-            raise QtoolError(f"cannot read CIFAR batch {f}: {e}") from None
-        return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
+            raise QtoolError(f"cannot read CIFAR batch {f}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+            raise QtoolError(f"CIFAR batch {f} is not a dict with b'data' and b'labels'")
+        try:
+            x = np.asarray(d[b"data"], np.uint8)
+            y = np.asarray(d[b"labels"], np.int64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise QtoolError(f"CIFAR batch {f} has malformed data or labels: {e}") from None
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y) or len(y) == 0:
+            raise QtoolError(f"CIFAR batch {f}: expected N x 3072 data and N labels, got {x.shape} and {y.shape}")
+        if y.min() < 0 or y.max() >= len(CIFAR_CLASSES):
+            raise QtoolError(f"CIFAR batch {f}: labels outside 0..{len(CIFAR_CLASSES) - 1}")
+        return x.reshape(-1, 3, 32, 32), y
 
     out = {}
     train = sorted(path.glob("data_batch_*"))
@@ -181,6 +218,8 @@ def _read_npz(path: Path):
             x = x[:, None]
         if x.ndim != 4:
             raise QtoolError(f"{path}: images must be N x C x H x W or N x H x W x C, got shape {x.shape}")
+        if x.dtype.kind not in "uifb" or np.asarray(y).dtype.kind not in "uifb":
+            raise QtoolError(f"{path}: images and labels must be numeric, got {x.dtype} and {np.asarray(y).dtype}")
         if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
             x = x.transpose(0, 3, 1, 2)
         if x.dtype != np.uint8:
@@ -190,6 +229,10 @@ def _read_npz(path: Path):
         y = np.asarray(y).astype(np.int64).reshape(-1)
         if len(y) != len(x):
             raise QtoolError(f"{path}: {len(x)} images but {len(y)} labels")
+        if len(x) == 0:
+            raise QtoolError(f"{path}: the {split} split has no images")
+        if y.min() < 0:
+            raise QtoolError(f"{path}: labels must be >= 0, found {int(y.min())}")
         out[split] = (np.ascontiguousarray(x), y)
     n_cls = int(max(int(y.max()) for _, y in out.values())) + 1
     return out, tuple(str(i) for i in range(n_cls))

@@ -33,8 +33,25 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise QtoolError("model has no default-domain opset import")
 
 
-def _check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> None:
+def _fmt_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def _check_size(total: int, p: Path, external: int = 0) -> None:
+    """MAX_MODEL_BYTES is read at call time (tests lower it)."""
+    if total + external > MAX_MODEL_BYTES:
+        what = f"{_fmt_bytes(total + external)} with its external data" if external else _fmt_bytes(total)
+        raise QtoolError(f"model {p} is {what}, over the {_fmt_bytes(MAX_MODEL_BYTES)} limit")
+
+
+def _check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> int:
+    """Refuse external data outside `base_dir`; returns the total size of the external data files."""
     base = base_dir.resolve()
+    files: set[Path] = set()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -46,6 +63,8 @@ def _check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> None:
             raise QtoolError(f"external data path {loc!r} of tensor {tensor.name!r} escapes the model's directory")
         if not target.is_file():
             raise QtoolError(f"external data file {loc!r} of tensor {tensor.name!r} not found next to the model")
+        files.add(target)
+    return sum(f.stat().st_size for f in files)
 
 
 def load_model(path: str | os.PathLike, *, upgrade_opset: bool = True, check: bool = True) -> onnx.ModelProto:
@@ -61,15 +80,14 @@ def load_model(path: str | os.PathLike, *, upgrade_opset: bool = True, check: bo
     size = p.stat().st_size
     if size == 0:
         raise QtoolError(f"model file is empty: {p}")
-    if size > MAX_MODEL_BYTES:
-        raise QtoolError(f"model file is {size / 1024**3:.1f} GiB, over the {MAX_MODEL_BYTES / 1024**3:.0f} GiB limit: {p}")
+    _check_size(size, p)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning, ... for junk bytes
         raise QtoolError(f"not a readable ONNX file ({type(e).__name__}): {p}") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise QtoolError(f"ONNX file has no graph nodes (truncated or not a model?): {p}")
-    _check_external_data_paths(model, p.parent)
+    _check_size(size, p, _check_external_data_paths(model, p.parent))
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as e:
@@ -129,9 +147,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
-               external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Write atomically; models over the protobuf limit get their weights in `<name>.data`."""
+               external_threshold: int | None = None) -> Path:
+    """Write atomically; models over the protobuf limit (EXTERNAL_DATA_THRESHOLD, read at call time)
+    get their weights in `<name>.data`."""
     p = Path(path)
+    if external_threshold is None:
+        external_threshold = EXTERNAL_DATA_THRESHOLD
     if model.ByteSize() < external_threshold:
         atomic_write_bytes(p, model.SerializeToString())
         return p
@@ -142,7 +163,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
         m.CopyFrom(model)
         onnx.save_model(m, str(tmpdir / p.name), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
-        os.replace(tmpdir / data_name, p.parent / data_name)
+        if (tmpdir / data_name).exists():  # no tensor over 1 KiB: everything stayed inline
+            os.replace(tmpdir / data_name, p.parent / data_name)
         os.replace(tmpdir / p.name, p)
     finally:
         for f in tmpdir.glob("*"):

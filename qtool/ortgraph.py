@@ -29,7 +29,8 @@ import onnx
 import onnxruntime as ort
 
 from qtool.errors import QtoolError
-from qtool.io import EXTERNAL_DATA_THRESHOLD, load_model
+import qtool.io
+from qtool.io import load_model
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,13 @@ def integer_kernel_report(model: onnx.ModelProto | str | os.PathLike,
         raise QtoolError(f"unknown optimization level {optimization!r} (use one of: {', '.join(_LEVELS)})")
     if isinstance(model, onnx.ModelProto):
         proto = model
-        if proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        if proto.ByteSize() >= qtool.io.EXTERNAL_DATA_THRESHOLD:
             raise QtoolError("model is over the 2 GiB protobuf limit: pass its file path instead")
         source: bytes | str = proto.SerializeToString()
     elif isinstance(model, (str, os.PathLike)):
         proto = load_model(model)
         # Bytes carry an upgraded opset; a path is only needed when protobuf cannot hold the model.
-        source = proto.SerializeToString() if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD else str(model)
+        source = proto.SerializeToString() if proto.ByteSize() < qtool.io.EXTERNAL_DATA_THRESHOLD else str(model)
     else:
         raise QtoolError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
 

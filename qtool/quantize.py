@@ -87,9 +87,33 @@ def fuse(model: onnx.ModelProto, *, use_onnxsim: bool = True) -> tuple[onnx.Mode
     return out, summary
 
 
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
+
+
+def check_finite_weights(model: onnx.ModelProto) -> None:
+    """Refuse NaN/Inf in the constant inputs of Conv/Gemm/MatMul/BatchNormalization (exit 2, naming the
+    tensor): folding or quantizing them would spread NaN through the model or give a NaN scale.
+    Other initializers may legitimately hold -inf (attention masks) and are not checked."""
+    inits = {t.name: t for t in model.graph.initializer}
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        for name in node.input:
+            if name not in inits or name in seen:
+                continue
+            seen.add(name)
+            a = onnx.numpy_helper.to_array(inits[name])
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+                raise QtoolError(f"weight {name!r} of {node.op_type} {node.name or '(unnamed)'!r} has {bad} NaN/Inf "
+                                 "values; fix the model before fusing or quantizing")
+
+
 def fuse_file(inp: str | os.PathLike, out: str | os.PathLike, verbose: bool = False) -> FuseSummary:
     check_output_path(out, inp)
     model = load_model(inp)
+    check_finite_weights(model)
     fused, summary = fuse(model)
     _check(fused, "fused")
     save_model(fused, out)
@@ -175,6 +199,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
     for name, role in marks.tensors.items():
         if role.kind == "weight":
             w = m.graph.initializers[name].const_value.numpy()
+            if not np.isfinite(w).all():
+                raise QtoolError(f"weight {name!r} has NaN/Inf values; it cannot be quantized")
             plan.tensors[name] = weight_quant(w, config.weight_bits, role.axis if config.per_channel else None)
     for name in marks.activations():
         root = marks.root(name)
@@ -228,6 +254,9 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
     if not _is_fused(model):
         model, _ = fuse(model)
     marks = passes.mark_tensors(passes.to_ir(model).graph)
+    if not marks.tensors:
+        raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
+                         "other quantizable op (Add, Concat, pooling)")
     roots = list(dict.fromkeys(marks.root(a) for a in marks.activations()))
     stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches)
     plan = build_plan(model, config, stats)
@@ -270,6 +299,7 @@ def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches:
         if os.path.abspath(plan_out) == os.path.abspath(out):
             raise QtoolError(f"--plan-out and the output model are the same path: {out}")
     model = load_model(inp)
+    check_finite_weights(model)
     if callable(calib_batches):
         calib_batches = calib_batches(model)
     fsum = None
