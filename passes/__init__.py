@@ -12,11 +12,12 @@ from passes.fold_affine import FoldAffinePass, fold_affine
 from passes.fold_bn import FoldBatchNormPass, fold_batchnorm
 from passes.qdq import InsertQDQPass, Marks, Role, insert_qdq, mark_tensors, register
 from passes.simplify import OnnxSimPass, simplify
+from passes.untie import UntieBiasesPass, untie_biases
 from passes.units import UNITS_KEY, Unit, find_units, read_units, record_units
 
 __all__ = ["FoldAffinePass", "FoldBatchNormPass", "Fired", "IdentityEliminationPass", "InsertQDQPass", "Marks",
            "OnnxSimPass", "PipelineResult", "QPass", "Refusal", "RemoveUnusedNodesPass", "Role",
-           "ShapeInferencePass", "TopologicalSortPass", "UNITS_KEY", "Unit", "find_units", "fold_affine",
+           "ShapeInferencePass", "TopologicalSortPass", "UNITS_KEY", "UntieBiasesPass", "untie_biases", "Unit", "find_units", "fold_affine",
            "fold_batchnorm", "fuse_pipeline", "insert_qdq", "mark_tensors", "read_units", "record_units",
            "register", "run_to_fixpoint", "simplify", "to_ir", "to_proto"]
 

@@ -78,12 +78,15 @@ def fuse(model: onnx.ModelProto, *, use_onnxsim: bool = True) -> tuple[onnx.Mode
     result = passes.run_to_fixpoint(m, passes.fuse_pipeline(use_onnxsim), max_iterations=MAX_FUSE_ROUNDS)
     m = result.model
     NameFixPass()(m)  # rewrites may add unnamed nodes; units are keyed by node name
+    # After the fixpoint: onnxsim would merge the copies again inside the loop.
+    untie = passes.UntieBiasesPass()
+    untie(m)
     for k, v in meta.items():
         m.metadata_props.setdefault(k, v)
     units = passes.record_units(m)
     out = passes.to_proto(m)
     summary = FuseSummary(len(model.graph.node), len(out.graph.node), _ops(model), _ops(out),
-                          list(result.fired), list(result.refusals), len(units), result.iterations)
+                          list(result.fired) + untie.fired, list(result.refusals), len(units), result.iterations)
     return out, summary
 
 

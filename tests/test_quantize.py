@@ -184,3 +184,27 @@ def test_inputs_are_not_mutated():
     fused_before = fused.SerializeToString()
     quantize(fused, batches((8, 8), n=1))
     assert m.SerializeToString() == before and fused.SerializeToString() == fused_before
+
+
+def test_shared_bias_is_untied_so_every_conv_runs_integer():
+    """onnxsim merges identical (here all-zero) folded biases; one shared int32 bias would carry one
+    layer's scale and ORT would leave the other Convs in float."""
+    import collections
+
+    import torch
+
+    from qtool.models import build_model
+    from qtool.ortgraph import integer_kernel_report
+    from qtool.preprocess import Preprocess
+    from qtool.train import export_onnx
+
+    torch.manual_seed(0)
+    fp32 = export_onnx(build_model("resnet20").eval(), (3, 32, 32), Preprocess())  # fresh BN: zero biases
+    fused, summary = fuse(fp32)
+    readers = collections.Counter(n.input[2] for n in fused.graph.node if n.op_type == "Conv" and len(n.input) > 2)
+    assert readers and max(readers.values()) == 1
+    assert any("untied" in f.what for f in summary.fused)
+    rng = np.random.default_rng(0)
+    q, _ = quantize(fused, [{"input": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}], QuantConfig())
+    r = integer_kernel_report(q)
+    assert r.float_fallbacks == 0 and r.integer_compute == 20
