@@ -1,1 +1,7 @@
-"""Exporters: fused graph + QuantPlan (+ tuned weights) -> deployable ONNX (QDQ today; see issue 5)."""
+"""Exporters: fused graph + QuantPlan -> deployable ONNX (the API is qtool.export.export_model).
+
+- exporters.qdq: QuantizeLinear/DequantizeLinear graph (qtool.quantize.apply_plan) + packed INT4 weights.
+- exporters.qoperator: QLinearConv / QLinearMatMul / QGemm / QLinearAdd / QLinearGlobalAveragePool.
+- exporters.integer: integer-only standard ONNX with fixed-point requantization (qtool.intsim runs it).
+- exporters.lower: the shared walk that lowers a fused graph to integer ops; exporters.common: helpers.
+"""

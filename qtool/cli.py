@@ -124,44 +124,80 @@ def quantize(model, data, calib, bits, per_channel, symmetric_activations, fmt, 
 @cli.command()
 @click.argument("model")
 @click.option("--data", default="digits", show_default=True, help=DATA_HELP)
-@click.option("--bits", default=None, help="uniform bits, e.g. w4a4")
+@click.option("--bits", default=None, help="uniform bits, e.g. w4a4 (first conv / last FC stay 8-bit); w8a8 when no --plan/--config")
 @click.option("--plan", default=None, help="QuantPlan JSON giving per-tensor bits")
 @click.option("--config", default=None, help="YAML config (NNI config_list style)")
-@click.option("--algo", default="lsq", show_default=True, type=click.Choice(["minmax", "lsq", "pact", "dorefa", "bnn"]))
+@click.option("--algo", default="lsq", show_default=True, type=click.Choice(["minmax", "ema", "lsq", "pact", "dorefa", "bnn"]))
 @click.option("--epochs", default=1, show_default=True, type=int)
+@click.option("--lr", default=None, type=float, help="peak learning rate of the cosine schedule [sgd 0.01, adam 1e-4]")
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--train-limit", default=None, type=int, help="train on N images of the train split")
 @click.option("-o", "--output", required=True)
-def qat(model, data, bits, plan, config, algo, epochs, output):
-    """Quantization-aware training on a PyTorch module lifted from the ONNX graph."""
-    raise NotImplementedYet("qat: not implemented yet")
+@click.option("--plan-out", default=None, help="also write the learned QuantPlan JSON here")
+def qat(model, data, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit, output, plan_out):
+    """Quantization-aware training on a PyTorch module lifted from the ONNX graph; writes a QDQ model."""
+    from qtool.qat import qat_file
+
+    result = qat_file(model, output, data=data, bits=bits, plan=plan, config=config, algo=algo, epochs=epochs, lr=lr,
+                      batch_size=batch_size, train_limit=train_limit, optimizer=optimizer, plan_out=plan_out)
+    for line in result.lines():
+        echo(line)
+    echo(f"wrote {output}" + (f" and plan {plan_out}" if plan_out else ""))
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--data", default="digits", show_default=True, help=DATA_HELP)
-@click.option("--objectives", default="acc,flops", show_default=True, help="acc,flops[,bitops,size,latency]")
+@click.option("--objectives", default="acc,flops", show_default=True, help="acc,flops[,bitops,size,packed_size,latency]")
 @click.option("--bits", default="2,4,8", show_default=True, help="candidate bit-widths")
 @click.option("--pop", default=16, show_default=True, type=int)
 @click.option("--gens", default=10, show_default=True, type=int)
 @click.option("--eval", "evaluator", default="supernet", show_default=True, type=click.Choice(["supernet", "qat"]))
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
-@click.option("--workdir", required=True)
-@click.option("--resume", is_flag=True)
-def search(model, data, objectives, bits, pop, gens, evaluator, executor, workdir, resume):
+@click.option("--workers", default=1, show_default=True, type=int, help="parallel evaluations (local: 1 = in-process)")
+@click.option("--workdir", required=True, help="log, checkpoints, front.json/csv and plots go here")
+@click.option("--resume", is_flag=True, help="continue a search in --workdir, reusing every logged evaluation")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--train-limit", default=None, type=int, help="use N training images (supernet / QAT fine-tune)")
+@click.option("--val-limit", default=None, type=int, help="score on the first N validation images")
+@click.option("--supernet-epochs", default=1.0, show_default=True, type=float)
+@click.option("--qat-steps", default=100, show_default=True, type=int, help="fine-tune steps per candidate (--eval qat)")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", default=0.01, show_default=True, type=float)
+@click.option("--fixed-bits", default=8, show_default=True, type=int, help="bits of the first and last layer (0: search them)")
+@click.option("--max-size", default=None, type=float, help="constraint: QDQ file bytes")
+@click.option("--max-latency", default=None, type=float, help="constraint: ORT batch-1 latency in ms")
+def search(model, data, objectives, bits, pop, gens, evaluator, executor, workers, workdir, resume, seed, train_limit,
+           val_limit, supernet_epochs, qat_steps, batch_size, lr, fixed_bits, max_size, max_latency):
     """NSGA-III search over per-layer weight/activation bit-widths."""
-    raise NotImplementedYet("search: not implemented yet")
+    from qtool.search import search_cli
+
+    search_cli(model, data=data, objectives=objectives, bits=bits, pop=pop, gens=gens, evaluator=evaluator,
+               executor=executor, workers=workers, workdir=workdir, resume=resume, seed=seed, train_limit=train_limit,
+               val_limit=val_limit, supernet_epochs=supernet_epochs, qat_steps=qat_steps, batch_size=batch_size, lr=lr,
+               fixed_bits=fixed_bits, max_size=max_size, max_latency=max_latency)
 
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--plan", default=None, help="QuantPlan JSON")
+@click.option("--plan", default=None, help="QuantPlan JSON (tensor names of the fused graph)")
 @click.option("--from-search", default=None, help="search workdir")
 @click.option("--pick", default=None, type=int, help="front member to export")
-@click.option("--int8", is_flag=True, help="export an integer model")
+@click.option("--int8", is_flag=True, help="export an integer model (required)")
 @click.option("--format", "fmt", default="qdq", show_default=True, type=click.Choice(["qdq", "qoperator", "integer"]))
+@click.option("--int4-weights", "int4", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="qdq: pack weights of <= 4 bits as INT4 (auto: only if onnxruntime keeps integer kernels)")
+@click.option("--requant", default="fixedpoint", show_default=True, type=click.Choice(["fixedpoint", "pot"]),
+              help="integer: fixed-point multiplier + shift, or shift only (power-of-two scale ratios)")
 @click.option("-o", "--output", required=True)
-def export(model, plan, from_search, pick, int8, fmt, output):
+def export(model, plan, from_search, pick, int8, fmt, int4, requant, output):
     """Export a fused graph + QuantPlan to a deployable ONNX file (QDQ, QOperator or integer-only)."""
-    raise NotImplementedYet("export: not implemented yet")
+    from qtool.export import export_cli
+
+    for line in export_cli(model, output, plan=plan, from_search=from_search, pick=pick, int8=int8, fmt=fmt,
+                           int4=int4, requant=requant).lines():
+        echo(line)
 
 
 @cli.command()

@@ -29,9 +29,9 @@ def _one_line_error(capsys, rc, expect, code=2):
     (["quantize", "{tmp}/in.onnx", "--bits", "w9a8", "-o", "{tmp}/o.onnx"], "bits"),
     (["fuse"], "Missing argument"),
     (["nosuchcommand"], "No such command"),
-    (["qat", "x.onnx", "-o", "y.onnx"], "not implemented yet"),
-    (["search", "x.onnx", "--workdir", "w"], "not implemented yet"),
-    (["export", "x.onnx", "-o", "y.onnx"], "not implemented yet"),
+    (["qat", "/no/such/x.onnx", "-o", "{tmp}/m.onnx"], "model file not found"),
+    (["export", "/no/such/x.onnx", "--int8", "--from-search", "{tmp}", "--pick", "0", "-o", "{tmp}/m.onnx"],
+     "--from-search"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, expect, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -1,0 +1,97 @@
+"""QDQ format: qtool.quantize.apply_plan (QuantizeLinear/DequantizeLinear pairs around float ops),
+optionally with packed 4-bit weights.
+
+Sub-8-bit weights. A b-bit weight (2..7) is stored as int8 codes in the narrowed b-bit range (int4:
+[-7, 7], int2: [-1, 1]) with an int8 DequantizeLinear: exact, runs everywhere, but takes 1 byte per
+weight. With `int4="on"|"auto"` weights of <= 4 bits are instead written as packed INT4 / UINT4
+initializers (2 per byte) with an INT4 zero point, which needs DequantizeLinear-21 (the default opset
+is raised to 21, IR version to 10; the ops of a fused CNN keep their semantics across that range,
+the checker verifies it). Whether onnxruntime then still runs the layer as an integer kernel depends
+on the EP; `int4="auto"` measures it with qtool.ortgraph and keeps the int8 containers when the
+int4 graph loses integer kernels (logged and written into the report's notes).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qtool.plan import QuantPlan
+
+log = logging.getLogger(__name__)
+
+INT4_OPSET = 21
+INT4_IR_VERSION = 10
+INT4_MODES = ("auto", "on", "off")
+
+
+def pack_4bit(codes: np.ndarray, signed: bool) -> bytes:
+    """ONNX 4-bit layout: element 2i in the low nibble, 2i+1 in the high nibble, zero-padded."""
+    flat = codes.astype(np.int16).ravel()
+    if signed and (flat.min(initial=0) < -8 or flat.max(initial=0) > 7):
+        raise ValueError("int4 codes out of [-8, 7]")
+    if not signed and (flat.min(initial=0) < 0 or flat.max(initial=0) > 15):
+        raise ValueError("uint4 codes out of [0, 15]")
+    nib = (flat & 0xF).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_4bit(raw: bytes, n: int, signed: bool) -> np.ndarray:
+    b = np.frombuffer(raw, np.uint8)
+    nib = np.empty(b.size * 2, np.int16)
+    nib[0::2], nib[1::2] = b & 0xF, b >> 4
+    nib = nib[:n]
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8) if signed else nib.astype(np.uint8)
+
+
+def _tensor_4bit(array: np.ndarray, name: str, signed: bool) -> onnx.TensorProto:
+    return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, list(array.shape),
+                              pack_4bit(array, signed), raw=True)
+
+
+def pack_int4_weights(qdq: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, list[str]]:
+    """Copy of a QDQ model with the weights of <= 4 bits as packed INT4/UINT4 initializers."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    packed = []
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.output[0] not in plan.tensors:
+            continue
+        tq = plan.tensors[n.output[0]]
+        if tq.kind != "weight" or tq.bits > 4 or len(n.input) < 3:
+            continue
+        for k in (0, 2):
+            src = inits.get(n.input[k])
+            if src is None:
+                break
+            name = n.input[k]
+            if uses.get(name, 0) > 1:  # shared zero point: give this DQ its own
+                name = f"{name}_{n.output[0]}_4bit"
+            t = _tensor_4bit(numpy_helper.to_array(src), name, tq.signed)
+            if name == n.input[k]:
+                src.CopyFrom(t)
+            else:
+                g.initializer.append(t)
+                n.input[k] = name
+        else:
+            packed.append(n.output[0])
+    # value_info still typing the repacked initializers as int8 would contradict them.
+    retyped = {n.input[k] for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] in packed for k in (0, 2)}
+    keep = [vi for vi in g.value_info if vi.name not in retyped]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    for imp in out.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version < INT4_OPSET:
+            imp.version = INT4_OPSET
+    out.ir_version = max(out.ir_version, INT4_IR_VERSION)
+    return out, packed

@@ -1,0 +1,201 @@
+"""Python API for `qtool export`: fused graph + QuantPlan -> deployable integer ONNX file.
+
+    result = export_model(fused, plan, "integer")        # ExportResult(model, report)
+    report = export_file("fused.onnx", "out.onnx", "plan.json", fmt="qoperator")
+
+Formats (exporters/):
+- "qdq": QuantizeLinear/DequantizeLinear around float ops (qtool.quantize.apply_plan); onnxruntime
+  fuses them into integer kernels. Weights of <= 4 bits optionally packed as INT4 (`int4`).
+- "qoperator": QLinearConv / QLinearMatMul / QGemm / QLinearAdd / QLinearGlobalAveragePool.
+- "integer": integer-only standard ONNX (ConvInteger / MatMulInteger, int32 bias, fixed-point
+  requantization with Mul / BitShift); qtool.intsim executes it in NumPy bit for bit.
+
+Every export passes onnx.checker.check_model(full_check=True) and is loaded by onnxruntime on the
+CPU EP (qtool.ortgraph counts the integer kernels it runs); the report gives the file size, those
+counts, the format and notes (fallbacks are never silent).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import onnx
+
+from qtool.errors import NotImplementedYet, QtoolError
+from qtool.io import check_output_path, load_model, save_model
+from qtool.plan import QuantPlan
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("qdq", "qoperator", "integer")
+
+
+@dataclass
+class ExportReport:
+    format: str
+    size_bytes: int
+    opset: int
+    ops: dict[str, int]
+    integer_compute: int  # compute nodes ORT runs as integer kernels (qtool.ortgraph)
+    float_compute: int
+    float_fallbacks: int  # float compute nodes still fed by a DequantizeLinear (unfused QDQ groups)
+    integer_ops: dict[str, int] = field(default_factory=dict)
+    int4_weights: int = 0  # weights written as packed INT4/UINT4
+    notes: list[str] = field(default_factory=list)
+    output: str | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"{'wrote ' + self.output + ': ' if self.output else ''}{self.format} model, "
+               f"{self.size_bytes} bytes, opset {self.opset}, {sum(self.ops.values())} nodes",
+               f"onnxruntime CPU: {self.integer_compute} integer compute kernels "
+               f"({', '.join(f'{k} x{v}' for k, v in self.integer_ops.items()) or 'none'}), "
+               f"{self.float_compute} float compute, {self.float_fallbacks} float fallbacks"]
+        if self.int4_weights:
+            out.append(f"{self.int4_weights} weights packed as 4-bit")
+        return out + [f"note: {n}" for n in self.notes]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ExportResult:
+    model: onnx.ModelProto
+    report: ExportReport
+
+
+def _check_plan(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    if not isinstance(plan, QuantPlan):
+        raise QtoolError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    if not plan.tensors:
+        raise QtoolError("plan quantizes no tensor")
+    try:
+        plan.validate(model)
+    except QtoolError as e:
+        raise QtoolError(f"{e} (plans name tensors of the fused graph: fuse the model the plan was made for)") from None
+    if not plan.calibrated:
+        missing = [k for k, t in plan.tensors.items() if not t.calibrated][:5]
+        raise QtoolError(f"plan has tensors without scale/zero_point (calibrate first): {missing}")
+
+
+def _validate(model: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # our own output failing the checker is a bug, not bad input
+        raise RuntimeError(f"exported {what} model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+
+
+def _export_qdq(model: onnx.ModelProto, plan: QuantPlan, int4: str, providers) -> tuple[onnx.ModelProto, list[str], int]:
+    from exporters.qdq import pack_int4_weights
+    from qtool.ortgraph import integer_kernel_report
+    from qtool.quantize import apply_plan
+
+    q = apply_plan(model, plan)
+    notes = []
+    narrow = sorted({t.bits for t in plan.tensors.values() if t.kind == "weight" and t.bits < 8})
+    w4 = [k for k, t in plan.tensors.items() if t.kind == "weight" and t.bits <= 4]
+    if narrow:
+        notes.append(f"{sum(t.kind == 'weight' and t.bits < 8 for t in plan.tensors.values())} weights of "
+                     f"{'/'.join(map(str, narrow))} bits stored as int8 codes in their narrowed range")
+    if int4 == "off" or not w4:
+        if int4 == "on" and not w4:
+            notes.append("--int4-weights on: no weight of <= 4 bits in the plan; nothing packed")
+        return q, notes, 0
+    packed, names = pack_int4_weights(q, plan)
+    _validate(packed, "int4 QDQ")
+    r8 = integer_kernel_report(q, providers)
+    r4 = integer_kernel_report(packed, providers)
+    lost = r8.integer_compute - r4.integer_compute
+    if lost > 0 or r4.float_fallbacks > r8.float_fallbacks:
+        msg = (f"packed int4 weights: onnxruntime on {', '.join(providers)} runs {r4.integer_compute} integer "
+               f"kernels ({r4.float_fallbacks} float fallbacks) vs {r8.integer_compute} ({r8.float_fallbacks}) "
+               f"with int8 containers")
+        if int4 == "auto":
+            log.warning("%s: keeping int8 containers", msg)
+            notes.append(msg + ": kept int8 containers (--int4-weights on forces packing)")
+            return q, notes, 0
+        notes.append(msg + ": packed anyway (--int4-weights on); those layers run in float")
+    notes = [n for n in notes if "stored as int8 codes" not in n] + \
+        [f"{len(names)} weights of <= 4 bits packed as INT4/UINT4 (opset raised to 21)"]
+    return packed, notes, len(names)
+
+
+def export_model(model: onnx.ModelProto, plan: QuantPlan, fmt: str = "qdq", int4: str = "auto", *,
+                 requant: str = "fixedpoint", providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> ExportResult:
+    """Export `model` (fused; an unfused model is fused first) quantized by `plan` in format `fmt`.
+
+    `int4` ("auto" | "on" | "off") applies to "qdq" only; `requant` ("fixedpoint" | "pot") to "integer".
+    """
+    from exporters.qdq import INT4_MODES
+    from qtool.ortgraph import integer_kernel_report
+    from passes import UNITS_KEY
+    from qtool.quantize import _is_fused, fuse
+
+    if fmt not in FORMATS:
+        raise QtoolError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if int4 not in INT4_MODES:
+        raise QtoolError(f"int4 must be one of {', '.join(INT4_MODES)}, got {int4!r}")
+    if not isinstance(model, onnx.ModelProto):
+        raise QtoolError(f"model must be an onnx.ModelProto, got {type(model).__name__}")
+    if not _is_fused(model):
+        model, _ = fuse(model)
+    _check_plan(model, plan)
+    int4_count = 0
+    if fmt == "qdq":
+        out, notes, int4_count = _export_qdq(model, plan, int4, providers)
+    elif fmt == "qoperator":
+        from exporters.qoperator import export_qoperator
+
+        out, notes = export_qoperator(model, plan)
+    else:
+        from exporters.integer import export_integer
+
+        out, notes = export_integer(model, plan, requant)
+    narrow = sorted({t.bits for t in plan.tensors.values() if t.kind == "weight" and t.bits < 8})
+    if fmt != "qdq" and narrow:
+        notes.append(f"weights of {'/'.join(map(str, narrow))} bits stored as int8 codes in their narrowed range")
+    if fmt != "qdq" and int4 == "on":
+        notes.append(f"--int4-weights on applies to the qdq format only; {fmt} keeps int8 weight containers")
+    # Intermediate value_info is optional shape info that runtimes infer anyway, and qtool.units describes
+    # the fused float graph (stale after export): both dropped to keep deployable files small.
+    del out.graph.value_info[:]
+    keep = [p for p in out.metadata_props if p.key != UNITS_KEY]
+    del out.metadata_props[:]
+    out.metadata_props.extend(keep)
+    _validate(out, fmt)
+    r = integer_kernel_report(out, providers)  # builds an onnxruntime session: the load check
+    report = ExportReport(fmt, out.ByteSize(), _opset(out), dict(Counter(n.op_type for n in out.graph.node)),
+                          r.integer_compute, r.float_compute, r.float_fallbacks, dict(r.integer_ops), int4_count, notes)
+    return ExportResult(out, report)
+
+
+def export_file(inp: str | os.PathLike, out: str | os.PathLike, plan: str | os.PathLike | QuantPlan,
+                fmt: str = "qdq", int4: str = "auto", *, requant: str = "fixedpoint") -> ExportReport:
+    check_output_path(out, inp, *([plan] if not isinstance(plan, QuantPlan) else []))
+    model = load_model(inp)
+    if not isinstance(plan, QuantPlan):
+        plan = QuantPlan.load(plan)
+    result = export_model(model, plan, fmt, int4, requant=requant)
+    save_model(result.model, out)
+    result.report.output = str(out)
+    result.report.size_bytes = os.path.getsize(out)
+    return result.report
+
+
+def export_cli(model: str | None, output: str, *, plan: str | None, from_search: str | None = None,
+               pick: int | None = None, int8: bool = False, fmt: str = "qdq", int4: str = "auto",
+               requant: str = "fixedpoint") -> ExportReport:
+    """`qtool export`: argument checks, then export_file."""
+    if from_search is not None or pick is not None:
+        raise NotImplementedYet("--from-search: not implemented yet (needs qtool search)")
+    if not int8:
+        raise QtoolError("export writes integer models only: pass --int8")
+    if model is None or plan is None:
+        raise QtoolError("give MODEL.onnx and --plan plan.json (or --from-search DIR --pick K)")
+    return export_file(model, output, plan, fmt, int4, requant=requant)

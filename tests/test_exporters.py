@@ -1,0 +1,248 @@
+"""Exporters: QDQ (+ int4 weights), QOperator and integer-only formats of a tiny residual CNN.
+
+Every format must pass check_model(full_check=True), load in onnxruntime and give outputs within
+2 quantization steps of the QDQ model (the plan's reference) on onnxruntime.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qtool.cli import main as cli_main
+from qtool.errors import QtoolError
+from qtool.export import export_file, export_model
+from qtool.plan import QuantPlan, TensorQuant
+from qtool.quantize import QuantConfig, fuse, quantize
+
+INTEGER_OPS = {"QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "Add", "Mul", "Cast", "BitShift",
+               "Clip", "ReduceSum", "MaxPool", "Slice", "Pad", "Flatten"}
+
+
+def residual_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv+relu -> maxpool -> conv+relu -> conv -> add(skip) -> relu -> conv/2+relu -> conv
+    -> add(pad(slice(skip)): ResNet option-A shortcut) -> relu -> GAP -> flatten -> gemm."""
+    r = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (r.normal(size=shape) * (1.5 / np.sqrt(np.prod(shape[1:])))).astype(np.float32)
+
+    inits = {"w1": w(4, 3, 3, 3), "b1": r.normal(size=4).astype(np.float32) * 0.1, "w2": w(4, 4, 3, 3),
+             "b2": r.normal(size=4).astype(np.float32) * 0.1, "w3": w(4, 4, 3, 3),
+             "b3": r.normal(size=4).astype(np.float32) * 0.1, "w4": w(8, 4, 3, 3),
+             "b4": r.normal(size=8).astype(np.float32) * 0.1, "w5": w(8, 8, 3, 3),
+             "b5": r.normal(size=8).astype(np.float32) * 0.1, "wf": w(5, 8), "bf": r.normal(size=5).astype(np.float32) * 0.1,
+             "st": np.array([0, 0], np.int64), "en": np.array([2**62, 2**62], np.int64),
+             "ax": np.array([2, 3], np.int64), "sp": np.array([2, 2], np.int64),
+             "pads": np.array([0, 2, 0, 0, 0, 2, 0, 0], np.int64)}
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **conv),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", **conv),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", **conv),
+        helper.make_node("Add", ["c3", "p1"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["r3"], name="relu3"),
+        helper.make_node("Conv", ["r3", "w4", "b4"], ["c4"], name="conv4", strides=[2, 2], **conv),
+        helper.make_node("Relu", ["c4"], ["r4"], name="relu4"),
+        helper.make_node("Conv", ["r4", "w5", "b5"], ["c5"], name="conv5", **conv),
+        helper.make_node("Slice", ["r3", "st", "en", "ax", "sp"], ["s1"], name="slice"),
+        helper.make_node("Pad", ["s1", "pads"], ["d1"], name="pad", mode="constant"),
+        helper.make_node("Add", ["c5", "d1"], ["a2"], name="add2"),
+        helper.make_node("Relu", ["a2"], ["r5"], name="relu5"),
+        helper.make_node("GlobalAveragePool", ["r5"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    g = helper.make_graph(nodes, "residual_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def calib(n=4, seed=0):
+    r = np.random.default_rng(seed)
+    return [{"x": r.normal(size=(8, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def make(config=QuantConfig()):
+    fused, _ = fuse(residual_cnn())
+    qdq, plan = quantize(fused, calib(), config)
+    return fused, qdq, plan
+
+
+def ort_run(model, x):
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def steps(a, b, plan):
+    return float(np.max(np.abs(a - b))) / plan.tensors["y"].scale
+
+
+@pytest.fixture(scope="module")
+def w8():
+    return make()
+
+
+X = np.random.default_rng(7).normal(size=(16, 3, 8, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator", "integer"])
+def test_formats_check_load_and_match_qdq(w8, fmt):
+    fused, qdq, plan = w8
+    r = export_model(fused, plan, fmt)
+    onnx.checker.check_model(r.model, full_check=True)
+    assert r.report.format == fmt and r.report.size_bytes == r.model.ByteSize()
+    assert steps(ort_run(r.model, X), ort_run(qdq, X), plan) <= 2.0 + 1e-4
+    ops = Counter(n.op_type for n in r.model.graph.node)
+    if fmt == "qdq":
+        assert ops["QuantizeLinear"] > 0 and ops["Conv"] == 5
+    elif fmt == "qoperator":
+        assert ops["QLinearConv"] == 5 and ops["QGemm"] == 1 and ops["QLinearAdd"] == 2
+        assert ops["QLinearGlobalAveragePool"] == 1
+        # input Q, output DQ, and a DQ -> Q requantization after the Pad whose plan range differs from r3's
+        assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 2
+        assert not {"Conv", "Gemm", "Relu", "Add"} & set(ops)
+        assert r.report.integer_compute == 6 and r.report.float_compute == 0
+    else:
+        assert set(ops) <= INTEGER_OPS, set(ops) - INTEGER_OPS
+        assert ops["ConvInteger"] == 5 and ops["MatMulInteger"] == 1 and ops["BitShift"] >= 8
+        assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
+        assert r.report.integer_compute == 6 and r.report.float_fallbacks == 0
+        # every tensor between the two ends is an integer: float only at the input and output
+        floats = [i.name for i in r.model.graph.initializer if i.data_type == TensorProto.FLOAT]
+        assert len(floats) == 2  # the input and output scales
+
+
+def test_unfused_model_is_fused_first(w8):
+    _, qdq, plan = w8
+    r = export_model(residual_cnn(), plan, "qoperator")
+    assert steps(ort_run(r.model, X), ort_run(qdq, X), plan) <= 2.0 + 1e-4
+
+
+@pytest.mark.parametrize("config", [QuantConfig(weight_bits=4, act_bits=4),
+                                    QuantConfig(act_signed=True, act_symmetric=True, per_channel=False)],
+                         ids=["w4a4", "s8s8-per-tensor"])
+def test_narrow_and_signed_plans(config):
+    fused, qdq, plan = make(config)
+    ref = ort_run(qdq, X)
+    for fmt in ("qoperator", "integer"):
+        r = export_model(fused, plan, fmt)
+        assert steps(ort_run(r.model, X), ref, plan) <= 2.0 + 1e-4, fmt
+
+
+def test_int4_weights_pack_and_fall_back():
+    fused, qdq, plan = make(QuantConfig(weight_bits=4))
+    off = export_model(fused, plan, "qdq", "off")
+    on = export_model(fused, plan, "qdq", "on")
+    auto = export_model(fused, plan, "qdq", "auto")
+    assert on.report.int4_weights == 6 and on.report.opset == 21
+    types = {t.name: t.data_type for t in on.model.graph.initializer}
+    assert sum(v == TensorProto.INT4 for v in types.values()) == 12  # codes + zero points
+    assert on.report.size_bytes < off.report.size_bytes
+    # same codes, same dequantized weights: identical outputs (with graph optimizations off)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a, b = (ort.InferenceSession(m.model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+            for m in (off, on))
+    np.testing.assert_array_equal(a, b)
+    # auto keeps int4 only when ORT keeps its integer kernels; otherwise it says so
+    if auto.report.int4_weights == 0:
+        assert any("kept int8 containers" in n for n in auto.report.notes)
+        assert auto.report.integer_compute >= on.report.integer_compute
+    assert any("stored as int8 codes" in n for n in off.report.notes)
+
+
+def test_pot_requant():
+    fused, _, plan = make()
+    pot = QuantPlan({k: TensorQuant(t.kind, t.bits, t.signed, t.granularity, t.axis,
+                                    tuple(2.0 ** np.round(np.log2(s)) for s in t.scale) if isinstance(t.scale, tuple)
+                                    else float(2.0 ** np.round(np.log2(t.scale))), t.zero_point, t.narrow)
+                     for k, t in plan.tensors.items()})
+    from qtool.quantize import apply_plan
+    ref = ort_run(apply_plan(fused, pot), X)
+    r = export_model(fused, pot, "integer", requant="pot")
+    # exact ties are frequent with power-of-two ratios: integer rounds them half up, QDQ half to even
+    assert steps(ort_run(r.model, X), ref, pot) <= 2.0 + 1e-4
+    assert Counter(n.op_type for n in r.model.graph.node)["Mul"] == 4  # only the two residual Adds multiply
+    with pytest.raises(QtoolError, match="power-of-two"):
+        export_model(fused, plan, "integer", requant="pot")
+
+
+def one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_plan_not_matching_model(w8):
+    fused, _, plan = w8
+    bad = QuantPlan(dict(plan.tensors) | {"nope": plan.tensors["x"]})
+    with pytest.raises(QtoolError) as ei:
+        export_model(fused, bad, "integer")
+    assert "'nope' is not in the model" in one_line(ei)
+    with pytest.raises(QtoolError) as ei:
+        export_model(fused, QuantPlan(), "qdq")
+    one_line(ei)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(fmt="tflite"), "format must be one of"), (dict(int4="maybe"), "int4 must be"),
+                                    (dict(fmt="integer", requant="log"), "requant must be")])
+def test_bad_arguments(w8, kw, msg):
+    fused, _, plan = w8
+    with pytest.raises(QtoolError) as ei:
+        export_model(fused, plan, **kw)
+    assert msg in one_line(ei)
+
+
+def test_bits_out_of_range(w8, tmp_path):
+    fused, _, plan = w8
+    with pytest.raises(QtoolError, match="bits must be an integer in 2..8"):
+        TensorQuant("weight", 9, True)
+    text = plan.to_json().replace('"bits": 8', '"bits": 1', 1)
+    (tmp_path / "plan.json").write_text(text)
+    onnx.save(fused, tmp_path / "m.onnx")
+    with pytest.raises(QtoolError) as ei:
+        export_file(tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "plan.json")
+    assert "bits must be an integer in 2..8" in one_line(ei)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_integer_refuses_float_islands(w8):
+    fused, _, plan = w8
+    m = onnx.ModelProto()
+    m.CopyFrom(fused)
+    for n in m.graph.node:
+        if n.op_type == "GlobalAveragePool":
+            n.op_type = "GlobalMaxPool"
+    with pytest.raises(QtoolError) as ei:
+        export_model(m, plan, "integer")
+    assert "has no integer lowering" in one_line(ei)
+    r = export_model(m, plan, "qoperator")  # QOperator falls back to a float island, and says so
+    assert any("left in float" in n for n in r.report.notes)
+
+
+def test_cli(w8, tmp_path, capsys):
+    fused, qdq, plan = w8
+    onnx.save(fused, tmp_path / "fused.onnx")
+    plan.save(tmp_path / "plan.json")
+    args = [str(tmp_path / "fused.onnx"), "--plan", str(tmp_path / "plan.json"), "--int8"]
+    assert cli_main(["export", *args, "--format", "integer", "-o", str(tmp_path / "int.onnx")]) == 0
+    assert "integer model" in capsys.readouterr().out
+    out = ort_run(onnx.load(tmp_path / "int.onnx"), X)
+    assert steps(out, ort_run(qdq, X), plan) <= 2.0 + 1e-4
+    assert cli_main(["export", *args, "-o", str(tmp_path / "fused.onnx")]) == 2
+    assert "output path equals the input path" in capsys.readouterr().err
+    assert cli_main(["export", "--from-search", str(tmp_path), "--pick", "0", "--int8", "-o", str(tmp_path / "s.onnx")]) == 2
+    assert "--from-search: not implemented yet (needs qtool search)" in capsys.readouterr().err
+    assert cli_main(["export", *args[:-1], "-o", str(tmp_path / "n.onnx")]) == 2
+    assert "--int8" in capsys.readouterr().err
+    assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "s.onnx").exists()
