@@ -1,0 +1,286 @@
+"""Evaluators: candidate -> validation accuracy (and, for the front, tuned weights + plan).
+
+An evaluator is prepared once in the main process (`prepare`: load data, train the supernet), then
+pickled to the executor's workers, where `evaluate(candidate)` runs. Two are provided:
+
+- `QATEvaluator` ("qat"): a short QAT fine-tune of each candidate from the FP32 weights
+  (`steps` x `batch_size` images, SGD + cosine), BN re-calibration, validation. Costly, faithful.
+- `SupernetEvaluator` ("supernet"): ONE shared-weight multi-bit QAT model trained once (each step
+  samples a bit-width per layer uniformly from the space; per-bit LSQ step sizes), then each
+  candidate costs a BN re-calibration (a few calibration batches in train mode, see
+  `qtool.search.supernet`) and one validation pass: seconds.
+
+Both train through `qtool.lift` + `qtool.fakequant` (`QuantNet`), so their accuracy is the accuracy
+of the exported QDQ model on onnxruntime up to float rounding (the search checks it on the front).
+`QATEvaluator(finetune=...)` takes any `finetune(qnet, data, steps, seed)` to swap the QAT loop
+(e.g. `qtool.qat`) without touching the rest. `rank_correlation` reports Kendall's tau between
+two evaluators on a sample of candidates (is the supernet ranking the QAT ranking?).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from qtool.data import augment_cifar, load_dataset, model_image_input, check_input_matches, SPLIT_SEED
+from qtool.errors import QtoolError
+from qtool.io import atomic_write_bytes
+from qtool.preprocess import Preprocess, resolve_preprocess
+from qtool.search.space import Candidate, SearchSpace
+from qtool.search.supernet import QuantNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchData:
+    """uint8 images of the train / val / calibration sets, preprocessed per batch."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    calib_images: np.ndarray
+    pre: Preprocess
+    augment: bool
+
+    @classmethod
+    def load(cls, model: onnx.ModelProto, spec: str, *, train_limit: int | None = None, val_limit: int | None = None,
+             calib_size: int = 256) -> "SearchData":
+        train, val = load_dataset(spec, "train"), load_dataset(spec, "val")
+        name, dims = model_image_input(model)
+        check_input_matches(dims, train, name)
+        rng = np.random.default_rng(SPLIT_SEED + 2)
+        if train_limit is not None:
+            if train_limit < 1:
+                raise QtoolError(f"--train-limit must be >= 1, got {train_limit}")
+            train = train.subset(np.sort(rng.permutation(len(train))[:train_limit]))
+        if val_limit is not None:
+            if val_limit < 1:
+                raise QtoolError(f"--val-limit must be >= 1, got {val_limit}")
+            val = val.subset(np.arange(min(val_limit, len(val))))
+        calib = train.images[np.sort(np.random.default_rng(SPLIT_SEED + 3).permutation(len(train))[:calib_size])]
+        c, h = train.shape[0], train.shape[1]
+        return cls(train.images, train.labels, val.images, val.labels, calib, resolve_preprocess(model),
+                   augment=(c == 3 and h >= 16))
+
+    def x(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.pre.apply(images))
+
+    def calib_batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
+        return [self.x(self.calib_images[i:i + batch_size]) for i in range(0, min(n * batch_size, len(self.calib_images)),
+                                                                            batch_size)]
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
+    net.eval()
+    correct = 0
+    for i in range(0, len(data.val_labels), batch_size):
+        out = net(data.x(data.val_images[i:i + batch_size]))
+        correct += int((out.argmax(1).numpy() == data.val_labels[i:i + batch_size]).sum())
+    return correct / len(data.val_labels)
+
+
+def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int, lr: float, seed: int,
+                sample: Callable[[np.random.Generator], Candidate], on_step: Callable[[int, float], None] | None = None,
+                weight_decay: float = 1e-4) -> None:
+    """SGD (Nesterov, cosine schedule) over random batches; `sample` picks each step's bit-widths."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    decay = [p for p in qnet.model_parameters() if p.dim() > 1]
+    no_decay = [p for p in qnet.model_parameters() if p.dim() <= 1] + qnet.quant_parameters()
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(data.train_labels)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    qnet.train()
+    for step in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + batch_size].numpy()
+        pos += batch_size
+        x = data.x(data.train_images[np.sort(idx)])
+        y = torch.from_numpy(data.train_labels[np.sort(idx)])
+        if data.augment:
+            x = augment_cifar(x, gen)
+        qnet.set_candidate(sample(rng))
+        loss = loss_fn(qnet(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+    qnet.eval()
+
+
+def default_finetune(qnet: QuantNet, data: SearchData, candidate: Candidate, steps: int, *, batch_size: int,
+                     lr: float, seed: int) -> None:
+    train_steps(qnet, data, steps, batch_size=batch_size, lr=lr, seed=seed, sample=lambda rng: candidate)
+
+
+class Evaluator:
+    """Interface (see the module docstring). Subclasses set `name` and implement `_score`."""
+    name = ""
+
+    def __init__(self, *, recal_batches: int = 4, recal_batch_size: int = 64, threads: int | None = 1):
+        # threads=1: on a shared 2-core machine torch's second thread spins against other jobs
+        # (measured 20-30x slower per op here); parallelism comes from the executor's workers.
+        self.recal_batches, self.recal_batch_size, self.threads = recal_batches, recal_batch_size, threads
+        self.fused: onnx.ModelProto | None = None
+        self.space: SearchSpace | None = None
+        self.data: SearchData | None = None
+        self.seed = 0
+
+    def settings(self) -> dict:
+        """What the scores depend on: a resumed search with other settings cannot reuse the log."""
+        return {"evaluator": self.name, "recal_batches": self.recal_batches, "recal_batch_size": self.recal_batch_size}
+
+    def prepare(self, fused: onnx.ModelProto, space: SearchSpace, data: SearchData, *, workdir: Path | None = None,
+                seed: int = 0, progress=None) -> None:
+        self.fused, self.space, self.data, self.seed = fused, space, data, seed
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def _recal(self) -> list[torch.Tensor]:
+        return self.data.calib_batches(self.recal_batches, self.recal_batch_size)
+
+    def tuned(self, c: Candidate) -> QuantNet:
+        raise NotImplementedError
+
+    def evaluate(self, c: Candidate) -> float:
+        """Validation top-1 of candidate `c` (in a worker; deterministic for a given candidate)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return accuracy(self.tuned(c), self.data)
+
+    def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, "object", float]:
+        """(fused model with the candidate's weights, calibrated QuantPlan, torch accuracy)."""
+        net = self.tuned(c)
+        acc = accuracy(net, self.data)
+        model, plan = net.export(c)
+        return model, plan, acc
+
+
+class QATEvaluator(Evaluator):
+    name = "qat"
+
+    def __init__(self, *, steps: int = 100, batch_size: int = 64, lr: float = 0.01, finetune=None, **kw):
+        super().__init__(**kw)
+        if steps < 0 or batch_size < 1 or not lr > 0:
+            raise QtoolError("qat evaluator: steps must be >= 0, batch size >= 1, lr > 0")
+        self.steps, self.batch_size, self.lr = steps, batch_size, lr
+        self.finetune = finetune or default_finetune
+        self._base: QuantNet | None = None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
+
+    def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
+        super().prepare(fused, space, data, workdir=workdir, seed=seed)
+        self._base = QuantNet(fused, space, data.x(data.calib_images))
+
+    def tuned(self, c: Candidate) -> QuantNet:
+        net = copy.deepcopy(self._base)  # FP32 weights, identity BN, fresh quantizers every time
+        net.init_quantizers(self._recal()[0], [c])
+        self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed))
+        net.set_candidate(c)
+        net.recalibrate(self._recal())
+        return net
+
+
+class SupernetEvaluator(Evaluator):
+    name = "supernet"
+    CHECKPOINT = "supernet.pt"
+
+    def __init__(self, *, epochs: float = 1.0, steps: int | None = None, batch_size: int = 64, lr: float = 0.01, **kw):
+        super().__init__(**kw)
+        if (steps is not None and steps < 1) or not epochs > 0 or batch_size < 1 or not lr > 0:
+            raise QtoolError("supernet evaluator: epochs/steps must be > 0, batch size >= 1, lr > 0")
+        self.epochs, self.steps, self.batch_size, self.lr = epochs, steps, batch_size, lr
+        self.net: QuantNet | None = None
+        self.train_seconds = 0.0
+
+    def settings(self) -> dict:
+        return {**super().settings(), "epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
+                "lr": self.lr}
+
+    def n_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, round(self.epochs * len(self.data.train_labels) / self.batch_size))
+
+    def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
+        import time
+
+        super().prepare(fused, space, data, workdir=workdir, seed=seed)
+        net = QuantNet(fused, space, data.x(data.calib_images))
+        ck = Path(workdir) / self.CHECKPOINT if workdir is not None else None
+        meta = {"settings": self.settings(), "seed": seed, "space": space.describe()}
+        if ck is not None and ck.exists():
+            try:
+                saved = torch.load(ck, map_location="cpu", weights_only=True)  # our own file; tensors only
+            except Exception as e:
+                raise QtoolError(f"cannot read the supernet checkpoint {ck}: {str(e).splitlines()[0]}") from None
+            if json.loads(saved["meta"]) != json.loads(json.dumps(meta)):
+                raise QtoolError(f"{ck} was trained with other settings; use a new --workdir")
+            net.load_state_dict(saved["state"])
+            self.train_seconds = float(saved.get("train_seconds", 0.0))
+            log.info("loaded the trained supernet from %s", ck)
+        else:
+            steps = self.n_steps()
+            uniform = [space.uniform(b) for b in space.choices]
+            net.init_quantizers(data.calib_batches(1, self.recal_batch_size)[0], uniform)
+            task = progress.add_task("train supernet", total=steps, info="") if progress is not None else None
+
+            def on_step(i, loss):
+                if progress is not None:
+                    progress.update(task, advance=1, info=f"loss {loss:.3f}")
+
+            t0 = time.perf_counter()
+            train_steps(net, data, steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                        sample=lambda rng: space.decode(rng.integers(0, len(space.choices), space.n_var)),
+                        on_step=on_step)
+            self.train_seconds = time.perf_counter() - t0
+            if ck is not None:
+                buf = io.BytesIO()
+                torch.save({"state": net.state_dict(), "meta": json.dumps(meta), "train_seconds": self.train_seconds}, buf)
+                atomic_write_bytes(ck, buf.getvalue())
+        self.net = net
+
+    def tuned(self, c: Candidate) -> QuantNet:
+        self.net.set_candidate(c)
+        self.net.recalibrate(self._recal())  # running stats are reset first: order-independent
+        return self.net
+
+
+def rank_correlation(candidates: list[Candidate], a: Evaluator, b: Evaluator) -> dict:
+    """Kendall's tau between two prepared evaluators' accuracies on `candidates` (scipy.stats.kendalltau)."""
+    from scipy.stats import kendalltau
+
+    sa = [a.evaluate(c) for c in candidates]
+    sb = [b.evaluate(c) for c in candidates]
+    res = kendalltau(sa, sb)
+    return {"tau": float(res.statistic), "p_value": float(res.pvalue), "n": len(candidates),
+            "candidates": [c.key for c in candidates], a.name or "a": sa, (b.name or "b") + ("_b" if a.name == b.name else ""): sb}
+
+
+def make_evaluator(name: str, **kw) -> Evaluator:
+    if name == "supernet":
+        return SupernetEvaluator(**kw)
+    if name == "qat":
+        return QATEvaluator(**kw)
+    raise QtoolError(f"unknown evaluator {name!r}; choose supernet or qat")

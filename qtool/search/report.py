@@ -1,0 +1,135 @@
+"""Search outputs in the workdir: front.json / front.csv, pareto.png, bits_heatmap.png, and per
+front member its QuantPlan and QDQ model (front/<i>.plan.json, front/<i>.onnx) with the top-1 the
+exported model reaches on onnxruntime (`acc_ort`, the fidelity check of the search's scores)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qtool.io import atomic_write_bytes, atomic_write_text, save_model
+from qtool.search.objectives import metric
+from qtool.search.space import Candidate
+
+
+def ort_accuracy(model, data) -> float:
+    from qtool.evaluate import make_session
+
+    sess = make_session(model)
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for i in range(0, len(data.val_labels), 256):
+        out = sess.run(None, {name: data.pre.apply(data.val_images[i:i + 256])})[0]
+        correct += int((out.argmax(1) == data.val_labels[i:i + 256]).sum())
+    return correct / len(data.val_labels)
+
+
+def export_member(workdir: Path, problem, evaluator, member: dict) -> None:
+    """Tuned weights + plan of one front member -> front/<i>.plan.json, front/<i>.fused.onnx (the
+    fused graph with its weights, what `qtool export` takes) and front/<i>.onnx (QDQ, apply_plan)."""
+    from qtool.quantize import apply_plan
+
+    d = Path(workdir) / "front"
+    d.mkdir(exist_ok=True)
+    i = member["index"]
+    model, plan, acc_torch = evaluator.materialize(Candidate.from_key(member["key"]))
+    qdq = apply_plan(model, plan)
+    plan.meta.update({"search_workdir": str(workdir), "front_index": i})
+    plan.save(d / f"{i}.plan.json")
+    save_model(model, d / f"{i}.fused.onnx")
+    save_model(qdq, d / f"{i}.onnx")
+    member["acc_materialized"] = acc_torch
+    member["acc_ort"] = ort_accuracy(qdq, problem.data)
+    member["plan_file"] = f"front/{i}.plan.json"
+    member["model_file"] = f"front/{i}.fused.onnx"
+    member["qdq_file"] = f"front/{i}.onnx"
+    member["plan"] = json.loads(plan.to_json())
+
+
+def write_all(workdir: Path, problem, result) -> None:
+    workdir = Path(workdir)
+    sp = problem.space
+    payload = {"objectives": result.objectives, "constraints": problem.constraints,
+               "layers": [l.node for l in sp.layers], "choices": list(sp.choices),
+               "fixed": {sp.layers[i].node: list(v) for i, v in sp.fixed.items()},
+               "front": result.front, "baselines": result.baselines,
+               "evaluated": result.evaluated, "reused": result.reused, "generations": result.generations,
+               "wall_s": result.wall_s, "supernet_train_s": result.supernet_train_s}
+    atomic_write_text(workdir / "front.json", json.dumps(payload, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    nodes = [l.node for l in sp.layers]
+    w.writerow(["index", "key"] + result.objectives + ["acc_ort", "plan_file"]
+               + [f"{n}:w" for n in nodes] + [f"{n}:a" for n in nodes])
+    for m in result.front:
+        w.writerow([m["index"], m["key"]] + [m["objectives"][o] for o in result.objectives]
+                   + [m.get("acc_ort", ""), m.get("plan_file", "")]
+                   + [m["bits"][n]["w"] for n in nodes] + [m["bits"][n]["a"] for n in nodes])
+    atomic_write_text(workdir / "front.csv", buf.getvalue())
+    plot_pareto(workdir / "pareto.png", result)
+    plot_heatmap(workdir / "bits_heatmap.png", result, nodes)
+
+
+def _savefig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_pareto(path: Path, result) -> None:
+    """Accuracy against each other objective (one panel each): the front and the uniform baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [o for o in result.objectives if o != "acc"]
+    y_name = "acc" if "acc" in result.objectives else result.objectives[0]
+    if y_name != "acc":
+        others = result.objectives[1:]
+    fig, axes = plt.subplots(1, len(others), figsize=(4.5 * len(others), 3.8), squeeze=False)
+    scale = 100.0 if y_name == "acc" else 1.0
+    for ax, o in zip(axes[0], others):
+        pts = sorted((m["objectives"][o], m["objectives"][y_name] * scale) for m in result.front)
+        if pts:
+            xs, ys = zip(*pts)
+            # With more than two objectives this is a projection: points, not a staircase.
+            ax.plot(xs, ys, "o-" if len(result.objectives) == 2 else "o", color="tab:blue", label="search front", ms=5)
+        for b, mk in zip(result.baselines, ("s", "^", "v", "D")):
+            ax.plot(b["objectives"][o], b["objectives"][y_name] * scale, mk, color="tab:red", ms=8, label=f"uniform {b['name']}")
+        ax.set_xlabel(metric(o).label)
+        ax.set_ylabel("top-1 (%)" if y_name == "acc" else metric(y_name).label)
+        if o in ("flops", "bitops", "packed_size"):
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("bit-width search: Pareto front vs uniform baselines (same evaluator)")
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_heatmap(path: Path, result, nodes: list[str]) -> None:
+    """Front members (rows) x layers (columns), weight bits left panel, activation bits right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.front or []
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.5 * len(nodes) * 2 + 2), 1 + 0.35 * max(1, len(rows))), squeeze=False)
+    for ax, kind, title in zip(axes[0], ("w", "a"), ("weight bits", "activation bits (layer input)")):
+        mat = np.array([[m["effective_bits"][n][kind] for n in nodes] for m in rows], dtype=float).reshape(len(rows), len(nodes))
+        im = ax.imshow(mat if len(rows) else np.zeros((1, len(nodes))), aspect="auto", cmap="viridis", vmin=2, vmax=8)
+        for (r, c), v in np.ndenumerate(mat):
+            ax.text(c, r, f"{int(v)}", ha="center", va="center", fontsize=7, color="w" if v < 6 else "k")
+        ax.set_title(title)
+        ax.set_xlabel("layer (node order)")
+        ax.set_ylabel("front member")
+        ax.set_xticks(range(len(nodes)))
+        ax.set_xticklabels([str(i) for i in range(len(nodes))], fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    _savefig(fig, path)
+    plt.close(fig)

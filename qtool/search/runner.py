@@ -1,0 +1,343 @@
+"""The search facade: `search(problem, algorithm, evaluator=..., executor=..., workdir=...)`.
+
+Shaped like pymoo's `minimize(problem, algorithm, termination)`: the problem (model, space,
+objectives, constraints), the algorithm settings (NSGA-III: population, generations, seed), the
+evaluator (`qat` | `supernet` | your own) and the executor (local | ray | your own) are separate
+objects; none knows the others. The loop is pymoo's ask-and-tell, so evaluations can be logged one
+by one as they finish (`checkpoint.py`) and served from the log on `--resume`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qtool.errors import QtoolError
+from qtool.search.checkpoint import EvaluationLog, check_config, write_state
+from qtool.search.evaluators import Evaluator, SearchData
+from qtool.search.objectives import Metrics, Objective, make_objectives, metric
+from qtool.search.space import Candidate, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchProblem:
+    fused: onnx.ModelProto
+    space: SearchSpace
+    data: SearchData
+    objectives: list[Objective]
+    metrics: Metrics
+    constraints: dict[str, float] = field(default_factory=dict)  # metric name -> upper bound
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto, data: str | SearchData, *, objectives="acc,flops",
+                   bits=(2, 4, 8), fix_first: int | None = 8, fix_last: int | None = 8,
+                   max_size: float | None = None, max_latency: float | None = None,
+                   train_limit: int | None = None, val_limit: int | None = None, calib_size: int = 256,
+                   latency_threads: int = 1) -> "SearchProblem":
+        """`model`: any ONNX classifier (fused here unless it already carries qtool.units)."""
+        from qtool.calibrate import collect_stats
+        from qtool.quantize import _is_fused, fuse
+
+        objs = [o for o in objectives] if isinstance(objectives, (list, tuple)) and objectives \
+            and isinstance(objectives[0], Objective) else make_objectives(objectives)
+        constraints = {}
+        for name, v in (("size", max_size), ("latency", max_latency)):
+            if v is not None:
+                if not v > 0:
+                    raise QtoolError(f"--max-{name} must be > 0, got {v}")
+                constraints[name] = float(v)
+        fused = model if _is_fused(model) else fuse(model)[0]
+        space = SearchSpace.from_model(fused, tuple(bits), fix_first=fix_first, fix_last=fix_last)
+        if isinstance(data, str):
+            data = SearchData.load(fused, data, train_limit=train_limit, val_limit=val_limit, calib_size=calib_size)
+        from qtool.data import model_image_input
+
+        name, _ = model_image_input(fused)
+        calib = [{name: data.pre.apply(data.calib_images[i:i + 64])} for i in range(0, len(data.calib_images), 64)]
+        stats = collect_stats(fused, calib, list(space.groups))
+        ranges = {r: stats[r].range("minmax", signed=False) for r in space.groups}
+        metrics = Metrics(fused, space, ranges, latency_threads=latency_threads)
+        return cls(fused, space, data, objs, metrics, constraints)
+
+    def model_hash(self) -> str:
+        return hashlib.sha256(self.fused.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+    @property
+    def needed(self) -> list[str]:
+        return list(dict.fromkeys([o.name for o in self.objectives if not o.needs_accuracy] + list(self.constraints)))
+
+
+@dataclass(frozen=True)
+class NSGA3Config:
+    pop: int = 16
+    gens: int = 10
+    seed: int = 0
+    crossover_prob: float = 0.9
+    crossover_eta: float = 15.0
+    mutation_eta: float = 20.0
+
+    def __post_init__(self):
+        if not isinstance(self.pop, int) or self.pop < 2:
+            raise QtoolError(f"--pop must be an integer >= 2, got {self.pop!r}")
+        if not isinstance(self.gens, int) or self.gens < 1:
+            raise QtoolError(f"--gens must be an integer >= 1, got {self.gens!r}")
+
+    def build(self, n_obj: int):
+        """pymoo NSGA-III with integer operators: random integer sampling, SBX and polynomial
+        mutation on the real line followed by rounding (pymoo's documented integer recipe)."""
+        from pymoo.algorithms.moo.nsga3 import NSGA3
+        from pymoo.operators.crossover.sbx import SBX
+        from pymoo.operators.mutation.pm import PM
+        from pymoo.operators.repair.rounding import RoundingRepair
+        from pymoo.operators.sampling.rnd import IntegerRandomSampling
+        from pymoo.util.ref_dirs import get_reference_directions
+
+        p = 1  # das-dennis partitions: as many reference directions as fit the population
+        while math.comb(p + 1 + n_obj - 1, n_obj - 1) <= self.pop:
+            p += 1
+        ref_dirs = get_reference_directions("das-dennis", n_obj, n_partitions=p)
+        return NSGA3(ref_dirs, pop_size=self.pop, sampling=IntegerRandomSampling(),
+                     crossover=SBX(prob=self.crossover_prob, eta=self.crossover_eta, vtype=float, repair=RoundingRepair()),
+                     mutation=PM(eta=self.mutation_eta, vtype=float, repair=RoundingRepair()),
+                     eliminate_duplicates=True)
+
+
+@dataclass
+class SearchResult:
+    workdir: str
+    objectives: list[str]
+    front: list[dict]
+    baselines: list[dict]
+    evaluated: int  # evaluations computed by this call
+    reused: int  # served from the log (resume / repeats)
+    generations: int
+    wall_s: float
+    supernet_train_s: float | None = None
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"Pareto front ({len(self.front)} members; {self.evaluated} evaluated, {self.reused} from the log, "
+                        f"{self.wall_s:.0f} s)")
+        t.add_column("#", justify="right")
+        t.add_column("bits (w/a per layer)", overflow="fold")
+        for o in self.objectives:
+            t.add_column(metric(o).label, justify="right", no_wrap=True)
+        t.add_column("top-1 ORT", justify="right")
+        for i, m in enumerate(self.front):
+            t.add_row(str(i), m["key"], *[_fmt(o, m["objectives"][o]) for o in self.objectives],
+                      "-" if m.get("acc_ort") is None else f"{m['acc_ort'] * 100:.2f}")
+        for b in self.baselines:
+            t.add_row(b["name"], b["key"], *[_fmt(o, b["objectives"][o]) for o in self.objectives], "-", style="dim")
+        return t
+
+
+def _fmt(name: str, v: float) -> str:
+    if name == "acc":
+        return f"{v * 100:.2f}"
+    if name == "latency":
+        return f"{v:.3f}"
+    return f"{v:.4g}"
+
+
+class _Runner:
+    def __init__(self, problem: SearchProblem, evaluator: Evaluator, executor, workdir: Path, log_: EvaluationLog,
+                 bar=None):
+        self.p, self.ev, self.ex, self.workdir, self.log, self.bar = problem, evaluator, executor, workdir, log_, bar
+        self.evaluated = self.reused = 0
+
+    def _complete(self, rec: dict) -> dict:
+        """Fill metrics the record lacks (a resume that added an objective or constraint)."""
+        missing = [n for n in self.p.needed if n not in rec["metrics"]]
+        if missing:
+            c = Candidate.from_key(rec["key"])
+            for n in missing:
+                rec["metrics"][n] = metric(n).compute(c, self.p.metrics, rec["acc"])
+            self.log.update(rec)
+        return rec
+
+    def evaluate(self, cands: list[Candidate], origin: str) -> list[dict]:
+        todo = []
+        for c in dict.fromkeys(cands):
+            if c.key in self.log:
+                self.reused += 1
+            else:
+                todo.append(c)
+        if todo:
+            state = np.random.get_state()  # evaluators must not disturb anyone's global RNG
+            for c, acc in self.ex.run(self.ev, todo):
+                t0 = time.perf_counter()
+                metrics = {n: metric(n).compute(c, self.p.metrics, acc) for n in self.p.needed}
+                self.log.append({"key": c.key, "bits": [list(b) for b in c.bits], "acc": float(acc), "metrics": metrics,
+                                 "metrics_s": round(time.perf_counter() - t0, 4), "origin": origin,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                self.evaluated += 1
+            np.random.set_state(state)
+        return [self._complete(self.log.get(c.key)) for c in cands]
+
+    def F(self, rec: dict) -> list[float]:
+        return [1.0 - rec["acc"] if o.needs_accuracy else rec["metrics"][o.name] for o in self.p.objectives]
+
+    def G(self, rec: dict) -> list[float]:
+        return [rec["metrics"][n] - bound for n, bound in self.p.constraints.items()]
+
+
+def _display(problem: SearchProblem, rec: dict) -> dict:
+    out = {}
+    for o in problem.objectives:
+        out[o.name] = rec["acc"] if o.needs_accuracy else rec["metrics"][o.name]
+    return out
+
+
+def non_dominated(F: np.ndarray) -> np.ndarray:
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    if len(F) == 0:
+        return np.zeros(0, dtype=int)
+    return np.asarray(NonDominatedSorting().do(F, only_non_dominated_front=True), dtype=int)
+
+
+def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, evaluator: Evaluator, executor=None,
+           workdir: str | Path, resume: bool = False, baselines: tuple[int, ...] = (8, 4, 2),
+           export_front: bool = True, progress: bool = True) -> SearchResult:
+    from pymoo.core.evaluator import Evaluator as PymooEvaluator
+    from pymoo.core.problem import Problem
+    from pymoo.problems.static import StaticProblem
+
+    from qtool.progress import progress as progress_bar
+    from qtool.search import report
+    from qtool.search.executors import LocalExecutor
+
+    t_start = time.perf_counter()
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise QtoolError(f"--workdir is not a directory: {workdir}")
+    if not workdir.parent.is_dir():
+        raise QtoolError(f"parent of --workdir does not exist: {workdir.parent}")
+    if resume and not workdir.exists():
+        raise QtoolError(f"--resume: {workdir} does not exist")
+    workdir.mkdir(exist_ok=True)
+    sp = problem.space
+    config = {"model": problem.model_hash(), "space": sp.describe(), "evaluator": evaluator.settings(),
+              "seed": algorithm.seed, "val_images": int(len(problem.data.val_labels)),
+              "train_images": int(len(problem.data.train_labels))}
+    check_config(workdir, config, resume)
+    elog = EvaluationLog(workdir)
+    executor = executor or LocalExecutor(1)
+    n_obj, n_constr = len(problem.objectives), len(problem.constraints)
+    pproblem = Problem(n_var=sp.n_var, n_obj=n_obj, n_ieq_constr=n_constr, xl=0, xu=len(sp.choices) - 1, vtype=int)
+    alg = algorithm.build(n_obj)
+    alg.setup(pproblem, termination=("n_gen", algorithm.gens), seed=algorithm.seed)
+    requested: list[str] = []
+    gen = 0
+    try:
+        with progress_bar(disable=not progress) as bar:
+            evaluator.prepare(problem.fused, sp, problem.data, workdir=workdir, seed=algorithm.seed, progress=bar)
+            run = _Runner(problem, evaluator, executor, workdir, elog, bar)
+            task = bar.add_task("NSGA-III", total=algorithm.gens, info="")
+            while alg.has_next():
+                pop = alg.ask()
+                cands = [sp.decode(x) for x in pop.get("X")]
+                recs = run.evaluate(cands, "search")
+                requested += [c.key for c in cands]
+                F = np.array([run.F(r) for r in recs], dtype=float)
+                kw = {"F": F}
+                if n_constr:
+                    kw["G"] = np.array([run.G(r) for r in recs], dtype=float)
+                PymooEvaluator().eval(StaticProblem(pproblem, **kw), pop)
+                alg.tell(infills=pop)
+                gen += 1
+                best = max(elog.get(k)["acc"] for k in requested)
+                write_state(workdir, {"generation": gen, "generations": algorithm.gens, "log_records": len(elog),
+                                      "evaluated_this_run": run.evaluated, "reused": run.reused,
+                                      "population": [c.key for c in cands], "best_acc": best})
+                bar.update(task, advance=1, info=f"gen {gen}: {run.evaluated} evaluated, {run.reused} from log, "
+                                                 f"best top-1 {best * 100:.2f}%")
+            base_recs = []
+            for b in baselines:
+                if b in sp.choices:
+                    c = sp.uniform(b)
+                    rec = run.evaluate([c], "baseline")[0]
+                    base_recs.append({"name": f"w{b}a{b}", "key": c.key, "acc": rec["acc"],
+                                      "objectives": _display(problem, rec)})
+            # The front: non-dominated feasible candidates among everything this search asked for.
+            keys = list(dict.fromkeys(requested))
+            recs = [elog.get(k) for k in keys]
+            feasible = [r for r in recs if all(g <= 0 for g in run.G(r))]
+            F = np.array([run.F(r) for r in feasible], dtype=float).reshape(len(feasible), n_obj)
+            front_recs = [feasible[i] for i in non_dominated(F)]
+            order = next((o.name for o in problem.objectives if not o.needs_accuracy), None)
+            front_recs.sort(key=lambda r: (r["metrics"][order] if order else 0.0, -r["acc"]))
+            front = []
+            for i, r in enumerate(front_recs):
+                c = Candidate.from_key(r["key"])
+                m = {"index": i, "key": r["key"], "acc": r["acc"], "objectives": _display(problem, r),
+                     "metrics": r["metrics"],
+                     "bits": {l.node: {"w": w, "a": a} for l, (w, a) in zip(sp.layers, c.bits)},
+                     "effective_bits": {l.node: {"w": w, "a": a} for l, (w, a) in zip(sp.layers, sp.effective(c))}}
+                front.append(m)
+            if export_front and front:
+                etask = bar.add_task("export front", total=len(front), info="")
+                for m in front:
+                    report.export_member(workdir, problem, evaluator, m)
+                    bar.update(etask, advance=1)
+    finally:
+        executor.close()
+    result = SearchResult(str(workdir), [o.name for o in problem.objectives], front, base_recs,
+                          run.evaluated, run.reused, gen, time.perf_counter() - t_start,
+                          getattr(evaluator, "train_seconds", None))
+    report.write_all(workdir, problem, result)
+    return result
+
+
+def search_cli(model_path: str, *, data: str, objectives: str = "acc,flops", bits: str = "2,4,8", pop: int = 16,
+               gens: int = 10, evaluator: str = "supernet", executor: str = "local", workdir: str, resume: bool = False,
+               seed: int = 0, train_limit: int | None = None, val_limit: int | None = None,
+               supernet_epochs: float = 1.0, qat_steps: int = 100, batch_size: int = 64, lr: float = 0.01,
+               workers: int = 1, max_size: float | None = None, max_latency: float | None = None,
+               fixed_bits: int = 8, print_table: bool = True) -> SearchResult:
+    """`qtool search`: parse, build the parts, run, print the front as a rich table."""
+    from qtool.data import parse_spec
+    from qtool.io import load_model
+    from qtool.search.evaluators import make_evaluator
+    from qtool.search.executors import make_executor
+
+    try:
+        bit_list = tuple(int(b) for b in bits.split(","))
+    except ValueError:
+        raise QtoolError(f"--bits must be comma-separated integers, got {bits!r}") from None
+    objs = make_objectives(objectives)
+    parse_spec(data)
+    if not isinstance(fixed_bits, int) or not (fixed_bits == 0 or 2 <= fixed_bits <= 8):
+        raise QtoolError(f"--fixed-bits must be 0 (search first/last layers too) or 2..8, got {fixed_bits}")
+    algo = NSGA3Config(pop=pop, gens=gens, seed=seed)
+    kw = {"batch_size": batch_size, "lr": lr}
+    ev = make_evaluator(evaluator, **(dict(epochs=supernet_epochs, **kw) if evaluator == "supernet"
+                                      else dict(steps=qat_steps, **kw)))
+    ex = make_executor(executor, workers)  # ray missing: exit 2 before any work
+    try:
+        m = load_model(model_path)
+        fb = fixed_bits or None
+        problem = SearchProblem.from_model(m, data, objectives=objs, bits=bit_list, fix_first=fb, fix_last=fb,
+                                           max_size=max_size, max_latency=max_latency, train_limit=train_limit,
+                                           val_limit=val_limit)
+    except BaseException:
+        ex.close()
+        raise
+    result = search(problem, algo, evaluator=ev, executor=ex, workdir=workdir, resume=resume)
+    if print_table:
+        from rich.console import Console
+
+        console = Console()
+        console.width = max(console.width, 160)
+        console.print(result.table())
+        console.print(f"wrote {Path(workdir) / 'front.json'}, front.csv, pareto.png, bits_heatmap.png")
+    return result

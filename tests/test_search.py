@@ -1,0 +1,262 @@
+"""qtool search: space/objective arithmetic on a hand-checked graph, the NSGA-III front, fidelity of
+the exported front on onnxruntime, resume after a crash, executors, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from qtool.errors import QtoolError
+from qtool.plan import QuantPlan
+from qtool.quantize import apply_plan, fuse
+from qtool.search import (Candidate, NSGA3Config, QATEvaluator, SearchProblem, SearchSpace,
+                          SupernetEvaluator, make_objectives, non_dominated, rank_correlation, search)
+from qtool.search.objectives import Metrics, metric
+
+torch.set_num_threads(1)  # 2 shared cores: a second torch thread only spins
+
+
+# -- a tiny graph whose numbers are checked by hand ---------------------------------------------
+def tiny_cnn() -> onnx.ModelProto:
+    r = np.random.default_rng(0)
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,1,4,4] x) => (float[N,5] y) {
+            c1 = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+            r1 = Relu (c1)
+            c2 = Conv (r1, W2, B2)
+            r2 = Relu (c2)
+            f = Flatten (r2)
+            y = Gemm <transB = 1> (f, W3, B3) }""")
+    for name, shape in (("W1", (2, 1, 3, 3)), ("B1", (2,)), ("W2", (3, 2, 1, 1)), ("B2", (3,)), ("W3", (5, 48)), ("B3", (5,))):
+        m.graph.initializer.append(numpy_helper.from_array(r.normal(size=shape).astype(np.float32) * 0.5, name))
+    return fuse(m, use_onnxsim=False)[0]
+
+
+def test_space_and_objectives_hand_checked():
+    fused = tiny_cnn()
+    sp = SearchSpace.from_model(fused, (2, 4, 8))
+    assert [l.op for l in sp.layers] == ["Conv", "Conv", "Gemm"]
+    # MACs per sample: conv1 2x4x4 outputs x 1x3x3 taps, conv2 3x4x4 x 2, gemm 5 x 48.
+    assert [l.macs for l in sp.layers] == [288, 96, 240]
+    assert sp.n_var == 2 and sp.fixed == {0: (8, 8), 2: (8, 8)}
+    c = sp.decode([1, 0])  # middle layer: w = choices[1] = 4, a = choices[0] = 2
+    assert c.bits == ((8, 8), (4, 2), (8, 8)) and c.key == "w8a8-w4a2-w8a8"
+    assert Candidate.from_key(c.key) == c and list(sp.encode(c)) == [1, 0]
+    tb = sp.tensor_bits(c)
+    names = {l.node: l for l in sp.layers}
+    conv2 = sp.layers[1]
+    assert tb[conv2.weight] == 4 and tb[conv2.input] == 2  # r1 feeds only conv2
+    assert tb[sp.layers[2].input] == 8 and tb[sp.layers[0].input] == 8
+    assert set(tb.values()) <= {2, 4, 8} and len(names) == 3
+    calib = [{"x": np.random.default_rng(1).normal(size=(8, 1, 4, 4)).astype(np.float32)}]
+    from qtool.calibrate import collect_stats
+
+    stats = collect_stats(fused, calib, list(sp.groups))
+    m = Metrics(fused, sp, {r: stats[r].range("minmax", signed=False) for r in sp.groups})
+    # QuantEA FLOPs = sum MACs x (bw/32 + ba/32); BitOps = sum MACs x bw x ba.
+    assert metric("flops").compute(c, m, None) == 288 * 0.5 + 96 * (4 / 32 + 2 / 32) + 240 * 0.5 == 282
+    assert metric("bitops").compute(c, m, None) == 288 * 64 + 96 * 8 + 240 * 64 == 34560
+    assert metric("packed_size").compute(c, m, None) == 18 + 3 + 240
+    size = metric("size").compute(c, m, None)
+    assert size == len(apply_plan(fused, m.reference_plan(c)).SerializeToString())
+    assert metric("acc").compute(c, m, 0.75) == 0.25
+    assert metric("latency").compute(c, m, None) > 0
+    # Searching the first/last layers too: 6 genes; every uniform baseline is in the space.
+    sp_all = SearchSpace.from_model(fused, (2, 4, 8), fix_first=None, fix_last=None)
+    assert sp_all.n_var == 6 and sp_all.uniform(2).bits == ((2, 2),) * 3
+
+
+def test_shared_input_group_takes_the_widest_bits():
+    r = np.random.default_rng(0)
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2,4,4] x) => (float[N,3,4,4] y) {
+            c0 = Conv (x, W0)
+            r0 = Relu (c0)
+            a = Conv (r0, WA)
+            b = Conv (r0, WB)
+            s = Add (a, b)
+            y = Conv (s, WC) }""")
+    for name, shape in (("W0", (3, 2, 1, 1)), ("WA", (3, 3, 1, 1)), ("WB", (3, 3, 1, 1)), ("WC", (3, 3, 1, 1))):
+        m.graph.initializer.append(numpy_helper.from_array(r.normal(size=shape).astype(np.float32), name))
+    sp = SearchSpace.from_model(fuse(m, use_onnxsim=False)[0], (2, 4, 8))
+    c = Candidate(((8, 8), (4, 2), (2, 8), (8, 8)))  # convA wants a2, convB a8 on the same tensor r0
+    assert sp.effective(c)[1:3] == [(4, 8), (2, 8)]
+    assert sp.tensor_bits(c)["r0"] == 8
+
+
+def test_bad_space_and_objectives():
+    fused = tiny_cnn()
+    for bits in ((9,), (1, 8), ()):
+        with pytest.raises(QtoolError, match="--bits"):
+            SearchSpace.from_model(fused, bits)
+    with pytest.raises(QtoolError, match="unknown objective 'speed'"):
+        make_objectives("acc,speed")
+    with pytest.raises(QtoolError, match="at least two"):
+        make_objectives("acc")
+    with pytest.raises(QtoolError, match="--pop"):
+        NSGA3Config(pop=1)
+    with pytest.raises(QtoolError, match="not in the space"):
+        SearchSpace.from_model(fused, (4, 8)).check(Candidate(((8, 8), (2, 2), (8, 8))))
+
+
+# -- LeNet-5 on digits ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    from qtool.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("lenet") / "lenet.onnx"
+    train(TrainConfig(model="lenet5", data="digits", epochs=3, batch_size=64, lr=0.05, threads=1), out, quiet=True)
+    return onnx.load(str(out)), out
+
+
+@pytest.fixture(scope="module")
+def problem(lenet):
+    return SearchProblem.from_model(lenet[0], "digits", objectives="acc,bitops", bits=(2, 4, 8), train_limit=300)
+
+
+def supernet():
+    return SupernetEvaluator(steps=40, batch_size=64, lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def prepared(problem):
+    ev = supernet()
+    ev.prepare(problem.fused, problem.space, problem.data, seed=0)
+    return ev
+
+
+def test_search_front_plans_and_fidelity(problem, tmp_path):
+    res = search(problem, NSGA3Config(pop=6, gens=2, seed=0), evaluator=supernet(), workdir=tmp_path / "w",
+                 progress=False)
+    assert res.front and res.generations == 2 and res.evaluated >= 6
+    F = np.array([[1 - m["acc"], m["objectives"]["bitops"]] for m in res.front])
+    assert len(non_dominated(F)) == len(F)  # no member dominates another
+    for i, a in enumerate(F):
+        assert not any(np.all(b <= a) and np.any(b < a) for j, b in enumerate(F) if j != i)
+    for m in res.front:
+        fused = onnx.load(str(tmp_path / "w" / m["model_file"]))
+        plan = QuantPlan.load(tmp_path / "w" / m["plan_file"], fused)
+        assert plan.calibrated and {t.bits for t in plan.tensors.values()} <= {2, 4, 8}
+        for node, b in m["effective_bits"].items():
+            layer = next(l for l in problem.space.layers if l.node == node)
+            assert plan.tensors[layer.weight].bits == b["w"] and plan.tensors[layer.input].bits == b["a"]
+        apply_plan(fused, plan)  # the plan is consumable as is
+        # The score the search used is what the exported QDQ model gets on onnxruntime.
+        assert abs(m["acc_ort"] - m["acc"]) <= 1.0 / len(problem.data.val_labels) + 1e-9
+    names = {b["name"] for b in res.baselines}
+    assert names == {"w8a8", "w4a4", "w2a2"}
+    d = json.loads((tmp_path / "w" / "front.json").read_text())
+    assert len(d["front"]) == len(res.front) and d["front"][0]["plan"]["version"] == 1
+    for f in ("front.csv", "pareto.png", "bits_heatmap.png", "evaluations.jsonl", "supernet.pt", "state.json"):
+        assert (tmp_path / "w" / f).stat().st_size > 0
+    assert len((tmp_path / "w" / "front.csv").read_text().splitlines()) == len(res.front) + 1
+    with pytest.raises(QtoolError, match="--resume"):  # a workdir holding a search is not overwritten
+        search(problem, NSGA3Config(pop=6, gens=2), evaluator=supernet(), workdir=tmp_path / "w", progress=False)
+
+
+class _Crash(SupernetEvaluator):
+    """Dies after `n` evaluations, like a killed run."""
+
+    def __init__(self, n, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def evaluate(self, c):
+        if self.n == 0:
+            raise RuntimeError("simulated crash")
+        self.n -= 1
+        return super().evaluate(c)
+
+
+def test_resume_after_crash_reuses_log_and_gives_same_front(problem, tmp_path):
+    algo = NSGA3Config(pop=6, gens=3, seed=3)
+    ref = search(problem, algo, evaluator=supernet(), workdir=tmp_path / "ref", progress=False, export_front=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        search(problem, algo, evaluator=_Crash(7, steps=40, batch_size=64, lr=0.01), workdir=tmp_path / "crash",
+               progress=False, export_front=False)
+    logged = (tmp_path / "crash" / "evaluations.jsonl").read_text().splitlines()
+    assert len(logged) == 7
+    with open(tmp_path / "crash" / "evaluations.jsonl", "a") as f:
+        f.write('{"key": "w8a8-w2a')  # a line torn by the kill: ignored
+    res = search(problem, algo, evaluator=supernet(), workdir=tmp_path / "crash", resume=True, progress=False,
+                 export_front=False)
+    assert res.reused >= 7  # every finished evaluation came from the log
+    total = len(set(json.loads(line)["key"] for line in (tmp_path / "ref" / "evaluations.jsonl").read_text().splitlines()))
+    assert res.evaluated == total - 7
+    assert [(m["key"], m["acc"]) for m in res.front] == [(m["key"], m["acc"]) for m in ref.front]
+    with pytest.raises(QtoolError, match="settings differ"):
+        search(problem, NSGA3Config(pop=6, gens=3, seed=4), evaluator=supernet(), workdir=tmp_path / "crash",
+               resume=True, progress=False)
+
+
+def test_qat_evaluator_export_and_kendall(problem, prepared):
+    qat = QATEvaluator(steps=3, batch_size=32, lr=0.005)
+    qat.prepare(problem.fused, problem.space, problem.data, seed=0)
+    cands = [problem.space.uniform(8), problem.space.uniform(2)] + problem.space.random(2, seed=5)
+    rc = rank_correlation(cands, prepared, qat)
+    assert rc["n"] == 4 and (math.isnan(rc["tau"]) or -1 <= rc["tau"] <= 1)
+    assert qat.evaluate(cands[2]) == qat.evaluate(cands[2])  # per-candidate seed: deterministic
+    model, plan, acc = qat.materialize(cands[2])
+    from qtool.search.report import ort_accuracy
+
+    assert abs(ort_accuracy(apply_plan(model, plan), problem.data) - acc) <= 1.0 / len(problem.data.val_labels) + 1e-9
+
+
+def test_ray_executor(problem, prepared):
+    ray = pytest.importorskip("ray")
+    from qtool.search import RayExecutor
+
+    ex = RayExecutor(num_cpus=2)
+    try:
+        cands = problem.space.random(3, seed=1)
+        got = dict((c.key, acc) for c, acc in ex.run(prepared, cands))
+    finally:
+        ex.close()
+    assert not ray.is_initialized()
+    assert got == {c.key: prepared.evaluate(c) for c in cands}
+
+
+def test_ray_missing_is_exit_2(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    from qtool.search.executors import make_executor
+
+    with pytest.raises(QtoolError, match="pip install 'qtool\\[ray\\]'"):
+        make_executor("ray", 2)
+
+
+def test_cli_bad_input_exit_2(lenet, tmp_path, capsys):
+    from qtool.cli import main
+
+    path = str(lenet[1])
+    cases = [["--objectives", "acc,speed"], ["--bits", "2,x"], ["--bits", "2,16"], ["--pop", "1"],
+             ["--resume"], ["--data", "nope:/x"], ["--max-size", "-1"]]
+    for extra in cases:
+        rc = main(["search", path, "--workdir", str(tmp_path / "w"), "--gens", "1", "--pop", "4"] + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("qtool: error:") and "\n" not in err, (extra, err)
+    assert main(["search", str(tmp_path / "missing.onnx"), "--workdir", str(tmp_path / "w2")]) == 2
+
+
+def test_cli_search_prints_front(lenet, tmp_path, capsys):
+    from qtool.cli import main
+
+    rc = main(["search", str(lenet[1]), "--workdir", str(tmp_path / "w"), "--pop", "4", "--gens", "1",
+               "--objectives", "acc,flops,size", "--train-limit", "200", "--supernet-epochs", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Pareto front" in out and "w8a8" in out
+    d = json.loads((tmp_path / "w" / "front.json").read_text())
+    assert d["objectives"] == ["acc", "flops", "size"]
