@@ -44,7 +44,7 @@ from onnx import numpy_helper
 from qtool.errors import QtoolError
 from qtool.io import MAX_OPSET, MIN_OPSET, default_opset
 
-__all__ = ["lift", "LiftedModule", "supported_ops"]
+__all__ = ["lift", "LiftedModule", "supported_ops", "run_op"]
 
 _PARAM_INPUTS = {  # op -> input indices whose float initializers are trainable
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
@@ -77,6 +77,15 @@ def _op(*names: str, parse: Callable | None = None):
 
 def supported_ops() -> list[str]:
     return sorted(_OPS)
+
+
+def run_op(op_type: str, attrs: dict, training: bool, *inputs):
+    """Run one op the way the lifted graph does (attrs as returned by `LiftedModule.node_attrs`)."""
+    return _OPS[op_type][0](attrs, training, *inputs)
+
+
+def _call_module(a, training, *xs):
+    return a["module"](*xs)
 
 
 class _Unsupported(Exception):
@@ -748,6 +757,7 @@ class LiftedModule(nn.Module):
         self.state = nn.Module()  # buffers (persistent: they are written back)
         self.consts = nn.Module()  # evaluated Constant nodes (not written back)
         self.quantizers = nn.ModuleDict()
+        self.replaced = nn.ModuleDict()  # modules standing in for groups of nodes (replace_nodes)
         taken: set[str] = set()
         self._state_key: dict[str, tuple[str, str]] = {}  # tensor name -> ("param"|"buffer", key)
         for name in sorted(state_names):
@@ -850,6 +860,35 @@ class LiftedModule(nn.Module):
             out.graph.initializer.append(numpy_helper.from_array(weights[alias], new_name))
             node.input[0] = new_name
         return out
+
+    def node_attrs(self, node_name: str) -> dict:
+        """Parsed attributes of a node still run as a step (for `run_op`)."""
+        for name, (_, attrs, _, _) in zip(self._node_names, self._steps):
+            if name == node_name:
+                return dict(attrs)
+        raise QtoolError(f"no node named {node_name!r} in the lifted graph")
+
+    def replace_nodes(self, node_names: list[str], module: nn.Module, inputs: list[str], outputs: list[str]) -> None:
+        """Run `module(*inputs) -> outputs` in place of the named nodes (QAT trains Conv+BN this way).
+
+        The module runs where the last of the nodes ran; the other nodes' outputs must be read by
+        nothing outside the group (the caller checks the pattern).
+        """
+        wanted = list(dict.fromkeys(node_names))
+        idx = [i for i, n in enumerate(self._node_names) if n in wanted]
+        if len(idx) != len(wanted):
+            missing = [n for n in wanted if n not in self._node_names]
+            raise QtoolError(f"replace_nodes: nodes {missing} are not steps of the lifted graph")
+        for t in inputs:
+            if t and t not in self._tensor_names:
+                raise QtoolError(f"replace_nodes: no tensor named {t!r}")
+        key = _sanitize(wanted[-1], set(self.replaced.keys()), "r_")
+        self.replaced[key] = module
+        step = (_call_module, {"module": module}, tuple(inputs), tuple(outputs))
+        drop = set(idx[:-1])
+        self._steps = [step if i == idx[-1] else s for i, s in enumerate(self._steps) if i not in drop]
+        self._node_names = [key if i == idx[-1] else n for i, n in enumerate(self._node_names) if i not in drop]
+        self._tensor_names |= set(outputs)
 
     # -- quantization hooks ----------------------------------------------------------------------
     def set_quantizer(self, tensor_name: str, module: nn.Module | None) -> None:

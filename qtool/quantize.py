@@ -90,6 +90,13 @@ def fuse(model: onnx.ModelProto, *, use_onnxsim: bool = True) -> tuple[onnx.Mode
     return out, summary
 
 
+def untie_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every Conv/Gemm bias its own initializer (see passes.untie); `fuse` does this
+    already, this serves graphs fused before or elsewhere."""
+    m = passes.to_ir(model)
+    return passes.to_proto(m) if passes.UntieBiasesPass()(m).modified else model
+
+
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
 
 
@@ -254,8 +261,7 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
              config: QuantConfig = QuantConfig()) -> tuple[onnx.ModelProto, QuantPlan]:
     if not isinstance(config, QuantConfig):
         raise QtoolError(f"config must be a QuantConfig, got {type(config).__name__}")
-    if not _is_fused(model):
-        model, _ = fuse(model)
+    model = fuse(model)[0] if not _is_fused(model) else untie_biases(model)
     marks = passes.mark_tensors(passes.to_ir(model).graph)
     if not marks.tensors:
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "

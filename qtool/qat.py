@@ -1,0 +1,786 @@
+"""Quantization-aware training on the ONNX graph (`qtool qat`).
+
+    result = qat(model, train_ds, val_ds, QATConfig(weight_bits=4, act_bits=4, algo="lsq", epochs=2))
+    result.model   # QDQ ONNX model (runs on stock onnxruntime)
+    result.plan    # QuantPlan with the learned scales / zero points
+    result.fused   # the fused float graph with the tuned (fake-quantized) weights, node names unchanged
+
+Flow: fuse -> mark tensors and build the plan skeleton exactly as PTQ does (build_plan: same QDQ
+placement) -> calibrate the activations on onnxruntime (minmax) -> lift the graph to PyTorch ->
+one fake-quant per plan tensor (set_quantizer / set_weight_quantizer; a pass-through tensor reuses
+the quantizer of the tensor it shares parameters with; biases get the int32 rounding that the
+exported DequantizeLinear applies) -> train -> read every quantizer's qparams() into a QuantPlan
+-> write the weights back, each replaced by its fake-quantized value -> apply_plan.
+
+Fidelity (DESIGN.md). Every exported weight is the fake-quant output `code * scale` (float32), so
+the QDQ insertion recovers exactly the codes the torch model used, whatever the algorithm (DoReFa
+and BNN transform the weight before quantizing: a QDQ on the raw weight would not reproduce them).
+Activations use onnxruntime's QDQ numerics (qtool.fakequant), with a Clip before a sub-8-bit Q.
+What remains is float accumulation order and onnxruntime's integer kernels re-rounding at ties.
+
+Algorithms (activations / weights; all start from the PTQ minmax calibration):
+- minmax: activations keep a running min/max; ema: exponential moving averages (Jacob et al.
+  2018). Weights: symmetric per-channel scale of the current weight.
+- lsq: learned step sizes (Esser et al. 2020). An activation whose calibrated range is not
+  non-negative keeps its PTQ zero point fixed while the scale is learned, so signedness and QDQ
+  types stay those of PTQ (uint8 activations).
+- pact: PACT's learned clip alpha (Choi et al. 2018), initialized at the calibrated max; weights
+  DoReFa as in the PACT paper.
+- dorefa: DoReFa weights; activations clipped to a fixed [0, calibrated max] (DoReFa's [0, 1] clip
+  would cut a trained float model's activations).
+- bnn: binary weights sign(w) * mean|w| per channel (codes +-1: a 2-bit narrow range in the plan)
+  for the weights at the uniform bits; weights with bits of their own (first/last policy, rules,
+  plans) use the minmax weight quantizer at those bits. Activations as ema at their bits.
+PACT / DoReFa quantize [0, alpha] only: tensors with negative values (the input image, residual
+branches) use the ema observer instead; `result.notes` lists them.
+DoReFa weights here are per output channel and rescaled by the channel's initial max|w|: with BN
+folded there is no BatchNormalization left to absorb DoReFa's [-1, 1] weight range.
+
+BatchNormalization (`bn_fold`). Given an unfused model, a Conv whose output only a BN reads trains
+as Conv->BN, with the fake-quant on the folded weight w * gamma / sqrt(running_var + eps): until
+`freeze_bn` steps the quantized conv's output is divided by the fold factor and normalized with
+batch statistics, which also update the running ones (PyTorch's ConvBn QAT; MindSpore's
+Conv2dBnFoldQuant gets the same batch statistics from a second, float conv); afterwards and in
+eval it is exactly the folded conv that is exported (Jacob et al. 2018, fig. C.8).
+When the unfused graph does not map onto the fused one (other folds changed weights), training
+runs on the fused graph and a note says so.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+import passes
+from passes.qdq import ABSORBED_ACTS
+from passes.units import ANCHOR_OPS, unit_activation
+from qtool.data import ImageDataset, augment_cifar, check_input_matches, model_image_input
+from qtool.errors import QtoolError
+from qtool.fakequant import (BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant,
+                             PACTFakeQuant, QParams, fake_quant)
+from qtool.lift import LiftedModule, lift, run_op
+from qtool.plan import QuantPlan, TensorQuant
+from qtool.preprocess import Preprocess, resolve_preprocess
+from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
+from qtool.quantize import QuantConfig, _is_fused, activation_quant, apply_plan, build_plan, fuse, untie_biases
+
+log = logging.getLogger(__name__)
+
+__all__ = ["qat", "QATConfig", "QATResult", "resolve_bits", "qat_file"]
+
+_EVAL_BATCH = 256
+_CALIB_SEED = 20151211
+
+
+# -- quantizers QAT needs beyond qtool.fakequant ----------------------------------------------------
+
+class _WeightMinMax(FakeQuant):
+    """Symmetric narrow-range scale from the current weight (max|w| / qmax per channel), STE."""
+
+    def __init__(self, bits: int, axis: int | None, quant_delay: int = 0):
+        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
+        self.register_buffer("last_scale", torch.empty(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "last_scale" in state_dict:
+            self.last_scale = torch.empty_like(state_dict[prefix + "last_scale"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _scale_zp(self):
+        if self.last_scale.numel() == 0:
+            raise QtoolError("weight quantizer has seen no weight yet: run forward once first")
+        return self.last_scale, torch.zeros_like(self.last_scale)
+
+    def _quantize(self, w):
+        a = w.detach().abs()
+        amax = a.amax() if self.axis is None else a.amax(dim=[d for d in range(w.dim()) if d != self.axis])
+        # An all-zero channel quantizes to 0 with any scale; 1.0 keeps the plan valid (as PTQ does).
+        self.last_scale = torch.where(amax > 0, amax / float(self.qmax), torch.ones_like(amax)).float()
+        return fake_quant(w, self.last_scale, torch.zeros_like(self.last_scale), self.qmin, self.qmax, self.axis)
+
+
+class _DoReFaWeight(FakeQuant):
+    """DoReFa weights per output channel: tanh(w) / max|tanh(w)| on the grid k / qmax, k in
+    [-qmax, qmax], times the channel's initial max|w| (fixed), so scale = magnitude / qmax."""
+
+    def __init__(self, bits: int, magnitude: torch.Tensor, axis: int | None, quant_delay: int = 0):
+        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
+        m = magnitude.detach().float()
+        self.register_buffer("magnitude", torch.where(m > 0, m, torch.full_like(m, float(self.qmax))))
+
+    def _scale_zp(self):
+        s = self.magnitude / float(self.qmax)
+        return s, torch.zeros_like(s)
+
+    def _quantize(self, w):
+        t = torch.tanh(w)
+        dims = list(range(w.dim())) if self.axis is None else [d for d in range(w.dim()) if d != self.axis]
+        norm = t.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
+        mag = self.magnitude if self.axis is None else self.magnitude.reshape(
+            [-1 if d == self.axis else 1 for d in range(w.dim())])
+        s, zp = self._scale_zp()
+        return fake_quant(t / norm * mag, s, zp, self.qmin, self.qmax, self.axis)
+
+
+class _LSQAffine(LSQFakeQuant):
+    """LSQ's learned scale with the calibrated (PTQ) zero point held fixed: asymmetric uint8 tensors."""
+
+    def __init__(self, bits: int, zero_point: int, init_scale: float, quant_delay: int = 0):
+        super().__init__(bits, signed=False, quant_delay=quant_delay, init_scale=init_scale)
+        self.register_buffer("zp", torch.tensor(float(zero_point)))
+
+    def _scale_zp(self):
+        s = self.scale.clamp_min(1e-8)
+        return s, self.zp
+
+
+def _delayed(fq: FakeQuant, stepped: bool) -> bool:
+    """Whether `fq` is inside its quant_delay this training step (`stepped`: it already ran)."""
+    return fq.training and int(fq.step) < fq.quant_delay + int(stepped)
+
+
+class _Shared(nn.Module):
+    """A pass-through op's output: quantized with the parameters of the tensor it reads, as
+    onnxruntime requires (no observing, no step of its own). The root is held out of the module tree."""
+
+    def __init__(self, root: FakeQuant):
+        super().__init__()
+        self._root = [root]
+
+    @property
+    def root(self) -> FakeQuant:
+        return self._root[0]
+
+    def forward(self, x):
+        r = self.root
+        return x if _delayed(r, stepped=True) else r._quantize(x)
+
+
+def _scale_of(fq: nn.Module) -> torch.Tensor:
+    root = fq.root if isinstance(fq, _Shared) else fq
+    return root._scale_zp()[0].detach().float()
+
+
+class _BiasFakeQuant(nn.Module):
+    """int32 bias with scale s_in * s_w, zero point 0, as passes.qdq writes it: round(b / s) in
+    float64, dequantized as float32(q) * s (onnxruntime's int32 DequantizeLinear)."""
+
+    def __init__(self, act_fq: nn.Module, weight_fq: FakeQuant):
+        super().__init__()
+        self._refs = [act_fq, weight_fq]
+
+    def forward(self, b):
+        a, w = self._refs
+        ra = a.root if isinstance(a, _Shared) else a
+        if _delayed(ra, stepped=False) or _delayed(w, stepped=True):
+            return b
+        s = _scale_of(a) * _scale_of(w)  # float32 product == passes.qdq's rounded float64 product
+        q = torch.round(b.detach().double() / s.double()).clamp(-2.0**31, 2.0**31 - 1)
+        exact = q.float() * s
+        return exact + (b - b.detach())  # value exactly `exact`, straight-through gradient
+
+
+class _ConvBNFold(nn.Module):
+    """Conv -> BatchNormalization trained with the fake-quant on the folded weight (module docstring)."""
+
+    def __init__(self, conv_attrs: dict, eps: float, momentum: float, weight_fq: nn.Module, freeze_step: int):
+        super().__init__()
+        self.conv_attrs, self.eps, self.momentum = conv_attrs, eps, momentum  # momentum: torch's (1 - ONNX's)
+        self.weight_fq = weight_fq
+        self.bias_fq: _BiasFakeQuant | None = None
+        self.freeze_step = freeze_step
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def folded(self, w, b, gamma, beta, mean, var):
+        std = torch.sqrt(var + self.eps)
+        s = gamma / std
+        w_fold = w * s.reshape((-1,) + (1,) * (w.dim() - 1))
+        b0 = b if b is not None else torch.zeros_like(mean)
+        return w_fold, beta + (b0 - mean) * s
+
+    def forward(self, x, w, b, gamma, beta, mean, var):
+        w_fold, b_fold = self.folded(w, b, gamma, beta, mean, var)
+        wq = self.weight_fq(w_fold)
+        if self.training:
+            self.step += 1
+        if self.training and int(self.step) <= self.freeze_step:
+            # Undo the fold factor on the quantized conv and normalize with batch statistics (which
+            # updates the running ones): PyTorch's ConvBn QAT approximation, one conv per step.
+            s = gamma / torch.sqrt(var + self.eps)
+            s = torch.where(s.abs() > 1e-12, s, torch.full_like(s, 1e-12))  # gamma 0: avoid 0 / 0
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = run_op("Conv", self.conv_attrs, True, x, wq, None) / s.reshape(shape)
+            if b is not None:
+                y = y + b.reshape(shape)
+            return F.batch_norm(y, mean, var, gamma, beta, True, self.momentum, self.eps)
+        bias = self.bias_fq(b_fold) if self.bias_fq is not None else b_fold
+        return run_op("Conv", self.conv_attrs, self.training, x, wq, bias)
+
+
+# -- which tensors get which bits --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSpec:
+    kind: str  # activation | weight
+    bits: int
+    quant_delay: int
+    uniform: bool = True  # bits from the uniform setting (not the first/last policy, a rule or a plan)
+
+
+def _node_tensors(graph, marks) -> list[tuple[object, dict[str, list[str]]]]:
+    """(node, {weight|input|output: [marked tensor names]}) for every node touching the placement."""
+    out = []
+    for node in graph:
+        ins = [v.name for v in node.inputs if v is not None and v.name in marks.tensors]
+        weight = [n for n in ins if marks.tensors[n].kind == "weight"]
+        inputs = [n for n in ins if marks.tensors[n].kind == "activation"]
+        act = unit_activation(node) if node.op_type in ANCHOR_OPS + ("Add", "Mul") else None
+        if node.op_type in ANCHOR_OPS:
+            o = (act or node).outputs[0]
+        elif act is not None and act.op_type in ABSORBED_ACTS:
+            o = act.outputs[0]
+        else:
+            o = node.outputs[0]
+        outputs = [o.name] if o is not None and o.name in marks.tensors else []
+        if weight or inputs or outputs:
+            out.append((node, {"weight": weight, "input": inputs, "output": outputs}))
+    return out
+
+
+def _rule_nodes(rule: QuantRule, index: int, entries) -> list:
+    types = set()
+    for t in rule.op_types:
+        expanded = OP_TYPE_ALIASES.get(t, (t,))
+        if not any(n.op_type in expanded for n, _ in entries):
+            raise QtoolError(f"config rule {index}: op type {t!r} is not a quantized op of the graph")
+        types.update(expanded)
+    hits = []
+    for name in rule.op_names:
+        found = [n for n, tens in entries if n.name == name or any(
+            w == name or w == name + ".weight" for w in tens["weight"])]
+        if not found:
+            raise QtoolError(f"config rule {index}: op name {name!r} is not in the graph "
+                             "(use a node name of the fused graph or its weight's name without '.weight')")
+        hits += found
+    return [n for n, _ in entries if n.op_type in types or any(n is h for h in hits)]
+
+
+def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorSpec]:
+    """Bits and start step of every tensor the QDQ placement quantizes (left-out tensors stay float)."""
+    m = passes.to_ir(fused)
+    marks = passes.mark_tensors(m.graph)
+    groups: dict[str, list[str]] = defaultdict(list)  # root -> tensors sharing its QDQ parameters
+    for t, role in marks.tensors.items():
+        groups[marks.root(t) if role.kind == "activation" else t].append(t)
+
+    def group(t: str) -> list[str]:
+        return groups[marks.root(t) if marks.tensors[t].kind == "activation" else t]
+
+    spec: dict[str, TensorSpec] = {}
+    if config.plan_bits:
+        given: dict[str, int] = {}
+        for name, b in config.plan_bits:
+            if name not in marks.tensors:
+                raise QtoolError(f"plan tensor {name!r} is not a quantization point of the fused graph "
+                                 "(not an input, weight or output of a quantized op)")
+            for t in group(name):
+                if given.setdefault(t, b) != b:
+                    raise QtoolError(f"plan gives {name!r} {b} bits but {t!r}, which must share its "
+                                     f"parameters, {given[t]} bits")
+        for t, b in given.items():
+            spec[t] = TensorSpec(marks.tensors[t].kind, b, config.quant_delay, uniform=False)
+        _check_float_weights(m.graph, marks, spec)
+        return spec
+
+    for t, role in marks.tensors.items():
+        spec[t] = TensorSpec(role.kind, config.weight_bits if role.kind == "weight" else config.act_bits,
+                             config.quant_delay)
+    entries = _node_tensors(m.graph, marks)
+
+    def assign(t: str, bits: int | None = None, delay: int | None = None) -> None:
+        for u in group(t):
+            if u in spec:
+                s = spec[u]
+                spec[u] = TensorSpec(s.kind, bits if bits is not None else s.bits,
+                                     delay if delay is not None else s.quant_delay, s.uniform and bits is None)
+
+    anchors = [(n, t) for n, t in entries if n.op_type in ANCHOR_OPS and t["weight"]]
+    if config.first_last_bits is not None and anchors:
+        (first, tf), (last, tl) = anchors[0], anchors[-1]
+        for t in tf["weight"] + tf["input"] + tl["weight"] + tl["input"] + tl["output"]:
+            assign(t, config.first_last_bits)
+    for i, rule in enumerate(config.rules):
+        tensors = dict(entries)
+        for node in _rule_nodes(rule, i, entries):
+            for qt in rule.quant_types:
+                for t in tensors[node][qt]:
+                    if rule.exclude:
+                        for u in group(t):
+                            spec.pop(u, None)
+                    else:
+                        assign(t, rule.bits_for(qt), rule.quant_start_step)
+    _check_float_weights(m.graph, marks, spec)
+    return spec
+
+
+def _check_float_weights(graph, marks, spec: dict[str, TensorSpec]) -> None:
+    """onnxruntime quantizes a float Conv/ConvTranspose/Gemm weight itself (int8 per-tensor, its
+    WeightBiasQuantization transformer) when the input comes from a DequantizeLinear: the exported
+    model would then compute something the fake-quant model did not. Refuse that combination."""
+    for node in graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if w is not None and w.name in marks.tensors and w.name not in spec and x is not None and x.name in spec:
+            raise QtoolError(f"weight {w.name!r} of {node.op_type} {node.name!r} is left float while its input is "
+                             "quantized; onnxruntime would quantize it itself (int8 per-tensor): leave the input "
+                             "float too (quant_types: [weight, input]) or quantize the weight")
+
+
+# -- result ------------------------------------------------------------------------------------------
+
+@dataclass
+class QATResult:
+    model: onnx.ModelProto  # QDQ model
+    plan: QuantPlan
+    fused: onnx.ModelProto  # fused float graph with the tuned, fake-quantized weights
+    history: list[dict]  # per epoch (epoch 0 = after calibration, before training)
+    fidelity: dict  # fake-quant vs onnxruntime on the val split
+    module: nn.Module | None = None  # the trained fake-quant PyTorch model (eval mode, CPU)
+    notes: list[str] = field(default_factory=list)  # fallbacks and choices a user should know about
+    bn_fold: bool = False
+    device: str = "cpu"
+    wall_time_s: float = 0.0
+
+    def lines(self) -> list[str]:
+        f = self.fidelity
+        out = [f"epoch {h['epoch']}: val acc (fake-quant) {h['val_acc'] * 100:.2f}%"
+               + (f", loss {h['loss']:.4f}" if h.get("loss") is not None else " (calibrated, before training)")
+               for h in self.history]
+        out.append(f"final val accuracy: fake-quant PyTorch {f['acc_fakequant'] * 100:.2f}%, onnxruntime "
+                   f"{f['acc_ort'] * 100:.2f}% (difference {f['diff_pp']:+.2f} pp, argmax agreement "
+                   f"{f['argmax_agreement'] * 100:.2f}%, logits max diff "
+                   + (f"{f['logit_max_steps']:.2f} quantization steps)" if f.get("logit_max_steps") is not None
+                      else f"{f['logit_max_abs']:.4g})"))
+        out += [f"note: {n}" for n in self.notes]
+        return out
+
+
+# -- the QAT run -------------------------------------------------------------------------------------
+
+def _device(config: QATConfig) -> torch.device:
+    if config.device is not None:
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise QtoolError(f"device {config.device} requested but CUDA is not available")
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _calib_batches(fused: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, n: int, bs: int = 64):
+    name, dims = model_image_input(fused)
+    idx = np.sort(np.random.default_rng(_CALIB_SEED).permutation(len(ds))[:n])
+    fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    bs = fixed or bs
+    out = []
+    for i in range(0, len(idx), bs):
+        x = pre.apply(ds.images[idx[i:i + bs]])
+        if fixed is None or len(x) == fixed:
+            out.append({name: x})
+    if not out:
+        raise QtoolError(f"model has a fixed batch of {fixed}: calibration needs at least that many images")
+    return out
+
+
+def _act_quantizer(algo: str, bits: int, rmin: float, rmax: float, delay: int, decay: float,
+                   notes: list[str], name: str) -> FakeQuant:
+    tq = activation_quant(rmin, rmax, QuantConfig(act_bits=bits))  # PTQ's parameters at these bits
+    nonneg = rmin >= 0.0
+    if algo in ("pact", "dorefa") and not nonneg:
+        notes.append(f"{algo}: {name} has negative values; quantized with the ema observer")
+    if algo == "lsq":
+        if tq.zero_point == 0:
+            return LSQFakeQuant(bits, signed=False, quant_delay=delay, init_scale=float(tq.scale))
+        return _LSQAffine(bits, int(tq.zero_point), float(tq.scale), delay)
+    if algo in ("pact", "dorefa") and nonneg:
+        return PACTFakeQuant(bits, alpha=max(rmax, 1e-6), quant_delay=delay, learn_alpha=algo == "pact")
+    fq = (MinMaxFakeQuant(bits, signed=False, quant_delay=delay) if algo == "minmax"
+          else EMAFakeQuant(bits, signed=False, quant_delay=delay, decay=decay))
+    fq.min_val, fq.max_val = torch.tensor(float(rmin)), torch.tensor(float(rmax))
+    return fq
+
+
+def _weight_quantizer(algo: str, s: TensorSpec, w: torch.Tensor, axis: int | None) -> FakeQuant:
+    bits, delay = s.bits, s.quant_delay
+    if algo == "bnn" and s.uniform:
+        return BNNWeightFakeQuant(axis=axis, quant_delay=delay)
+    if algo in ("minmax", "ema", "bnn"):  # bnn: weights given their own bits (first/last, rules, plans)
+        return _WeightMinMax(bits, axis, delay)
+    dims = list(range(w.dim())) if axis is None else [d for d in range(w.dim()) if d != axis]
+    a = w.detach().float().abs()
+    if algo == "lsq":
+        fq = LSQFakeQuant(bits, signed=True, axis=axis, narrow_range=True, quant_delay=delay,
+                          num_channels=None if axis is None else w.shape[axis])
+        with torch.no_grad():  # the LSQ paper's init, 2 mean|w| / sqrt(qmax), per channel
+            fq.scale.copy_((2 * a.mean(dim=dims) / math.sqrt(fq.qmax)).clamp_min(1e-8))
+            fq.initialized.fill_(True)
+        return fq
+    return _DoReFaWeight(bits, a.amax(dim=dims), axis, delay)  # pact / dorefa
+
+
+@dataclass
+class _FoldPair:
+    conv: str  # node name (same in both graphs)
+    bn_out: str
+    inputs: list[str]  # lifted-graph inputs: x, w, b, gamma, beta, mean, var
+    eps: float
+    momentum: float
+
+
+def _bn_fold_map(original: onnx.ModelProto, fused: onnx.ModelProto, spec: dict[str, TensorSpec],
+                 notes: list[str]) -> tuple[LiftedModule, dict[str, _FoldPair], dict[str, str]] | None:
+    """Lift the unfused graph and map the fused graph's quantized tensors onto it, or None (with a
+    note) when it does not map one to one."""
+    g = original.graph
+    readers = defaultdict(list)
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            readers[t].append((n, i))
+    outputs = {o.name for o in g.output}
+    fused_nodes = {n.name: n for n in fused.graph.node}
+    pairs: dict[str, _FoldPair] = {}
+    for n in g.node:
+        if n.op_type != "Conv" or n.name not in fused_nodes or fused_nodes[n.name].op_type != "Conv":
+            continue
+        r = readers.get(n.output[0], [])
+        if len(r) != 1 or r[0][0].op_type != "BatchNormalization" or r[0][1] != 0 or n.output[0] in outputs:
+            continue
+        bn = r[0][0]
+        if any(o for o in bn.output[1:]) or len(bn.input) != 5 or not bn.name or not n.name:
+            continue
+        if fused_nodes[n.name].input[1] != n.input[1]:
+            notes.append(f"bn_fold off: fused Conv {n.name!r} reads another weight; trained on the fused graph")
+            return None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        pairs[n.name] = _FoldPair(n.name, bn.output[0],
+                                  [n.input[0], n.input[1], n.input[2] if len(n.input) > 2 else ""] + list(bn.input[1:]),
+                                  float(attrs.get("epsilon", 1e-5)), 1.0 - float(attrs.get("momentum", 0.9)))
+    if not pairs:
+        return None
+    try:
+        lifted = lift(original)
+    except QtoolError as e:
+        notes.append(f"bn_fold off: the unfused graph does not lift ({e}); trained on the fused graph")
+        return None
+
+    def off(why: str):
+        notes.append(f"bn_fold off: {why}; trained on the fused graph")
+        return None
+
+    pair_inits = {fused_nodes[c].input[i] for c in pairs for i in (1, 2) if len(fused_nodes[c].input) > i}
+    orig_state = lifted.export_weights()
+    for t in fused.graph.initializer:
+        # New names are constants the simplifier folded; a trainable source would be caught below.
+        if t.name in pair_inits or t.name not in orig_state:
+            continue
+        if not np.array_equal(orig_state[t.name], numpy_helper.to_array(t)):
+            return off(f"fused initializer {t.name!r} differs from the unfused graph's")
+    fused_init_names = {t.name for t in fused.graph.initializer}
+    used_by_pairs = {t for p in pairs.values() for t in p.inputs[1:5] if t}
+    for name in lifted.trainable_initializers():
+        if name not in used_by_pairs and name not in fused_init_names:
+            return off(f"trainable initializer {name!r} of the unfused graph is folded away")
+    # Activation names: a pair conv's fused output is the BN output in the unfused graph.
+    fused_producer = {o: n for n in fused.graph.node for o in n.output}
+    orig_producer = {o: n for n in g.node for o in n.output}
+    graph_inputs = {i.name for i in g.input}
+    conv_out = {fused_nodes[c].output[0]: p.bn_out for c, p in pairs.items()}
+    names: dict[str, str] = {}
+    for t, s in spec.items():
+        if s.kind == "weight":
+            names[t] = t
+        elif t in conv_out:
+            names[t] = conv_out[t]
+        elif t in graph_inputs:
+            names[t] = t
+        else:
+            fp, op = fused_producer.get(t), orig_producer.get(t)
+            if fp is None or op is None or fp.name != op.name or fp.op_type != op.op_type:
+                return off(f"tensor {t!r} of the fused graph has no counterpart in the unfused graph")
+            names[t] = t
+    return lifted, pairs, names
+
+
+def _evaluate(module: nn.Module, ds: ImageDataset, pre: Preprocess, device: torch.device) -> tuple[float, np.ndarray]:
+    module.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(ds), _EVAL_BATCH):
+            x = torch.from_numpy(pre.apply(ds.images[i:i + _EVAL_BATCH])).to(device)
+            outs.append(module(x).float().cpu().numpy())
+    logits = np.concatenate(outs)
+    return float((logits.argmax(1) == ds.labels).mean()), logits
+
+
+def _ort_logits(model: onnx.ModelProto, ds: ImageDataset, pre: Preprocess) -> np.ndarray:
+    from qtool.evaluate import make_session
+
+    sess = make_session(model)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: pre.apply(ds.images[i:i + _EVAL_BATCH])})[0]
+                           for i in range(0, len(ds), _EVAL_BATCH)])
+
+
+def _tensor_quant(kind: str, fq: FakeQuant) -> TensorQuant:
+    qp: QParams = fq.qparams()
+    if qp.axis is None:
+        scale, zp = float(qp.scale.reshape(())), int(qp.zero_point.reshape(()))
+    else:
+        scale, zp = tuple(float(v) for v in qp.scale), tuple(int(v) for v in qp.zero_point)
+    # BNN's 1-bit codes +-1 (and 0 for an all-zero channel) are the 2-bit narrow range [-1, 1].
+    tq = TensorQuant(kind, max(qp.bits, 2), qp.signed, "per_tensor" if qp.axis is None else "per_channel",
+                     qp.axis, scale, zp, bool(fq.narrow_range))
+    assert tq.qrange == (qp.qmin, qp.qmax), (tq.qrange, qp)
+    return tq
+
+
+def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset, config: QATConfig = QATConfig(),
+        preprocess: Preprocess | None = None) -> QATResult:
+    """Quantization-aware training of an ONNX model; see the module docstring."""
+    if not isinstance(config, QATConfig):
+        raise QtoolError(f"config must be a QATConfig, got {type(config).__name__}")
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    device = _device(config)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    pre = preprocess or resolve_preprocess(model)
+    name, dims = model_image_input(model)
+    check_input_matches(dims, train_data, name)
+
+    original = model
+    fused = model if _is_fused(model) else fuse(model)[0]
+    fused = untie_biases(fused)
+    spec = resolve_bits(fused, config)
+    if not spec:
+        raise QtoolError("nothing to quantize: the configuration leaves every tensor float")
+    marks = passes.mark_tensors(passes.to_ir(fused).graph)
+
+    # PTQ calibration (minmax) of every activation root: the plan skeleton and the initial ranges.
+    from qtool.calibrate import collect_stats
+
+    roots = list(dict.fromkeys(marks.root(t) for t, s in spec.items() if s.kind == "activation"))
+    stats = collect_stats(fused, _calib_batches(fused, train_data, pre, config.calib_size), roots)
+    skeleton = build_plan(fused, QuantConfig(calib="minmax"), stats)  # PTQ's placement, axes, granularity
+    missing = [t for t in spec if t not in skeleton.tensors]
+    if missing:
+        raise QtoolError(f"tensors without calibration data (not reached by the input?): {missing[:5]}")
+
+    # Lift: the unfused graph with Conv->BN kept when it maps onto the fused one, else the fused graph.
+    mapped = None
+    if config.bn_fold and original is not fused and not _is_fused(original):
+        mapped = _bn_fold_map(original, fused, spec, notes)
+    if mapped is not None:
+        lifted, pairs, names = mapped
+    else:
+        lifted, pairs, names = lift(fused), {}, {t: t for t in spec}
+    fused_inits = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
+    fused_nodes = {n.name: n for n in fused.graph.node}
+    pair_of_weight = {fused_nodes[c].input[1]: p for c, p in pairs.items()}
+
+    total_steps = config.epochs * math.ceil(min(len(train_data), config.train_limit or len(train_data))
+                                            / config.batch_size)
+    freeze = config.freeze_bn if config.freeze_bn is not None else total_steps // 2
+
+    # One quantizer per plan tensor; pass-through tensors share their root's.
+    quantizers: dict[str, nn.Module] = {}
+    for t, s in spec.items():
+        if s.kind == "activation" and marks.root(t) == t:
+            rmin, rmax = stats[t].range("minmax", signed=False)
+            quantizers[t] = _act_quantizer(config.algo, s.bits, rmin, rmax, s.quant_delay, config.ema_decay,
+                                           notes, t)
+    for t, s in spec.items():
+        if s.kind == "activation" and marks.root(t) != t:
+            quantizers[t] = _Shared(quantizers[marks.root(t)])
+        elif s.kind == "weight":
+            w = torch.from_numpy(np.array(fused_inits[t], copy=True))
+            quantizers[t] = _weight_quantizer(config.algo, s, w, skeleton.tensors[t].axis)
+    if config.algo == "bnn":
+        notes.append("bnn: binary weights where the uniform bits apply (others: per-channel minmax at their "
+                     "bits); activations at their bits with the ema observer")
+    for t, s in spec.items():  # weights first: bias quantizers read the weight scale of this step
+        if s.kind != "weight":
+            continue
+        if t in pair_of_weight:
+            p = pair_of_weight[t]
+            fold = _ConvBNFold(lifted.node_attrs(p.conv), p.eps, p.momentum, quantizers[t], freeze)
+            orig_bn = next(n.name for n in original.graph.node if p.bn_out in n.output)
+            lifted.replace_nodes([p.conv, orig_bn], fold, p.inputs, [p.bn_out])
+        else:
+            lifted.set_weight_quantizer(names[t], quantizers[t])
+    bias_fqs: dict[str, _BiasFakeQuant] = {}
+    for b, (inp, w) in marks.biases.items():
+        if inp in quantizers and w in quantizers:
+            bias_fqs[b] = _BiasFakeQuant(quantizers[inp], quantizers[w])
+            if w in pair_of_weight:
+                lifted.replaced[next(k for k, m in lifted.replaced.items()
+                                     if isinstance(m, _ConvBNFold) and m.weight_fq is quantizers[w])].bias_fq = bias_fqs[b]
+            else:
+                lifted.set_quantizer(b, bias_fqs[b])
+    for t, s in spec.items():
+        if s.kind == "activation":
+            lifted.set_quantizer(names[t], quantizers[t])
+    lifted.to(device)
+    if pairs:
+        notes.append(f"bn_fold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
+                     f"BN statistics frozen after step {freeze}")
+
+    history = [{"epoch": 0, "val_acc": _evaluate(lifted, val_data, pre, device)[0], "loss": None}]
+    _train(lifted, train_data, val_data, pre, config, device, gen, total_steps, history)
+
+    # Export: qparams -> plan; fake-quantized weights -> the fused graph -> QDQ.
+    lifted.eval()
+    plan = QuantPlan(meta={"producer": "qtool.qat", "algo": config.algo, "epochs": config.epochs,
+                           "bn_fold": bool(pairs), **config.meta})
+    tuned = copy.deepcopy(fused)
+    inits = {t.name: t for t in tuned.graph.initializer}
+    state = lifted.export_weights()
+    for n in inits:
+        if n in state:
+            inits[n].CopyFrom(numpy_helper.from_array(state[n].astype(fused_inits[n].dtype), n))
+    with torch.no_grad():
+        for c, p in pairs.items():
+            fold = next(m for m in lifted.replaced.values() if isinstance(m, _ConvBNFold)
+                        and m.weight_fq is quantizers[fused_nodes[c].input[1]])
+            vals = [lifted.tensor(x) if x else None for x in p.inputs[1:]]
+            w_fold, b_fold = fold.folded(*vals)
+            fq_w = fold.weight_fq(w_fold)
+            wn, bn_ = fused_nodes[c].input[1], fused_nodes[c].input[2]
+            inits[wn].CopyFrom(numpy_helper.from_array(fq_w.cpu().numpy().astype(np.float32), wn))
+            inits[bn_].CopyFrom(numpy_helper.from_array(b_fold.cpu().numpy().astype(np.float32), bn_))
+        for t, s in spec.items():
+            if s.kind == "weight" and t not in pair_of_weight:
+                inits[t].CopyFrom(numpy_helper.from_array(
+                    quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
+    for t, s in spec.items():
+        fq = quantizers[t]
+        plan.tensors[t] = (_tensor_quant(s.kind, fq.root) if isinstance(fq, _Shared) else _tensor_quant(s.kind, fq))
+    qmodel = apply_plan(tuned, plan)
+
+    # Fidelity on the val split: the fake-quant model vs onnxruntime on the written model.
+    acc_fq, logits_fq = _evaluate(lifted, val_data, pre, device)
+    logits_ort = _ort_logits(qmodel, val_data, pre)
+    acc_ort = float((logits_ort.argmax(1) == val_data.labels).mean())
+    diff = float(np.abs(logits_fq - logits_ort).max())
+    out_name = fused.graph.output[0].name
+    step = plan.tensors[out_name].scale if out_name in plan.tensors else None
+    fidelity = {"acc_fakequant": acc_fq, "acc_ort": acc_ort, "diff_pp": (acc_fq - acc_ort) * 100,
+                "argmax_agreement": float((logits_fq.argmax(1) == logits_ort.argmax(1)).mean()),
+                "logit_max_abs": diff, "logit_step": step,
+                "logit_max_steps": diff / step if step else None, "n": len(val_data)}
+    plan.meta["fidelity"] = {k: v for k, v in fidelity.items()}
+    lifted.cpu()
+    return QATResult(qmodel, plan, tuned, history, fidelity, lifted, list(dict.fromkeys(notes)), bool(pairs),
+                     str(device), time.perf_counter() - t0)
+
+
+def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDataset, pre: Preprocess,
+           config: QATConfig, device: torch.device, gen: torch.Generator, total_steps: int, history: list) -> None:
+    from qtool.progress import progress
+
+    n_all = len(train_data)
+    pool = torch.randperm(n_all, generator=gen)[:config.train_limit] if config.train_limit else torch.arange(n_all)
+    c, h = train_data.shape[0], train_data.shape[1]
+    augment = config.augment and c == 3 and h >= 16
+    decay, no_decay = [], []
+    for p in lifted.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)  # no decay on biases, BN, scales, alphas
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = config.learning_rate
+    opt = (torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
+           if config.optimizer == "sgd" else torch.optim.Adam(groups, lr=lr))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    loss_fn = nn.CrossEntropyLoss()
+    steps_per_epoch = math.ceil(len(pool) / config.batch_size)
+    t0 = time.perf_counter()
+    with progress(disable=config.quiet) as bar:
+        task = bar.add_task(f"qat {config.algo}", total=config.epochs * steps_per_epoch, info="")
+        for epoch in range(config.epochs):
+            lifted.train()
+            perm = pool[torch.randperm(len(pool), generator=gen)]
+            seen = correct = 0
+            loss_sum = 0.0
+            for s in range(steps_per_epoch):
+                idx = np.sort(perm[s * config.batch_size:(s + 1) * config.batch_size].numpy())
+                xb = torch.from_numpy(pre.apply(train_data.images[idx]))
+                yb = torch.from_numpy(train_data.labels[idx])
+                if augment:
+                    xb = augment_cifar(xb, gen)
+                xb, yb = xb.to(device), yb.to(device)
+                logits = lifted(xb)
+                loss = loss_fn(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+                loss_sum += loss.item() * len(yb)
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {loss_sum / seen:.3f} "
+                                                 f"acc {correct / seen:.3f}")
+            val_acc = _evaluate(lifted, val_data, pre, device)[0]
+            history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
+                            "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
+            if not config.quiet:
+                bar.console.print(f"epoch {epoch + 1}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} "
+                                  f"val (fake-quant) {val_acc:.4f}")
+
+
+# -- files / CLI -------------------------------------------------------------------------------------
+
+def qat_file(inp: str | Path, out: str | Path, *, data: str, bits: str | None = None, plan: str | None = None,
+             config: str | None = None, algo: str = "lsq", epochs: int = 1, lr: float | None = None,
+             batch_size: int = 128, train_limit: int | None = None, optimizer: str = "sgd",
+             plan_out: str | Path | None = None, quiet: bool = False) -> QATResult:
+    """`qtool qat`: bits from --bits, --plan or --config (one of them; w8a8 when none), data from a SPEC."""
+    import os
+
+    from qtool.data import load_dataset, parse_spec
+    from qtool.io import check_output_path, load_model, save_model
+    from qtool.qat_config import load_config_list, load_plan_bits
+
+    check_output_path(out, inp)
+    if plan_out is not None:
+        check_output_path(plan_out, inp)
+        if os.path.abspath(plan_out) == os.path.abspath(out):
+            raise QtoolError(f"--plan-out and the output model are the same path: {out}")
+    if sum(v is not None for v in (bits, plan, config)) > 1:
+        raise QtoolError("give only one of --bits, --plan and --config")
+    parse_spec(data)
+    kw: dict = {}
+    if bits is not None:
+        from qtool.cli import parse_bits
+
+        kw["weight_bits"], kw["act_bits"] = parse_bits(bits)
+    elif plan is not None:
+        kw["plan_bits"] = load_plan_bits(plan)
+    elif config is not None:
+        kw["rules"] = load_config_list(config)
+    cfg = QATConfig(algo=algo, epochs=epochs, lr=lr, batch_size=batch_size, train_limit=train_limit,
+                    optimizer=optimizer, quiet=quiet, **kw)
+    model = load_model(inp)
+    result = qat(model, load_dataset(data, "train"), load_dataset(data, "val"), cfg)
+    save_model(result.model, out)
+    if plan_out is not None:
+        result.plan.save(plan_out)
+    return result
