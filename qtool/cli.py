@@ -180,6 +180,32 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@click.option("--bits", default="3,4,5", show_default=True, help="candidate bit-widths of every dynamic layer (weights and activations share the choice)")
+@click.option("--target-bitflops", "target", default="u4", show_default=True, help="BitFLOPs per sample (sum MACs x b_w x b_a), or uB: those of uniform B bits")
+@click.option("--epochs", default=1, show_default=True, type=int)
+@click.option("--penalty", default="bitflops", show_default=True, type=click.Choice(["bitflops", "meanbits"]))
+@click.option("--alpha", default=0.05, show_default=True, type=float, help="weight of the budget penalty")
+@click.option("--train-limit", default=None, type=int, help="train on N images of the train split")
+@click.option("--val-limit", default=None, type=int, help="evaluate on the first N validation images")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--max-configs", default=8, show_default=True, type=int, help="configurations deployed (one QDQ model each)")
+@click.option("--uniform-baselines", is_flag=True, help="also train static QAT at every uniform bit-width")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-o", "--output", required=True, help="output directory (reports, controller.onnx, configs/)")
+def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, max_configs,
+            uniform_baselines, seed, output):
+    """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
+    from qtool.dynamic import dynamic_cli
+
+    for line in dynamic_cli(model, output, data=data, bits=bits, target=target, epochs=epochs, penalty=penalty,
+                            alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
+                            max_configs=max_configs, seed=seed, uniform_baselines=uniform_baselines).lines():
+        echo(line)
+
+
+@cli.command()
 @click.argument("model", required=False)
 @click.option("--plan", default=None, help="QuantPlan JSON (tensor names of the fused graph)")
 @click.option("--from-search", default=None, help="search workdir")

@@ -1,0 +1,401 @@
+"""The K-way quantized network and its bit controller (DQNet, instance-aware bit-widths).
+
+`DynamicNet(fused, bits, ...)` lifts the fused graph (`qtool.lift`) and replaces every quantizable
+layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers of
+`qtool.search.SearchSpace`) by a `_Layer` module:
+
+- The first layer (the stem) is static at `stem_bits` (8): the controller reads its output, so its
+  bits cannot depend on the controller's decision. Conv and Gemm layers after it are *dynamic*:
+  K candidate bit-widths, weights and input activation of a layer share the choice. Other anchors
+  (MatMul, ConvTranspose) stay static at `stem_bits`.
+- Per bit-width quantizers, initialised from calibration: weights LSQ per output channel (symmetric
+  narrow range, step 2 mean|w| / sqrt(qmax)); activations LSQ with the calibrated minmax step
+  (unsigned, zp 0 for tensors the FP32 graph never makes negative; the calibrated zp held fixed for
+  the others: every activation is uint8, the U8S8 path of onnxruntime).
+- An activation is one tensor with one QDQ pair in the exported graph, so a group of tensors that
+  share parameters (`passes.mark_tensors` roots) read by several layers takes, per sample, the
+  widest of their choices (as the static search does). With one-hots g_r over sorted bits this is
+  `C = prod_r cumsum(g_r)`, onehot(max) = C - shift(C): exact for hard one-hots and differentiable
+  for the straight-through gradient. Groups read by a static layer, or by none (residual sums, the
+  logits), stay at `stem_bits`.
+- int32 biases are simulated as passes.qdq writes them (scale s_in * s_w, per sample from the
+  chosen pair), like qtool.qat's `_BiasFakeQuant`, which is reused.
+
+Controller (`Controller`): the stem's output (the float tensor before its quantizer) -> global
+average pool -> FC -> ReLU -> dropout 0.2 -> FC -> K logits per dynamic layer. Training: hard
+Gumbel-softmax (tau 1, straight-through); every branch of every dynamic layer is computed and mixed
+by the one-hot (about K x the conv cost). Inference: argmax, or the best-scoring configuration of a
+capped *codebook* (score = sum over layers of the chosen logits; equals the argmax when the argmax
+configuration is in the codebook), which is what the deployed runtime does. With hard one-hots the
+mix `sum_k g_k y_k` is exact (0 * finite = 0), so the eval path computes exactly the selected
+branch, the one the exported per-configuration QDQ model computes.
+
+BitFLOPs of a sample = sum over layers MACs x b_w x b_a, with the effective (group) activation bits.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+import passes
+from qtool.errors import QtoolError
+from qtool.fakequant import LSQFakeQuant
+from qtool.lift import lift, run_op
+from qtool.plan import QuantPlan
+from qtool.qat import _BiasFakeQuant, _LSQAffine, _tensor_quant
+from qtool.quantize import QuantConfig, activation_quant
+from qtool.search.space import SearchSpace
+
+DYNAMIC_OPS = ("Conv", "Gemm")
+DROPOUT = 0.2
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    node: str
+    op: str
+    weight: str
+    input_root: str
+    macs: int
+    dynamic: int | None  # index among the dynamic layers, None: static at stem_bits
+
+
+class _Ctx:
+    """Per-forward choices shared by the hooks (a plain object: not part of the module tree)."""
+
+    def __init__(self):
+        self.layer: torch.Tensor | None = None  # B x L_dyn x K one-hot
+        self.groups: dict[str, torch.Tensor] = {}  # dynamic activation root -> B x K one-hot
+
+    def need(self) -> torch.Tensor:
+        if self.layer is None:
+            raise QtoolError("a dynamic layer ran before the controller: the controller's input tensor must be "
+                             "computed before every dynamic layer")
+        return self.layer
+
+
+def _mix(onehot: torch.Tensor, fns, x_dim: int) -> torch.Tensor:
+    """sum_k onehot[:, k] * fns[k](); branches no sample uses are skipped unless a gradient needs them."""
+    ks = range(onehot.shape[1]) if onehot.requires_grad else \
+        [k for k in range(onehot.shape[1]) if bool(onehot[:, k].any())]
+    y = None
+    for k in ks:
+        yk = fns[k]()
+        term = onehot[:, k].reshape((-1,) + (1,) * (x_dim - 1)) * yk
+        y = term if y is None else y + term
+    return y
+
+
+class GroupQuant(nn.Module):
+    """One activation group's quantizers (one per bit option); dynamic groups read their one-hot from ctx."""
+
+    def __init__(self, root: str, quants: list[nn.Module], ctx: _Ctx | None):
+        super().__init__()
+        self.root = root
+        self.q = nn.ModuleList(quants)
+        self._ctx = (ctx,)  # tuple: keep the shared context out of the module tree
+
+    @property
+    def dynamic(self) -> bool:
+        return self._ctx[0] is not None
+
+    def onehot(self) -> torch.Tensor | None:
+        ctx = self._ctx[0]
+        if ctx is None:
+            return None
+        ctx.need()
+        return ctx.groups[self.root]
+
+    def forward(self, x):
+        g = self.onehot()
+        if g is None:
+            return self.q[0](x)
+        return _mix(g, [lambda q=q: q(x) for q in self.q], x.dim())
+
+
+class _Layer(nn.Module):
+    """A quantized Conv/Gemm/...: K weight branches mixed per sample, int32 bias per (a, w) choice."""
+
+    def __init__(self, op: str, attrs: dict, wq: list[LSQFakeQuant], group: GroupQuant, bias_quantized: bool,
+                 index: int | None, ctx: _Ctx):
+        super().__init__()
+        self.op, self.attrs, self.index = op, attrs, index
+        self.wq = nn.ModuleList(wq)
+        self._refs = (group, ctx)
+        self.bias_quantized = bias_quantized
+        # bias fake-quant per (activation option j, weight option k): passes.qdq's int32 rounding
+        self._bias = [[_BiasFakeQuant(a, w) for w in wq] for a in group.q]
+
+    def onehot(self, batch: int, device) -> torch.Tensor:
+        if self.index is None:
+            return torch.ones(batch, 1, device=device)
+        return self._refs[1].need()[:, self.index, :]
+
+    def forward(self, x, w, b=None):
+        group = self._refs[0]
+        g = self.onehot(x.shape[0], x.device)
+        y = _mix(g, [lambda q=q: run_op(self.op, self.attrs, self.training, x, q(w), None) for q in self.wq], x.dim())
+        if b is None:
+            return y
+        if self.bias_quantized:
+            ga = group.onehot()
+            ga = torch.ones(x.shape[0], 1, device=x.device) if ga is None else ga
+            tab = torch.stack([torch.stack([bq(b) for bq in row]) for row in self._bias])  # Ka x K x C
+            bias = torch.einsum("bj,bk,jkc->bc", ga, g, tab)
+        else:
+            bias = b.expand(x.shape[0], -1)
+        if self.op == "Gemm":
+            bias = bias * self.attrs.get("beta", 1.0)
+        shape = [x.shape[0]] + [1] * (y.dim() - 1)
+        shape[1] = -1  # output channels: axis 1 of Conv (NCHW) and Gemm (N x M) outputs
+        return y + bias.reshape(shape)
+
+
+class Controller(nn.Module):
+    """GAP -> FC -> ReLU -> dropout 0.2 -> FC -> (L x K) logits."""
+
+    def __init__(self, channels: int, layers: int, k: int, hidden: int = 64):
+        super().__init__()
+        self.layers, self.k = layers, k
+        self.fc1 = nn.Linear(channels, hidden)
+        self.drop = nn.Dropout(DROPOUT)
+        self.fc2 = nn.Linear(hidden, layers * k)
+        nn.init.zeros_(self.fc2.weight)  # start from uniform choices: the penalty and CE shape them
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x):
+        f = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        return self.fc2(self.drop(F.relu(self.fc1(f)))).reshape(-1, self.layers, self.k)
+
+
+def max_onehot(onehots: list[torch.Tensor]) -> torch.Tensor:
+    """One-hot of the per-sample max option index of several one-hots (module docstring)."""
+    c = None
+    for g in onehots:
+        cs = torch.cumsum(g, dim=1)
+        c = cs if c is None else c * cs
+    return c - F.pad(c[:, :-1], (1, 0))
+
+
+class _Tap(nn.Module):
+    """Hook on the controller's input tensor: run the controller, set the choices, then quantize it."""
+
+    def __init__(self, net: "DynamicNet", quant: GroupQuant):
+        super().__init__()
+        self._net = (net,)
+        self.quant = quant
+
+    def forward(self, x):
+        self._net[0]._decide(x)
+        return self.quant(x)
+
+
+class DynamicNet(nn.Module):
+    """See the module docstring. `mode`: gumbel (training default) | argmax | codebook | fixed."""
+
+    def __init__(self, fused: onnx.ModelProto, bits: tuple[int, ...], act_ranges: dict[str, tuple[float, float]],
+                 *, stem_bits: int = 8, hidden: int = 64, tau: float = 1.0):
+        super().__init__()
+        self.fused = fused
+        self.choices = tuple(sorted(set(int(b) for b in bits)))
+        if len(self.choices) < 2:
+            raise QtoolError(f"--bits needs at least two different bit-widths, got {','.join(map(str, bits))}")
+        space = SearchSpace.from_model(fused, self.choices, fix_first=stem_bits, fix_last=None, other_bits=stem_bits)
+        self.space, self.stem_bits, self.tau = space, stem_bits, tau
+        k = len(self.choices)
+        marks = passes.mark_tensors(passes.to_ir(fused).graph)
+        for w, readers in space.weight_readers.items():
+            if len(readers) > 1:
+                raise QtoolError(f"weight {w!r} is shared by {len(readers)} layers: dynamic bit-widths need one "
+                                 "weight per layer")
+        infos, n_dyn = [], 0
+        for i, l in enumerate(space.layers):
+            dyn = i > 0 and l.op in DYNAMIC_OPS
+            infos.append(LayerInfo(l.node, l.op, l.weight, marks.root(l.input), l.macs, n_dyn if dyn else None))
+            n_dyn += dyn
+        if n_dyn == 0:
+            raise QtoolError("no Conv/Gemm layer after the first one: nothing for a controller to choose")
+        self.layers: list[LayerInfo] = infos
+        self.n_dynamic = n_dyn
+        readers: dict[str, list[int]] = {}
+        for i, l in enumerate(infos):
+            readers.setdefault(l.input_root, []).append(i)
+        # A group is dynamic when every layer reading it is dynamic; the others stay at stem_bits.
+        self.group_readers = {r: [infos[i].dynamic for i in rs] for r, rs in readers.items()
+                              if all(infos[i].dynamic is not None for i in rs)}
+        self.tap = infos[1].input_root
+        if self.tap not in self.group_readers:
+            raise QtoolError(f"the stem output {self.tap!r} is read by a static layer: no controller input")
+
+        self.ctx = _Ctx()
+        self.net = lift(fused)
+        nonneg = {r: act_ranges[r][0] >= 0.0 for r in space.groups}
+        self.groups = nn.ModuleDict()
+        self._group_key: dict[str, str] = {}
+        for j, (root, members) in enumerate(space.groups.items()):
+            dyn = root in self.group_readers
+            opts = self.choices if dyn else (stem_bits,)
+            rmin, rmax = act_ranges[root]
+            qs = []
+            for b in opts:
+                tq = activation_quant(rmin, rmax, QuantConfig(act_bits=b))
+                qs.append(LSQFakeQuant(b, signed=False, init_scale=tq.scale) if nonneg[root] and tq.zero_point == 0
+                          else _LSQAffine(b, tq.zero_point, tq.scale))
+            self.groups[f"a{j}"] = GroupQuant(root, qs, self.ctx if dyn else None)
+            self._group_key[root] = f"a{j}"
+        self.layer_mods = nn.ModuleList()
+        nodes = {n.name: n for n in fused.graph.node}
+        for i, l in enumerate(infos):
+            node = nodes[l.node]
+            w = self.net.tensor(l.weight).detach()
+            axis = space.weights[l.weight]
+            wqs = []
+            for b in (self.choices if l.dynamic is not None else (stem_bits,)):
+                q = LSQFakeQuant(b, signed=True, axis=axis, narrow_range=True,
+                                 num_channels=w.shape[axis] if axis is not None else None)
+                q._init_from(w)
+                wqs.append(q)
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            mod = _Layer(l.op, self.net.node_attrs(l.node), wqs, self.group(l.input_root),
+                         bias is not None and bias in marks.biases, l.dynamic, self.ctx)
+            self.layer_mods.append(mod)
+            self.net.replace_nodes([l.node], mod, list(node.input), list(node.output)[:1])
+        for root, members in space.groups.items():
+            for t in members:
+                self.net.set_quantizer(t, _Tap(self, self.group(root)) if t == self.tap else self.group(root))
+        channels = self._tap_channels()
+        self.controller = Controller(channels, n_dyn, k, hidden)
+        self.mode = "gumbel"
+        self.fixed: torch.Tensor | None = None  # L_dyn option indices (mode fixed)
+        self.codebook: torch.Tensor | None = None  # C x L_dyn option indices (mode codebook)
+        self.last_logits: torch.Tensor | None = None
+        self.bits_t = torch.tensor(self.choices, dtype=torch.float32)
+
+    # -- structure ------------------------------------------------------------------------------
+    def group(self, root: str) -> GroupQuant:
+        return self.groups[self._group_key[root]]
+
+    def _tap_channels(self) -> int:
+        shape = self.space_shape(self.tap)
+        if shape is None or len(shape) < 2:
+            raise QtoolError(f"cannot infer the channel count of the controller input {self.tap!r}")
+        return shape[1]
+
+    def space_shape(self, name: str) -> list[int] | None:
+        from qtool.search.space import _shape_map
+
+        return _shape_map(self.fused).get(name)
+
+    # -- choices --------------------------------------------------------------------------------
+    def set_mode(self, mode: str, fixed=None, codebook=None) -> None:
+        if mode not in ("gumbel", "argmax", "codebook", "fixed"):
+            raise ValueError(mode)
+        self.mode = mode
+        if fixed is not None:
+            self.fixed = torch.as_tensor(np.asarray(fixed), dtype=torch.long)
+        if codebook is not None:
+            self.codebook = torch.as_tensor(np.asarray(codebook), dtype=torch.long)
+
+    def codebook_matrix(self) -> torch.Tensor:
+        """(L_dyn * K) x C: logits.reshape(B, -1) @ M = the score of each codebook configuration."""
+        k = len(self.choices)
+        cb = self.codebook
+        m = torch.zeros(self.n_dynamic * k, cb.shape[0])
+        for c in range(cb.shape[0]):
+            m[torch.arange(self.n_dynamic) * k + cb[c], c] = 1.0
+        return m
+
+    def _decide(self, x: torch.Tensor) -> None:
+        k = len(self.choices)
+        b = x.shape[0]
+        if self.mode == "fixed":
+            g = F.one_hot(self.fixed.to(x.device), k).float().unsqueeze(0).expand(b, -1, -1)
+            self.last_logits = None
+        else:
+            logits = self.controller(x)
+            self.last_logits = logits
+            if self.mode == "gumbel" and self.training:
+                g = F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=-1)
+            elif self.mode == "codebook":
+                scores = logits.reshape(b, -1) @ self.codebook_matrix().to(x.device)
+                g = F.one_hot(self.codebook.to(x.device)[scores.argmax(1)], k).float()
+            else:
+                g = F.one_hot(logits.argmax(-1), k).float()
+        self.ctx.layer = g
+        self.ctx.groups = {r: max_onehot([g[:, j] for j in js]) for r, js in self.group_readers.items()}
+
+    def forward(self, x):
+        self.ctx.layer, self.ctx.groups = None, {}
+        try:
+            return self.net(x)
+        finally:
+            self.last_choice = self.ctx.layer
+            self.last_groups = self.ctx.groups
+            self.ctx.layer, self.ctx.groups = None, {}
+
+    # -- cost -----------------------------------------------------------------------------------
+    def bitflops(self, layer: torch.Tensor, groups: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample BitFLOPs (sum MACs x b_w x b_a) of choices (differentiable in the one-hots)."""
+        bits = self.bits_t.to(layer.device)
+        total = torch.zeros(layer.shape[0], device=layer.device)
+        for l in self.layers:
+            bw = layer[:, l.dynamic] @ bits if l.dynamic is not None else float(self.stem_bits)
+            ba = groups[l.input_root] @ bits if l.input_root in groups else float(self.stem_bits)
+            total = total + l.macs * bw * ba
+        return total
+
+    def mean_bits(self, layer: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean chosen bit-width over the dynamic layers."""
+        return (layer @ self.bits_t.to(layer.device)).mean(1)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(l.macs for l in self.layers)
+
+    def config_onehots(self, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        g = F.one_hot(torch.as_tensor(np.asarray(cfg), dtype=torch.long), len(self.choices)).float().unsqueeze(0)
+        return g, {r: max_onehot([g[:, j] for j in js]) for r, js in self.group_readers.items()}
+
+    def config_bitflops(self, cfg) -> float:
+        return float(self.bitflops(*self.config_onehots(cfg))[0])
+
+    def uniform(self, b: int) -> tuple[int, ...]:
+        return (self.choices.index(b),) * self.n_dynamic
+
+    def config_bits(self, cfg) -> list[int]:
+        """Bits of every layer (static ones included) for a configuration of the dynamic layers."""
+        return [self.choices[cfg[l.dynamic]] if l.dynamic is not None else self.stem_bits for l in self.layers]
+
+    # -- export ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_config(self, cfg) -> tuple[onnx.ModelProto, QuantPlan]:
+        """Fused graph with the fake-quantized weights of configuration `cfg` + its calibrated plan:
+        `apply_plan(model, plan)` computes what this module computes in eval mode for that choice."""
+        self.eval()
+        cfg = [int(c) for c in cfg]
+        model = self.net.write_back(self.fused)
+        inits = {t.name: t for t in model.graph.initializer}
+        plan = QuantPlan(meta={"producer": "qtool.dynamic", "bits": self.config_bits(cfg)})
+        for l, mod in zip(self.layers, self.layer_mods):
+            q = mod.wq[cfg[l.dynamic] if l.dynamic is not None else 0]
+            w = self.net.tensor(l.weight)
+            inits[l.weight].CopyFrom(numpy_helper.from_array(q(w).cpu().numpy().astype(np.float32), l.weight))
+            plan.tensors[l.weight] = _tensor_quant("weight", q)
+        _, groups = self.config_onehots(cfg)
+        for root, members in self.space.groups.items():
+            gq = self.group(root)
+            q = gq.q[int(groups[root][0].argmax())] if root in groups else gq.q[0]
+            tq = _tensor_quant("activation", q)
+            for t in members:
+                plan.tensors[t] = tq
+        return model, plan
+
+    def copy_for_static(self) -> "DynamicNet":
+        return copy.deepcopy(self)

@@ -1,0 +1,452 @@
+"""`qtool dynamic`: train a DQNet bit controller end to end with the K-way quantized network, compare it
+with static QAT at the same average BitFLOPs, and deploy it on onnxruntime.
+
+    result = dynamic(model, train_ds, val_ds, DynamicConfig(bits=(3, 4, 5), target="u4", epochs=1), out_dir)
+
+Loss = CE + alpha * mean_over_batch(max(BitFLOPs(sample) - target, 0)) / total MACs (BitFLOPs counted
+in units of the model's MACs, i.e. "b_w x b_a per MAC": alpha keeps one meaning for every model),
+or with `penalty="meanbits"`: alpha * mean(max(mean_bits(sample) - target_bits, 0)), target_bits the
+uniform bit-width whose BitFLOPs equal the target (interpolated between the candidates).
+
+Static baseline: the same network, quantizers and training budget (epochs, images, learning rates,
+seed, initial weights), with one fixed configuration: the one whose BitFLOPs are closest to the
+deployed dynamic model's average (greedy: from uniform lowest bits, widen the layers the controller
+keeps widest first). Optionally also every uniform configuration.
+
+Deployment (`qtool.dynamic.runtime`): the codebook is the `max_configs` configurations the controller
+picks most often on the training images; at inference the controller picks the best-scoring
+codebook entry. The PyTorch accuracy reported for the deployed model uses the same rule, so the ORT
+accuracy must match it (the fidelity check); the free-argmax accuracy is reported beside it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qtool.data import ImageDataset, augment_cifar, check_input_matches, model_image_input
+from qtool.errors import QtoolError
+from qtool.dynamic.controller import DynamicNet
+from qtool.preprocess import Preprocess, resolve_preprocess
+
+PENALTIES = ("bitflops", "meanbits")
+_EVAL_BATCH = 256
+_CALIB_SEED = 20151211
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    bits: tuple[int, ...] = (3, 4, 5)
+    target: float | str = "u4"  # BitFLOPs per sample, or "uB": those of uniform B bits
+    penalty: str = "bitflops"
+    alpha: float = 0.05
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.01  # network weights and quantizer steps (SGD, cosine)
+    controller_lr: float = 1e-3  # controller (Adam)
+    train_limit: int | None = None
+    val_limit: int | None = None
+    max_configs: int = 8  # codebook size: QDQ models deployed
+    calib_size: int = 256
+    hidden: int = 64
+    seed: int = 0
+    static_baseline: bool = True
+    uniform_baselines: bool = False
+    latency: bool = True
+    latency_runs: int = 50
+    threads: int = 1
+    quiet: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.bits, tuple) or len(set(self.bits)) < 2 or any(
+                not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8 for b in self.bits):
+            raise QtoolError(f"--bits needs at least two different integers in 2..8, got {self.bits!r}")
+        parse_target(self.target)
+        if self.penalty not in PENALTIES:
+            raise QtoolError(f"--penalty must be one of {', '.join(PENALTIES)}, got {self.penalty!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
+            raise QtoolError(f"--alpha must be a number >= 0, got {self.alpha!r}")
+        for k in ("epochs", "batch_size", "max_configs", "calib_size", "hidden", "latency_runs", "threads"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise QtoolError(f"{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        for k in ("train_limit", "val_limit"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise QtoolError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        for k in ("lr", "controller_lr"):
+            if not getattr(self, k) > 0:
+                raise QtoolError(f"{k} must be > 0")
+
+
+def parse_target(t: float | str) -> tuple[str, float]:
+    """("abs", BitFLOPs) or ("uniform", bits)."""
+    if isinstance(t, str):
+        s = t.strip().lower()
+        if s.startswith("u"):
+            try:
+                b = int(s[1:])
+            except ValueError:
+                b = 0
+            if not 2 <= b <= 8:
+                raise QtoolError(f"--target-bitflops uB needs B in 2..8, got {t!r}")
+            return "uniform", float(b)
+        try:
+            t = float(s)
+        except ValueError:
+            raise QtoolError(f"--target-bitflops must be a number > 0 or uB (uniform B bits), got {t!r}") from None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise QtoolError(f"--target-bitflops must be > 0, got {t!r}")
+    return "abs", float(t)
+
+
+def uniform_bitflops(net: DynamicNet, b: float) -> float:
+    """BitFLOPs with every dynamic layer at b bits (b may be fractional: the penalty's target)."""
+    total = 0.0
+    for l in net.layers:
+        bw = b if l.dynamic is not None else net.stem_bits
+        ba = b if l.input_root in net.group_readers else net.stem_bits
+        total += l.macs * bw * ba
+    return total
+
+
+def _target_bits(net: DynamicNet, target: float) -> float:
+    """Uniform bit-width with BitFLOPs == target (bisection: BitFLOPs grow with b)."""
+    lo, hi = 0.0, 64.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if uniform_bitflops(net, mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass
+class Evaluation:
+    acc: float
+    logits: np.ndarray
+    configs: np.ndarray  # N x L_dyn option indices
+    bitflops: np.ndarray  # N
+
+    def summary(self) -> dict:
+        bf = self.bitflops
+        return {"acc": self.acc, "avg_bitflops": float(bf.mean()), "bitflops_min": float(bf.min()),
+                "bitflops_p10": float(np.percentile(bf, 10)), "bitflops_median": float(np.median(bf)),
+                "bitflops_p90": float(np.percentile(bf, 90)), "bitflops_max": float(bf.max()),
+                "distinct_configs": int(len({tuple(c) for c in self.configs}))}
+
+
+@torch.no_grad()
+def evaluate(net: DynamicNet, ds: ImageDataset, pre: Preprocess) -> Evaluation:
+    net.eval()
+    logits, cfgs, bfs = [], [], []
+    for i in range(0, len(ds), _EVAL_BATCH):
+        x = torch.from_numpy(pre.apply(ds.images[i:i + _EVAL_BATCH]))
+        logits.append(net(x).float().numpy())
+        cfgs.append(net.last_choice.argmax(-1).numpy())
+        bfs.append(net.bitflops(net.last_choice, net.last_groups).numpy())
+    lg = np.concatenate(logits)
+    return Evaluation(float((lg.argmax(1) == ds.labels).mean()), lg, np.concatenate(cfgs), np.concatenate(bfs))
+
+
+def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicConfig, target: float,
+          label: str, seed: int) -> list[dict]:
+    """Train in the net's current mode (gumbel: with the penalty; fixed: plain CE). Returns per-epoch stats."""
+    from qtool.progress import progress
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pool = torch.randperm(len(ds), generator=gen)[:config.train_limit] if config.train_limit else torch.arange(len(ds))
+    augment = ds.shape[0] == 3 and ds.shape[1] >= 16
+    ctl = set(id(p) for p in net.controller.parameters())
+    decay = [p for p in net.parameters() if id(p) not in ctl and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if id(p) not in ctl and p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=config.lr, momentum=0.9, nesterov=True)
+    opt_c = torch.optim.Adam(net.controller.parameters(), lr=config.controller_lr)
+    steps = math.ceil(len(pool) / config.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.epochs * steps, 1))
+    target_bits = _target_bits(net, target)
+    dynamic = net.mode == "gumbel"
+    hist = []
+    with progress(disable=config.quiet) as bar:
+        task = bar.add_task(label, total=config.epochs * steps, info="")
+        for epoch in range(config.epochs):
+            net.train()
+            perm = pool[torch.randperm(len(pool), generator=gen)]
+            t0 = time.perf_counter()
+            n = correct = 0
+            loss_sum = bf_sum = 0.0
+            for s in range(steps):
+                idx = np.sort(perm[s * config.batch_size:(s + 1) * config.batch_size].numpy())
+                xb = torch.from_numpy(pre.apply(ds.images[idx]))
+                yb = torch.from_numpy(ds.labels[idx])
+                if augment:
+                    xb = augment_cifar(xb, gen)
+                logits = net(xb)
+                loss = F.cross_entropy(logits, yb)
+                if dynamic:
+                    bf = net.bitflops(net.last_choice, net.last_groups)
+                    if config.penalty == "bitflops":
+                        pen = F.relu(bf - target).mean() / net.total_macs
+                    else:
+                        pen = F.relu(net.mean_bits(net.last_choice) - target_bits).mean()
+                    loss = loss + config.alpha * pen
+                    bf_sum += float(bf.detach().sum())
+                opt.zero_grad(set_to_none=True)
+                opt_c.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if dynamic:
+                    opt_c.step()
+                sched.step()
+                n += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+                loss_sum += loss.item() * len(yb)
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {loss_sum / n:.3f} "
+                                                 f"acc {correct / n:.3f}")
+            hist.append({"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n,
+                         "train_avg_bitflops": bf_sum / n if dynamic else None,
+                         "seconds": round(time.perf_counter() - t0, 2)})
+    net.eval()
+    return hist
+
+
+def build_codebook(net: DynamicNet, ds: ImageDataset, pre: Preprocess, pool: np.ndarray, cap: int) -> tuple[np.ndarray, int]:
+    """The `cap` argmax configurations most often chosen on `pool` (training images); and how many exist."""
+    net.set_mode("argmax")
+    ev = evaluate(net, ds.subset(pool), pre)
+    counts = Counter(tuple(int(v) for v in c) for c in ev.configs)
+    return np.array([c for c, _ in counts.most_common(cap)], dtype=np.int64), len(counts)
+
+
+def matched_config(net: DynamicNet, target: float, preference: np.ndarray) -> tuple[int, ...]:
+    """Static configuration with BitFLOPs closest to `target` (module docstring)."""
+    k = len(net.choices)
+    cfg = [0] * net.n_dynamic
+    order = sorted(range(net.n_dynamic), key=lambda j: (-preference[j], j))
+    best = tuple(cfg)
+    for level in range(1, k):
+        for j in order:
+            if cfg[j] != level - 1:
+                continue
+            trial = list(cfg)
+            trial[j] = level
+            bf = net.config_bitflops(trial)
+            if bf <= target:
+                cfg = trial
+                best = tuple(cfg)
+            elif abs(bf - target) < abs(net.config_bitflops(best) - target):
+                return tuple(trial)  # one step past the target is closer than staying below
+            else:
+                return best
+    return best
+
+
+@dataclass
+class DynamicResult:
+    report: dict
+    out_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        r = self.report
+        d = r["dynamic"]
+        out = [f"dynamic ({'/'.join(map(str, r['bits']))} bits, target {r['target_bitflops']:.4g} BitFLOPs): "
+               f"val acc PyTorch {d['acc_torch'] * 100:.2f}% (free argmax {d['acc_torch_argmax'] * 100:.2f}%), "
+               f"onnxruntime {d['acc_ort'] * 100:.2f}% ({d['ort_minus_torch_pp']:+.2f} pp), "
+               f"avg BitFLOPs {d['avg_bitflops']:.4g}, {d['codebook_size']} configurations deployed "
+               f"(cover {d['codebook_coverage'] * 100:.1f}% of free-argmax choices)"]
+        for s in r["static"]:
+            out.append(f"static {s['name']} ({s['bitflops']:.4g} BitFLOPs): val acc PyTorch {s['acc_torch'] * 100:.2f}%, "
+                       f"onnxruntime {s['acc_ort'] * 100:.2f}%")
+        if r.get("acc_diff_pp") is not None:
+            out.append(f"dynamic - static (matched) accuracy on onnxruntime: {r['acc_diff_pp']:+.2f} pp")
+        for b in ("batch1", "batch64"):
+            lat = r.get("latency", {}).get(b)
+            if lat:
+                out.append(f"latency {b}: dynamic {lat['dynamic_ms']:.3f} ms (controller {lat['controller_ms']:.3f}) "
+                           f"vs static {lat['static_ms']:.3f} ms (x{lat['dynamic_over_static']:.2f})")
+        out += [f"note: {n}" for n in self.notes]
+        out.append(f"wrote {self.out_dir}/report.json, bitflops_hist.png, easy_hard.png, acc_vs_bitflops.png, "
+                   "controller.onnx, configs/, static.onnx")
+        return out
+
+
+def _ort_logits(model: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, threads: int) -> np.ndarray:
+    from qtool.dynamic.runtime import _session
+
+    s = _session(model, threads)
+    name = s.get_inputs()[0].name
+    return np.concatenate([s.run(None, {name: pre.apply(ds.images[i:i + _EVAL_BATCH])})[0]
+                           for i in range(0, len(ds), _EVAL_BATCH)])
+
+
+def _calibrate(fused: onnx.ModelProto, space, ds: ImageDataset, pre: Preprocess, n: int) -> dict:
+    from qtool.calibrate import collect_stats
+
+    name, _ = model_image_input(fused)
+    idx = np.sort(np.random.default_rng(_CALIB_SEED).permutation(len(ds))[:n])
+    batches = [{name: pre.apply(ds.images[idx[i:i + 64]])} for i in range(0, len(idx), 64)]
+    stats = collect_stats(fused, batches, list(space.groups))
+    return {r: stats[r].range("minmax", signed=False) for r in space.groups}
+
+
+def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset, config: DynamicConfig,
+            out_dir: str | Path, preprocess: Preprocess | None = None) -> DynamicResult:
+    """Train, compare, deploy and report (module docstring). Writes into `out_dir` (created)."""
+    from qtool.dynamic import report as rep
+    from qtool.dynamic.runtime import DynamicSession, latency, write_deployment
+    from qtool.io import save_model
+    from qtool.quantize import untie_biases
+    from qtool.quantize import _is_fused, apply_plan, fuse
+    from qtool.search.space import SearchSpace
+
+    if not isinstance(config, DynamicConfig):
+        raise QtoolError(f"config must be a DynamicConfig, got {type(config).__name__}")
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    pre = preprocess or resolve_preprocess(model)
+    name, dims = model_image_input(model)
+    check_input_matches(dims, train_data, name)
+    if config.val_limit:
+        val_data = val_data.subset(np.arange(min(config.val_limit, len(val_data))))
+    notes: list[str] = []
+    fused = untie_biases(model if _is_fused(model) else fuse(model)[0])
+    space = SearchSpace.from_model(fused, tuple(sorted(set(config.bits))), fix_first=8, fix_last=None)
+    ranges = _calibrate(fused, space, train_data, pre, config.calib_size)
+    torch.manual_seed(config.seed)
+    net = DynamicNet(fused, config.bits, ranges, hidden=config.hidden)
+    static_net = copy.deepcopy(net)  # same initial weights and quantizers for the static baseline
+    kind, tv = parse_target(config.target)
+    target = uniform_bitflops(net, tv) if kind == "uniform" else tv
+    notes.append(f"layer {net.layers[0].node} (the controller's input) is static at {net.stem_bits} bits; "
+                 f"{net.n_dynamic} of {len(net.layers)} layers are dynamic")
+
+    # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
+    hist = train(net, train_data, pre, config, target, "dynamic", config.seed)
+    net.set_mode("argmax")
+    free = evaluate(net, val_data, pre)
+    gen = torch.Generator().manual_seed(config.seed)
+    pool = torch.randperm(len(train_data), generator=gen)[:config.train_limit].numpy() if config.train_limit \
+        else np.arange(len(train_data))
+    codebook, n_distinct = build_codebook(net, train_data, pre, np.sort(pool), config.max_configs)
+    book = {tuple(c) for c in codebook.tolist()}
+    coverage = float(np.mean([tuple(c) in book for c in free.configs.tolist()]))
+    net.set_mode("codebook", codebook=codebook)
+    dep = evaluate(net, val_data, pre)
+    cfg_index = {tuple(c): i for i, c in enumerate(codebook.tolist())}
+    dep_idx = np.array([cfg_index[tuple(c)] for c in dep.configs.tolist()])
+
+    # -- deployment and ORT fidelity ----------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = write_deployment(net, codebook, out)
+    sess = DynamicSession.load(out, threads=config.threads)
+    ort_logits, ort_cfg = [], []
+    for i in range(0, len(val_data), _EVAL_BATCH):
+        ort_logits.append(sess.run(pre.apply(val_data.images[i:i + _EVAL_BATCH])))
+        ort_cfg.append(sess.last_configs)
+    ort_logits, ort_cfg = np.concatenate(ort_logits), np.concatenate(ort_cfg)
+    acc_ort = float((ort_logits.argmax(1) == val_data.labels).mean())
+    dynamic_report = {
+        "acc_torch": dep.acc, "acc_torch_argmax": free.acc, "acc_ort": acc_ort,
+        "ort_minus_torch_pp": (acc_ort - dep.acc) * 100,
+        "prediction_agreement": float((ort_logits.argmax(1) == dep.logits.argmax(1)).mean()),
+        "config_agreement": float((ort_cfg == dep_idx).mean()),
+        **{k: v for k, v in dep.summary().items() if k != "acc"},
+        "avg_bitflops_argmax": float(free.bitflops.mean()),
+        "mean_bits": float(np.mean([[net.choices[k] for k in c] for c in dep.configs])),
+        "distinct_configs_argmax_train": n_distinct, "codebook_size": len(codebook), "codebook_coverage": coverage,
+        "config_counts_val": np.bincount(dep_idx, minlength=len(codebook)).tolist(),
+        "history": hist,
+    }
+    if coverage < 1.0:
+        notes.append(f"{(1 - coverage) * 100:.1f}% of val samples' free-argmax configurations are outside the "
+                     f"{len(codebook)}-entry codebook and run their best-scoring codebook entry instead")
+
+    # -- static baselines -----------------------------------------------------------------------------
+    statics = []
+    static_model = None
+    if config.static_baseline or config.uniform_baselines:
+        pref = dep.configs.mean(0)
+        todo = []
+        if config.static_baseline:
+            todo.append(("matched", matched_config(net, float(dep.bitflops.mean()), pref)))
+        if config.uniform_baselines:
+            todo += [(f"uniform{b}", net.uniform(b)) for b in net.choices]
+        for label, cfg in todo:
+            s_net = copy.deepcopy(static_net)
+            s_net.set_mode("fixed", fixed=cfg)
+            s_hist = train(s_net, train_data, pre, config, target, f"static {label}", config.seed)
+            ev = evaluate(s_net, val_data, pre)
+            qdq = apply_plan(*s_net.export_config(cfg))
+            lg = _ort_logits(qdq, val_data, pre, config.threads)
+            statics.append({"name": label, "choice": list(cfg), "bits": s_net.config_bits(cfg),
+                            "bitflops": net.config_bitflops(cfg), "acc_torch": ev.acc,
+                            "acc_ort": float((lg.argmax(1) == val_data.labels).mean()), "history": s_hist})
+            if label == "matched" or static_model is None:
+                static_model = qdq
+                save_model(qdq, out / "static.onnx")
+    if static_model is None:  # latency reference: the most used deployed configuration
+        static_model = onnx.load(str(out / manifest["configs"][int(np.bincount(dep_idx).argmax())]["file"]))
+
+    report = {
+        "version": 1, "bits": list(net.choices), "penalty": config.penalty, "alpha": config.alpha,
+        "target_bitflops": target, "target_mean_bits": _target_bits(net, target), "config": asdict(config),
+        "train_images": int(len(pool)), "val_images": len(val_data), "total_macs": net.total_macs,
+        "uniform_bitflops": {str(b): net.config_bitflops(net.uniform(b)) for b in net.choices},
+        "layers": [{"node": l.node, "op": l.op, "macs": l.macs, "dynamic": l.dynamic is not None,
+                    "option_share": (np.bincount(dep.configs[:, l.dynamic], minlength=len(net.choices))
+                                     / len(dep.configs)).tolist() if l.dynamic is not None else None}
+                   for l in net.layers],
+        "dynamic": dynamic_report, "static": statics,
+        "acc_diff_pp": next(((acc_ort - s["acc_ort"]) * 100 for s in statics if s["name"] == "matched"), None),
+        "codebook": manifest["configs"],
+        "training_cost": {"dynamic_s_per_epoch": float(np.mean([h["seconds"] for h in hist])),
+                          "static_s_per_epoch": float(np.mean([h["seconds"] for s in statics for h in s["history"]]))
+                          if statics else None,
+                          "note": f"dynamic training computes all {len(net.choices)} branches of every dynamic layer "
+                                  "(about K x the conv cost of static QAT)"},
+    }
+    if config.latency:
+        big = val_data.images[np.arange(64) % len(val_data)]
+        report["latency"] = latency(sess, static_model, pre.apply(big), runs=config.latency_runs,
+                                    threads=config.threads)
+        report["latency"]["note"] = ("dynamic = controller (with its own copy of the stem) + one QDQ model run per "
+                                     "configuration group in the batch; static = one QDQ model; onnxruntime CPU EP")
+    report["notes"] = notes
+    report["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    rep.write_report(out, report, val_data, dep)
+    return DynamicResult(report, out, notes)
+
+
+def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = "3,4,5", target: str = "u4",
+                epochs: int = 1, penalty: str = "bitflops", alpha: float = 0.05, train_limit: int | None = None,
+                val_limit: int | None = None, batch_size: int = 128, max_configs: int = 8, seed: int = 0,
+                uniform_baselines: bool = False, quiet: bool = False) -> DynamicResult:
+    """`qtool dynamic`: every argument is validated before any file is written."""
+    from qtool.data import load_dataset, parse_spec
+    from qtool.io import load_model
+
+    try:
+        bit_list = tuple(int(b) for b in str(bits).split(","))
+    except ValueError:
+        raise QtoolError(f"--bits must be comma-separated integers, got {bits!r}") from None
+    cfg = DynamicConfig(bits=bit_list, target=target, penalty=penalty, alpha=alpha, epochs=epochs,
+                        train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
+                        max_configs=max_configs, seed=seed, uniform_baselines=uniform_baselines, quiet=quiet)
+    o = Path(out_dir)
+    if o.exists() and not o.is_dir():
+        raise QtoolError(f"output path exists and is not a directory: {o}")
+    if not (o.parent if str(o.parent) else Path(".")).is_dir():
+        raise QtoolError(f"parent directory of {o} does not exist")
+    parse_spec(data)
+    model = load_model(inp)
+    return dynamic(model, load_dataset(data, "train"), load_dataset(data, "val"), cfg, o)

@@ -1,0 +1,190 @@
+"""DQNet dynamic bit-widths: controller choices, the budget penalty, ORT routing == PyTorch, the runtime's
+grouping / scattering, and the CLI's bad-input exits. LeNet-5 on a few hundred digits images."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from qtool.cli import main
+from qtool.data import load_dataset
+from qtool.dynamic import DynamicConfig, DynamicNet, DynamicSession, write_deployment
+from qtool.dynamic.controller import max_onehot
+from qtool.dynamic.train import _calibrate, evaluate, train, uniform_bitflops
+from qtool.quantize import fuse
+from qtool.search.space import SearchSpace
+
+TRAIN_LIMIT = 256
+BITS = (3, 4, 5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models: a second intra-op thread only spins against the other jobs on a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "val")
+
+
+@pytest.fixture(scope="module")
+def lenet(digits):
+    from qtool.models import build_model
+    from qtool.train import export_onnx
+
+    tr, _ = digits
+    torch.manual_seed(0)
+    m = build_model("lenet5", num_classes=10, in_channels=1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.from_numpy(tr.preprocess.apply(tr.images)), torch.from_numpy(tr.labels)
+    for _ in range(2):
+        for i in range(0, len(x), 64):
+            loss = torch.nn.functional.cross_entropy(m(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return export_onnx(m.eval(), (1, 32, 32), tr.preprocess)
+
+
+@pytest.fixture(scope="module")
+def base_net(lenet, digits):
+    tr, _ = digits
+    fused = fuse(lenet)[0]
+    space = SearchSpace.from_model(fused, BITS, fix_first=8, fix_last=None)
+    torch.manual_seed(0)
+    return DynamicNet(fused, BITS, _calibrate(fused, space, tr, tr.preprocess, 128))
+
+
+def test_controller_outputs_valid_one_hots(base_net, digits):
+    net = copy.deepcopy(base_net)
+    tr, _ = digits
+    x = torch.from_numpy(tr.preprocess.apply(tr.images[:32]))
+    for training, mode in ((True, "gumbel"), (False, "argmax")):
+        net.train(training)
+        net.set_mode(mode)
+        net(x)
+        g = net.last_choice
+        assert g.shape == (32, net.n_dynamic, len(BITS))
+        assert torch.all((g == 0) | (g == 1)) and torch.all(g.sum(-1) == 1)
+        for r, ga in net.last_groups.items():
+            assert torch.all(ga.sum(-1) == 1)
+    assert net.n_dynamic == len(net.layers) - 1  # the stem is static: the controller reads its output
+    # max_onehot == one-hot of the max index, for random hard one-hots
+    rng = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 3, (50,), generator=rng), torch.randint(0, 3, (50,), generator=rng)
+    oh = torch.nn.functional.one_hot
+    assert torch.equal(max_onehot([oh(a, 3).float(), oh(b, 3).float()]), oh(torch.maximum(a, b), 3).float())
+
+
+def test_penalty_pushes_bits_down(base_net, digits):
+    tr, _ = digits
+    cfg = DynamicConfig(bits=BITS, alpha=2.0, epochs=2, batch_size=64, train_limit=TRAIN_LIMIT, controller_lr=0.02,
+                        quiet=True)
+    avg = {}
+    for b in (3, 5):
+        net = copy.deepcopy(base_net)
+        net.set_mode("gumbel")
+        target = uniform_bitflops(net, b)
+        hist = train(net, tr, tr.preprocess, cfg, target, "t", seed=0)
+        net.set_mode("argmax")
+        avg[b] = (hist[-1]["train_avg_bitflops"], float(evaluate(net, tr.subset(np.arange(256)), tr.preprocess)
+                                                        .bitflops.mean()))
+    assert avg[3][0] < avg[5][0] and avg[3][1] < avg[5][1], avg
+    assert avg[3][1] < uniform_bitflops(base_net, 4) - 0.1 * (uniform_bitflops(base_net, 4) - uniform_bitflops(base_net, 3))
+
+
+def test_ort_routing_matches_torch_with_several_configs(base_net, digits, tmp_path):
+    """A controller with random weights spreads the val images over several configurations; the routed
+    onnxruntime deployment must pick the same configuration and prediction per sample."""
+    tr, va = digits
+    net = copy.deepcopy(base_net)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        net.controller.fc2.weight.normal_(0, 2.0)
+    k = len(BITS)
+    codebook = np.array([[0] * net.n_dynamic, [k - 1] * net.n_dynamic, [1] * net.n_dynamic,
+                         [i % k for i in range(net.n_dynamic)]])
+    net.set_mode("codebook", codebook=codebook)
+    ev = evaluate(net, va, tr.preprocess)
+    write_deployment(net, codebook, tmp_path)
+    sess = DynamicSession.load(tmp_path, threads=1)
+    out = sess.run(tr.preprocess.apply(va.images))
+    cfg_torch = np.array([[tuple(c) for c in codebook.tolist()].index(tuple(c)) for c in ev.configs.tolist()])
+    assert len(np.unique(cfg_torch)) >= 2  # the test really routes
+    assert (sess.last_configs == cfg_torch).mean() >= 0.99
+    acc_ort = float((out.argmax(1) == va.labels).mean())
+    assert abs(acc_ort - ev.acc) * 100 <= 0.2, (acc_ort, ev.acc)
+    assert (out.argmax(1) == ev.logits.argmax(1)).mean() >= 0.99
+
+
+def test_runtime_groups_and_scatters_in_order():
+    x = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    ctl = helper.make_model(helper.make_graph(
+        [helper.make_node("ArgMax", ["x"], ["config"], axis=1, keepdims=0)], "ctl",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("config", TensorProto.INT64, ["N"])]), opset_imports=[helper.make_opsetid("", 17)])
+
+    def add(c):
+        return helper.make_model(helper.make_graph(
+            [helper.make_node("Add", ["x", "c"], ["y"])], f"m{c}",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+            [helper.make_tensor("c", TensorProto.FLOAT, [], [100.0 * c])]), opset_imports=[helper.make_opsetid("", 17)])
+
+    sess = DynamicSession(ctl, [add(c) for c in range(3)], threads=1)
+    y = sess.run(x)
+    np.testing.assert_array_equal(sess.last_configs, x.argmax(1))
+    np.testing.assert_allclose(y, x + 100.0 * x.argmax(1)[:, None], rtol=0, atol=1e-4)
+    assert sess.run(x[:1]).shape == (1, 3)
+
+
+@pytest.fixture(scope="module")
+def cli_run(lenet, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dyn")
+    onnx.save(lenet, str(d / "lenet.onnx"))
+    rc = main([str(x) for x in ("dynamic", d / "lenet.onnx", "--data", "digits", "--bits", "3,4,5",
+                                "--target-bitflops", "u4", "--epochs", "1", "--train-limit", TRAIN_LIMIT,
+                                "-o", d / "out")])
+    return rc, d / "out"
+
+
+def test_cli_end_to_end(cli_run):
+    rc, out = cli_run
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    d = r["dynamic"]
+    assert abs(d["ort_minus_torch_pp"]) <= 0.2 and d["config_agreement"] >= 0.99
+    assert r["static"] and r["static"][0]["name"] == "matched" and r["acc_diff_pp"] is not None
+    assert set(r["uniform_bitflops"]) == {"3", "4", "5"}
+    for f in ("bitflops_hist.png", "easy_hard.png", "acc_vs_bitflops.png", "controller.onnx", "static.onnx",
+              "manifest.json"):
+        assert (out / f).stat().st_size > 0
+    onnx.checker.check_model(onnx.load(str(out / "controller.onnx")), full_check=True)
+    assert {"batch1", "batch64"} <= set(r["latency"])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--bits", "3,x"], "--bits"), (["--bits", "4"], "--bits"), (["--bits", "1,4"], "--bits"),
+    (["--target-bitflops", "0"], "> 0"), (["--target-bitflops", "-5e6"], "> 0"), (["--target-bitflops", "abc"], "number"),
+])
+def test_cli_bad_input_exit_2(cli_run, tmp_path, capsys, args, msg):
+    model = cli_run[1].parent / "lenet.onnx"
+    rc = main(["dynamic", str(model), "-o", str(tmp_path / "o")] + args)
+    assert rc == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_model_exit_2(tmp_path, capsys):
+    assert main(["dynamic", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
