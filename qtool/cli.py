@@ -270,12 +270,13 @@ def eval_cmd(model, data, split, batch_size, mean, std):
 
 @cli.command()
 @click.option("--workdir", default="demo-out", show_default=True, help="where the demo writes its models")
-@click.option("--epochs", default=8, show_default=True, type=int)
-def demo(workdir, epochs):
-    """The whole flow on the embedded digits data: train -> fuse -> quantize -> eval -> bench (offline)."""
+@click.option("--epochs", default=8, show_default=True, type=int, help="FP32 training epochs")
+@click.option("--qat-epochs", default=2, show_default=True, type=int)
+def demo(workdir, epochs, qat_epochs):
+    """The whole flow on the embedded digits data, offline: train -> fuse -> quantize -> qat -> export -> eval -> bench."""
     from qtool.demo import run_demo
 
-    run_demo(workdir, epochs=epochs)
+    run_demo(workdir, epochs=epochs, qat_epochs=qat_epochs)
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,14 @@
 """`qtool demo`: the whole flow on the embedded digits data, offline, in a few minutes.
 
-train (LeNet-5, FP32) -> fuse -> quantize (PTQ, W8A8 U8S8) -> eval each -> bench FP32 vs INT8.
-Grows as stages land (qat, search, export).
+train (LeNet-5, FP32) -> fuse -> quantize (PTQ W8A8, U8S8) -> qat (W4A4, LSQ) -> export (QOperator and
+integer-only, checked against the integer simulator) -> eval each on onnxruntime -> bench.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -16,10 +17,16 @@ from qtool.errors import QtoolError
 DATA = "digits"
 
 
-def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, bench_runs: int = 200, quiet: bool = False) -> dict:
+def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, qat_epochs: int = 2, bench_runs: int = 200,
+             quiet: bool = False) -> dict:
     from qtool.bench import bench
+    from qtool.data import batches, load_dataset
     from qtool.evaluate import evaluate_model
+    from qtool.export import export_file
+    from qtool.intsim import IntSim
     from qtool.io import load_model
+    from qtool.preprocess import resolve_preprocess
+    from qtool.qat import qat_file
     from qtool.quantize import fuse_file, quantize_cli
     from qtool.train import TrainConfig, train
 
@@ -29,35 +36,52 @@ def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, bench_runs: int 
     if wd.exists() and not wd.is_dir():
         raise QtoolError(f"demo workdir is not a directory: {wd}")
     wd.mkdir(parents=True, exist_ok=True)
-    fp32, fused, int8 = wd / "lenet5.onnx", wd / "lenet5.fused.onnx", wd / "lenet5.int8.onnx"
+    f = {k: wd / f"lenet5.{k}.onnx" for k in ("fp32", "fused", "int8", "w4a4_qat", "qoperator", "integer")}
+    plan = wd / "lenet5.int8.plan.json"
     t0 = time.perf_counter()
 
-    console.rule("1/5 train LeNet-5 on digits (FP32)")
-    r = train(TrainConfig(model="lenet5", data=DATA, epochs=epochs, batch_size=64, lr=0.05), fp32, quiet=quiet)
-    console.rule("2/5 fuse")
-    for line in fuse_file(fp32, fused).lines():
+    console.rule("1/6 train LeNet-5 on digits (FP32)")
+    train(TrainConfig(model="lenet5", data=DATA, epochs=epochs, batch_size=64, lr=0.05), f["fp32"], quiet=quiet)
+    console.rule("2/6 fuse")
+    for line in fuse_file(f["fp32"], f["fused"]).lines():
         console.print("  " + line)
-    console.rule("3/5 quantize (PTQ W8A8, minmax, per-channel)")
-    for line in quantize_cli(fused, int8, data=DATA, calib="minmax", calib_size=256).lines():
+    console.rule("3/6 quantize (PTQ W8A8, minmax, per-channel)")
+    for line in quantize_cli(f["fused"], f["int8"], data=DATA, calib="minmax", calib_size=256, plan_out=plan).lines():
         console.print("  " + line)
-    console.rule("4/5 eval on onnxruntime")
-    acc = {name: evaluate_model(load_model(p), DATA, "val").accuracy for name, p in
-           (("fp32", fp32), ("fused", fused), ("int8", int8))}
-    console.rule("5/5 bench (CPU EP, batch 1 and 64)")
-    rep = bench([str(fp32), str(int8)], eps=("cpu",), batches=(1, 64), threads=2, warmup=10, runs=bench_runs,
+    console.rule("4/6 qat (W4A4 LSQ, first/last layer 8-bit)")
+    for line in qat_file(f["fused"], f["w4a4_qat"], data=DATA, bits="w4a4", algo="lsq", epochs=qat_epochs,
+                         batch_size=64, lr=0.01, quiet=quiet).lines():
+        console.print("  " + line)
+    console.rule("5/6 export the PTQ plan as QOperator and integer-only ONNX")
+    for fmt in ("qoperator", "integer"):
+        export_file(f["fused"], f[fmt], plan, fmt)
+    integer = load_model(f["integer"])
+    ds = load_dataset(DATA, "val")
+    x, _ = next(batches(ds, 64, resolve_preprocess(integer)))
+    sim_out = IntSim(integer)({integer.graph.input[0].name: x})[0]
+    from qtool.evaluate import predict
+
+    agree = float(np.mean(sim_out.argmax(1) == predict(integer, x).argmax(1)))
+    console.print(f"  integer simulator vs onnxruntime on {len(x)} images: top-1 agreement {agree * 100:.1f}%")
+    console.rule("6/6 eval and bench (onnxruntime CPU EP, 2 threads)")
+    acc = {k: evaluate_model(load_model(p), DATA, "val").accuracy for k, p in f.items()}
+    timed = ("fp32", "int8", "w4a4_qat", "qoperator")
+    rep = bench([str(f[k]) for k in timed], eps=("cpu",), batches=(1, 64), threads=2, warmup=10, runs=bench_runs,
                 progress=not quiet)
 
-    t = Table(title=f"qtool demo ({time.perf_counter() - t0:.0f} s)")
-    for col in ("model", "val top-1", "size (bytes)", "median ms b1", "median ms b64", "latency ratio b64"):
+    t = Table(title=f"qtool demo on digits ({time.perf_counter() - t0:.0f} s)")
+    for col in ("model", "val top-1", "size (bytes)", "median ms b1", "median ms b64", "latency vs fp32 b64"):
         t.add_column(col)
     results = {}
-    for name, p in (("fp32", fp32), ("fused", fused), ("int8", int8)):
-        rows = {b: rep.row(str(p), "cpu", b) for b in (1, 64)} if name != "fused" else {}
-        med = {b: (f"{rw.median_ms:.3f}" if rw and rw.median_ms else "-") for b, rw in ((1, rows.get(1)), (64, rows.get(64)))}
-        ratio = rows.get(64).ratio if rows.get(64) else None
-        t.add_row(name, f"{acc[name] * 100:.2f}%", str(p.stat().st_size), med[1], med[64],
-                  f"{ratio:.2f}" if ratio else "-")
-        results[name] = {"acc": acc[name], "bytes": p.stat().st_size, "ratio_b64": ratio}
+    for k, p in f.items():
+        rows = {b: rep.row(str(p), "cpu", b) for b in (1, 64)} if k in timed else {}
+        med = {b: f"{rows[b].median_ms:.3f}" if rows.get(b) and rows[b].median_ms else "-" for b in (1, 64)}
+        ratio = rows[64].ratio if rows.get(64) else None
+        t.add_row(k, f"{acc[k] * 100:.2f}%", str(p.stat().st_size), med[1], med[64], f"{ratio:.2f}" if ratio else "-")
+        results[k] = {"acc": acc[k], "bytes": p.stat().st_size, "ratio_b64": ratio}
     console.print(t)
-    console.print(f"files in {wd}/; next: `qtool bench {int8} {fp32} --batch 1,64`")
+    console.print("LeNet-5 on 8x8 digits is tiny and its first conv has 1 input channel, so int8 kernels gain little "
+                  "here; see benchmarks/results/suite.md for CIFAR ResNets.")
+    console.print(f"files in {wd}/; compare any two with `qtool bench {f['int8']} {f['fp32']} --batch 1,64`")
+    results["intsim_agreement"] = agree
     return results

@@ -142,7 +142,9 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
             val_acc = evaluate_torch(model, val_ds, pre)
             history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
                             "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
-            bar.console.print(f"epoch {epoch + 1}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} val {val_acc:.4f}")
+            if not quiet:
+                bar.console.print(f"epoch {epoch + 1}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} "
+                                  f"val {val_acc:.4f}")
     wall = time.perf_counter() - t0
     buf = io.BytesIO()
     torch.save({"model": cfg.model, "state_dict": model.state_dict(), "config": asdict(cfg)}, buf)
