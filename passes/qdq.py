@@ -265,18 +265,24 @@ class InsertQDQPass(QPass):
         axis = tq.axis if tq.granularity == "per_channel" else None
         q = quantize_array(w.const_value.numpy(), tq.scale, tq.zero_point, axis, qmin, qmax, dtype)
         name = w.name
-        q_v = new_initializer(g, q, f"{name}_quantized")
-        s_v, z_v = self._params(g, name, tq, dtype)
-        attrs = {"axis": axis} if axis is not None else {}
-        dq = ir.node("DequantizeLinear", [q_v, s_v, z_v], attributes=attrs, name=f"{name}_DequantizeLinear")
-        out = dq.outputs[0]
-        out.type, out.shape = w.type, w.shape
-        g.insert_before(next(iter(g)), dq)
-        w.replace_all_uses_with(out)
-        g.initializers.pop(name)
-        w.name = None
-        out.name = name
+        self._replace_with_dq(g, w, q, *self._params(g, name, tq, dtype), axis)
         self.fire(f"weight {name}: {tq.bits}-bit {tq.granularity}")
+
+    @staticmethod
+    def _replace_with_dq(g: ir.Graph, const: ir.Value, codes: np.ndarray, scale: ir.Value, zero_point: ir.Value,
+                         axis: int | None) -> None:
+        """Swap a float initializer for DequantizeLinear(codes): readers keep the tensor's name."""
+        name = const.name
+        q_v = new_initializer(g, codes, f"{name}_quantized")
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [q_v, scale, zero_point], attributes=attrs, name=f"{name}_DequantizeLinear")
+        out = dq.outputs[0]
+        out.type, out.shape = const.type, const.shape
+        g.insert_before(next(iter(g)), dq)
+        const.replace_all_uses_with(out)
+        g.initializers.pop(name)
+        const.name = None
+        out.name = name
 
     def _bias(self, g: ir.Graph, b: ir.Value, inp: str, w: str) -> None:
         ti, tw = self.plan.tensors.get(inp), self.plan.tensors.get(w)
@@ -290,18 +296,9 @@ class InsertQDQPass(QPass):
         q = np.clip(np.rint(bias / (s.astype(np.float64) if per_channel else float(s))),
                     -(2**31), 2**31 - 1).astype(np.int32)
         name = b.name
-        q_v = new_initializer(g, q, f"{name}_quantized")
         s_v = new_initializer(g, s, f"{name}_scale")
         z_v = new_initializer(g, np.zeros(s.shape, np.int32), f"{name}_zero_point")
-        attrs = {"axis": 0} if per_channel else {}
-        dq = ir.node("DequantizeLinear", [q_v, s_v, z_v], attributes=attrs, name=f"{name}_DequantizeLinear")
-        out = dq.outputs[0]
-        out.type, out.shape = b.type, b.shape
-        g.insert_before(next(iter(g)), dq)
-        b.replace_all_uses_with(out)
-        g.initializers.pop(name)
-        b.name = None
-        out.name = name
+        self._replace_with_dq(g, b, q, s_v, z_v, 0 if per_channel else None)
         self.fire(f"bias {name}: int32")
 
     def _activation(self, g: ir.Graph, t: ir.Value, tq) -> None:
