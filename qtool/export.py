@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from qtool.errors import NotImplementedYet, QtoolError
+from qtool.errors import QtoolError
 from qtool.io import check_output_path, load_model, save_model
 from qtool.plan import QuantPlan
 
@@ -188,14 +188,38 @@ def export_file(inp: str | os.PathLike, out: str | os.PathLike, plan: str | os.P
     return result.report
 
 
+def search_member_files(workdir: str | os.PathLike, pick: int) -> tuple[str, str]:
+    """(fused model, plan) of front member `pick` of a `qtool search` workdir (its front.json)."""
+    import json
+    from pathlib import Path
+
+    front_file = Path(workdir) / "front.json"
+    if not front_file.is_file():
+        raise QtoolError(f"no front.json in {workdir}: not a finished qtool search workdir")
+    try:
+        members = json.loads(front_file.read_text())["front"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise QtoolError(f"{front_file} is malformed: {e}") from None
+    member = next((m for m in members if m.get("index") == pick), None)
+    if member is None:
+        raise QtoolError(f"--pick {pick}: the front has members {sorted(m.get('index') for m in members)}")
+    if "model_file" not in member or "plan_file" not in member:
+        raise QtoolError(f"front member {pick} has no exported model/plan files in {workdir}")
+    return str(Path(workdir) / member["model_file"]), str(Path(workdir) / member["plan_file"])
+
+
 def export_cli(model: str | None, output: str, *, plan: str | None, from_search: str | None = None,
                pick: int | None = None, int8: bool = False, fmt: str = "qdq", int4: str = "auto",
                requant: str = "fixedpoint") -> ExportReport:
     """`qtool export`: argument checks, then export_file."""
-    if from_search is not None or pick is not None:
-        raise NotImplementedYet("--from-search: not implemented yet (needs qtool search)")
     if not int8:
         raise QtoolError("export writes integer models only: pass --int8")
+    if from_search is not None or pick is not None:
+        if from_search is None or pick is None:
+            raise QtoolError("--from-search DIR and --pick K go together")
+        if model is not None or plan is not None:
+            raise QtoolError("give either MODEL.onnx --plan P or --from-search DIR --pick K, not both")
+        model, plan = search_member_files(from_search, pick)
     if model is None or plan is None:
         raise QtoolError("give MODEL.onnx and --plan plan.json (or --from-search DIR --pick K)")
     return export_file(model, output, plan, fmt, int4, requant=requant)

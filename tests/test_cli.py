@@ -30,8 +30,8 @@ def _one_line_error(capsys, rc, expect, code=2):
     (["fuse"], "Missing argument"),
     (["nosuchcommand"], "No such command"),
     (["qat", "/no/such/x.onnx", "-o", "{tmp}/m.onnx"], "model file not found"),
-    (["export", "/no/such/x.onnx", "--int8", "--from-search", "{tmp}", "--pick", "0", "-o", "{tmp}/m.onnx"],
-     "--from-search"),
+    (["export", "--int8", "--from-search", "{tmp}", "--pick", "0", "-o", "{tmp}/m.onnx"], "no front.json"),
+    (["export", "--int8", "--from-search", "{tmp}", "-o", "{tmp}/m.onnx"], "go together"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, expect, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

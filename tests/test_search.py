@@ -260,3 +260,14 @@ def test_cli_search_prints_front(lenet, tmp_path, capsys):
     assert rc == 0 and "Pareto front" in out and "w8a8" in out
     d = json.loads((tmp_path / "w" / "front.json").read_text())
     assert d["objectives"] == ["acc", "flops", "size"]
+    # the front feeds the exporter directly: qtool export --from-search DIR --pick K
+    pick = d["front"][0]["index"]
+    for fmt in ("qdq", "qoperator"):
+        out_file = tmp_path / f"picked.{fmt}.onnx"
+        assert main(["export", "--from-search", str(tmp_path / "w"), "--pick", str(pick), "--int8", "--format", fmt,
+                     "-o", str(out_file)]) == 0
+        onnx.checker.check_model(onnx.load(out_file), full_check=True)
+    capsys.readouterr()
+    assert main(["export", "--from-search", str(tmp_path / "w"), "--pick", "999", "--int8", "-o",
+                 str(tmp_path / "x.onnx")]) == 2
+    assert "--pick 999" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
