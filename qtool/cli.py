@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from qtool.errors import NotImplementedYet, QtoolError
+from qtool.errors import QtoolError
 
 DATA_HELP = ("data SPEC: digits (embedded default) | cifar10:PATH (python batches dir, ImageFolder dir with "
              "train/ and/or test/, or a .tar.gz of one) | imagefolder:PATH | npz:PATH")

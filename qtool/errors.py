@@ -3,7 +3,3 @@
 
 class QtoolError(Exception):
     """Bad input from the user: the CLI prints one line and exits 2."""
-
-
-class NotImplementedYet(QtoolError):
-    """A command of the contract whose issue has not landed yet."""

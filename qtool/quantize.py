@@ -28,7 +28,7 @@ from onnx_ir.passes.common import NameFixPass
 import passes
 from passes.core import Refusal
 from qtool.calibrate import DEFAULT_BINS, METHODS, TensorStats, collect_stats
-from qtool.errors import NotImplementedYet, QtoolError
+from qtool.errors import QtoolError
 from qtool.io import check_output_path, load_model, save_model
 from qtool.plan import QuantPlan, TensorQuant
 
@@ -299,7 +299,8 @@ CalibSource = Iterable[dict[str, np.ndarray]] | Callable[[onnx.ModelProto], Iter
 
 
 def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches: CalibSource,
-                  config: QuantConfig = QuantConfig(), plan_out: str | os.PathLike | None = None) -> QuantizeSummary:
+                  config: QuantConfig = QuantConfig(), plan_out: str | os.PathLike | None = None,
+                  fmt: str = "qdq") -> QuantizeSummary:
     """`calib_batches` is an iterable of input dicts, or a function of the loaded model giving one
     (data loaders need the model's input name and shape)."""
     check_output_path(out, inp)
@@ -315,6 +316,10 @@ def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches:
     if not _is_fused(model):
         model, fsum = fuse(model)
     qmodel, plan = quantize(model, calib_batches, config)
+    if fmt != "qdq":  # same plan, lowered by the exporter (QLinearConv / QGemm / QLinearAdd ...)
+        from qtool.export import export_model
+
+        qmodel = export_model(model, plan, fmt).model
     save_model(qmodel, out)
     if plan_out is not None:
         plan.save(plan_out)
@@ -329,10 +334,10 @@ def quantize_cli(inp: str | os.PathLike, out: str | os.PathLike, *, data: str, c
     """`qtool quantize`: calibration images from the train split of a data SPEC."""
     from qtool.data import calib_inputs, parse_spec
 
-    if fmt != "qdq":
-        raise NotImplementedYet(f"--format {fmt}: not implemented yet (QDQ only for now)")
+    if fmt not in ("qdq", "qoperator"):
+        raise QtoolError(f"--format must be qdq or qoperator, got {fmt!r}")
     config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, calib=calib, per_channel=per_channel,
                          act_signed=act_signed, act_symmetric=act_signed)
     parse_spec(data)  # a bad SPEC fails before any work
     return quantize_file(inp, out, lambda m: calib_inputs(m, data, n=calib_size, mean=mean, std=std), config,
-                         plan_out)
+                         plan_out, fmt)

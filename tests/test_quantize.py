@@ -208,3 +208,29 @@ def test_shared_bias_is_untied_so_every_conv_runs_integer():
     q, _ = quantize(fused, [{"input": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}], QuantConfig())
     r = integer_kernel_report(q)
     assert r.float_fallbacks == 0 and r.integer_compute == 20
+
+
+def test_quantize_cli_qoperator_format(tmp_path):
+    """--format qoperator: the same calibrated plan lowered to QLinearConv/QGemm, matching the QDQ model."""
+    import collections
+
+    import torch
+
+    from qtool.models import build_model
+    from qtool.preprocess import Preprocess
+    from qtool.quantize import quantize_cli
+    from qtool.train import export_onnx
+
+    torch.manual_seed(0)
+    src = tmp_path / "lenet.onnx"
+    onnx.save(export_onnx(build_model("lenet5", in_channels=1).eval(), (1, 32, 32), Preprocess(mean=(0.2,), std=(0.33,))), src)
+    quantize_cli(src, tmp_path / "qdq.onnx", data="digits", calib_size=64)
+    quantize_cli(src, tmp_path / "qop.onnx", data="digits", calib_size=64, fmt="qoperator")
+    qop = onnx.load(tmp_path / "qop.onnx")
+    ops = collections.Counter(n.op_type for n in qop.graph.node)
+    assert ops["QLinearConv"] == 2 and "Conv" not in ops and "DequantizeLinear" in ops
+    x = np.random.default_rng(0).random((4, 1, 32, 32)).astype(np.float32)
+    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for f in ("qdq.onnx", "qop.onnx")]
+    assert np.array_equal(outs[0].argmax(1), outs[1].argmax(1))
+    np.testing.assert_allclose(outs[0], outs[1], atol=2 * np.abs(outs[0]).max() / 127)
