@@ -23,7 +23,7 @@ import onnx
 from benchmarks.baselines import ort_quantize_static
 from benchmarks.common import MODELS, RESULTS, cifar_spec, write_result
 from qtool.bench import bench
-from qtool.data import calib_inputs
+from qtool.data import calib_inputs, load_dataset
 from qtool.evaluate import evaluate_model
 from qtool.io import atomic_write_text, load_model
 from qtool.ortgraph import integer_kernel_report
@@ -104,7 +104,12 @@ def run_model(key: str, zoo: str, size: int, batches, quick: bool, spec: str | N
     if use_cifar:
         limit = 1000 if quick else None
         res["top1"] = {k: evaluate_model(m, spec, "val", limit=limit).accuracy for k, m in variants.items()}
-        res["val_images"] = limit or len(__import__("qtool.data", fromlist=["x"]).load_dataset(spec, "val"))
+        res["val_images"] = limit or len(load_dataset(spec, "val"))
+        # every calibration method on the same images: the default (QuantConfig().calib) is the measured choice
+        res["top1_by_calibration"] = {
+            c: evaluate_model(quantize(fp32, calib, QuantConfig(calib=c))[0], spec, "val", limit=limit).accuracy
+            for c in ("minmax", "percentile", "entropy", "mse")}
+        res["default_calibration"] = QuantConfig().calib
     runs = 20 if quick else 100
     res["latency"] = bench_variants(variants, batches, runs if size == 32 else max(10, runs // 2),
                                     1.0 if quick else 3.0)

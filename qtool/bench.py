@@ -8,6 +8,8 @@ Measurement rules:
 - Models are measured interleaved, one run each per round (A, B, C, then C, B, A), so machine
   noise (other jobs, frequency changes) hits all of them alike; the alternating order keeps a
   model from always running right after the same neighbour.
+- ORT intra-op spinning is off for every session: interleaved sessions would otherwise steal each
+  other's cores while idle-spinning (see `_session`).
 - A session uses `threads` intra-op threads, one inter-op thread, sequential execution and the
   default ORT_ENABLE_ALL optimizations — what a user's default session does, with pinned threads.
 - An EP that is not in `onnxruntime.get_available_providers()`, fails to create a session, or that
@@ -269,6 +271,10 @@ def _session(source: bytes | str, ep: str, threads: int) -> ort.InferenceSession
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Interleaved sessions share the cores: with spinning on, the idle pool of the model just
+    # measured keeps spinning and steals the next model's cores (ResNet-18 measured 17 ms instead
+    # of 5.7 ms). Off for every session, so all models are timed alike.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         sess = ort.InferenceSession(source, so, providers=[p for p in providers if p in available])
     except Exception as e:

@@ -99,7 +99,7 @@ def fuse(model, output, verbose):
 @cli.command()
 @click.argument("model")
 @click.option("--data", default="digits", show_default=True, help=DATA_HELP + " (calibration images come from its train split)")
-@click.option("--calib", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
+@click.option("--calib", default="mse", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
 @click.option("--bits", default="w8a8", show_default=True, help="weight/activation bits, e.g. w8a8")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scale granularity")
 @click.option("--symmetric-activations", is_flag=True, help="int8 symmetric activations (S8S8; slower than the default U8S8 on x86 CPUs)")

@@ -45,8 +45,8 @@ def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, qat_epochs: int 
     console.rule("2/6 fuse")
     for line in fuse_file(f["fp32"], f["fused"]).lines():
         console.print("  " + line)
-    console.rule("3/6 quantize (PTQ W8A8, minmax, per-channel)")
-    for line in quantize_cli(f["fused"], f["int8"], data=DATA, calib="minmax", calib_size=256, plan_out=plan).lines():
+    console.rule("3/6 quantize (PTQ W8A8, mse calibration, per-channel)")
+    for line in quantize_cli(f["fused"], f["int8"], data=DATA, calib="mse", calib_size=256, plan_out=plan).lines():
         console.print("  " + line)
     console.rule("4/6 qat (W4A4 LSQ, first/last layer 8-bit)")
     for line in qat_file(f["fused"], f["w4a4_qat"], data=DATA, bits="w4a4", algo="lsq", epochs=qat_epochs,

@@ -139,7 +139,7 @@ def fuse_file(inp: str | os.PathLike, out: str | os.PathLike, verbose: bool = Fa
 class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
-    calib: str = "minmax"
+    calib: str = "mse"  # measured best-or-equal on ResNet-20 (benchmarks/results/suite.json)
     per_channel: bool = True
     act_signed: bool = False  # False: asymmetric uint8 (U8S8, fast with VNNI); True: int8
     act_symmetric: bool = False  # only with act_signed: zero point 0
@@ -327,7 +327,7 @@ def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches:
                            _ops(model), _ops(qmodel), fsum)
 
 
-def quantize_cli(inp: str | os.PathLike, out: str | os.PathLike, *, data: str, calib: str = "minmax",
+def quantize_cli(inp: str | os.PathLike, out: str | os.PathLike, *, data: str, calib: str = "mse",
                  weight_bits: int = 8, act_bits: int = 8, per_channel: bool = True, act_signed: bool = False,
                  fmt: str = "qdq", calib_size: int = 512, mean: tuple[float, ...] | None = None,
                  std: tuple[float, ...] | None = None, plan_out: str | os.PathLike | None = None) -> QuantizeSummary:

@@ -242,7 +242,7 @@ def test_cli(w8, tmp_path, capsys):
     assert cli_main(["export", *args, "-o", str(tmp_path / "fused.onnx")]) == 2
     assert "output path equals the input path" in capsys.readouterr().err
     assert cli_main(["export", "--from-search", str(tmp_path), "--pick", "0", "--int8", "-o", str(tmp_path / "s.onnx")]) == 2
-    assert "--from-search: not implemented yet (needs qtool search)" in capsys.readouterr().err
+    assert "no front.json" in capsys.readouterr().err
     assert cli_main(["export", *args[:-1], "-o", str(tmp_path / "n.onnx")]) == 2
     assert "--int8" in capsys.readouterr().err
     assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "s.onnx").exists()
