@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     result: dict = {"settings": {"quick": args.quick, "trained_model": trained, "data": spec,
                                  "calibration_images": n_cal, "intsim_images": n_sim,
                                  "val_images": "1000 spread over val" if args.quick else "all 5000 of val",
-                                 "plan": "W8A8 PTQ minmax, int8 per-channel weights, uint8 activations"}}
+                                 "plan": f"W8A8 PTQ {QuantConfig().calib}, int8 per-channel weights, uint8 activations"}}
     qdq, plan = quantize(fused, calib, QuantConfig())
     exports, timing = {}, {}
     for fmt in ("qdq", "qoperator", "integer"):

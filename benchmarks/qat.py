@@ -2,7 +2,7 @@
 
 Model: ResNet-20 trained on the shared CIFAR-10 train split (benchmarks/models/, made by
 benchmarks.train_resnet20); val = the fixed 5k slice. Rows, each from the same FP32 model:
-- FP32 on onnxruntime, and qtool PTQ W8A8 (minmax, 512 calibration images) for reference;
+- FP32 on onnxruntime, and qtool PTQ W8A8 (default calibration, 512 images) for reference;
 - QAT W8A8 (LSQ): accuracy drop vs FP32;
 - QAT W4A4 (first conv and last FC at 8 bits) with LSQ, PACT and DoReFa: drop vs FP32.
 Every QAT row reports fidelity: val accuracy of the fake-quant model and of onnxruntime on the
