@@ -29,7 +29,7 @@ import onnx
 from benchmarks.common import MODELS, cifar_spec, write_result
 from qtool.data import calib_inputs, load_dataset
 from qtool.evaluate import evaluate_model
-from qtool.io import load_model
+from qtool.io import load_model, save_model
 from qtool.qat import QATConfig, qat
 from qtool.quantize import QuantConfig, quantize
 
@@ -99,6 +99,8 @@ def main(argv=None) -> int:
         print(f"== {name}", file=sys.stderr)
         r = qat(model, train, val, cfg)
         results[name] = _row(r, fp32)
+        if key == "resnet20_cifar10" and not args.quick:  # the suite times these beside PTQ
+            save_model(r.model, MODELS / f"{key}.{name}.onnx")
         print(f"{name}: fake-quant {r.fidelity['acc_fakequant']:.4f} ort {r.fidelity['acc_ort']:.4f} "
               f"(diff {r.fidelity['diff_pp']:+.2f} pp), drop vs fp32 {results[name]['drop_pp_vs_fp32']:+.2f} pp",
               file=sys.stderr)

@@ -271,3 +271,41 @@ def test_cli_search_prints_front(lenet, tmp_path, capsys):
     assert main(["export", "--from-search", str(tmp_path / "w"), "--pick", "999", "--int8", "-o",
                  str(tmp_path / "x.onnx")]) == 2
     assert "--pick 999" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def test_sigkill_mid_search_then_resume_matches_uninterrupted_run(lenet, tmp_path):
+    """A real kill: `qtool search` in a subprocess gets SIGKILL once evaluations are logged; `--resume`
+    reuses every one of them and ends with the same front as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def argv(workdir, *extra):
+        return [sys.executable, "-m", "qtool", "search", str(lenet[1]), "--data", "digits", "--objectives", "acc,bitops",
+                "--pop", "6", "--gens", "4", "--seed", "3", "--train-limit", "300", "--val-limit", "200",
+                "--workdir", str(workdir), *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(argv(tmp_path / "ref"), check=True, capture_output=True, env=env, timeout=600)
+    log = tmp_path / "killed" / "evaluations.jsonl"
+    proc = subprocess.Popen(argv(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "killed" / "front.json").exists()
+    before = {json.loads(line)["key"] for line in log.read_text().splitlines() if line.endswith("}")}
+    assert len(before) >= 8
+    subprocess.run(argv(tmp_path / "killed", "--resume"), check=True, capture_output=True, env=env, timeout=600)
+    ref = json.loads((tmp_path / "ref" / "front.json").read_text())
+    res = json.loads((tmp_path / "killed" / "front.json").read_text())
+    assert res["reused"] >= len(before)
+    after = [json.loads(line)["key"] for line in log.read_text().splitlines() if line.endswith("}")]
+    assert set(after) >= before and len(after) == len(set(after))  # nothing re-evaluated, nothing lost
+    assert [(m["key"], m["acc"]) for m in res["front"]] == [(m["key"], m["acc"]) for m in ref["front"]]
