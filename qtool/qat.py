@@ -74,6 +74,7 @@ from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
 from qtool.quantize import QuantConfig, _is_fused, activation_quant, apply_plan, build_plan, fuse, untie_biases
+from qtool.train import EpochMeter, sgd_step
 
 log = logging.getLogger(__name__)
 
@@ -718,31 +719,20 @@ def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDatase
         for epoch in range(config.epochs):
             lifted.train()
             perm = pool[torch.randperm(len(pool), generator=gen)]
-            seen = correct = 0
-            loss_sum = 0.0
+            meter = EpochMeter()
             for s in range(steps_per_epoch):
                 idx = np.sort(perm[s * config.batch_size:(s + 1) * config.batch_size].numpy())
                 xb = torch.from_numpy(pre.apply(train_data.images[idx]))
                 yb = torch.from_numpy(train_data.labels[idx])
                 if augment:
                     xb = augment_cifar(xb, gen)
-                xb, yb = xb.to(device), yb.to(device)
-                logits = lifted(xb)
-                loss = loss_fn(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                seen += len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
-                loss_sum += loss.item() * len(yb)
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {loss_sum / seen:.3f} "
-                                                 f"acc {correct / seen:.3f}")
+                sgd_step(lifted, xb.to(device), yb.to(device), loss_fn, opt, sched, meter)
+                bar.update(task, advance=1, info=meter.info(epoch, config.epochs))
             val_acc = _evaluate(lifted, val_data, pre, device)[0]
-            history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
+            history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
                             "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
             if not config.quiet:
-                bar.console.print(f"epoch {epoch + 1}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} "
+                bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} "
                                   f"val (fake-quant) {val_acc:.4f}")
 
 

@@ -65,6 +65,41 @@ class TrainResult:
         return json.dumps(asdict(self), indent=2)
 
 
+class EpochMeter:
+    """Running loss / top-1 of one training epoch: what the progress bar and the history show."""
+
+    def __init__(self) -> None:
+        self.n = self.correct = 0
+        self.loss_sum = 0.0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        self.n += len(labels)
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.loss_sum += loss.item() * len(labels)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.n, 1)
+
+    def info(self, epoch: int, epochs: int) -> str:
+        return f"epoch {epoch + 1}/{epochs} loss {self.loss:.3f} acc {self.acc:.3f}"
+
+
+def sgd_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_fn, opt, sched, meter: EpochMeter) -> None:
+    """One optimizer step on a batch (shared by FP32 training and QAT)."""
+    logits = model(xb)
+    loss = loss_fn(logits, yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    meter.update(logits, yb, loss)
+
+
 def evaluate_torch(model: nn.Module, ds: ImageDataset, pre: Preprocess, batch_size: int = 500) -> float:
     model.eval()
     correct = 0
@@ -121,30 +156,19 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
         for epoch in range(cfg.epochs):
             model.train()
             perm = torch.randperm(len(train_ds), generator=gen)
-            seen = correct = 0
-            loss_sum = 0.0
+            meter = EpochMeter()
             for s in range(steps_per_epoch):
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 xb, yb = x_all[idx], y_all[idx]
                 if cfg.augment and xb.shape[-1] >= 16 and c == 3:
                     xb = augment_cifar(xb, gen)
-                logits = model(xb)
-                loss = loss_fn(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                seen += len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
-                loss_sum += loss.item() * len(yb)
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f} "
-                                                 f"acc {correct / seen:.3f}")
+                sgd_step(model, xb, yb, loss_fn, opt, sched, meter)
+                bar.update(task, advance=1, info=meter.info(epoch, cfg.epochs))
             val_acc = evaluate_torch(model, val_ds, pre)
-            history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
+            history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
                             "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
             if not quiet:
-                bar.console.print(f"epoch {epoch + 1}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} "
-                                  f"val {val_acc:.4f}")
+                bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} val {val_acc:.4f}")
     wall = time.perf_counter() - t0
     buf = io.BytesIO()
     torch.save({"model": cfg.model, "state_dict": model.state_dict(), "config": asdict(cfg)}, buf)

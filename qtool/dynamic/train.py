@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from qtool.data import ImageDataset, augment_cifar, check_input_matches, model_image_input
 from qtool.errors import QtoolError
+from qtool.train import EpochMeter
 from qtool.dynamic.controller import DynamicNet
 from qtool.preprocess import Preprocess, resolve_preprocess
 
@@ -182,8 +183,8 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
             net.train()
             perm = pool[torch.randperm(len(pool), generator=gen)]
             t0 = time.perf_counter()
-            n = correct = 0
-            loss_sum = bf_sum = 0.0
+            meter = EpochMeter()
+            bf_sum = 0.0
             for s in range(steps):
                 idx = np.sort(perm[s * config.batch_size:(s + 1) * config.batch_size].numpy())
                 xb = torch.from_numpy(pre.apply(ds.images[idx]))
@@ -207,13 +208,10 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
                 if dynamic:
                     opt_c.step()
                 sched.step()
-                n += len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
-                loss_sum += loss.item() * len(yb)
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {loss_sum / n:.3f} "
-                                                 f"acc {correct / n:.3f}")
-            hist.append({"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n,
-                         "train_avg_bitflops": bf_sum / n if dynamic else None,
+                meter.update(logits, yb, loss)
+                bar.update(task, advance=1, info=meter.info(epoch, config.epochs))
+            hist.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
+                         "train_avg_bitflops": bf_sum / meter.n if dynamic else None,
                          "seconds": round(time.perf_counter() - t0, 2)})
     net.eval()
     return hist
