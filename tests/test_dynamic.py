@@ -23,37 +23,7 @@ TRAIN_LIMIT = 256
 BITS = (3, 4, 5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only spins against the other jobs on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "val")
-
-
-@pytest.fixture(scope="module")
-def lenet(digits):
-    from qtool.models import build_model
-    from qtool.train import export_onnx
-
-    tr, _ = digits
-    torch.manual_seed(0)
-    m = build_model("lenet5", num_classes=10, in_channels=1)
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    x, y = torch.from_numpy(tr.preprocess.apply(tr.images)), torch.from_numpy(tr.labels)
-    for _ in range(2):
-        for i in range(0, len(x), 64):
-            loss = torch.nn.functional.cross_entropy(m(x[i:i + 64]), y[i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return export_onnx(m.eval(), (1, 32, 32), tr.preprocess)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
