@@ -67,6 +67,33 @@ def _report(r) -> dict:
     return d
 
 
+def _qat_exports(fp32, spec: str, quick: bool) -> dict:
+    """Plans from the QAT issue (short LSQ QAT, W8A8 and W4A4 with 8-bit first/last layer) exported in
+    every format; each format's ORT accuracy vs the fake-quant accuracy the QAT run reported."""
+    from qtool.data import load_dataset
+    from qtool.qat import QATConfig, qat
+
+    train, val = load_dataset(spec, "train"), load_dataset(spec, "val")
+    if quick:
+        val = val.subset(np.arange(1000))
+    out = {}
+    for name, (wb, ab) in {"w8a8_lsq": (8, 8), "w4a4_lsq": (4, 4)}.items():
+        cfg = QATConfig(weight_bits=wb, act_bits=ab, algo="lsq", epochs=1, train_limit=500 if quick else 2000,
+                        batch_size=128, lr=0.002 if wb == 8 else 0.01, quiet=True)
+        r = qat(fp32, train, val, cfg)
+        row = {"config": f"LSQ W{wb}A{ab}, 1 epoch x {cfg.train_limit} images", "val_images": len(val),
+               "acc_fakequant": r.fidelity["acc_fakequant"]}
+        for fmt in ("qdq", "qoperator", "integer"):
+            e = export_model(r.fused, r.plan, fmt)
+            acc = evaluate_model(e.model, spec, "val", limit=len(val)).accuracy  # the same images QAT scored
+            row[fmt] = {"acc_ort": acc, "diff_vs_fakequant_pp": (acc - row["acc_fakequant"]) * 100,
+                        "float_fallbacks": e.report.float_fallbacks, "size_bytes": e.report.size_bytes}
+        out[name] = row
+        print(f"qat {name}: " + ", ".join(f"{f} {row[f]['diff_vs_fakequant_pp']:+.2f} pp"
+                                         for f in ("qdq", "qoperator", "integer")), file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer calibration / val / intsim images")
@@ -125,6 +152,9 @@ def main(argv=None) -> int:
             acc = {k: evaluate_model(m, spec, "val").accuracy for k, m in models.items()}
         result["top1"] = acc
         result["top1_diff_vs_plan_qdq_pp"] = {k: (v - acc["qdq_plan"]) * 100 for k, v in acc.items() if k != "fp32"}
+
+    if spec and trained:
+        result["qat"] = _qat_exports(fp32, spec, args.quick)
 
     _, plan4 = quantize(fused, calib, QuantConfig(weight_bits=4))
     sizes = {m: export_model(fused, plan4, "qdq", m) for m in ("off", "on", "auto")}
