@@ -32,6 +32,9 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_BINS = 2048  # even, so doubling the range merges bin pairs exactly
 
 
+MIN_HIST_RANGE = 1e-8
+
+
 class TensorStats:
     """Running min/max + symmetric fixed-bin histogram of one tensor."""
 
@@ -59,7 +62,9 @@ class TensorStats:
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         amax = max(abs(lo), abs(hi))
         if self.R == 0.0:
-            self.R = amax if amax > 0 else 1e-8
+            # A floor keeps the bin width a normal float32 (subnormal ranges break np.histogram);
+            # ranges this small quantize to zero anyway.
+            self.R = max(amax, MIN_HIST_RANGE)
         while amax > self.R:
             # [-2R, 2R]: the old [-R, R] occupies the middle half; each new bin = two old bins.
             merged = self.hist.reshape(-1, 2).sum(axis=1)

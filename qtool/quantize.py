@@ -170,8 +170,13 @@ class QuantConfig:
 
 # -- plan ----------------------------------------------------------------------------------------
 
-def _f32(x: float) -> float:
-    return float(np.float32(x))
+MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def _scale(x: float) -> float:
+    """A float32 scale; a range so small that range/levels underflows float32 gets the smallest
+    normal float32, never 0 (ORT divides by the scale)."""
+    return max(float(np.float32(x)), MIN_SCALE)
 
 
 def weight_quant(w: np.ndarray, bits: int, axis: int | None) -> TensorQuant:
@@ -179,10 +184,10 @@ def weight_quant(w: np.ndarray, bits: int, axis: int | None) -> TensorQuant:
     qmax = 2 ** (bits - 1) - 1
     if axis is None:
         amax = float(np.max(np.abs(w))) if w.size else 0.0
-        return TensorQuant("weight", bits, True, "per_tensor", None, _f32(amax / qmax) if amax > 0 else 1.0, 0, True)
+        return TensorQuant("weight", bits, True, "per_tensor", None, _scale(amax / qmax) if amax > 0 else 1.0, 0, True)
     amax = np.max(np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)), axis=1)
     # An all-zero channel quantizes to 0 with any scale; 1.0 keeps the plan valid.
-    scales = tuple(_f32(a / qmax) if a > 0 else 1.0 for a in amax)
+    scales = tuple(_scale(a / qmax) if a > 0 else 1.0 for a in amax)
     return TensorQuant("weight", bits, True, "per_channel", axis, scales, (0,) * len(scales), True)
 
 
@@ -193,9 +198,9 @@ def activation_quant(rmin: float, rmax: float, config: QuantConfig) -> TensorQua
     rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)  # 0 must be exact (padding, Relu)
     if signed and config.act_symmetric:
         t = max(-rmin, rmax)
-        s = _f32(t / qmax) if t > 0 else 1.0
+        s = _scale(t / qmax) if t > 0 else 1.0
         return TensorQuant("activation", bits, True, scale=s, zero_point=0)
-    s = _f32((rmax - rmin) / (qmax - qmin)) if rmax > rmin else 1.0
+    s = _scale((rmax - rmin) / (qmax - qmin)) if rmax > rmin else 1.0
     zp = int(np.clip(np.rint(qmin - rmin / s), qmin, qmax))
     return TensorQuant("activation", bits, signed, scale=s, zero_point=zp)
 

@@ -2,7 +2,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 import torch
+
+# CI runs property tests derandomized (reproducible); locally hypothesis explores new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 

@@ -70,3 +70,16 @@ def test_collect_stats_bad_input():
         collect_stats(_model(), [{"z": np.zeros((1, 4), np.float32)}], ["r"])
     with pytest.raises(QtoolError, match="must be dicts"):
         collect_stats(_model(), [np.zeros((1, 4), np.float32)], ["r"])
+
+
+@pytest.mark.parametrize("value", [1e-45, -3e-39, 0.0])
+def test_subnormal_constant_tensor_gets_a_finite_positive_scale(value):
+    """Found by hypothesis: a subnormal-range histogram made np.histogram fail."""
+    from qtool.quantize import QuantConfig, activation_quant
+
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        s = TensorStats(64)
+        s.update(np.full(5, value, np.float32))
+        lo, hi = s.range(method, signed=False)
+        tq = activation_quant(lo, hi, QuantConfig())
+        assert np.isfinite(tq.scale) and tq.scale > 0
