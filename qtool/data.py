@@ -314,7 +314,9 @@ def load_dataset(spec: str, split: str = "train", val_size: int | None = None) -
     if not 0 < val_size < n:
         raise QtoolError(f"val size {val_size} out of range for {n} training images")
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-    idx = np.sort(perm[-val_size:]) if split == "val" else np.sort(perm[:-val_size])
+    # val keeps the permutation's order, so any prefix (--val-limit, quick runs) is a random sample
+    # rather than the first classes of a class-ordered folder; train is sorted (order is shuffled later).
+    idx = perm[-val_size:] if split == "val" else np.sort(perm[:-val_size])
     return ImageDataset(x[idx], y[idx], classes, pre)
 
 

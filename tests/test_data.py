@@ -105,3 +105,15 @@ def test_shared_cifar_split(cifar_spec):
     va = load_dataset(cifar_spec, "val")
     assert len(va) == 5000 and va.shape == (3, 32, 32)
     assert np.bincount(va.labels).min() > 400  # the fixed slice covers every class
+
+
+def test_val_prefix_is_a_random_sample_not_the_first_classes(tmp_path):
+    """Quick runs score the first N val images: on a class-ordered folder they must still cover every class."""
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        d = tmp_path / "f" / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(50):
+            Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    va = load_dataset(f"imagefolder:{tmp_path / 'f'}", "val", val_size=100)
+    assert set(va.labels[:20].tolist()) == {0, 1, 2, 3}
