@@ -132,6 +132,17 @@ def markdown(results: dict) -> str:
                          f"{rows['qtool_int8']['median_ms']:.3f} | {rows['ratios']['qtool_over_ort']:.2f} | "
                          f"{rows['ratios']['qtool_int8_over_fp32']:.2f} | "
                          f"{r['kernels']['qtool_int8']['float_fallbacks']} | {acc} |")
+    qat_rows = [(key, b, v, rows) for key, r in results["models"].items() for b, rows in r["latency"].items()
+                for v in rows if v.startswith("qtool_qat")]
+    if qat_rows:
+        lines += ["", "| QAT model (same run) | batch | ms | vs FP32 | vs qtool PTQ INT8 | top-1 | float fallbacks |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, b, v, rows in qat_rows:
+            r = results["models"][key]
+            ms = rows[v]["median_ms"]
+            lines.append(f"| {key} {v[6:]} | {b[5:]} | {ms:.3f} | {ms / rows['fp32']['median_ms']:.2f} | "
+                         f"{ms / rows['qtool_int8']['median_ms']:.2f} | {r['top1'][v] * 100:.2f} | "
+                         f"{r['kernels'][v]['float_fallbacks']} |")
     s = results["settings"]
     lines.append("")
     lines.append(f"Median latency, onnxruntime {s['onnxruntime']} CPU EP, {s['threads']} threads, "
