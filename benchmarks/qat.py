@@ -35,24 +35,14 @@ from qtool.quantize import QuantConfig, quantize
 
 
 def _lenet_digits() -> onnx.ModelProto:
-    import torch
+    import tempfile
 
-    from qtool.models import build_model
-    from qtool.train import export_onnx
+    from qtool.train import TrainConfig, train
 
-    tr = load_dataset("digits", "train")
-    torch.manual_seed(0)
-    m = build_model("lenet5", num_classes=10, in_channels=1)
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    x, y = torch.from_numpy(tr.preprocess.apply(tr.images)), torch.from_numpy(tr.labels)
-    for _ in range(5):
-        m.train()
-        for i in range(0, len(x), 64):
-            loss = torch.nn.functional.cross_entropy(m(x[i:i + 64]), y[i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return export_onnx(m, (1, 32, 32), tr.preprocess)
+    with tempfile.TemporaryDirectory() as d:
+        train(TrainConfig(model="lenet5", data="digits", epochs=5, batch_size=64, lr=0.05), f"{d}/lenet.onnx",
+              quiet=True)
+        return load_model(f"{d}/lenet.onnx")
 
 
 def _row(r, fp32_acc: float) -> dict:

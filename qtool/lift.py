@@ -28,6 +28,8 @@ round_prefer_ceil), linear/cubic with half_pixel, pytorch_half_pixel or align_co
 """
 from __future__ import annotations
 
+import functools
+
 import copy
 import math
 import re
@@ -223,11 +225,6 @@ def _pow(a, training, x, y):
     return torch.pow(x, y).to(x.dtype)
 
 
-@_op("Relu")
-def _relu(a, training, x):
-    return F.relu(x)
-
-
 @_op("Clip")
 def _clip(a, training, x, lo=None, hi=None):
     if lo is None and hi is None:
@@ -240,11 +237,6 @@ def _leaky_relu(a, training, x):
     return F.leaky_relu(x, a.get("alpha", 0.01))
 
 
-@_op("Sigmoid")
-def _sigmoid(a, training, x):
-    return torch.sigmoid(x)
-
-
 @_op("HardSigmoid")
 def _hard_sigmoid(a, training, x):
     return torch.clamp(x * a.get("alpha", 0.2) + a.get("beta", 0.5), 0.0, 1.0)
@@ -255,49 +247,23 @@ def _hard_swish(a, training, x):
     return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)  # ORT's formula (alpha 1/6, beta 1/2)
 
 
-@_op("Tanh")
-def _tanh(a, training, x):
-    return torch.tanh(x)
+# Element-wise ops without attributes: one table instead of a function each.
+_UNARY = {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf, "Sqrt": torch.sqrt,
+          "Neg": torch.neg, "Abs": torch.abs, "Exp": torch.exp, "Log": torch.log, "Reciprocal": torch.reciprocal,
+          "Not": torch.logical_not}
+
+
+def _unary(fn, a, training, x):
+    return fn(x)
+
+
+for _name, _fn in _UNARY.items():
+    _op(_name)(functools.partial(_unary, _fn))  # a partial (not a lambda) keeps lifted modules picklable
 
 
 @_op("Softmax")
 def _softmax(a, training, x):
     return torch.softmax(x, a.get("axis", -1))
-
-
-@_op("Erf")
-def _erf(a, training, x):
-    return torch.erf(x)
-
-
-@_op("Sqrt")
-def _sqrt(a, training, x):
-    return torch.sqrt(x)
-
-
-@_op("Neg")
-def _neg(a, training, x):
-    return -x
-
-
-@_op("Abs")
-def _abs(a, training, x):
-    return torch.abs(x)
-
-
-@_op("Exp")
-def _exp(a, training, x):
-    return torch.exp(x)
-
-
-@_op("Log")
-def _log(a, training, x):
-    return torch.log(x)
-
-
-@_op("Reciprocal")
-def _reciprocal(a, training, x):
-    return torch.reciprocal(x)
 
 
 @_op("Sum")
@@ -337,11 +303,6 @@ def _less(a, training, x, y):
 @_op("Greater")
 def _greater(a, training, x, y):
     return torch.gt(x, y)
-
-
-@_op("Not")
-def _not(a, training, x):
-    return torch.logical_not(x)
 
 
 @_op("Where")

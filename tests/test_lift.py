@@ -441,3 +441,18 @@ def test_hooks_match_ort_qdq_graph():
         lifted.set_quantizer(name, None)
     with torch.no_grad():
         np.testing.assert_allclose(lifted(torch.from_numpy(x)).numpy(), ort_run(float_model, {"x": x})[0], atol=1e-5)
+
+
+def test_lifted_module_pickles_and_deep_copies():
+    """Process-pool executors ship lifted modules to workers: they must pickle (no lambdas inside)."""
+    import copy
+    import pickle
+
+    from qtool.models import build_model
+    from qtool.preprocess import Preprocess
+    from qtool.train import export_onnx
+
+    m = lift(export_onnx(build_model("lenet5", in_channels=1).eval(), (1, 32, 32), Preprocess())).eval()
+    x = torch.randn(2, 1, 32, 32)
+    for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert torch.equal(clone.eval()(x), m(x))
