@@ -85,6 +85,7 @@ def plot_pareto(path: Path, result) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     others = [o for o in result.objectives if o != "acc"]
     y_name = "acc" if "acc" in result.objectives else result.objectives[0]
@@ -104,6 +105,7 @@ def plot_pareto(path: Path, result) -> None:
         ax.set_ylabel("top-1 (%)" if y_name == "acc" else metric(y_name).label)
         if o in ("flops", "bitops", "packed_size"):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on a short log axis
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("bit-width search: Pareto front vs uniform baselines (same evaluator)")
