@@ -371,6 +371,19 @@ def calib_inputs(model, spec: str, n: int = 512, batch_size: int = 64,
             yield {name: x}
 
 
+def epoch_batches(ds: ImageDataset, pool, batch_size: int, pre: Preprocess, generator, augment: bool):
+    """One shuffled pass over `pool` (a torch index tensor into `ds`): preprocessed float torch batches
+    (x, y), CIFAR-augmented when `augment`. Shared by the QAT and dynamic trainers."""
+    import torch
+
+    perm = pool[torch.randperm(len(pool), generator=generator)]
+    for s in range(0, len(perm), batch_size):
+        idx = np.sort(perm[s:s + batch_size].numpy())
+        xb = torch.from_numpy(pre.apply(ds.images[idx]))
+        yb = torch.from_numpy(ds.labels[idx])
+        yield (augment_cifar(xb, generator) if augment else xb), yb
+
+
 def augment_cifar(x, generator=None):
     """Standard CIFAR augmentation on a float torch batch: 4-pixel pad + random crop, h-flip."""
     import torch

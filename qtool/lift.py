@@ -266,28 +266,13 @@ def _softmax(a, training, x):
     return torch.softmax(x, a.get("axis", -1))
 
 
-@_op("Sum")
-def _sum(a, training, *xs):
-    y = xs[0]
-    for t in xs[1:]:
-        y = y + t
-    return y
+def _variadic(fn, a, training, *xs):
+    return functools.reduce(fn, xs)
 
 
-@_op("Max")
-def _max(a, training, *xs):
-    y = xs[0]
-    for t in xs[1:]:
-        y = torch.maximum(y, t)
-    return y
-
-
-@_op("Min")
-def _min(a, training, *xs):
-    y = xs[0]
-    for t in xs[1:]:
-        y = torch.minimum(y, t)
-    return y
+# Variadic element-wise ops fold their inputs pairwise, left to right (as the loops ORT runs).
+for _name, _fn in {"Sum": torch.add, "Max": torch.maximum, "Min": torch.minimum}.items():
+    _op(_name)(functools.partial(_variadic, _fn))
 
 
 @_op("Equal")

@@ -65,7 +65,7 @@ from onnx import numpy_helper
 import passes
 from passes.qdq import ABSORBED_ACTS
 from passes.units import ANCHOR_OPS, unit_activation
-from qtool.data import ImageDataset, augment_cifar, check_input_matches, model_image_input
+from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.errors import QtoolError
 from qtool.fakequant import (BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant,
                              PACTFakeQuant, QParams, fake_quant)
@@ -718,14 +718,8 @@ def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDatase
         task = bar.add_task(f"qat {config.algo}", total=config.epochs * steps_per_epoch, info="")
         for epoch in range(config.epochs):
             lifted.train()
-            perm = pool[torch.randperm(len(pool), generator=gen)]
             meter = EpochMeter()
-            for s in range(steps_per_epoch):
-                idx = np.sort(perm[s * config.batch_size:(s + 1) * config.batch_size].numpy())
-                xb = torch.from_numpy(pre.apply(train_data.images[idx]))
-                yb = torch.from_numpy(train_data.labels[idx])
-                if augment:
-                    xb = augment_cifar(xb, gen)
+            for xb, yb in epoch_batches(train_data, pool, config.batch_size, pre, gen, augment):
                 sgd_step(lifted, xb.to(device), yb.to(device), loss_fn, opt, sched, meter)
                 bar.update(task, advance=1, info=meter.info(epoch, config.epochs))
             val_acc = _evaluate(lifted, val_data, pre, device)[0]

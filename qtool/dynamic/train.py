@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qtool.data import ImageDataset, augment_cifar, check_input_matches, model_image_input
+from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.errors import QtoolError
 from qtool.train import EpochMeter
 from qtool.dynamic.controller import DynamicNet
@@ -181,16 +181,10 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
         task = bar.add_task(label, total=config.epochs * steps, info="")
         for epoch in range(config.epochs):
             net.train()
-            perm = pool[torch.randperm(len(pool), generator=gen)]
             t0 = time.perf_counter()
             meter = EpochMeter()
             bf_sum = 0.0
-            for s in range(steps):
-                idx = np.sort(perm[s * config.batch_size:(s + 1) * config.batch_size].numpy())
-                xb = torch.from_numpy(pre.apply(ds.images[idx]))
-                yb = torch.from_numpy(ds.labels[idx])
-                if augment:
-                    xb = augment_cifar(xb, gen)
+            for xb, yb in epoch_batches(ds, pool, config.batch_size, pre, gen, augment):
                 logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
                 if dynamic:
