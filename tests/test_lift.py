@@ -456,3 +456,18 @@ def test_lifted_module_pickles_and_deep_copies():
     x = torch.randn(2, 1, 32, 32)
     for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
         assert torch.equal(clone.eval()(x), m(x))
+
+
+@pytest.mark.parametrize("op", ["Sum", "Max", "Min"])
+def test_variadic_elementwise_ops_match_ort(op):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("a", "b", "c")]
+    g = helper.make_graph([helper.make_node(op, ["a", "b", "c"], ["y"])], "g", vi,
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {n: np.random.default_rng(i).standard_normal((2, 3)).astype(np.float32) for i, n in enumerate("abc")}
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    out = lift(m)(*(torch.from_numpy(feeds[n]) for n in "abc"))
+    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-6, atol=1e-6)
