@@ -18,8 +18,10 @@ Emission (`insert_qdq`): activations get Q -> DQ right after their producer and 
 pointed at the DQ, so each tensor has exactly one pair. Weights are stored quantized (int8/uint8
 initializer + DequantizeLinear, `axis` for per-channel); the DQ output keeps the weight's name so
 the plan's names stay valid in the result. Biases become int32 with scale s_in * s_w and zero point 0.
-Activations narrower than their 8-bit container get a Clip to the narrowed range before the Q, so the
-graph computes exactly what a b-bit fake-quant computes. A quantized graph output keeps its name (its
+Activations narrower than their 8-bit container are quantized twice: Q -> DQ in the container (which
+lets onnxruntime keep the producer an integer kernel), then Clip to the narrowed range -> Q -> DQ, so
+the graph computes exactly what a b-bit fake-quant computes. A Clip straight before the Q would
+block onnxruntime's QDQ fusion and run the producer in float (measured 4x slower on W4A4 ResNet-20). A quantized graph output keeps its name (its
 float producer is renamed `<name>_float`).
 """
 from __future__ import annotations
@@ -311,11 +313,18 @@ class InsertQDQPass(QPass):
         qmin, qmax = tq.qrange
         cmin, cmax = (-128, 127) if tq.signed else (0, 255)
         if (qmin, qmax) != (cmin, cmax):
+            # Q -> DQ in the 8-bit container first, so onnxruntime still fuses the producer into an
+            # integer kernel (QLinearConv, ...); the Clip then narrows the dequantized codes, exactly.
             s, z = float(tq.scale), int(tq.zero_point)
+            wide_q = ir.node("QuantizeLinear", [t, s_v, z_v], name=f"{name}_QuantizeLinear_container")
+            wide_q.outputs[0].name = unique_name(g, f"{name}_container")
+            wide_dq = ir.node("DequantizeLinear", [wide_q.outputs[0], s_v, z_v],
+                              name=f"{name}_DequantizeLinear_container")
+            wide_dq.outputs[0].name = unique_name(g, f"{name}_container_dequantized")
             lo = new_initializer(g, np.float32((qmin - z) * s), f"{name}_clip_min")
             hi = new_initializer(g, np.float32((qmax - z) * s), f"{name}_clip_max")
-            clip = ir.node("Clip", [t, lo, hi], name=f"{name}_Clip")
-            new_nodes.append(clip)
+            clip = ir.node("Clip", [wide_dq.outputs[0], lo, hi], name=f"{name}_Clip")
+            new_nodes += [wide_q, wide_dq, clip]
             src = clip.outputs[0]
             src.name = unique_name(g, f"{name}_clipped")
         q = ir.node("QuantizeLinear", [src, s_v, z_v], name=f"{name}_QuantizeLinear")

@@ -742,6 +742,9 @@ class LiftedModule(nn.Module):
                 ins = ins[:-1]
             self._steps.append((run, attrs, ins, tuple(node.output)))
         self._node_names = [n.name for n in compute]
+        self._op_types = [n.op_type for n in compute]
+        self.eval_overrides = nn.ModuleDict()  # output tensor -> module run instead of the op in eval mode
+        self._override_key: dict[str, str] = {}
 
         self._tensor_names = set(self.input_names) | state_names | set(consts) | {o for n in compute for o in n.output}
         for o in self.output_names:
@@ -834,7 +837,27 @@ class LiftedModule(nn.Module):
         drop = set(idx[:-1])
         self._steps = [step if i == idx[-1] else s for i, s in enumerate(self._steps) if i not in drop]
         self._node_names = [key if i == idx[-1] else n for i, n in enumerate(self._node_names) if i not in drop]
+        self._op_types = ["Replaced" if i == idx[-1] else n for i, n in enumerate(self._op_types) if i not in drop]
         self._tensor_names |= set(outputs)
+
+    def step_table(self) -> list[tuple[str, dict, tuple[str, ...], tuple[str, ...]]]:
+        """(op_type, attrs, inputs, outputs) per step in run order; "Replaced" for replace_nodes groups."""
+        return [(op, attrs, ins, outs) for op, (_, attrs, ins, outs) in zip(self._op_types, self._steps)]
+
+    def set_eval_override(self, output_name: str, module: nn.Module | None) -> None:
+        """In eval mode, compute the step producing `output_name` as `module(*inputs)` (None removes it);
+        qtool.ortexact uses this to run quantized ops the way onnxruntime's integer kernels do."""
+        if not any(outs and outs[0] == output_name for _, _, _, outs in self._steps):
+            raise QtoolError(f"no step produces {output_name!r} in the lifted graph")
+        key = self._override_key.get(output_name)
+        if module is None:
+            if key is not None:
+                del self.eval_overrides[key]
+                del self._override_key[output_name]
+            return
+        if key is None:
+            key = self._override_key[output_name] = _sanitize(output_name, set(self.eval_overrides.keys()), "e_")
+        self.eval_overrides[key] = module
 
     # -- quantization hooks ----------------------------------------------------------------------
     def set_quantizer(self, tensor_name: str, module: nn.Module | None) -> None:
@@ -884,8 +907,13 @@ class LiftedModule(nn.Module):
             if name in env:
                 env[name] = qmods[key](env[name])
         training = self.training
+        overrides = {} if training else self._override_key
         for run, attrs, ins, outs in self._steps:
-            y = run(attrs, training, *[env[t] if t else None for t in ins])
+            ov = overrides.get(outs[0]) if overrides else None
+            if ov is not None:
+                y = self.eval_overrides[ov](*[env[t] if t else None for t in ins])
+            else:
+                y = run(attrs, training, *[env[t] if t else None for t in ins])
             if isinstance(y, tuple):
                 for o, v in zip(outs, y):
                     env[o] = v

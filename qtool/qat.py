@@ -70,6 +70,7 @@ from qtool.errors import QtoolError
 from qtool.fakequant import (BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant,
                              PACTFakeQuant, QParams, fake_quant)
 from qtool.lift import LiftedModule, lift, run_op
+from qtool.ortexact import install_exact_eval
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
@@ -200,6 +201,7 @@ class _ConvBNFold(nn.Module):
         self.conv_attrs, self.eps, self.momentum = conv_attrs, eps, momentum  # momentum: torch's (1 - ONNX's)
         self.weight_fq = weight_fq
         self.bias_fq: _BiasFakeQuant | None = None
+        self.exact: nn.Module | None = None  # eval-mode onnxruntime kernel emulation (qtool.ortexact)
         self.freeze_step = freeze_step
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
@@ -226,6 +228,8 @@ class _ConvBNFold(nn.Module):
                 y = y + b.reshape(shape)
             return F.batch_norm(y, mean, var, gamma, beta, True, self.momentum, self.eps)
         bias = self.bias_fq(b_fold) if self.bias_fq is not None else b_fold
+        if self.exact is not None and not self.training:
+            return self.exact(x, wq, bias)
         return run_op("Conv", self.conv_attrs, self.training, x, wq, bias)
 
 
@@ -522,6 +526,23 @@ def _bn_fold_map(original: onnx.ModelProto, fused: onnx.ModelProto, spec: dict[s
     return lifted, pairs, names
 
 
+def _install_exact_eval(lifted: LiftedModule) -> list[str]:
+    """Snapshot the trained quantization parameters into qtool.ortexact's eval-mode kernels."""
+    weights = set(lifted.trainable_initializers())
+
+    def quant_of(t: str) -> TensorQuant | None:
+        fq = lifted.quantizer(t)
+        if fq is None or isinstance(fq, _BiasFakeQuant):
+            return None
+        kind = "weight" if t in weights else "activation"
+        return _tensor_quant(kind, fq.root if isinstance(fq, _Shared) else fq)
+
+    def weight_quant_of(fold: nn.Module) -> TensorQuant | None:
+        return _tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
+
+    return install_exact_eval(lifted, quant_of, weight_quant_of)
+
+
 def _evaluate(module: nn.Module, ds: ImageDataset, pre: Preprocess, device: torch.device) -> tuple[float, np.ndarray]:
     module.eval()
     outs = []
@@ -677,6 +698,8 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
         fq = quantizers[t]
         plan.tensors[t] = (_tensor_quant(s.kind, fq.root) if isinstance(fq, _Shared) else _tensor_quant(s.kind, fq))
     qmodel = apply_plan(tuned, plan)
+    exact = _install_exact_eval(lifted)
+    notes.append(f"eval mode emulates onnxruntime's integer kernels at {len(exact)} quantized ops (qtool.ortexact)")
 
     # Fidelity on the val split: the fake-quant model vs onnxruntime on the written model.
     acc_fq, logits_fq = _evaluate(lifted, val_data, pre, device)
