@@ -18,10 +18,10 @@ Emission (`insert_qdq`): activations get Q -> DQ right after their producer and 
 pointed at the DQ, so each tensor has exactly one pair. Weights are stored quantized (int8/uint8
 initializer + DequantizeLinear, `axis` for per-channel); the DQ output keeps the weight's name so
 the plan's names stay valid in the result. Biases become int32 with scale s_in * s_w and zero point 0.
-Activations narrower than their 8-bit container are quantized twice: Q -> DQ in the container (which
-lets onnxruntime keep the producer an integer kernel), then Clip to the narrowed range -> Q -> DQ, so
-the graph computes exactly what a b-bit fake-quant computes. A Clip straight before the Q would
-block onnxruntime's QDQ fusion and run the producer in float (measured 4x slower on W4A4 ResNet-20). A quantized graph output keeps its name (its
+Activations narrower than their 8-bit container get an integer Clip on their codes, Q -> Clip -> DQ,
+so the graph computes exactly what a b-bit fake-quant computes while onnxruntime still fuses the
+producer into an integer kernel. A float Clip before the Q would block that fusion and run the
+producer in float (measured 4x slower on W4A4 ResNet-20). A quantized graph output keeps its name (its
 float producer is renamed `<name>_float`).
 """
 from __future__ import annotations
@@ -308,31 +308,26 @@ class InsertQDQPass(QPass):
         name = t.name
         s_v, z_v = self._params(g, name, tq, dtype)
         readers = [(n, i) for n, i in t.uses()]
-        src = t
         new_nodes = []
         qmin, qmax = tq.qrange
         cmin, cmax = (-128, 127) if tq.signed else (0, 255)
-        if (qmin, qmax) != (cmin, cmax):
-            # Q -> DQ in the 8-bit container first, so onnxruntime still fuses the producer into an
-            # integer kernel (QLinearConv, ...); the Clip then narrows the dequantized codes, exactly.
-            s, z = float(tq.scale), int(tq.zero_point)
-            wide_q = ir.node("QuantizeLinear", [t, s_v, z_v], name=f"{name}_QuantizeLinear_container")
-            wide_q.outputs[0].name = unique_name(g, f"{name}_container")
-            wide_dq = ir.node("DequantizeLinear", [wide_q.outputs[0], s_v, z_v],
-                              name=f"{name}_DequantizeLinear_container")
-            wide_dq.outputs[0].name = unique_name(g, f"{name}_container_dequantized")
-            lo = new_initializer(g, np.float32((qmin - z) * s), f"{name}_clip_min")
-            hi = new_initializer(g, np.float32((qmax - z) * s), f"{name}_clip_max")
-            clip = ir.node("Clip", [wide_dq.outputs[0], lo, hi], name=f"{name}_Clip")
-            new_nodes += [wide_q, wide_dq, clip]
-            src = clip.outputs[0]
-            src.name = unique_name(g, f"{name}_clipped")
-        q = ir.node("QuantizeLinear", [src, s_v, z_v], name=f"{name}_QuantizeLinear")
+        q = ir.node("QuantizeLinear", [t, s_v, z_v], name=f"{name}_QuantizeLinear")
         q.outputs[0].name = unique_name(g, f"{name}_quantized")
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s_v, z_v], name=f"{name}_DequantizeLinear")
+        new_nodes.append(q)
+        codes = q.outputs[0]
+        if (qmin, qmax) != (cmin, cmax):
+            # Narrow the codes with an integer Clip after the container Q: onnxruntime still fuses the
+            # producer into an integer kernel (a float Clip before the Q would block that).
+            lo = new_initializer(g, np.array(qmin, dtype), f"{name}_code_min")
+            hi = new_initializer(g, np.array(qmax, dtype), f"{name}_code_max")
+            clip = ir.node("Clip", [codes, lo, hi], name=f"{name}_Clip")
+            new_nodes.append(clip)
+            codes = clip.outputs[0]
+            codes.name = unique_name(g, f"{name}_quantized_narrow")
+        dq = ir.node("DequantizeLinear", [codes, s_v, z_v], name=f"{name}_DequantizeLinear")
         out = dq.outputs[0]
         out.type, out.shape = t.type, t.shape
-        new_nodes += [q, dq]
+        new_nodes.append(dq)
         producer = t.producer()
         if producer is None:
             g.insert_before(next(iter(g)), new_nodes)

@@ -14,8 +14,9 @@ Integer ranges: `bits` 2..8 with `qmin, qmax` of the b-bit type. ORT has native 
 (opset 13), int4/uint4 (opset 21) and int2/uint2 (opset 25) Q/DQ. Other widths (3, 5, 6, 7) live
 in an int8/uint8 container, where ORT would saturate to the container's range, not the b-bit one;
 the exporter then either writes weights as integer codes (`quantize_codes`, exact for every
-algorithm here) or puts `Clip(clip_range())` in front of an activation's Q, which makes the
-container's saturation coincide with the b-bit range (tested).
+algorithm here) or gives an activation an integer Clip of its codes to [qmin, qmax] between Q
+and DQ (the same values as `Clip(clip_range())` before the Q, tested), which onnxruntime still
+fuses into integer kernels.
 
 How each algorithm maps to an ORT QDQ pair (what `qparams()` returns):
 

@@ -15,8 +15,11 @@ exported DequantizeLinear applies) -> train -> read every quantizer's qparams() 
 Fidelity (DESIGN.md). Every exported weight is the fake-quant output `code * scale` (float32), so
 the QDQ insertion recovers exactly the codes the torch model used, whatever the algorithm (DoReFa
 and BNN transform the weight before quantizing: a QDQ on the raw weight would not reproduce them).
-Activations use onnxruntime's QDQ numerics (qtool.fakequant), with a Clip before a sub-8-bit Q.
-What remains is float accumulation order and onnxruntime's integer kernels re-rounding at ties.
+Activations use onnxruntime's QDQ numerics (qtool.fakequant); a sub-8-bit activation is exported
+as Q -> integer Clip of the codes -> DQ, so ORT still runs integer kernels.
+What remained was float accumulation order vs the kernels' exact integer sums re-rounding at ties;
+after training the module's eval mode runs the quantized Conv/Gemm/Add/GlobalAveragePool as
+onnxruntime's kernels compute them (qtool.ortexact), so its logits equal ORT's bit for bit.
 
 Algorithms (activations / weights; all start from the PTQ minmax calibration):
 - minmax: activations keep a running min/max; ema: exponential moving averages (Jacob et al.

@@ -71,7 +71,7 @@ def test_every_algorithm_exports_a_faithful_qdq_model(algo, lenet, digits):
     r = qat(lenet, tr, val, _cfg(weight_bits=4, act_bits=4, algo=algo))
     _check_fidelity(r, val)
     ops = Counter(n.op_type for n in r.model.graph.node)
-    assert ops["QuantizeLinear"] > 0 and ops["Clip"] > 0  # 4-bit activations: Q -> DQ -> Clip -> Q
+    assert ops["QuantizeLinear"] > 0 and ops["Clip"] > 0  # 4-bit activations: Q -> Clip(codes) -> DQ
     T = r.plan.tensors
     # First conv and last FC stay at 8 bits (weights and inputs), the rest is 4-bit (BNN: +-1 codes).
     assert T["features.0.weight"].bits == 8 and T["input"].bits == 8 and T["classifier.5.weight"].bits == 8
