@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-limit", type=int, default=None, help="training images per epoch [quick 2000, else 10000]")
     ap.add_argument("--algos", default="lsq,pact,dorefa", help="W4A4 algorithms")
     ap.add_argument("--lr", type=float, default=0.01, help="SGD peak learning rate (cosine)")
+    ap.add_argument("--name", default=None,
+                    help="result file name [qat, qat_quick]; only the run named qat replaces benchmarks/models/*.qat_*")
     args = ap.parse_args(argv)
     epochs = args.epochs
     train_limit = args.train_limit or (2000 if args.quick else 10000)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         print(f"== {name}", file=sys.stderr)
         r = qat(model, train, val, cfg)
         results[name] = _row(r, fp32)
-        if key == "resnet20_cifar10" and not args.quick:  # the suite times these beside PTQ
+        if key == "resnet20_cifar10" and not args.quick and args.name in (None, "qat"):  # timed by the suite
             save_model(r.model, MODELS / f"{key}.{name}.onnx")
         print(f"{name}: fake-quant {r.fidelity['acc_fakequant']:.4f} ort {r.fidelity['acc_ort']:.4f} "
               f"(diff {r.fidelity['diff_pp']:+.2f} pp), drop vs fp32 {results[name]['drop_pp_vs_fp32']:+.2f} pp",
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
                key: {"fp32_acc": fp32, "ptq_w8a8_acc": ptq, "ptq_w8a8_drop_pp": (fp32 - ptq) * 100, **results,
                      "worst_fidelity_diff_pp": worst, "fidelity_target_pp": 0.1, "meets_fidelity_target": worst <= 0.1,
                      "wall_time_s": round(time.perf_counter() - t0, 1)}}
-    name = "qat_quick" if args.quick else "qat"
+    name = args.name or ("qat_quick" if args.quick else "qat")
     p = write_result(name if key == "resnet20_cifar10" else "qat_smoke", payload)
     print(p.read_text())
     return 0

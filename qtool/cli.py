@@ -190,18 +190,24 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 @click.option("--train-limit", default=None, type=int, help="train on N images of the train split")
 @click.option("--val-limit", default=None, type=int, help="evaluate on the first N validation images")
 @click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float,
+              help="SGD learning rate of the network (BN is folded: higher rates diverge on ResNet-20)")
+@click.option("--controller-lr", default=1e-2, show_default=True, type=float, help="Adam learning rate of the bit controller")
+@click.option("--budget", default="batch", show_default=True, type=click.Choice(["batch", "sample"]),
+              help="hinge the penalty on the batch's mean BitFLOPs (an average budget) or on every sample")
 @click.option("--max-configs", default=8, show_default=True, type=int, help="configurations deployed (one QDQ model each)")
 @click.option("--uniform-baselines", is_flag=True, help="also train static QAT at every uniform bit-width")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, help="output directory (reports, controller.onnx, configs/)")
-def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, max_configs,
-            uniform_baselines, seed, output):
+def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, lr, controller_lr,
+            budget, max_configs, uniform_baselines, seed, output):
     """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
     from qtool.dynamic import dynamic_cli
 
     for line in dynamic_cli(model, output, data=data, bits=bits, target=target, epochs=epochs, penalty=penalty,
                             alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
-                            max_configs=max_configs, seed=seed, uniform_baselines=uniform_baselines).lines():
+                            lr=lr, controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
+                            uniform_baselines=uniform_baselines).lines():
         echo(line)
 
 

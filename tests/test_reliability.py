@@ -368,6 +368,10 @@ CASES = [
     ("train-out-is-dir", lambda t: (t / "o").mkdir() or T("-o", "{t}/o")(t), "output path is a directory"),
     ("train-epochs-0", T("--epochs", "0", "-o", "{t}/out.onnx"), "--epochs must be >= 1"),
     ("train-data-missing", T("--data", "cifar10:{t}/none", "-o", "{t}/out.onnx"), "data path not found"),
+    # -- dynamic: training settings
+    ("dynamic-negative-lr", lambda t: ["dynamic", good(t), "--lr", "-1", "-o", str(t / "dyn")], "lr must be > 0"),
+    ("dynamic-zero-controller-lr", lambda t: ["dynamic", good(t), "--controller-lr", "0", "-o", str(t / "dyn")],
+     "controller_lr must be > 0"),
 ]
 
 
