@@ -15,8 +15,8 @@ What the hardware actually rewards, measured on stock onnxruntime CPU (MLAS): on
 is faster. Every Q/DQ type is an 8-bit container (int8/uint8), ORT's integer kernels
 (QLinearConv, MatMulInteger, QGemm) run 8-bit arithmetic whatever the code range, so a 4- or
 2-bit weight costs exactly what an 8-bit one costs, and `size` (QDQ file bytes) does not shrink
-below 8 bits either. Sub-8-bit activations are even slightly slower: they need a float Clip in
-front of the QuantizeLinear (the narrow range), which ORT cannot always fold. So `latency` and
+below 8 bits either. Sub-8-bit activations are even slightly slower: their narrow range is an
+extra integer Clip on the codes (Q -> Clip -> DQ; the producer still runs as an integer kernel). So `latency` and
 `size` are flat (or rise) below 8 bits, and `flops`/`bitops`/`packed_size` describe hardware
 with real low-bit arithmetic/storage (accelerators, bit-serial or packed kernels), not ORT's CPU EP.
 Search with `latency` when the deployment is ORT on CPU; with `bitops`/`flops` for such hardware.
