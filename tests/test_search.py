@@ -309,3 +309,97 @@ def test_sigkill_mid_search_then_resume_matches_uninterrupted_run(lenet, tmp_pat
     after = [json.loads(line)["key"] for line in log.read_text().splitlines() if line.endswith("}")]
     assert set(after) >= before and len(after) == len(set(after))  # nothing re-evaluated, nothing lost
     assert [(m["key"], m["acc"]) for m in res["front"]] == [(m["key"], m["acc"]) for m in ref["front"]]
+
+
+# -- supernet training: the sandwich rule --------------------------------------------------------
+def _weight_steps(net):
+    """weight tensor -> {bits: LSQ step sizes (a copy)}."""
+    return {w: {b: q.scale.detach().clone() for b, q in ((int(b), q) for b, q in net.wq[k].q.items())}
+            for w, k in net._wq_key.items()}
+
+
+def _train(problem, ev, steps, monkeypatch):
+    """Train a fresh supernet with `ev`'s sampler; record every configuration set and every loss's
+    (logits, target)."""
+    from qtool.search.evaluators import train_steps
+    from qtool.search.supernet import QuantNet
+
+    sp, data = problem.space, problem.data
+    net = QuantNet(problem.fused, sp, data.x(data.calib_images))
+    net.init_quantizers(data.calib_batches(1, 64)[0], [sp.uniform(b) for b in sp.choices])
+    before = _weight_steps(net)
+    seen, losses, opt_steps = [], [], []
+    set_candidate = QuantNet.set_candidate
+    monkeypatch.setattr(QuantNet, "set_candidate", lambda self, c: (seen.append(c), set_candidate(self, c))[1])
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spy(logits, target, *a, **k):
+        losses.append((logits.detach().clone(), target.detach().clone()))
+        return cross_entropy(logits, target, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    sgd_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (opt_steps.append(1), sgd_step(self, *a, **k))[1])
+    train_steps(net, data, steps, batch_size=32, lr=0.01, seed=0, sample=ev.sampler(sp),
+                distill=ev.distill and ev.sandwich)
+    monkeypatch.undo()
+    return net, before, seen, losses, len(opt_steps)
+
+
+def test_sandwich_trains_largest_and_smallest_every_step_with_inplace_distillation(problem, monkeypatch):
+    sp = problem.space
+    big, small = sp.uniform(8), sp.uniform(2)
+    ev = SupernetEvaluator(steps=3, distill=True)
+    assert ev.sandwich and ev.n_random == 1  # the defaults
+    net, before, seen, losses, opt_steps = _train(problem, ev, 3, monkeypatch)
+    # Each step: the largest, the smallest, then a random configuration, one optimizer step for all three.
+    assert opt_steps == 3 and len(seen) == 9
+    assert seen[0::3] == [big] * 3 and seen[1::3] == [small] * 3
+    assert all(c not in (big, small) for c in seen[2::3]) and len(set(seen[2::3])) == 3
+    # The largest learns from the labels; the others from its detached softmax on the same batch.
+    for s in range(3):
+        (t_logits, labels), *students = losses[3 * s:3 * s + 3]
+        assert labels.dtype == torch.int64
+        for logits, target in students:
+            assert target.dtype == torch.float32 and logits.shape == t_logits.shape
+            assert torch.allclose(target, torch.softmax(t_logits, dim=1))
+            assert not torch.equal(logits, t_logits)  # another configuration, another output
+    # So both ends of the space trained: every searched weight's 8-bit and 2-bit step sizes moved.
+    after = _weight_steps(net)
+    searched = {sp.layers[i].weight for i in sp.searched}
+    for w in searched:
+        for b in (8, 2):
+            assert not torch.equal(after[w][b], before[w][b]), (w, b)
+
+
+def test_without_sandwich_only_the_sampled_bits_train(problem, monkeypatch):
+    """The failure the sandwich rule fixes: one per-layer uniform draw per step trains, in each layer,
+    only the bit-width drawn (all-8-bit is drawn with probability 3^-n_var)."""
+    sp = problem.space
+    ev = SupernetEvaluator(steps=1, sandwich=False, distill=True)
+    net, before, seen, losses, opt_steps = _train(problem, ev, 1, monkeypatch)
+    assert opt_steps == 1 and len(seen) == 1 and len(losses) == 1 and losses[0][1].dtype == torch.int64
+    bits = sp.tensor_bits(seen[0])
+    after = _weight_steps(net)
+    for i in sp.searched:
+        w = sp.layers[i].weight
+        moved = {b for b in after[w] if not torch.equal(after[w][b], before[w][b])}
+        assert moved == {bits[w]}, (w, moved, bits[w])
+    with pytest.raises(QtoolError, match="n_random"):
+        SupernetEvaluator(sandwich=False, n_random=0)
+
+
+def test_calibration_batches_mix_classes_of_a_class_sorted_training_set(problem, tmp_path):
+    """BN re-calibration normalizes by per-batch statistics: a training set stored class by class must
+    still give calibration batches holding many classes (label written into pixel 0 to check)."""
+    from qtool.search import SearchData
+
+    shape = problem.data.train_images.shape[1:]
+    labels = np.repeat(np.arange(10), 120)  # sorted by class, like CIFAR read from class folders
+    x = np.random.default_rng(0).integers(0, 255, size=(len(labels), *shape)).astype(np.uint8)
+    x.reshape(len(x), -1)[:, 0] = labels
+    np.savez(tmp_path / "sorted.npz", x=x, y=labels)
+    data = SearchData.load(problem.fused, f"npz:{tmp_path / 'sorted.npz'}", calib_size=256)
+    batches = [data.calib_images[i:i + 64] for i in range(0, 256, 64)]
+    for b in batches:
+        assert len(np.unique(b.reshape(len(b), -1)[:, 0])) >= 8

@@ -301,7 +301,7 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
 def search_cli(model_path: str, *, data: str, objectives: str = "acc,flops", bits: str = "2,4,8", pop: int = 16,
                gens: int = 10, evaluator: str = "supernet", executor: str = "local", workdir: str, resume: bool = False,
                seed: int = 0, train_limit: int | None = None, val_limit: int | None = None,
-               supernet_epochs: float = 1.0, qat_steps: int = 100, batch_size: int = 64, lr: float = 0.01,
+               supernet_epochs: float = 1.0, qat_steps: int = 100, batch_size: int = 64, lr: float = 0.002,
                workers: int = 1, max_size: float | None = None, max_latency: float | None = None,
                fixed_bits: int = 8, print_table: bool = True) -> SearchResult:
     """`qtool search`: parse, build the parts, run, print the front as a rich table."""
