@@ -745,6 +745,7 @@ class LiftedModule(nn.Module):
         self._op_types = [n.op_type for n in compute]
         self.eval_overrides = nn.ModuleDict()  # output tensor -> module run instead of the op in eval mode
         self._override_key: dict[str, str] = {}
+        self._override_taken: set[str] = set()
 
         self._tensor_names = set(self.input_names) | state_names | set(consts) | {o for n in compute for o in n.output}
         for o in self.output_names:
@@ -849,30 +850,14 @@ class LiftedModule(nn.Module):
         qtool.ortexact uses this to run quantized ops the way onnxruntime's integer kernels do."""
         if not any(outs and outs[0] == output_name for _, _, _, outs in self._steps):
             raise QtoolError(f"no step produces {output_name!r} in the lifted graph")
-        key = self._override_key.get(output_name)
-        if module is None:
-            if key is not None:
-                del self.eval_overrides[key]
-                del self._override_key[output_name]
-            return
-        if key is None:
-            key = self._override_key[output_name] = _sanitize(output_name, set(self.eval_overrides.keys()), "e_")
-        self.eval_overrides[key] = module
+        _set_keyed(self.eval_overrides, self._override_key, self._override_taken, output_name, module, "e_")
 
     # -- quantization hooks ----------------------------------------------------------------------
     def set_quantizer(self, tensor_name: str, module: nn.Module | None) -> None:
         """Apply `module` to tensor `tensor_name` where it is produced (None removes the hook)."""
         if tensor_name not in self._tensor_names:
             raise QtoolError(f"no tensor named {tensor_name!r} in the lifted graph")
-        key = self._quant_key.get(tensor_name)
-        if module is None:
-            if key is not None:
-                del self.quantizers[key]
-                del self._quant_key[tensor_name]
-            return
-        if key is None:
-            key = self._quant_key[tensor_name] = _sanitize(tensor_name, self._quant_taken, "q_")
-        self.quantizers[key] = module
+        _set_keyed(self.quantizers, self._quant_key, self._quant_taken, tensor_name, module, "q_")
 
     def set_weight_quantizer(self, initializer_name: str, module: nn.Module | None) -> None:
         if initializer_name not in self._state_key:
@@ -926,6 +911,20 @@ class LiftedModule(nn.Module):
                         env[o] = qmods[key](env[o])
         result = tuple(env[o] for o in self.output_names)
         return result[0] if len(result) == 1 else result
+
+
+def _set_keyed(store: nn.ModuleDict, keys: dict[str, str], taken: set[str], name: str, module: nn.Module | None,
+               prefix: str) -> None:
+    """Put `module` in `store` under tensor `name` (a sanitized key); None removes it."""
+    key = keys.get(name)
+    if module is None:
+        if key is not None:
+            del store[key]
+            del keys[name]
+        return
+    if key is None:
+        key = keys[name] = _sanitize(name, taken, prefix)
+    store[key] = module
 
 
 def _unique(name: str, taken: set[str]) -> str:
