@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qtool.lift import run_op
 from qtool.plan import TensorQuant
 
 __all__ = ["ExactConv", "ExactAdd", "ExactGlobalAveragePool", "install_exact_eval"]
@@ -47,6 +48,13 @@ def _scalar(tq: TensorQuant) -> tuple[np.float32, int]:
 
 def _dequantized(codes: torch.Tensor, z: int, s: np.float32) -> torch.Tensor:
     return (codes - z) * torch.tensor(s)
+
+
+def _channel(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """Per-channel values shaped to broadcast along `axis`."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
 
 
 def _round_clamp(v: torch.Tensor, z: int, signed: bool) -> torch.Tensor:
@@ -70,20 +78,13 @@ class ExactConv(nn.Module):
         self.register_buffer("m", torch.from_numpy((s_b / self.s_y).astype(np.float32)), persistent=False)
         self.x_span = max(abs(lo - self.z_x) for lo in _CONTAINER[x.signed])
 
-    def _channel(self, t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-        shape = [1] * ndim
-        shape[axis] = -1
-        return t.reshape(shape)
-
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         cx = torch.round(x / torch.tensor(self.s_x))  # x_q - z_x
-        cw = torch.round(w / self._channel(self.s_w, w.dim(), 0))
+        cw = torch.round(w / _channel(self.s_w, w.dim(), 0))
         # float32 sums of integers are exact below 2^24; beyond that accumulate in float64
         bound = cw.abs().reshape(cw.shape[0], -1).sum(1).max() * self.x_span
         dtype = torch.float32 if float(bound) < _FLOAT32_EXACT else torch.float64
         if self.op == "Conv":
-            from qtool.lift import run_op
-
             acc = run_op("Conv", self.attrs, False, cx.to(dtype), cw.to(dtype), None)
             axis = 1
         else:
@@ -92,8 +93,8 @@ class ExactConv(nn.Module):
         acc = acc.double()
         if b is not None:
             q_b = torch.round(b.double() / self.s_b.double())
-            acc = acc + self._channel(q_b, acc.dim(), axis)
-        v = acc.float() * self._channel(self.m, acc.dim(), axis)
+            acc = acc + _channel(q_b, acc.dim(), axis)
+        v = acc.float() * _channel(self.m, acc.dim(), axis)
         return _dequantized(_round_clamp(v, self.z_y, self.y_signed), self.z_y, self.s_y)
 
 
@@ -122,9 +123,8 @@ class ExactAdd(nn.Module):
             return a + b
         qa = torch.round(a / torch.tensor(self.s_a)) + self.z_a
         qb = torch.round(b / torch.tensor(self.s_b)) + self.z_b
-        v = _fma(qa, self.r_a, _fma(qb, self.r_b, self.fixed))
-        lo, hi = _CONTAINER[self.y_signed]
-        return _dequantized(torch.round(v).clamp(lo, hi), self.z_y, self.s_y)
+        v = _fma(qa, self.r_a, _fma(qb, self.r_b, self.fixed))  # z_y is already inside `fixed`
+        return _dequantized(_round_clamp(v, 0, self.y_signed), self.z_y, self.s_y)
 
 
 class ExactGlobalAveragePool(nn.Module):

@@ -172,9 +172,13 @@ class _Shared(nn.Module):
         return x if _delayed(r, stepped=True) else r._quantize(x)
 
 
+def _root(fq: nn.Module) -> nn.Module:
+    """The quantizer that owns the parameters: a pass-through tensor's `_Shared` reads its root's."""
+    return fq.root if isinstance(fq, _Shared) else fq
+
+
 def _scale_of(fq: nn.Module) -> torch.Tensor:
-    root = fq.root if isinstance(fq, _Shared) else fq
-    return root._scale_zp()[0].detach().float()
+    return _root(fq)._scale_zp()[0].detach().float()
 
 
 class _BiasFakeQuant(nn.Module):
@@ -187,7 +191,7 @@ class _BiasFakeQuant(nn.Module):
 
     def forward(self, b):
         a, w = self._refs
-        ra = a.root if isinstance(a, _Shared) else a
+        ra = _root(a)
         if _delayed(ra, stepped=False) or _delayed(w, stepped=True):
             return b
         s = _scale_of(a) * _scale_of(w)  # float32 product == passes.qdq's rounded float64 product
@@ -538,7 +542,7 @@ def _install_exact_eval(lifted: LiftedModule) -> list[str]:
         if fq is None or isinstance(fq, _BiasFakeQuant):
             return None
         kind = "weight" if t in weights else "activation"
-        return _tensor_quant(kind, fq.root if isinstance(fq, _Shared) else fq)
+        return _tensor_quant(kind, _root(fq))
 
     def weight_quant_of(fold: nn.Module) -> TensorQuant | None:
         return _tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
@@ -698,8 +702,7 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
                 inits[t].CopyFrom(numpy_helper.from_array(
                     quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
     for t, s in spec.items():
-        fq = quantizers[t]
-        plan.tensors[t] = (_tensor_quant(s.kind, fq.root) if isinstance(fq, _Shared) else _tensor_quant(s.kind, fq))
+        plan.tensors[t] = _tensor_quant(s.kind, _root(quantizers[t]))
     qmodel = apply_plan(tuned, plan)
     exact = _install_exact_eval(lifted)
     notes.append(f"eval mode emulates onnxruntime's integer kernels at {len(exact)} quantized ops (qtool.ortexact)")
