@@ -62,6 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="u4", help="BitFLOPs per sample or uB (uniform B bits)")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for evaluation and latency")
+    ap.add_argument("--budget", choices=("batch", "sample"), default="batch",
+                    help="the penalty's hinge on the batch-mean BitFLOPs or on every sample's")
+    ap.add_argument("--device", default="cpu", help="torch device of training and PyTorch evaluation (cpu, cuda)")
+    ap.add_argument("--controller-conv", type=int, default=0, help="channels of the controller's 3x3 conv (0: none)")
+    ap.add_argument("--no-latency", action="store_true", help="skip the routing latency (e.g. on a borrowed machine)")
+    ap.add_argument("--name", default=None, help="result name: results/NAME.json and results/NAME_run/ [dynamic]")
     args = ap.parse_args(argv)
     spec = cifar_spec()
     src = MODELS / "resnet20_cifar10.onnx"
@@ -80,8 +86,9 @@ def main(argv=None) -> int:
     cfg = DynamicConfig(bits=tuple(int(b) for b in args.bits.split(",")), target=args.target, alpha=args.alpha,
                         epochs=args.epochs, train_limit=args.train_limit or (2000 if quick else 16000),
                         val_limit=1000 if quick else None, uniform_baselines=not (quick or args.no_uniform),
-                        latency_runs=20 if quick else 100, threads=args.threads, **lrs)
-    name = "dynamic_quick" if quick else "dynamic"
+                        latency_runs=20 if quick else 100, threads=args.threads, budget=args.budget,
+                        device=args.device, latency=not args.no_latency, controller_conv=args.controller_conv, **lrs)
+    name = args.name or ("dynamic_quick" if quick else "dynamic")
     out = RESULTS / f"{name}_run" if not quick else Path(tempfile.mkdtemp(prefix="qtool-dynamic-"))
     r = dynamic(load_model(src), load_dataset(spec, "train"), load_dataset(spec, "val"), cfg, out)
     for line in r.lines():
@@ -93,6 +100,7 @@ def main(argv=None) -> int:
     d = rep["dynamic"]
     payload = {
         "model": str(src.name), "data": spec, "config": rep["config"], "output_dir": str(out),
+        "torch_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "dynamic": {k: d[k] for k in ("acc_torch", "acc_torch_argmax", "acc_ort", "ort_minus_torch_pp",
                                       "prediction_agreement", "config_agreement", "avg_bitflops", "bitflops_p10",
                                       "bitflops_median", "bitflops_p90", "mean_bits", "codebook_size",

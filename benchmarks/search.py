@@ -71,97 +71,67 @@ def pick_members(front: list[dict], baseline: dict, k: int) -> list[dict]:
     return cheaper[:max(0, k)]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.search", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model", default=str(MODELS / "resnet20_cifar10.onnx"))
-    ap.add_argument("--workdir", default=None, help="default: benchmarks/results/search-work[-quick]")
-    ap.add_argument("--resume", action="store_true", help="continue a killed run in --workdir")
-    ap.add_argument("--pop", type=int, default=None)
-    ap.add_argument("--gens", type=int, default=None)
-    ap.add_argument("--supernet-epochs", type=float, default=None,
-                    help="optimizer steps x 128 / train images; a sandwich step is 3 forward/backward passes")
-    ap.add_argument("--supernet-lr", type=float, default=0.002)
-    ap.add_argument("--no-sandwich", action="store_true", help="one uniformly sampled configuration per step")
-    ap.add_argument("--distill", action="store_true", help="sandwich with in-place distillation")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="QAT steps (batch 128) per fine-tuned candidate")
-    ap.add_argument("--finetune-lr", type=float, default=0.002,
-                    help="0.01 costs 60-step fine-tunes of W8A8 / W4A4 2.0 / 2.8 points against 0.002 (measured)")
-    ap.add_argument("--compare-top", type=int, default=2, help="front members fine-tuned per baseline")
-    ap.add_argument("--val-limit", type=int, default=None, help="images scored per candidate during the search")
-    ap.add_argument("--workers", type=int, default=1, help="processes scoring / fine-tuning candidates")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-
-    import torch
-
-    from qtool.io import load_model
-    from qtool.search import (Candidate, LocalExecutor, NSGA3Config, QATEvaluator, SearchData, SearchProblem,
-                              SupernetEvaluator, search)
+def _search_stage(a, problem, wd: Path, pop: int, gens: int, epochs: float) -> dict:
+    """Supernet + NSGA-III (timed: the issue's 60-minute budget), then random search with as many
+    evaluations on the same supernet, and both fronts' hypervolumes."""
+    from qtool.search import LocalExecutor, NSGA3Config, SupernetEvaluator, search
     from qtool.search.objectives import metric
 
-    torch.set_num_threads(1)
-    q = a.quick
-    pop = a.pop or (4 if q else 20)
-    gens = a.gens or (2 if q else 20)
-    epochs = a.supernet_epochs or (0.5 if q else 1.5)
-    ft_steps = a.finetune_steps if a.finetune_steps is not None else (5 if q else 352)  # full: 1 epoch of 45k
-    val_limit = a.val_limit or (256 if q else 1000)
-    train_limit = 512 if q else None
-    wd = Path(a.workdir) if a.workdir else RESULTS / ("search-work-quick" if q else "search-work")
-    wd.mkdir(parents=True, exist_ok=True)
-    spec = cifar_spec()
-    model_path = Path(a.model)
-    setup = "resnet20-cifar10"
-    if not model_path.exists() or spec is None:
-        if not q:
-            print(f"need {model_path} and the shared CIFAR-10 data (QTOOL_CIFAR); --quick falls back to LeNet-5/digits",
-                  file=sys.stderr)
-            return 2
-        model_path, spec, setup = _tiny_lenet(wd), "digits", "lenet5-digits (fallback: no ResNet-20 / CIFAR here)"
-    model = load_model(model_path)
-
-    t0 = time.perf_counter()
-    problem = SearchProblem.from_model(model, spec, objectives="acc,bitops", bits=(2, 4, 8), train_limit=train_limit,
-                                       val_limit=val_limit)
     sp = problem.space
+    t0 = time.perf_counter()
     ev = SupernetEvaluator(epochs=epochs, batch_size=128, lr=a.supernet_lr, sandwich=not a.no_sandwich,
                            distill=a.distill)
-    ex = LocalExecutor(a.workers)
-    res = search(problem, NSGA3Config(pop=pop, gens=gens, seed=a.seed), evaluator=ev, executor=ex,
-                 workdir=wd / "nsga3", resume=a.resume, export_front=False)
+    res = search(problem, NSGA3Config(pop=pop, gens=gens, seed=a.seed, seed_uniform=not a.random_init), evaluator=ev,
+                 executor=LocalExecutor(a.workers), workdir=wd / "nsga3", resume=a.resume, export_front=False)
     search_wall = time.perf_counter() - t0
     log = [json.loads(line) for line in (wd / "nsga3" / "evaluations.jsonl").read_text().splitlines() if line.strip()]
-    search_keys = {r["key"] for r in log if r["origin"] == "search"}
-    n_evals = len(search_keys)
+    n_evals = len({r["key"] for r in log if r["origin"] == "search"})
     base = {b["name"]: b for b in res.baselines}
     w8_bitops = base["w8a8"]["objectives"]["bitops"]
 
     def F_of(recs):
         return np.array([[1 - r["acc"], r["bitops"] / w8_bitops] for r in recs], dtype=float).reshape(-1, 2)
 
-    # Random search: the same number of evaluations, the same trained supernet.
     t1 = time.perf_counter()
-    rand = sp.random(n_evals, seed=a.seed + 1000)
     rand_recs = []
     ex1 = LocalExecutor(a.workers)
     try:
-        for c, acc in ex1.run(ev, list(dict.fromkeys(rand))):
+        for c, acc in ex1.run(ev, list(dict.fromkeys(sp.random(n_evals, seed=a.seed + 1000)))):
             rand_recs.append({"key": c.key, "acc": acc, "bitops": metric("bitops").compute(c, problem.metrics, acc)})
     finally:
         ex1.close()
     random_wall = time.perf_counter() - t1
     nsga_F = F_of([{"acc": m["acc"], "bitops": m["objectives"]["bitops"]} for m in res.front])
     rand_F = _front(F_of(rand_recs))
-    hv_nsga, hv_rand = hypervolume(nsga_F), hypervolume(rand_F)
+    uniform = {n: base[n]["acc"] for n in ("w8a8", "w4a4", "w2a2") if n in base}
+    return {
+        "settings": {"pop": pop, "gens": gens, "supernet": ev.settings(), "supernet_steps": ev.n_steps(),
+                     "initial_population": "random" if a.random_init else "uniform (w, a) pairs + random",
+                     "val_images": int(len(problem.data.val_labels)), "train_images": int(len(problem.data.train_labels)),
+                     "workers": a.workers, "seed": a.seed},
+        "search": {"wall_s": search_wall, "supernet_train_s": res.supernet_train_s, "evaluations": n_evals,
+                   "front": [{"key": m["key"], "acc": m["acc"], "bitops": m["objectives"]["bitops"]} for m in res.front],
+                   "baselines": res.baselines, "supernet_uniform_acc": uniform,
+                   "supernet_ranks_uniform_correctly": list(uniform.values()) == sorted(uniform.values(), reverse=True)},
+        "random_search": {"wall_s": random_wall, "evaluations": len(rand_recs),
+                          "front": [{"acc": 1 - f[0], "bitops": f[1] * w8_bitops} for f in rand_F]},
+        "hypervolume": {"nsga3": hypervolume(nsga_F), "random": hypervolume(rand_F), "ref_point": [1.0, 1.1],
+                        "axes": "top-1 error, BitOps / BitOps(uniform W8A8)"},
+    }
 
-    # The same fine-tune budget for the baselines and the front members that undercut them, scored on the
-    # whole validation split (quick: the search's images).
+
+def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: dict) -> dict:
+    """The same QAT fine-tune (from the FP32 weights) for uniform W8A8 / W4A4 and the front members picked
+    against each; does a member strictly dominate its baseline on (acc, BitOps)?"""
+    from qtool.search import Candidate, LocalExecutor, QATEvaluator, SearchData
+
     t2 = time.perf_counter()
-    ft_data = problem.data if q else SearchData.load(problem.fused, spec, train_limit=train_limit)
-    qat = QATEvaluator(steps=ft_steps, batch_size=128, lr=a.finetune_lr)
-    qat.prepare(problem.fused, sp, ft_data, seed=a.seed)
-    picks = {name: pick_members(res.front, base[name], a.compare_top) for name in ("w8a8", "w4a4")}
+    front = [{"key": m["key"], "acc": m["acc"], "objectives": {"bitops": m["bitops"]}} for m in stage["search"]["front"]]
+    base = {b["name"]: b for b in stage["search"]["baselines"]}
+    ft_data = problem.data if a.quick else SearchData.load(problem.fused, spec, train_limit=train_limit)
+    qat = QATEvaluator(steps=ft_steps, batch_size=128, lr=a.finetune_lr, device=a.device)
+    qat.prepare(problem.fused, problem.space, ft_data, seed=a.seed)
+    picks = {name: pick_members(front, base[name], a.compare_top) for name in ("w8a8", "w4a4")}
     roles: dict[str, dict] = {}
     for name in ("w8a8", "w4a4"):
         b = base[name]
@@ -188,38 +158,105 @@ def main(argv=None) -> int:
                             "baseline_supernet_acc": fb["supernet_acc"], "members": members,
                             "dominates": any(m["dominates"] for m in members),
                             **({} if members else {"note": "no front member with fewer BitOps"})})
-    finetune_wall = time.perf_counter() - t2
     tau = None
     if len(fine) >= 3:
         from scipy.stats import kendalltau
 
         v = list(fine.values())
         tau = float(kendalltau([x["supernet_acc"] for x in v], [x["finetuned_acc"] for x in v]).statistic)
-    uniform = {n: base[n]["acc"] for n in ("w8a8", "w4a4", "w2a2") if n in base}
+    return {"wall_s": time.perf_counter() - t2, "candidates": list(fine.values()), "comparisons": comparisons,
+            "kendall_tau_supernet_vs_finetuned": tau, "val_images": int(len(ft_data.val_labels))}
 
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.search", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=str(MODELS / "resnet20_cifar10.onnx"))
+    ap.add_argument("--workdir", default=None, help="default: benchmarks/results/search-work[-quick]")
+    ap.add_argument("--resume", action="store_true", help="continue a killed run in --workdir")
+    ap.add_argument("--pop", type=int, default=None)
+    ap.add_argument("--gens", type=int, default=None)
+    ap.add_argument("--supernet-epochs", type=float, default=None,
+                    help="optimizer steps x 128 / train images; a sandwich step is 3 forward/backward passes")
+    ap.add_argument("--supernet-lr", type=float, default=0.002)
+    ap.add_argument("--no-sandwich", action="store_true", help="one uniformly sampled configuration per step")
+    ap.add_argument("--distill", action="store_true", help="sandwich with in-place distillation")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="QAT steps (batch 128) per fine-tuned candidate")
+    ap.add_argument("--finetune-lr", type=float, default=0.002,
+                    help="0.01 costs 60-step fine-tunes of W8A8 / W4A4 2.0 / 2.8 points against 0.002 (measured)")
+    ap.add_argument("--compare-top", type=int, default=2, help="front members fine-tuned per baseline")
+    ap.add_argument("--val-limit", type=int, default=None, help="images scored per candidate during the search")
+    ap.add_argument("--workers", type=int, default=1, help="processes scoring / fine-tuning candidates")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-init", action="store_true", help="NSGA-III starts from random genes only "
+                    "(default: the 9 uniform (w, a) configurations, then random ones)")
+    ap.add_argument("--stage", choices=("all", "search", "finetune"), default="all",
+                    help="search: supernet + NSGA-III + random search, saved to WORKDIR/search_stage.json; "
+                         "finetune: the fine-tune comparison from that file (e.g. on another machine)")
+    ap.add_argument("--device", default="cpu", help="torch device of the fine-tunes (cpu, cuda)")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from qtool.io import atomic_write_text, load_model
+    from qtool.search import SearchProblem
+
+    torch.set_num_threads(1)
+    q = a.quick
+    pop = a.pop or (4 if q else 20)
+    gens = a.gens or (2 if q else 20)
+    epochs = a.supernet_epochs or (0.5 if q else 1.5)
+    ft_steps = a.finetune_steps if a.finetune_steps is not None else (5 if q else 352)  # full: 1 epoch of 45k
+    val_limit = a.val_limit or (256 if q else 1000)
+    train_limit = 512 if q else None
+    wd = Path(a.workdir) if a.workdir else RESULTS / ("search-work-quick" if q else "search-work")
+    wd.mkdir(parents=True, exist_ok=True)
+    spec = cifar_spec()
+    model_path = Path(a.model)
+    setup = "resnet20-cifar10"
+    if not model_path.exists() or spec is None:
+        if not q:
+            print(f"need {model_path} and the shared CIFAR-10 data (QTOOL_CIFAR); --quick falls back to LeNet-5/digits",
+                  file=sys.stderr)
+            return 2
+        model_path, spec, setup = _tiny_lenet(wd), "digits", "lenet5-digits (fallback: no ResNet-20 / CIFAR here)"
+    model = load_model(model_path)
+
+    problem = SearchProblem.from_model(model, spec, objectives="acc,bitops", bits=(2, 4, 8), train_limit=train_limit,
+                                       val_limit=val_limit)
+    sp = problem.space
+    stage_file = wd / "search_stage.json"
+    if a.stage in ("all", "search"):
+        stage = _search_stage(a, problem, wd, pop, gens, epochs)
+        stage.update({"setup": setup, "model": str(model_path), "data": spec})
+        atomic_write_text(stage_file, json.dumps(stage, indent=2, default=float) + "\n")
+        if a.stage == "search":
+            print(f"search stage done: {stage['search']['evaluations']} evaluations in {stage['search']['wall_s']:.0f} s, "
+                  f"HV nsga3 {stage['hypervolume']['nsga3']:.4f} vs random {stage['hypervolume']['random']:.4f}; "
+                  f"wrote {stage_file}")
+            return 0
+    else:
+        if not stage_file.exists():
+            print(f"--stage finetune needs {stage_file} (run --stage search first)", file=sys.stderr)
+            return 2
+        stage = json.loads(stage_file.read_text())
+    fine = _finetune_stage(a, problem, spec, train_limit, ft_steps, stage)
     payload = {
-        "setup": setup, "quick": q, "model": str(model_path), "data": spec,
+        "setup": stage["setup"], "quick": q, "model": stage["model"], "data": stage["data"],
         "space": {"layers": len(sp.layers), "searched": len(sp.searched), "bits": list(sp.choices)},
-        "settings": {"pop": pop, "gens": gens, "supernet": ev.settings(), "supernet_steps": ev.n_steps(),
-                     "finetune_steps": ft_steps, "finetune_lr": a.finetune_lr, "compare_top": a.compare_top,
-                     "val_images": int(len(problem.data.val_labels)), "finetune_val_images": int(len(ft_data.val_labels)),
-                     "train_images": int(len(problem.data.train_labels)), "workers": a.workers, "seed": a.seed},
-        "search": {"wall_s": search_wall, "supernet_train_s": res.supernet_train_s, "evaluations": n_evals,
-                   "front": [{"key": m["key"], "acc": m["acc"], "bitops": m["objectives"]["bitops"]} for m in res.front],
-                   "baselines": res.baselines,
-                   "supernet_uniform_acc": uniform,
-                   "supernet_ranks_uniform_correctly": list(uniform.values()) == sorted(uniform.values(), reverse=True)},
-        "random_search": {"wall_s": random_wall, "evaluations": len(rand_recs),
-                          "front": [{"acc": 1 - f[0], "bitops": f[1] * w8_bitops} for f in rand_F]},
-        "hypervolume": {"nsga3": hv_nsga, "random": hv_rand, "ref_point": [1.0, 1.1],
-                        "axes": "top-1 error, BitOps / BitOps(uniform W8A8)"},
-        "finetune": {"wall_s": finetune_wall, "candidates": list(fine.values()), "comparisons": comparisons,
-                     "kendall_tau_supernet_vs_finetuned": tau},
+        "settings": {**stage["settings"], "finetune_steps": ft_steps, "finetune_lr": a.finetune_lr,
+                     "compare_top": a.compare_top, "finetune_device": a.device,
+                     "finetune_val_images": fine.pop("val_images"), "workers_finetune": a.workers},
+        "search": stage["search"], "random_search": stage["random_search"], "hypervolume": stage["hypervolume"],
+        "finetune": fine,
     }
+    hv = stage["hypervolume"]
+    comparisons = fine["comparisons"]
     out = write_result("search_quick" if q else "search", payload)
-    print(f"{setup}: {n_evals} NSGA-III evaluations in {search_wall:.0f} s (supernet {res.supernet_train_s or 0:.0f} s); "
-          f"HV nsga3 {hv_nsga:.4f} vs random {hv_rand:.4f}")
-    print("  supernet top-1 of uniform " + ", ".join(f"{n} {v:.4f}" for n, v in uniform.items()))
+    srch = stage["search"]
+    print(f"{stage['setup']}: {srch['evaluations']} NSGA-III evaluations in {srch['wall_s']:.0f} s "
+          f"(supernet {srch['supernet_train_s'] or 0:.0f} s); HV nsga3 {hv['nsga3']:.4f} vs random {hv['random']:.4f}")
+    print("  supernet top-1 of uniform " + ", ".join(f"{n} {v:.4f}" for n, v in srch["supernet_uniform_acc"].items()))
     for c in comparisons:
         print(f"  vs uniform {c['baseline']} (fine-tuned top-1 {c['baseline_acc']:.4f}, BitOps {c['baseline_bitops']:.3g}):")
         for m in c["members"]:

@@ -169,15 +169,19 @@ def qat(model, data, bits, plan, config, algo, epochs, lr, optimizer, batch_size
 @click.option("--fixed-bits", default=8, show_default=True, type=int, help="bits of the first and last layer (0: search them)")
 @click.option("--max-size", default=None, type=float, help="constraint: QDQ file bytes")
 @click.option("--max-latency", default=None, type=float, help="constraint: ORT batch-1 latency in ms")
+@click.option("--random-init", is_flag=True,
+              help="start NSGA-III from random genes only (default: the uniform W8A8, W4A8, ..., W2A2 members first)")
+@click.option("--device", default="cpu", show_default=True, help="torch device of the supernet / fine-tunes: cpu or cuda[:N]")
 def search(model, data, objectives, bits, pop, gens, evaluator, executor, workers, workdir, resume, seed, train_limit,
-           val_limit, supernet_epochs, qat_steps, batch_size, lr, fixed_bits, max_size, max_latency):
+           val_limit, supernet_epochs, qat_steps, batch_size, lr, fixed_bits, max_size, max_latency, random_init, device):
     """NSGA-III search over per-layer weight/activation bit-widths."""
     from qtool.search import search_cli
 
     search_cli(model, data=data, objectives=objectives, bits=bits, pop=pop, gens=gens, evaluator=evaluator,
                executor=executor, workers=workers, workdir=workdir, resume=resume, seed=seed, train_limit=train_limit,
                val_limit=val_limit, supernet_epochs=supernet_epochs, qat_steps=qat_steps, batch_size=batch_size, lr=lr,
-               fixed_bits=fixed_bits, max_size=max_size, max_latency=max_latency)
+               fixed_bits=fixed_bits, max_size=max_size, max_latency=max_latency, seed_uniform=not random_init,
+               device=device)
 
 
 @cli.command()
@@ -198,17 +202,21 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
               help="hinge the penalty on the batch's mean BitFLOPs (an average budget) or on every sample")
 @click.option("--max-configs", default=8, show_default=True, type=int, help="configurations deployed (one QDQ model each)")
 @click.option("--uniform-baselines", is_flag=True, help="also train static QAT at every uniform bit-width")
+@click.option("--controller-conv", default=0, show_default=True, type=int,
+              help="channels of a 3x3 conv in the controller before its pooling (0: pool the stem output directly)")
+@click.option("--device", default="cpu", show_default=True, help="torch device of training: cpu or cuda[:N]")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, help="output directory (reports, controller.onnx, configs/)")
 def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, lr, controller_lr,
-            budget, max_configs, uniform_baselines, seed, output):
+            budget, max_configs, uniform_baselines, controller_conv, device, seed, output):
     """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
     from qtool.dynamic import dynamic_cli
 
     for line in dynamic_cli(model, output, data=data, bits=bits, target=target, epochs=epochs, penalty=penalty,
                             alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
                             lr=lr, controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
-                            uniform_baselines=uniform_baselines).lines():
+                            uniform_baselines=uniform_baselines, controller_conv=controller_conv,
+                            device=device).lines():
         echo(line)
 
 

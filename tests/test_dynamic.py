@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from qtool.cli import main
 from qtool.data import load_dataset
+from qtool.errors import QtoolError
 from qtool.dynamic import DynamicConfig, DynamicNet, DynamicSession, write_deployment
 from qtool.dynamic.controller import max_onehot
 from qtool.dynamic.train import _calibrate, evaluate, train, uniform_bitflops
@@ -26,13 +27,23 @@ BITS = (3, 4, 5)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def base_net(lenet, digits):
+def _net(lenet, digits, **kw):
     tr, _ = digits
     fused = fuse(lenet)[0]
     space = SearchSpace.from_model(fused, BITS, fix_first=8, fix_last=None)
     torch.manual_seed(0)
-    return DynamicNet(fused, BITS, _calibrate(fused, space, tr, tr.preprocess, 128))
+    return DynamicNet(fused, BITS, _calibrate(fused, space, tr, tr.preprocess, 128), **kw)
+
+
+@pytest.fixture(scope="module")
+def base_net(lenet, digits):
+    return _net(lenet, digits)
+
+
+@pytest.fixture(scope="module")
+def conv_net(lenet, digits):
+    """A controller with its own 3x3 conv before the pooling (--controller-conv)."""
+    return _net(lenet, digits, controller_conv=8)
 
 
 def test_controller_outputs_valid_one_hots(base_net, digits):
@@ -73,14 +84,19 @@ def test_penalty_pushes_bits_down(base_net, digits):
     assert avg[3][1] < uniform_bitflops(base_net, 4) - 0.1 * (uniform_bitflops(base_net, 4) - uniform_bitflops(base_net, 3))
 
 
-def test_ort_routing_matches_torch_with_several_configs(base_net, digits, tmp_path):
+@pytest.mark.parametrize("which", ["base_net", "conv_net"])
+def test_ort_routing_matches_torch_with_several_configs(which, digits, tmp_path, request):
     """A controller with random weights spreads the val images over several configurations; the routed
-    onnxruntime deployment must pick the same configuration and prediction per sample."""
+    onnxruntime deployment must pick the same configuration and prediction per sample (also with the
+    controller's own conv, which controller.onnx must compute as the module does)."""
     tr, va = digits
-    net = copy.deepcopy(base_net)
+    net = copy.deepcopy(request.getfixturevalue(which))
+    assert (net.controller.conv is not None) == (which == "conv_net")
     with torch.no_grad():
         torch.manual_seed(3)
         net.controller.fc2.weight.normal_(0, 2.0)
+        if net.controller.conv is not None:
+            net.controller.conv.weight.normal_(0, 1.0)
     k = len(BITS)
     codebook = np.array([[0] * net.n_dynamic, [k - 1] * net.n_dynamic, [1] * net.n_dynamic,
                          [i % k for i in range(net.n_dynamic)]])
@@ -145,6 +161,7 @@ def test_cli_end_to_end(cli_run):
 
 @pytest.mark.parametrize("args, msg", [
     (["--bits", "3,x"], "--bits"), (["--bits", "4"], "--bits"), (["--bits", "1,4"], "--bits"),
+    (["--device", "tpu"], "--device"), (["--controller-conv", "-1"], "--controller-conv"),
     (["--target-bitflops", "0"], "> 0"), (["--target-bitflops", "-5e6"], "> 0"), (["--target-bitflops", "abc"], "number"),
 ])
 def test_cli_bad_input_exit_2(cli_run, tmp_path, capsys, args, msg):
@@ -152,6 +169,16 @@ def test_cli_bad_input_exit_2(cli_run, tmp_path, capsys, args, msg):
     rc = main(["dynamic", str(model), "-o", str(tmp_path / "o")] + args)
     assert rc == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_config_rejects_bad_device_and_controller_conv():
+    with pytest.raises(QtoolError, match="--device"):
+        DynamicConfig(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(QtoolError, match="CUDA"):
+            DynamicConfig(device="cuda")
+    with pytest.raises(QtoolError, match="--controller-conv"):
+        DynamicConfig(controller_conv=-1)
 
 
 def test_cli_missing_model_exit_2(tmp_path, capsys):

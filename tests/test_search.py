@@ -159,6 +159,20 @@ def test_search_front_plans_and_fidelity(problem, tmp_path):
         search(problem, NSGA3Config(pop=6, gens=2), evaluator=supernet(), workdir=tmp_path / "w", progress=False)
 
 
+def test_initial_population_starts_from_the_uniform_pairs(problem, tmp_path):
+    sp = problem.space
+    pairs = [c.key for c in sp.uniform_pairs()]
+    assert len(pairs) == 9 and pairs[0] == sp.uniform(8).key and pairs[-1] == sp.uniform(2).key
+    X = NSGA3Config(pop=12, seed=0).initial(sp)
+    assert X.shape == (12, sp.n_var) and X.min() >= 0 and X.max() < len(sp.choices)
+    assert [sp.decode(x).key for x in X[:9]] == pairs
+    assert NSGA3Config(pop=12, seed_uniform=False).initial(sp) is None
+    search(problem, NSGA3Config(pop=6, gens=1, seed=0), evaluator=supernet(), workdir=tmp_path / "w", progress=False,
+           export_front=False)
+    log = [json.loads(line) for line in (tmp_path / "w" / "evaluations.jsonl").read_text().splitlines()]
+    assert set(pairs[:6]) <= {r["key"] for r in log if r["origin"] == "search"}
+
+
 class _Crash(SupernetEvaluator):
     """Dies after `n` evaluations, like a killed run."""
 
@@ -243,7 +257,9 @@ def test_cli_bad_input_exit_2(lenet, tmp_path, capsys):
 
     path = str(lenet[1])
     cases = [["--objectives", "acc,speed"], ["--bits", "2,x"], ["--bits", "2,16"], ["--pop", "1"],
-             ["--resume"], ["--data", "nope:/x"], ["--max-size", "-1"]]
+             ["--resume"], ["--data", "nope:/x"], ["--max-size", "-1"], ["--device", "tpu"]]
+    if not torch.cuda.is_available():
+        cases.append(["--device", "cuda"])
     for extra in cases:
         rc = main(["search", path, "--workdir", str(tmp_path / "w"), "--gens", "1", "--pop", "4"] + extra)
         err = capsys.readouterr().err.strip()

@@ -159,11 +159,17 @@ class _Layer(nn.Module):
 
 
 class Controller(nn.Module):
-    """GAP -> FC -> ReLU -> dropout 0.2 -> FC -> (L x K) logits."""
+    """[conv 3x3 stride 2 -> ReLU ->] GAP -> FC -> ReLU -> dropout 0.2 -> FC -> (L x K) logits.
 
-    def __init__(self, channels: int, layers: int, k: int, hidden: int = 64):
+    `conv_channels` > 0 adds the conv: the GAP of the stem alone is little more than colour statistics,
+    a weak cue to how hard an image is (on ResNet-20 the controller then learned one configuration for
+    almost every image)."""
+
+    def __init__(self, channels: int, layers: int, k: int, hidden: int = 64, conv_channels: int = 0):
         super().__init__()
         self.layers, self.k = layers, k
+        self.conv = nn.Conv2d(channels, conv_channels, 3, stride=2, padding=1) if conv_channels else None
+        channels = conv_channels or channels
         self.fc1 = nn.Linear(channels, hidden)
         self.drop = nn.Dropout(DROPOUT)
         self.fc2 = nn.Linear(hidden, layers * k)
@@ -171,6 +177,8 @@ class Controller(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x):
+        if self.conv is not None:
+            x = F.relu(self.conv(x))
         f = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
         return self.fc2(self.drop(F.relu(self.fc1(f)))).reshape(-1, self.layers, self.k)
 
@@ -201,7 +209,7 @@ class DynamicNet(nn.Module):
     """See the module docstring. `mode`: gumbel (training default) | argmax | codebook | fixed."""
 
     def __init__(self, fused: onnx.ModelProto, bits: tuple[int, ...], act_ranges: dict[str, tuple[float, float]],
-                 *, stem_bits: int = 8, hidden: int = 64, tau: float = 1.0):
+                 *, stem_bits: int = 8, hidden: int = 64, tau: float = 1.0, controller_conv: int = 0):
         super().__init__()
         self.fused = fused
         self.choices = tuple(sorted(set(int(b) for b in bits)))
@@ -271,7 +279,9 @@ class DynamicNet(nn.Module):
             for t in members:
                 self.net.set_quantizer(t, _Tap(self, self.group(root)) if t == self.tap else self.group(root))
         channels = self._tap_channels()
-        self.controller = Controller(channels, n_dyn, k, hidden)
+        if controller_conv and len(self.space_shape(self.tap) or []) != 4:
+            raise QtoolError("--controller-conv needs a 4-D (N, C, H, W) stem output")
+        self.controller = Controller(channels, n_dyn, k, hidden, controller_conv)
         self.mode = "gumbel"
         self.fixed: torch.Tensor | None = None  # L_dyn option indices (mode fixed)
         self.codebook: torch.Tensor | None = None  # C x L_dyn option indices (mode codebook)

@@ -54,8 +54,16 @@ def controller_model(net, qdq: onnx.ModelProto) -> onnx.ModelProto:
         g.initializer.append(numpy_helper.from_array(arr.detach().cpu().numpy().astype(np.float32), name))
     g.initializer.append(numpy_helper.from_array(m, "ctl.codebook"))
     pool = "GlobalAveragePool" if len(net.space_shape(net.tap)) > 2 else "Identity"
+    feat = net.tap
+    if c.conv is not None:
+        for name, arr in (("ctl.conv.w", c.conv.weight), ("ctl.conv.b", c.conv.bias)):
+            g.initializer.append(numpy_helper.from_array(arr.detach().cpu().numpy().astype(np.float32), name))
+        g.node.extend([helper.make_node("Conv", [net.tap, "ctl.conv.w", "ctl.conv.b"], ["ctl.conv"], name="ctl_conv",
+                                        kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                       helper.make_node("Relu", ["ctl.conv"], ["ctl.convr"], name="ctl_conv_relu")])
+        feat = "ctl.convr"
     g.node.extend([
-        helper.make_node(pool, [net.tap], ["ctl.pool"], name="ctl_pool"),
+        helper.make_node(pool, [feat], ["ctl.pool"], name="ctl_pool"),
         helper.make_node("Flatten", ["ctl.pool"], ["ctl.feat"], name="ctl_flatten", axis=1),
         helper.make_node("Gemm", ["ctl.feat", "ctl.fc1.w", "ctl.fc1.b"], ["ctl.h"], name="ctl_fc1", transB=1),
         helper.make_node("Relu", ["ctl.h"], ["ctl.hr"], name="ctl_relu"),

@@ -74,6 +74,7 @@ class DynamicConfig:
     max_configs: int = 8  # codebook size: QDQ models deployed
     calib_size: int = 256
     hidden: int = 64
+    controller_conv: int = 0  # channels of the controller's own 3x3 conv on the stem output (0: GAP only)
     seed: int = 0
     static_baseline: bool = True
     uniform_baselines: bool = False
@@ -81,6 +82,7 @@ class DynamicConfig:
     latency_runs: int = 50
     threads: int = 1
     quiet: bool = False
+    device: str = "cpu"  # torch device of training and PyTorch evaluation (export and ORT stay on the CPU)
 
     def __post_init__(self):
         if not isinstance(self.bits, tuple) or len(set(self.bits)) < 2 or any(
@@ -101,9 +103,15 @@ class DynamicConfig:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise QtoolError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.controller_conv, int) or isinstance(self.controller_conv, bool) or self.controller_conv < 0:
+            raise QtoolError(f"--controller-conv must be an integer >= 0, got {self.controller_conv!r}")
         for k in ("lr", "controller_lr"):
             if not getattr(self, k) > 0:
                 raise QtoolError(f"{k} must be > 0")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise QtoolError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise QtoolError(f"--device {self.device}: CUDA is not available here")
 
 
 def parse_target(t: float | str) -> tuple[str, float]:
@@ -164,12 +172,13 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(net: DynamicNet, ds: ImageDataset, pre: Preprocess) -> Evaluation:
     net.eval()
+    device = next(net.parameters()).device
     logits, cfgs, bfs = [], [], []
     for i in range(0, len(ds), _EVAL_BATCH):
-        x = torch.from_numpy(pre.apply(ds.images[i:i + _EVAL_BATCH]))
-        logits.append(net(x).float().numpy())
-        cfgs.append(net.last_choice.argmax(-1).numpy())
-        bfs.append(net.bitflops(net.last_choice, net.last_groups).numpy())
+        x = torch.from_numpy(pre.apply(ds.images[i:i + _EVAL_BATCH])).to(device)
+        logits.append(net(x).float().cpu().numpy())
+        cfgs.append(net.last_choice.argmax(-1).cpu().numpy())
+        bfs.append(net.bitflops(net.last_choice, net.last_groups).cpu().numpy())
     lg = np.concatenate(logits)
     return Evaluation(float((lg.argmax(1) == ds.labels).mean()), lg, np.concatenate(cfgs), np.concatenate(bfs))
 
@@ -193,6 +202,7 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.epochs * steps, 1))
     target_bits = _target_bits(net, target)
     dynamic = net.mode == "gumbel"
+    device = next(net.parameters()).device
     hist = []
     with progress(disable=config.quiet) as bar:
         task = bar.add_task(label, total=config.epochs * steps, info="")
@@ -202,6 +212,7 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
             meter = EpochMeter()
             bf_sum = 0.0
             for xb, yb in epoch_batches(ds, pool, config.batch_size, pre, gen, augment):
+                xb, yb = xb.to(device), yb.to(device)
                 logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
                 if dynamic:
@@ -341,7 +352,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     space = SearchSpace.from_model(fused, tuple(sorted(set(config.bits))), fix_first=8, fix_last=None)
     ranges = _calibrate(fused, space, train_data, pre, config.calib_size)
     torch.manual_seed(config.seed)
-    net = DynamicNet(fused, config.bits, ranges, hidden=config.hidden)
+    net = DynamicNet(fused, config.bits, ranges, hidden=config.hidden, controller_conv=config.controller_conv)
     static_net = copy.deepcopy(net)  # same initial weights and quantizers for the static baseline
     kind, tv = parse_target(config.target)
     target = uniform_bitflops(net, tv) if kind == "uniform" else tv
@@ -349,6 +360,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
                  f"{net.n_dynamic} of {len(net.layers)} layers are dynamic")
 
     # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
+    net.to(config.device)
     hist = train(net, train_data, pre, config, target, "dynamic", config.seed)
     n_classes = len(train_data.classes)
     collapsed = [collapse_note("dynamic", hist, n_classes, config.lr)]
@@ -367,6 +379,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
 
     # -- deployment and ORT fidelity ----------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
+    net.cpu()  # export reads the weights as numpy
     manifest = write_deployment(net, codebook, out)
     sess = DynamicSession.load(out, threads=config.threads)
     ort_logits, ort_cfg = [], []
@@ -402,11 +415,12 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
         if config.uniform_baselines:
             todo += [(f"uniform{b}", net.uniform(b)) for b in net.choices]
         for label, cfg in todo:
-            s_net = copy.deepcopy(static_net)
+            s_net = copy.deepcopy(static_net).to(config.device)
             s_net.set_mode("fixed", fixed=cfg)
             s_hist = train(s_net, train_data, pre, config, target, f"static {label}", config.seed)
             collapsed.append(collapse_note(f"static {label}", s_hist, n_classes, config.lr))
             ev = evaluate(s_net, val_data, pre)
+            s_net.cpu()
             qdq = apply_plan(*s_net.export_config(cfg))
             lg = _ort_logits(qdq, val_data, pre, config.threads)
             statics.append({"name": label, "choice": list(cfg), "bits": s_net.config_bits(cfg),
@@ -453,7 +467,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
                 epochs: int = 1, penalty: str = "bitflops", alpha: float = 0.05, train_limit: int | None = None,
                 val_limit: int | None = None, batch_size: int = 128, lr: float = 1e-3, controller_lr: float = 1e-2,
                 budget: str = "batch", max_configs: int = 8, seed: int = 0,
-                uniform_baselines: bool = False, quiet: bool = False) -> DynamicResult:
+                uniform_baselines: bool = False, controller_conv: int = 0, device: str = "cpu",
+                quiet: bool = False) -> DynamicResult:
     """`qtool dynamic`: every argument is validated before any file is written."""
     from qtool.data import load_dataset, parse_spec
     from qtool.io import load_model
@@ -465,7 +480,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
     cfg = DynamicConfig(bits=bit_list, target=target, penalty=penalty, alpha=alpha, epochs=epochs,
                         train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, lr=lr,
                         controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
-                        uniform_baselines=uniform_baselines, quiet=quiet)
+                        uniform_baselines=uniform_baselines, controller_conv=controller_conv, device=device,
+                        quiet=quiet)
     o = Path(out_dir)
     if o.exists() and not o.is_dir():
         raise QtoolError(f"output path exists and is not a directory: {o}")

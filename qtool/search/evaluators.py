@@ -98,10 +98,11 @@ class SearchData:
 @torch.no_grad()
 def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
     net.eval()
+    device = next(net.parameters()).device
     correct = 0
     for i in range(0, len(data.val_labels), batch_size):
-        out = net(data.x(data.val_images[i:i + batch_size]))
-        correct += int((out.argmax(1).numpy() == data.val_labels[i:i + batch_size]).sum())
+        out = net(data.x(data.val_images[i:i + batch_size]).to(device))
+        correct += int((out.argmax(1).cpu().numpy() == data.val_labels[i:i + batch_size]).sum())
     return correct / len(data.val_labels)
 
 
@@ -125,6 +126,7 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
                           lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     loss_fn = nn.CrossEntropyLoss()
+    device = qnet.device
     n = len(data.train_labels)
     perm, pos = torch.randperm(n, generator=gen), 0
     qnet.train()
@@ -137,6 +139,7 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
         y = torch.from_numpy(data.train_labels[np.sort(idx)])
         if data.augment:
             x = augment_cifar(x, gen)
+        x, y = x.to(device), y.to(device)
         cands = sample(rng)
         cands = [cands] if isinstance(cands, Candidate) else list(cands)
         opt.zero_grad(set_to_none=True)
@@ -168,10 +171,16 @@ class Evaluator:
     """Interface (see the module docstring). Subclasses set `name` and implement `_score`."""
     name = ""
 
-    def __init__(self, *, recal_batches: int = 4, recal_batch_size: int = 64, threads: int | None = 1):
+    def __init__(self, *, recal_batches: int = 4, recal_batch_size: int = 64, threads: int | None = 1,
+                 device: str = "cpu"):
         # threads=1: on a shared 2-core machine torch's second thread spins against other jobs
         # (measured 20-30x slower per op here); parallelism comes from the executor's workers.
         self.recal_batches, self.recal_batch_size, self.threads = recal_batches, recal_batch_size, threads
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            raise QtoolError(f"device must be cpu or cuda[:N], got {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise QtoolError(f"device {device} requested but CUDA is not available")
+        self.device = device
         self.fused: onnx.ModelProto | None = None
         self.space: SearchSpace | None = None
         self.data: SearchData | None = None
@@ -203,7 +212,7 @@ class Evaluator:
         """(fused model with the candidate's weights, calibrated QuantPlan, torch accuracy)."""
         net = self.tuned(c)
         acc = accuracy(net, self.data)
-        model, plan = net.export(c)
+        model, plan = (net if net.device.type == "cpu" else copy.deepcopy(net).cpu()).export(c)
         return model, plan, acc
 
 
@@ -226,7 +235,7 @@ class QATEvaluator(Evaluator):
         self._base = QuantNet(fused, space, data.x(data.calib_images))
 
     def tuned(self, c: Candidate) -> QuantNet:
-        net = copy.deepcopy(self._base)  # FP32 weights, identity BN, fresh quantizers every time
+        net = copy.deepcopy(self._base).to(self.device)  # FP32 weights, identity BN, fresh quantizers every time
         net.init_quantizers(self._recal()[0], [c])
         self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed))
         net.set_candidate(c)
@@ -275,7 +284,7 @@ class SupernetEvaluator(Evaluator):
         import time
 
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
-        net = QuantNet(fused, space, data.x(data.calib_images))
+        net = QuantNet(fused, space, data.x(data.calib_images)).to(self.device)
         ck = Path(workdir) / self.CHECKPOINT if workdir is not None else None
         meta = {"settings": self.settings(), "seed": seed, "space": space.describe()}
         if ck is not None and ck.exists():

@@ -208,6 +208,11 @@ class SearchSpace:
         """All searched layers at w=b, a=b (fixed layers keep their bits): the uniform baselines."""
         return Candidate(tuple(self.fixed.get(i, (b, b)) for i in range(len(self.layers))))
 
+    def uniform_pairs(self) -> list[Candidate]:
+        """Every searched layer at the same (w, a), for each pair of choices: W8A8, W4A8, ..., W2A2."""
+        return [Candidate(tuple(self.fixed.get(i, (w, a)) for i in range(len(self.layers))))
+                for w in sorted(self.choices, reverse=True) for a in sorted(self.choices, reverse=True)]
+
     def random(self, n: int, seed: int) -> list[Candidate]:
         rng = np.random.default_rng(seed)
         return [self.decode(rng.integers(0, len(self.choices), self.n_var)) for _ in range(n)]

@@ -288,6 +288,10 @@ class QuantNet(nn.Module):
     def forward(self, x):
         return self.net(x)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def quant_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.startswith(("wq.", "aq."))]
 
@@ -300,6 +304,7 @@ class QuantNet(nn.Module):
         stats are put back afterwards)."""
         norms_state = copy.deepcopy(self.norms.state_dict())
         self.train()
+        x = x.to(self.device)
         for c in candidates:
             self.set_candidate(c)
             self.net(x)
@@ -316,7 +321,7 @@ class QuantNet(nn.Module):
             n.momentum = None
             n.train()
         for x in batches:
-            self.net(x)
+            self.net(x.to(self.device))
         for n in self.norms.values():
             n.momentum = 0.1
         self.eval()
