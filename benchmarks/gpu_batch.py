@@ -38,6 +38,8 @@ DYNAMIC_VARIANTS = {
     "dynamic_gpu_sample": ["--bits", "3,4,5", "--target", "u4", "--budget", "sample"],
     "dynamic_gpu_conv": ["--bits", "3,4,5", "--target", "u4", "--budget", "sample", "--controller-conv", "32"],
     "dynamic_gpu_conv_u3": ["--bits", "2,3,4", "--target", "u3", "--budget", "sample", "--controller-conv", "32"],
+    # ORT-vs-PyTorch fidelity of a GPU-trained model, evaluated with TF32 off (qtool.device)
+    "dynamic_gpu_fidelity": ["--bits", "3,4,5", "--target", "u4", "--budget", "sample"],
 }
 
 
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-steps", type=int, default=None,
                     help="per fine-tuned candidate [sized by the probe: 1-5 epochs of 352 steps]")
     ap.add_argument("--max-epochs", type=int, default=8, help="cap of the dynamic runs' epochs")
-    ap.add_argument("--variants", default=",".join(DYNAMIC_VARIANTS))
+    ap.add_argument("--variants", default="dynamic_gpu_batch,dynamic_gpu_sample,dynamic_gpu_conv,dynamic_gpu_conv_u3")
+    ap.add_argument("--ft-workers", type=int, default=4, help="processes fine-tuning search candidates")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the plumbing on this machine")
     ap.add_argument("--train-limit", type=int, default=45000, help="training images of the dynamic runs")
     ap.add_argument("--probe-images", type=int, default=2000, help="training images of the probe (1 epoch)")
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
               f"{epochs} epochs, fine-tunes {ft_epochs} epochs", flush=True)
     if a.search_workdir and (Path(a.search_workdir) / "search_stage.json").exists():
         jobs.append(Job("search", [PY, "-m", "benchmarks.search", "--stage", "finetune", "--workdir",
-                                   a.search_workdir, "--device", a.device, "--workers", "4", "--compare-top", "3",
+                                   a.search_workdir, "--device", a.device, "--workers", str(a.ft_workers), "--compare-top", "3",
                                    "--finetune-steps", str(a.finetune_steps or ft_epochs * 352)], logs,
                         [RESULTS / "search.json"]).start())
     if epochs:

@@ -5,6 +5,12 @@ vs random search.
                                               # split, 2 cores
     python -m benchmarks.search --quick       # tiny: a few images, 2 generations (LeNet-5 on digits if the
                                               # ResNet-20 model or the CIFAR data is absent)
+    python -m benchmarks.search --stage search ...            # CPU: supernet + NSGA-III + random search
+    python -m benchmarks.search --stage finetune --device cuda  # the fine-tune comparison from that stage's
+                                              # WORKDIR/search_stage.json, e.g. on a borrowed GPU (benchmarks.gpu_batch)
+
+NSGA-III's initial population holds the 9 uniform (w, a) configurations (W8A8, W8A4, ..., W2A2), the rest
+random (`--random-init`: random only, which left every front member with a 2-bit layer in an earlier run).
 
 Defaults (pop 20 x 20 generations, supernet 1.5 epochs = 527 sandwich steps of batch 128, 1000 validation
 images per candidate) are sized for 2 cores: measured on one core of this 2-core machine, a sandwich step

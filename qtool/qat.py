@@ -392,11 +392,9 @@ class QATResult:
 # -- the QAT run -------------------------------------------------------------------------------------
 
 def _device(config: QATConfig) -> torch.device:
-    if config.device is not None:
-        if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise QtoolError(f"device {config.device} requested but CUDA is not available")
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from qtool.device import resolve_device
+
+    return resolve_device(config.device, option="device")
 
 
 def _calib_batches(fused: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, n: int, bs: int = 64):
@@ -704,11 +702,12 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
     for t, s in spec.items():
         plan.tensors[t] = _tensor_quant(s.kind, _root(quantizers[t]))
     qmodel = apply_plan(tuned, plan)
+    lifted.cpu()  # the fidelity check runs on the CPU: cuDNN rounds float convolutions its own way (qtool.device)
     exact = _install_exact_eval(lifted)
     notes.append(f"eval mode emulates onnxruntime's integer kernels at {len(exact)} quantized ops (qtool.ortexact)")
 
     # Fidelity on the val split: the fake-quant model vs onnxruntime on the written model.
-    acc_fq, logits_fq = _evaluate(lifted, val_data, pre, device)
+    acc_fq, logits_fq = _evaluate(lifted, val_data, pre, torch.device("cpu"))
     logits_ort = _ort_logits(qmodel, val_data, pre)
     acc_ort = float((logits_ort.argmax(1) == val_data.labels).mean())
     diff = float(np.abs(logits_fq - logits_ort).max())
@@ -719,7 +718,6 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
                 "logit_max_abs": diff, "logit_step": step,
                 "logit_max_steps": diff / step if step else None, "n": len(val_data)}
     plan.meta["fidelity"] = {k: v for k, v in fidelity.items()}
-    lifted.cpu()
     return QATResult(qmodel, plan, tuned, history, fidelity, lifted, list(dict.fromkeys(notes)), bool(pairs),
                      str(device), time.perf_counter() - t0)
 

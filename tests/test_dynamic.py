@@ -177,6 +177,9 @@ def test_config_rejects_bad_device_and_controller_conv():
     if not torch.cuda.is_available():
         with pytest.raises(QtoolError, match="CUDA"):
             DynamicConfig(device="cuda")
+    else:  # on a GPU: TF32 would move fake-quant values across rounding boundaries (qtool.device)
+        DynamicConfig(device="cuda")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     with pytest.raises(QtoolError, match="--controller-conv"):
         DynamicConfig(controller_conv=-1)
 

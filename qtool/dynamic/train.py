@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
+from qtool.device import resolve_device
 from qtool.errors import QtoolError
 from qtool.train import EpochMeter
 from qtool.dynamic.controller import DynamicNet
@@ -108,10 +109,7 @@ class DynamicConfig:
         for k in ("lr", "controller_lr"):
             if not getattr(self, k) > 0:
                 raise QtoolError(f"{k} must be > 0")
-        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise QtoolError(f"--device must be cpu or cuda[:N], got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise QtoolError(f"--device {self.device}: CUDA is not available here")
+        resolve_device(self.device)
 
 
 def parse_target(t: float | str) -> tuple[str, float]:
@@ -360,10 +358,11 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
                  f"{net.n_dynamic} of {len(net.layers)} layers are dynamic")
 
     # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
-    net.to(config.device)
+    net.to(resolve_device(config.device))
     hist = train(net, train_data, pre, config, target, "dynamic", config.seed)
     n_classes = len(train_data.classes)
     collapsed = [collapse_note("dynamic", hist, n_classes, config.lr)]
+    net.cpu()  # evaluation and export on the CPU: cuDNN's convolutions round differently from ORT's (qtool.device)
     net.set_mode("argmax")
     free = evaluate(net, val_data, pre)
     gen = torch.Generator().manual_seed(config.seed)
@@ -379,7 +378,6 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
 
     # -- deployment and ORT fidelity ----------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
-    net.cpu()  # export reads the weights as numpy
     manifest = write_deployment(net, codebook, out)
     sess = DynamicSession.load(out, threads=config.threads)
     ort_logits, ort_cfg = [], []
@@ -415,12 +413,12 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
         if config.uniform_baselines:
             todo += [(f"uniform{b}", net.uniform(b)) for b in net.choices]
         for label, cfg in todo:
-            s_net = copy.deepcopy(static_net).to(config.device)
+            s_net = copy.deepcopy(static_net).to(resolve_device(config.device))
             s_net.set_mode("fixed", fixed=cfg)
             s_hist = train(s_net, train_data, pre, config, target, f"static {label}", config.seed)
             collapsed.append(collapse_note(f"static {label}", s_hist, n_classes, config.lr))
-            ev = evaluate(s_net, val_data, pre)
             s_net.cpu()
+            ev = evaluate(s_net, val_data, pre)
             qdq = apply_plan(*s_net.export_config(cfg))
             lg = _ort_logits(qdq, val_data, pre, config.threads)
             statics.append({"name": label, "choice": list(cfg), "bits": s_net.config_bits(cfg),

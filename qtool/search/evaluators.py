@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qtool.device import resolve_device
 from qtool.data import augment_cifar, load_dataset, model_image_input, check_input_matches, SPLIT_SEED
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
@@ -97,12 +98,16 @@ class SearchData:
 
 @torch.no_grad()
 def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
+    """Validation top-1, always computed on the CPU (a copy of a CUDA net): cuDNN's float convolutions
+    round differently from onnxruntime's, which moves fake-quant values across rounding boundaries
+    (see qtool.device)."""
+    if next(net.parameters()).device.type != "cpu":
+        net = copy.deepcopy(net).cpu()
     net.eval()
-    device = next(net.parameters()).device
     correct = 0
     for i in range(0, len(data.val_labels), batch_size):
-        out = net(data.x(data.val_images[i:i + batch_size]).to(device))
-        correct += int((out.argmax(1).cpu().numpy() == data.val_labels[i:i + batch_size]).sum())
+        out = net(data.x(data.val_images[i:i + batch_size]))
+        correct += int((out.argmax(1).numpy() == data.val_labels[i:i + batch_size]).sum())
     return correct / len(data.val_labels)
 
 
@@ -176,10 +181,7 @@ class Evaluator:
         # threads=1: on a shared 2-core machine torch's second thread spins against other jobs
         # (measured 20-30x slower per op here); parallelism comes from the executor's workers.
         self.recal_batches, self.recal_batch_size, self.threads = recal_batches, recal_batch_size, threads
-        if device.split(":")[0] not in ("cpu", "cuda"):
-            raise QtoolError(f"device must be cpu or cuda[:N], got {device!r}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise QtoolError(f"device {device} requested but CUDA is not available")
+        resolve_device(device)  # validated here, in the main process, before any work
         self.device = device
         self.fused: onnx.ModelProto | None = None
         self.space: SearchSpace | None = None
@@ -206,6 +208,7 @@ class Evaluator:
         """Validation top-1 of candidate `c` (in a worker; deterministic for a given candidate)."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        resolve_device(self.device)  # a spawned worker starts with torch's defaults (TF32 on CUDA)
         return accuracy(self.tuned(c), self.data)
 
     def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, "object", float]:
@@ -235,7 +238,7 @@ class QATEvaluator(Evaluator):
         self._base = QuantNet(fused, space, data.x(data.calib_images))
 
     def tuned(self, c: Candidate) -> QuantNet:
-        net = copy.deepcopy(self._base).to(self.device)  # FP32 weights, identity BN, fresh quantizers every time
+        net = copy.deepcopy(self._base).to(resolve_device(self.device))  # FP32 weights, identity BN, fresh quantizers
         net.init_quantizers(self._recal()[0], [c])
         self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed))
         net.set_candidate(c)
@@ -284,7 +287,7 @@ class SupernetEvaluator(Evaluator):
         import time
 
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
-        net = QuantNet(fused, space, data.x(data.calib_images)).to(self.device)
+        net = QuantNet(fused, space, data.x(data.calib_images)).to(resolve_device(self.device))
         ck = Path(workdir) / self.CHECKPOINT if workdir is not None else None
         meta = {"settings": self.settings(), "seed": seed, "space": space.describe()}
         if ck is not None and ck.exists():
