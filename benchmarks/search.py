@@ -135,7 +135,8 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
     front = [{"key": m["key"], "acc": m["acc"], "objectives": {"bitops": m["bitops"]}} for m in stage["search"]["front"]]
     base = {b["name"]: b for b in stage["search"]["baselines"]}
     ft_data = problem.data if a.quick else SearchData.load(problem.fused, spec, train_limit=train_limit)
-    qat = QATEvaluator(steps=ft_steps, batch_size=128, lr=a.finetune_lr, device=a.device)
+    init = Path(a.workdir_path) / "nsga3" / "supernet.pt" if a.finetune_init == "supernet" else None
+    qat = QATEvaluator(steps=ft_steps, batch_size=128, lr=a.finetune_lr, device=a.device, init_from=init)
     qat.prepare(problem.fused, problem.space, ft_data, seed=a.seed)
     picks = {name: pick_members(front, base[name], a.compare_top) for name in ("w8a8", "w4a4")}
     roles: dict[str, dict] = {}
@@ -174,6 +175,35 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
             "kendall_tau_supernet_vs_finetuned": tau, "val_images": int(len(ft_data.val_labels))}
 
 
+def plot_finetune(fine: dict, path: Path, title: str) -> None:
+    """Fine-tuned top-1 vs BitOps: the uniform baselines and the front members picked against them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for c in fine["candidates"]:
+        base = c["role"].startswith("uniform")
+        ax.scatter(c["bitops"], c["finetuned_acc"] * 100, marker="s" if base else "o", s=60 if base else 30,
+                   color="tab:red" if base else ("tab:blue" if "w8a8" in c["role"] else "tab:green"), zorder=3)
+        if base:
+            ax.annotate(c["role"].split()[-1], (c["bitops"], c["finetuned_acc"] * 100), textcoords="offset points",
+                        xytext=(6, -4), fontsize=8)
+    for name, color in (("w8a8", "tab:blue"), ("w4a4", "tab:green")):
+        ax.scatter([], [], color=color, s=30, label=f"front members picked vs {name}")
+    ax.scatter([], [], color="tab:red", marker="s", s=60, label="uniform baselines")
+    ax.set_xscale("log")
+    ax.set_xlabel("BitOps")
+    ax.set_ylabel("top-1 after the same fine-tune (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.search", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -200,6 +230,10 @@ def main(argv=None) -> int:
                     help="search: supernet + NSGA-III + random search, saved to WORKDIR/search_stage.json; "
                          "finetune: the fine-tune comparison from that file (e.g. on another machine)")
     ap.add_argument("--device", default="cpu", help="torch device of the fine-tunes (cpu, cuda)")
+    ap.add_argument("--finetune-init", choices=("fp32", "supernet"), default="fp32",
+                    help="fine-tunes start from the FP32 weights with fresh quantizers, or inherit the trained "
+                         "supernet's weights, steps and norms (WORKDIR/nsga3/supernet.pt)")
+    ap.add_argument("--name", default=None, help="result name: results/NAME.json [search, search_quick]")
     a = ap.parse_args(argv)
 
     import torch
@@ -217,6 +251,7 @@ def main(argv=None) -> int:
     train_limit = 512 if q else None
     wd = Path(a.workdir) if a.workdir else RESULTS / ("search-work-quick" if q else "search-work")
     wd.mkdir(parents=True, exist_ok=True)
+    a.workdir_path = str(wd)
     spec = cifar_spec()
     model_path = Path(a.model)
     setup = "resnet20-cifar10"
@@ -251,14 +286,19 @@ def main(argv=None) -> int:
         "setup": stage["setup"], "quick": q, "model": stage["model"], "data": stage["data"],
         "space": {"layers": len(sp.layers), "searched": len(sp.searched), "bits": list(sp.choices)},
         "settings": {**stage["settings"], "finetune_steps": ft_steps, "finetune_lr": a.finetune_lr,
-                     "compare_top": a.compare_top, "finetune_device": a.device,
+                     "compare_top": a.compare_top, "finetune_device": a.device, "finetune_init": a.finetune_init,
+                     "finetune_seed": a.seed,
                      "finetune_val_images": fine.pop("val_images"), "workers_finetune": a.workers},
         "search": stage["search"], "random_search": stage["random_search"], "hypervolume": stage["hypervolume"],
         "finetune": fine,
     }
     hv = stage["hypervolume"]
     comparisons = fine["comparisons"]
-    out = write_result("search_quick" if q else "search", payload)
+    name = a.name or ("search_quick" if q else "search")
+    out = write_result(name, payload)
+    plot_finetune(fine, wd / f"{name}_finetune.png",
+                  f"{ft_steps} fine-tune steps from {'the supernet' if a.finetune_init == 'supernet' else 'FP32'} "
+                  f"({a.device}); whole val split")
     srch = stage["search"]
     print(f"{stage['setup']}: {srch['evaluations']} NSGA-III evaluations in {srch['wall_s']:.0f} s "
           f"(supernet {srch['supernet_train_s'] or 0:.0f} s); HV nsga3 {hv['nsga3']:.4f} vs random {hv['random']:.4f}")

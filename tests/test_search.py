@@ -173,6 +173,23 @@ def test_initial_population_starts_from_the_uniform_pairs(problem, tmp_path):
     assert set(pairs[:6]) <= {r["key"] for r in log if r["origin"] == "search"}
 
 
+def test_qat_evaluator_inherits_the_supernet(problem, tmp_path):
+    """init_from=supernet.pt with 0 fine-tune steps scores a candidate exactly as the supernet does."""
+    ev = supernet()
+    (tmp_path / "w").mkdir()
+    ev.prepare(problem.fused, problem.space, problem.data, workdir=tmp_path / "w", seed=0)
+    c = problem.space.random(1, seed=5)[0]
+    inherited = QATEvaluator(steps=0, batch_size=64, lr=0.01, init_from=tmp_path / "w" / "supernet.pt")
+    inherited.prepare(problem.fused, problem.space, problem.data, seed=0)
+    assert inherited.settings()["init"] == "supernet"
+    assert inherited.evaluate(c) == ev.evaluate(c)
+    fresh = QATEvaluator(steps=0, batch_size=64, lr=0.01)
+    fresh.prepare(problem.fused, problem.space, problem.data, seed=0)
+    assert fresh.evaluate(problem.space.uniform(2)) != inherited.evaluate(problem.space.uniform(2))
+    with pytest.raises(QtoolError, match="not found"):
+        QATEvaluator(init_from=tmp_path / "missing.pt")
+
+
 class _Crash(SupernetEvaluator):
     """Dies after `n` evaluations, like a killed run."""
 

@@ -222,24 +222,39 @@ class Evaluator:
 class QATEvaluator(Evaluator):
     name = "qat"
 
-    def __init__(self, *, steps: int = 100, batch_size: int = 64, lr: float = 0.01, finetune=None, **kw):
+    def __init__(self, *, steps: int = 100, batch_size: int = 64, lr: float = 0.01, finetune=None,
+                 init_from: str | Path | None = None, **kw):
+        """init_from: None = the FP32 weights with fresh quantizers; or a trained supernet checkpoint
+        (`supernet.pt` of a search workdir, same model and space): every candidate inherits its shared
+        weights, learned quantizer steps and norms (weight inheritance, as in OFA / BigNAS)."""
         super().__init__(**kw)
         if steps < 0 or batch_size < 1 or not lr > 0:
             raise QtoolError("qat evaluator: steps must be >= 0, batch size >= 1, lr > 0")
+        if init_from is not None and not Path(init_from).is_file():
+            raise QtoolError(f"qat evaluator: supernet checkpoint not found: {init_from}")
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
+        self.init_from = None if init_from is None else str(init_from)
         self.finetune = finetune or default_finetune
         self._base: QuantNet | None = None
 
     def settings(self) -> dict:
-        return {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
+        return {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+                "init": "fp32" if self.init_from is None else "supernet"}
 
     def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
         self._base = QuantNet(fused, space, data.x(data.calib_images))
+        if self.init_from is not None:
+            try:
+                saved = torch.load(self.init_from, map_location="cpu", weights_only=True)  # tensors only
+                self._base.load_state_dict(saved["state"])
+            except Exception as e:
+                raise QtoolError(f"cannot start from the supernet {self.init_from}: {str(e).splitlines()[0]}") from None
 
     def tuned(self, c: Candidate) -> QuantNet:
-        net = copy.deepcopy(self._base).to(resolve_device(self.device))  # FP32 weights, identity BN, fresh quantizers
-        net.init_quantizers(self._recal()[0], [c])
+        net = copy.deepcopy(self._base).to(resolve_device(self.device))
+        if self.init_from is None:  # FP32 weights, identity norms: quantizer steps start from data
+            net.init_quantizers(self._recal()[0], [c])
         self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed))
         net.set_candidate(c)
         net.recalibrate(self._recal())
