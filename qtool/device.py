@@ -6,7 +6,8 @@ rounding boundaries: a dynamic ResNet-20 evaluated on an H100 with TF32 disagree
 model on onnxruntime by 0.5-0.7 pp of top-1 (0.00 pp on the CPU). `resolve_device` turns TF32 off
 whenever CUDA is used. Even in float32, cuDNN's convolution algorithms round differently from
 onnxruntime's (98.3 % prediction agreement on an H100 with TF32 off, in a barely trained model), so the
-accuracies qtool reports for a model trained on CUDA are computed on a CPU copy.
+final accuracies qtool reports for a model trained on CUDA (search scores, dynamic and QAT fidelity) are
+computed on a CPU copy; per-epoch monitoring may stay on the GPU.
 """
 from __future__ import annotations
 

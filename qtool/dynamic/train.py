@@ -83,7 +83,7 @@ class DynamicConfig:
     latency_runs: int = 50
     threads: int = 1
     quiet: bool = False
-    device: str = "cpu"  # torch device of training and PyTorch evaluation (export and ORT stay on the CPU)
+    device: str = "cpu"  # torch device of training; evaluation, export and ORT run on the CPU (qtool.device)
 
     def __post_init__(self):
         if not isinstance(self.bits, tuple) or len(set(self.bits)) < 2 or any(
