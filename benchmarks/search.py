@@ -126,7 +126,7 @@ def _search_stage(a, problem, wd: Path, pop: int, gens: int, epochs: float) -> d
     }
 
 
-def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: dict) -> dict:
+def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: dict, wd: Path) -> dict:
     """The same QAT fine-tune (from the FP32 weights) for uniform W8A8 / W4A4 and the front members picked
     against each; does a member strictly dominate its baseline on (acc, BitOps)?"""
     from qtool.search import Candidate, LocalExecutor, QATEvaluator, SearchData
@@ -135,7 +135,7 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
     front = [{"key": m["key"], "acc": m["acc"], "objectives": {"bitops": m["bitops"]}} for m in stage["search"]["front"]]
     base = {b["name"]: b for b in stage["search"]["baselines"]}
     ft_data = problem.data if a.quick else SearchData.load(problem.fused, spec, train_limit=train_limit)
-    init = Path(a.workdir_path) / "nsga3" / "supernet.pt" if a.finetune_init == "supernet" else None
+    init = wd / "nsga3" / "supernet.pt" if a.finetune_init == "supernet" else None
     qat = QATEvaluator(steps=ft_steps, batch_size=128, lr=a.finetune_lr, device=a.device, init_from=init)
     qat.prepare(problem.fused, problem.space, ft_data, seed=a.seed)
     picks = {name: pick_members(front, base[name], a.compare_top) for name in ("w8a8", "w4a4")}
@@ -251,7 +251,6 @@ def main(argv=None) -> int:
     train_limit = 512 if q else None
     wd = Path(a.workdir) if a.workdir else RESULTS / ("search-work-quick" if q else "search-work")
     wd.mkdir(parents=True, exist_ok=True)
-    a.workdir_path = str(wd)
     spec = cifar_spec()
     model_path = Path(a.model)
     setup = "resnet20-cifar10"
@@ -281,7 +280,7 @@ def main(argv=None) -> int:
             print(f"--stage finetune needs {stage_file} (run --stage search first)", file=sys.stderr)
             return 2
         stage = json.loads(stage_file.read_text())
-    fine = _finetune_stage(a, problem, spec, train_limit, ft_steps, stage)
+    fine = _finetune_stage(a, problem, spec, train_limit, ft_steps, stage, wd)
     payload = {
         "setup": stage["setup"], "quick": q, "model": stage["model"], "data": stage["data"],
         "space": {"layers": len(sp.layers), "searched": len(sp.searched), "bits": list(sp.choices)},

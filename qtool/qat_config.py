@@ -214,8 +214,10 @@ class QATConfig:
         for k in ("bn_fold", "augment", "quiet"):
             if not isinstance(getattr(self, k), bool):
                 raise QtoolError(f"{k} must be true or false, got {getattr(self, k)!r}")
-        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise QtoolError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.device is not None:
+            from qtool.device import resolve_device
+
+            resolve_device(self.device, option="device")
 
     @property
     def learning_rate(self) -> float:
