@@ -146,6 +146,18 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
         for m in picks[name]:
             roles.setdefault(m["key"], {"key": m["key"], "role": f"front member vs {name}", "supernet_acc": m["acc"],
                                         "bitops": m["objectives"]["bitops"]})
+    from qtool.search.objectives import metric
+
+    log_file = wd / "nsga3" / "evaluations.jsonl"
+    logged = {r["key"]: r["acc"] for r in map(json.loads, log_file.read_text().splitlines() if log_file.exists() else [])}
+    for pair in [p for p in a.also.split(",") if p]:  # reference points only: not front members, not compared
+        c = next((u for u in problem.space.uniform_pairs() if f"w{u.bits[problem.space.searched[0]][0]}"
+                  f"a{u.bits[problem.space.searched[0]][1]}" == pair.strip().lower()), None)
+        if c is None:
+            raise SystemExit(f"--also: {pair!r} is not a uniform wXaY configuration of the space")
+        roles.setdefault(c.key, {"key": c.key, "role": f"uniform {pair.strip().lower()} (reference)",
+                                 "supernet_acc": logged.get(c.key),
+                                 "bitops": metric("bitops").compute(c, problem.metrics, 0.0)})
     # Each candidate is fine-tuned with seeds seed .. seed + finetune_seeds - 1 (data order, augmentation);
     # the comparison uses the mean: one fine-tune moves by 0.1-0.3 pp between seeds on ResNet-20.
     for k in range(a.finetune_seeds):
@@ -170,12 +182,13 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
         comparisons.append({"baseline": name, "baseline_acc": fb["finetuned_acc"], "baseline_bitops": fb["bitops"],
                             "baseline_supernet_acc": fb["supernet_acc"], "members": members,
                             "dominates": any(m["dominates"] for m in members),
-                            **({} if members else {"note": "no front member with fewer BitOps"})})
+                            **({} if members else {"note": "no front member with fewer BitOps" if a.compare_top
+                                                             else "no members requested (--compare-top 0)"})})
     tau = None
-    if len(fine) >= 3:
+    v = [x for x in fine.values() if x["supernet_acc"] is not None]
+    if len(v) >= 3:
         from scipy.stats import kendalltau
 
-        v = list(fine.values())
         tau = float(kendalltau([x["supernet_acc"] for x in v], [x["finetuned_acc"] for x in v]).statistic)
     return {"wall_s": time.perf_counter() - t2, "candidates": list(fine.values()), "comparisons": comparisons,
             "kendall_tau_supernet_vs_finetuned": tau, "val_images": int(len(ft_data.val_labels))}
@@ -227,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-lr", type=float, default=0.002,
                     help="0.01 costs 60-step fine-tunes of W8A8 / W4A4 2.0 / 2.8 points against 0.002 (measured)")
     ap.add_argument("--compare-top", type=int, default=2, help="front members fine-tuned per baseline")
+    ap.add_argument("--also", default="", help="uniform configurations fine-tuned as reference points, e.g. "
+                    "w4a8,w8a4 (reported, not compared: they are not front members)")
     ap.add_argument("--finetune-seeds", type=int, default=1,
                     help="fine-tunes per candidate (seeds --seed, --seed + 1, ...); compared on their mean")
     ap.add_argument("--val-limit", type=int, default=None, help="images scored per candidate during the search")
