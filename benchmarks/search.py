@@ -128,9 +128,11 @@ def _search_stage(a, problem, wd: Path, pop: int, gens: int, epochs: float) -> d
 
 
 def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: dict, wd: Path) -> dict:
-    """The same QAT fine-tune (from the FP32 weights) for uniform W8A8 / W4A4 and the front members picked
-    against each; does a member strictly dominate its baseline on (acc, BitOps)?"""
+    """The same QAT fine-tune (from the FP32 weights or the supernet's) for uniform W8A8 / W4A4, the front
+    members picked against each and the `--also` references; does a member strictly dominate its baseline
+    on (acc, BitOps)?"""
     from qtool.search import Candidate, LocalExecutor, QATEvaluator, SearchData
+    from qtool.search.objectives import metric
 
     t2 = time.perf_counter()
     front = [{"key": m["key"], "acc": m["acc"], "objectives": {"bitops": m["bitops"]}} for m in stage["search"]["front"]]
@@ -146,16 +148,14 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
         for m in picks[name]:
             roles.setdefault(m["key"], {"key": m["key"], "role": f"front member vs {name}", "supernet_acc": m["acc"],
                                         "bitops": m["objectives"]["bitops"]})
-    from qtool.search.objectives import metric
-
     log_file = wd / "nsga3" / "evaluations.jsonl"
     logged = {r["key"]: r["acc"] for r in map(json.loads, log_file.read_text().splitlines() if log_file.exists() else [])}
-    for pair in [p for p in a.also.split(",") if p]:  # reference points only: not front members, not compared
-        c = next((u for u in problem.space.uniform_pairs() if f"w{u.bits[problem.space.searched[0]][0]}"
-                  f"a{u.bits[problem.space.searched[0]][1]}" == pair.strip().lower()), None)
-        if c is None:
+    pairs = {u.key.split("-")[problem.space.searched[0]]: u for u in problem.space.uniform_pairs()}  # "w4a8": ...
+    for pair in [p.strip().lower() for p in a.also.split(",") if p.strip()]:  # reference points, not compared
+        if pair not in pairs:
             raise SystemExit(f"--also: {pair!r} is not a uniform wXaY configuration of the space")
-        roles.setdefault(c.key, {"key": c.key, "role": f"uniform {pair.strip().lower()} (reference)",
+        c = pairs[pair]
+        roles.setdefault(c.key, {"key": c.key, "role": f"uniform {pair} (reference)",
                                  "supernet_acc": logged.get(c.key),
                                  "bitops": metric("bitops").compute(c, problem.metrics, 0.0)})
     # Each candidate is fine-tuned with seeds seed .. seed + finetune_seeds - 1 (data order, augmentation);
@@ -207,11 +207,11 @@ def plot_finetune(fine: dict, path: Path, title: str) -> None:
         ax.scatter(c["bitops"], c["finetuned_acc"] * 100, marker="s" if base else "o", s=60 if base else 30,
                    color="tab:red" if base else ("tab:blue" if "w8a8" in c["role"] else "tab:green"), zorder=3)
         if base:
-            ax.annotate(c["role"].split()[-1], (c["bitops"], c["finetuned_acc"] * 100), textcoords="offset points",
+            ax.annotate(c["role"].split()[1], (c["bitops"], c["finetuned_acc"] * 100), textcoords="offset points",
                         xytext=(6, -4), fontsize=8)
     for name, color in (("w8a8", "tab:blue"), ("w4a4", "tab:green")):
         ax.scatter([], [], color=color, s=30, label=f"front members picked vs {name}")
-    ax.scatter([], [], color="tab:red", marker="s", s=60, label="uniform baselines")
+    ax.scatter([], [], color="tab:red", marker="s", s=60, label="uniform configurations")
     ax.set_xscale("log")
     ax.set_xlabel("BitOps")
     ax.set_ylabel("top-1 after the same fine-tune (%)")
