@@ -54,7 +54,7 @@ class Job:
     def start(self) -> "Job":
         self.t0 = time.time()
         self.proc = subprocess.Popen(self.argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=False)
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return self
 
     def poll(self) -> bool:
@@ -72,11 +72,9 @@ class Job:
         return {"argv": self.argv[2:], "rc": self.rc, "seconds": round((self.t1 or time.time()) - self.t0, 1)}
 
 
-def wait(jobs: list[Job], until: float, others: list[Job] = ()) -> None:
-    """Until every job in `jobs` ended (the rest are killed at `until`); `others` are polled for their end time."""
+def wait(jobs: list[Job], until: float) -> None:
+    """Until every job ended; those still running at `until` are killed."""
     while time.time() < until and not all(j.poll() for j in jobs):
-        for j in others:
-            j.poll()
         time.sleep(2)
     for j in jobs:
         if not j.poll():
