@@ -8,7 +8,7 @@ A model without the key (exported by another tool) is fed RGB NCHW pixels/255 in
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx

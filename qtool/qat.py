@@ -329,7 +329,7 @@ def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorS
 
     anchors = [(n, t) for n, t in entries if n.op_type in ANCHOR_OPS and t["weight"]]
     if config.first_last_bits is not None and anchors:
-        (first, tf), (last, tl) = anchors[0], anchors[-1]
+        (_, tf), (_, tl) = anchors[0], anchors[-1]
         for t in tf["weight"] + tf["input"] + tl["weight"] + tl["input"] + tl["output"]:
             assign(t, config.first_last_bits)
     for i, rule in enumerate(config.rules):

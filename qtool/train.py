@@ -13,7 +13,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn

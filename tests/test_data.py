@@ -90,7 +90,6 @@ def test_preprocess_and_augment():
 
 
 def test_calib_inputs_checks_channels():
-    import onnx
     from onnx import helper, TensorProto
 
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",

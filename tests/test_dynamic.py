@@ -12,7 +12,6 @@ import torch
 from onnx import TensorProto, helper
 
 from qtool.cli import main
-from qtool.data import load_dataset
 from qtool.errors import QtoolError
 from qtool.dynamic import DynamicConfig, DynamicNet, DynamicSession, write_deployment
 from qtool.dynamic.controller import max_onehot

@@ -13,7 +13,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.cli import main
-from qtool.data import load_dataset
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
 from qtool.qat import QATConfig, qat, resolve_bits

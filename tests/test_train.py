@@ -1,5 +1,4 @@
 import collections
-import pickle
 
 import numpy as np
 import onnx

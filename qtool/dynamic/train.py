@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input

@@ -2,7 +2,6 @@
 the classifier input is computed for a 32x32 input (digits are upsampled to 32x32)."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 
