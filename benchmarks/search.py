@@ -87,7 +87,7 @@ def _search_stage(a, problem, wd: Path, pop: int, gens: int, epochs: float) -> d
     sp = problem.space
     t0 = time.perf_counter()
     ev = SupernetEvaluator(epochs=epochs, batch_size=128, lr=a.supernet_lr, sandwich=not a.no_sandwich,
-                           distill=a.distill)
+                           sandwich_low=a.sandwich_low, distill=a.distill)
     res = search(problem, NSGA3Config(pop=pop, gens=gens, seed=a.seed, seed_uniform=not a.random_init), evaluator=ev,
                  executor=LocalExecutor(a.workers), workdir=wd / "nsga3", resume=a.resume, export_front=False)
     search_wall = time.perf_counter() - t0
@@ -236,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--supernet-lr", type=float, default=0.002)
     ap.add_argument("--no-sandwich", action="store_true", help="one uniformly sampled configuration per step")
     ap.add_argument("--distill", action="store_true", help="sandwich with in-place distillation")
+    ap.add_argument("--sandwich-low", type=int, default=None,
+                    help="bits of the sandwich's small end (default: 2, the smallest choice)")
     ap.add_argument("--finetune-steps", type=int, default=None, help="QAT steps (batch 128) per fine-tuned candidate")
     ap.add_argument("--finetune-lr", type=float, default=0.002,
                     help="0.01 costs 60-step fine-tunes of W8A8 / W4A4 2.0 / 2.8 points against 0.002 (measured)")

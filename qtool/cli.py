@@ -172,8 +172,12 @@ def qat(model, data, bits, plan, config, algo, epochs, lr, optimizer, batch_size
 @click.option("--random-init", is_flag=True,
               help="start NSGA-III from random genes only (default: the uniform W8A8, W4A8, ..., W2A2 members first)")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the supernet / fine-tunes: cpu or cuda[:N]")
+@click.option("--sandwich-low", default=None, type=int,
+              help="bits of the supernet sandwich's small end, trained every step [default: the smallest of --bits]; "
+                   "4 stops it over-training the 2-bit paths (random configurations still draw every bit-width)")
 def search(model, data, objectives, bits, pop, gens, evaluator, executor, workers, workdir, resume, seed, train_limit,
-           val_limit, supernet_epochs, qat_steps, batch_size, lr, fixed_bits, max_size, max_latency, random_init, device):
+           val_limit, supernet_epochs, qat_steps, batch_size, lr, fixed_bits, max_size, max_latency, random_init, device,
+           sandwich_low):
     """NSGA-III search over per-layer weight/activation bit-widths."""
     from qtool.search import search_cli
 
@@ -181,7 +185,7 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
                executor=executor, workers=workers, workdir=workdir, resume=resume, seed=seed, train_limit=train_limit,
                val_limit=val_limit, supernet_epochs=supernet_epochs, qat_steps=qat_steps, batch_size=batch_size, lr=lr,
                fixed_bits=fixed_bits, max_size=max_size, max_latency=max_latency, seed_uniform=not random_init,
-               device=device)
+               device=device, sandwich_low=sandwich_low)
 
 
 @cli.command()

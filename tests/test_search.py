@@ -274,7 +274,8 @@ def test_cli_bad_input_exit_2(lenet, tmp_path, capsys):
 
     path = str(lenet[1])
     cases = [["--objectives", "acc,speed"], ["--bits", "2,x"], ["--bits", "2,16"], ["--pop", "1"],
-             ["--resume"], ["--data", "nope:/x"], ["--max-size", "-1"], ["--device", "tpu"]]
+             ["--resume"], ["--data", "nope:/x"], ["--max-size", "-1"], ["--device", "tpu"],
+             ["--sandwich-low", "3"], ["--sandwich-low", "4", "--eval", "qat"]]
     if not torch.cuda.is_available():
         cases.append(["--device", "cuda"])
     for extra in cases:
@@ -420,6 +421,21 @@ def test_without_sandwich_only_the_sampled_bits_train(problem, monkeypatch):
         assert moved == {bits[w]}, (w, moved, bits[w])
     with pytest.raises(QtoolError, match="n_random"):
         SupernetEvaluator(sandwich=False, n_random=0)
+
+
+def test_sandwich_low_lifts_the_small_end_and_random_draws_keep_every_bit_width(problem, monkeypatch):
+    sp = problem.space
+    ev = SupernetEvaluator(steps=4, sandwich_low=4)
+    assert ev.settings()["sandwich_low"] == 4 and "sandwich_low" not in SupernetEvaluator().settings()
+    net, before, seen, losses, opt_steps = _train(problem, ev, 4, monkeypatch)
+    assert opt_steps == 4 and len(seen) == 12
+    assert seen[0::3] == [sp.uniform(8)] * 4 and seen[1::3] == [sp.uniform(4)] * 4
+    # 2 bits is no longer an end, but the random configurations still draw it (and so train it).
+    assert any(2 in pair for c in seen[2::3] for pair in c.bits)
+    with pytest.raises(QtoolError, match="sandwich_low 3 is not one of"):
+        SupernetEvaluator(steps=1, sandwich_low=3).sampler(sp)
+    with pytest.raises(QtoolError, match="needs the sandwich"):
+        SupernetEvaluator(sandwich=False, sandwich_low=4)
 
 
 def test_calibration_batches_mix_classes_of_a_class_sorted_training_set(problem, tmp_path):

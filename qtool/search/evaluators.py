@@ -266,22 +266,29 @@ class SupernetEvaluator(Evaluator):
     CHECKPOINT = "supernet.pt"
 
     def __init__(self, *, epochs: float = 1.0, steps: int | None = None, batch_size: int = 64, lr: float = 0.01,
-                 sandwich: bool = True, n_random: int = 1, distill: bool = False, **kw):
+                 sandwich: bool = True, sandwich_low: int | None = None, n_random: int = 1, distill: bool = False,
+                 **kw):
         """epochs/steps: optimizer steps (epochs x train images / batch_size); with `sandwich` each step
-        costs 2 + n_random forward/backward passes, without it one (a single random configuration)."""
+        costs 2 + n_random forward/backward passes, without it one (a single random configuration).
+        `sandwich_low`: the bit-width of the sandwich's small end (default: the smallest choice). Training
+        all-2-bit every step over-trains the 2-bit paths: the supernet then scores 2-bit weights as nearly
+        free, which fine-tunes do not confirm (see benchmarks/search.py)."""
         super().__init__(**kw)
         if (steps is not None and steps < 1) or not epochs > 0 or batch_size < 1 or not lr > 0:
             raise QtoolError("supernet evaluator: epochs/steps must be > 0, batch size >= 1, lr > 0")
         if n_random < 0 or (not sandwich and n_random < 1):
             raise QtoolError("supernet evaluator: n_random must be >= 0 (>= 1 without the sandwich rule)")
         self.epochs, self.steps, self.batch_size, self.lr = epochs, steps, batch_size, lr
-        self.sandwich, self.n_random, self.distill = sandwich, n_random, distill
+        if sandwich_low is not None and not sandwich:
+            raise QtoolError("supernet evaluator: sandwich_low needs the sandwich rule")
+        self.sandwich, self.sandwich_low, self.n_random, self.distill = sandwich, sandwich_low, n_random, distill
         self.net: QuantNet | None = None
         self.train_seconds = 0.0
 
     def settings(self) -> dict:
         return {**super().settings(), "epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
-                "lr": self.lr, "sandwich": self.sandwich, "n_random": self.n_random, "distill": self.distill}
+                "lr": self.lr, "sandwich": self.sandwich, **({"sandwich_low": self.sandwich_low} if self.sandwich_low is not None else {}),
+                "n_random": self.n_random, "distill": self.distill}
 
     def n_steps(self) -> int:
         if self.steps is not None:
@@ -290,8 +297,12 @@ class SupernetEvaluator(Evaluator):
 
     def sampler(self, space: SearchSpace) -> Callable[[np.random.Generator], list[Candidate]]:
         """Each step's configurations: [largest, smallest] + n_random random ones (sandwich rule), or
-        n_random random ones; a random one draws every gene uniformly."""
-        ends = [space.uniform(max(space.choices)), space.uniform(min(space.choices))] if self.sandwich else []
+        n_random random ones; a random one draws every gene uniformly (so every bit-width keeps training
+        when `sandwich_low` lifts the small end)."""
+        low = min(space.choices) if self.sandwich_low is None else self.sandwich_low
+        if low not in space.choices:
+            raise QtoolError(f"supernet evaluator: sandwich_low {low} is not one of the bit-widths {list(space.choices)}")
+        ends = [space.uniform(max(space.choices)), space.uniform(low)] if self.sandwich else []
 
         def sample(rng: np.random.Generator) -> list[Candidate]:
             return ends + [space.decode(rng.integers(0, len(space.choices), space.n_var)) for _ in range(self.n_random)]
