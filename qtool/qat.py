@@ -71,12 +71,14 @@ from passes.units import ANCHOR_OPS, unit_activation
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.errors import QtoolError
 from qtool.fakequant import (BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant,
-                             PACTFakeQuant, QParams, fake_quant)
+                             PACTFakeQuant)
 from qtool.lift import LiftedModule, lift, run_op
 from qtool.ortexact import install_exact_eval
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
+from qtool.qat_quantizers import (BiasFakeQuant, DoReFaWeightFakeQuant, LSQAffineFakeQuant, SharedFakeQuant,
+                                  WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
 from qtool.quantize import QuantConfig, _is_fused, activation_quant, apply_plan, build_plan, fuse, untie_biases
 from qtool.train import EpochMeter, sgd_step
 
@@ -88,118 +90,6 @@ _EVAL_BATCH = 256
 _CALIB_SEED = 20151211
 
 
-# -- quantizers QAT needs beyond qtool.fakequant ----------------------------------------------------
-
-class _WeightMinMax(FakeQuant):
-    """Symmetric narrow-range scale from the current weight (max|w| / qmax per channel), STE."""
-
-    def __init__(self, bits: int, axis: int | None, quant_delay: int = 0):
-        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
-        self.register_buffer("last_scale", torch.empty(0))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "last_scale" in state_dict:
-            self.last_scale = torch.empty_like(state_dict[prefix + "last_scale"])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _scale_zp(self):
-        if self.last_scale.numel() == 0:
-            raise QtoolError("weight quantizer has seen no weight yet: run forward once first")
-        return self.last_scale, torch.zeros_like(self.last_scale)
-
-    def _quantize(self, w):
-        a = w.detach().abs()
-        amax = a.amax() if self.axis is None else a.amax(dim=[d for d in range(w.dim()) if d != self.axis])
-        # An all-zero channel quantizes to 0 with any scale; 1.0 keeps the plan valid (as PTQ does).
-        self.last_scale = torch.where(amax > 0, amax / float(self.qmax), torch.ones_like(amax)).float()
-        return fake_quant(w, self.last_scale, torch.zeros_like(self.last_scale), self.qmin, self.qmax, self.axis)
-
-
-class _DoReFaWeight(FakeQuant):
-    """DoReFa weights per output channel: tanh(w) / max|tanh(w)| on the grid k / qmax, k in
-    [-qmax, qmax], times the channel's initial max|w| (fixed), so scale = magnitude / qmax."""
-
-    def __init__(self, bits: int, magnitude: torch.Tensor, axis: int | None, quant_delay: int = 0):
-        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
-        m = magnitude.detach().float()
-        self.register_buffer("magnitude", torch.where(m > 0, m, torch.full_like(m, float(self.qmax))))
-
-    def _scale_zp(self):
-        s = self.magnitude / float(self.qmax)
-        return s, torch.zeros_like(s)
-
-    def _quantize(self, w):
-        t = torch.tanh(w)
-        dims = list(range(w.dim())) if self.axis is None else [d for d in range(w.dim()) if d != self.axis]
-        norm = t.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
-        mag = self.magnitude if self.axis is None else self.magnitude.reshape(
-            [-1 if d == self.axis else 1 for d in range(w.dim())])
-        s, zp = self._scale_zp()
-        return fake_quant(t / norm * mag, s, zp, self.qmin, self.qmax, self.axis)
-
-
-class _LSQAffine(LSQFakeQuant):
-    """LSQ's learned scale with the calibrated (PTQ) zero point held fixed: asymmetric uint8 tensors."""
-
-    def __init__(self, bits: int, zero_point: int, init_scale: float, quant_delay: int = 0):
-        super().__init__(bits, signed=False, quant_delay=quant_delay, init_scale=init_scale)
-        self.register_buffer("zp", torch.tensor(float(zero_point)))
-
-    def _scale_zp(self):
-        s = self.scale.clamp_min(1e-8)
-        return s, self.zp
-
-
-def _delayed(fq: FakeQuant, stepped: bool) -> bool:
-    """Whether `fq` is inside its quant_delay this training step (`stepped`: it already ran)."""
-    return fq.training and int(fq.step) < fq.quant_delay + int(stepped)
-
-
-class _Shared(nn.Module):
-    """A pass-through op's output: quantized with the parameters of the tensor it reads, as
-    onnxruntime requires (no observing, no step of its own). The root is held out of the module tree."""
-
-    def __init__(self, root: FakeQuant):
-        super().__init__()
-        self._root = [root]
-
-    @property
-    def root(self) -> FakeQuant:
-        return self._root[0]
-
-    def forward(self, x):
-        r = self.root
-        return x if _delayed(r, stepped=True) else r._quantize(x)
-
-
-def _root(fq: nn.Module) -> nn.Module:
-    """The quantizer that owns the parameters: a pass-through tensor's `_Shared` reads its root's."""
-    return fq.root if isinstance(fq, _Shared) else fq
-
-
-def _scale_of(fq: nn.Module) -> torch.Tensor:
-    return _root(fq)._scale_zp()[0].detach().float()
-
-
-class _BiasFakeQuant(nn.Module):
-    """int32 bias with scale s_in * s_w, zero point 0, as passes.qdq writes it: round(b / s) in
-    float64, dequantized as float32(q) * s (onnxruntime's int32 DequantizeLinear)."""
-
-    def __init__(self, act_fq: nn.Module, weight_fq: FakeQuant):
-        super().__init__()
-        self._refs = [act_fq, weight_fq]
-
-    def forward(self, b):
-        a, w = self._refs
-        ra = _root(a)
-        if _delayed(ra, stepped=False) or _delayed(w, stepped=True):
-            return b
-        s = _scale_of(a) * _scale_of(w)  # float32 product == passes.qdq's rounded float64 product
-        q = torch.round(b.detach().double() / s.double()).clamp(-2.0**31, 2.0**31 - 1)
-        exact = q.float() * s
-        return exact + (b - b.detach())  # value exactly `exact`, straight-through gradient
-
-
 class _ConvBNFold(nn.Module):
     """Conv -> BatchNormalization trained with the fake-quant on the folded weight (module docstring)."""
 
@@ -207,7 +97,7 @@ class _ConvBNFold(nn.Module):
         super().__init__()
         self.conv_attrs, self.eps, self.momentum = conv_attrs, eps, momentum  # momentum: torch's (1 - ONNX's)
         self.weight_fq = weight_fq
-        self.bias_fq: _BiasFakeQuant | None = None
+        self.bias_fq: BiasFakeQuant | None = None
         self.exact: nn.Module | None = None  # eval-mode onnxruntime kernel emulation (qtool.ortexact)
         self.freeze_step = freeze_step
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -421,7 +311,7 @@ def _act_quantizer(algo: str, bits: int, rmin: float, rmax: float, delay: int, d
     if algo == "lsq":
         if tq.zero_point == 0:
             return LSQFakeQuant(bits, signed=False, quant_delay=delay, init_scale=float(tq.scale))
-        return _LSQAffine(bits, int(tq.zero_point), float(tq.scale), delay)
+        return LSQAffineFakeQuant(bits, int(tq.zero_point), float(tq.scale), delay)
     if algo in ("pact", "dorefa") and nonneg:
         return PACTFakeQuant(bits, alpha=max(rmax, 1e-6), quant_delay=delay, learn_alpha=algo == "pact")
     fq = (MinMaxFakeQuant(bits, signed=False, quant_delay=delay) if algo == "minmax"
@@ -435,7 +325,7 @@ def _weight_quantizer(algo: str, s: TensorSpec, w: torch.Tensor, axis: int | Non
     if algo == "bnn" and s.uniform:
         return BNNWeightFakeQuant(axis=axis, quant_delay=delay)
     if algo in ("minmax", "ema", "bnn"):  # bnn: weights given their own bits (first/last, rules, plans)
-        return _WeightMinMax(bits, axis, delay)
+        return WeightMinMaxFakeQuant(bits, axis, delay)
     dims = list(range(w.dim())) if axis is None else [d for d in range(w.dim()) if d != axis]
     a = w.detach().float().abs()
     if algo == "lsq":
@@ -445,7 +335,7 @@ def _weight_quantizer(algo: str, s: TensorSpec, w: torch.Tensor, axis: int | Non
             fq.scale.copy_((2 * a.mean(dim=dims) / math.sqrt(fq.qmax)).clamp_min(1e-8))
             fq.initialized.fill_(True)
         return fq
-    return _DoReFaWeight(bits, a.amax(dim=dims), axis, delay)  # pact / dorefa
+    return DoReFaWeightFakeQuant(bits, a.amax(dim=dims), axis, delay)  # pact / dorefa
 
 
 @dataclass
@@ -537,13 +427,13 @@ def _install_exact_eval(lifted: LiftedModule) -> list[str]:
 
     def quant_of(t: str) -> TensorQuant | None:
         fq = lifted.quantizer(t)
-        if fq is None or isinstance(fq, _BiasFakeQuant):
+        if fq is None or isinstance(fq, BiasFakeQuant):
             return None
         kind = "weight" if t in weights else "activation"
-        return _tensor_quant(kind, _root(fq))
+        return tensor_quant(kind, root_quantizer(fq))
 
     def weight_quant_of(fold: nn.Module) -> TensorQuant | None:
-        return _tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
+        return tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
 
     return install_exact_eval(lifted, quant_of, weight_quant_of)
 
@@ -568,17 +458,6 @@ def _ort_logits(model: onnx.ModelProto, ds: ImageDataset, pre: Preprocess) -> np
                            for i in range(0, len(ds), _EVAL_BATCH)])
 
 
-def _tensor_quant(kind: str, fq: FakeQuant) -> TensorQuant:
-    qp: QParams = fq.qparams()
-    if qp.axis is None:
-        scale, zp = float(qp.scale.reshape(())), int(qp.zero_point.reshape(()))
-    else:
-        scale, zp = tuple(float(v) for v in qp.scale), tuple(int(v) for v in qp.zero_point)
-    # BNN's 1-bit codes +-1 (and 0 for an all-zero channel) are the 2-bit narrow range [-1, 1].
-    tq = TensorQuant(kind, max(qp.bits, 2), qp.signed, "per_tensor" if qp.axis is None else "per_channel",
-                     qp.axis, scale, zp, bool(fq.narrow_range))
-    assert tq.qrange == (qp.qmin, qp.qmax), (tq.qrange, qp)
-    return tq
 
 
 def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset, config: QATConfig = QATConfig(),
@@ -638,7 +517,7 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
                                            notes, t)
     for t, s in spec.items():
         if s.kind == "activation" and marks.root(t) != t:
-            quantizers[t] = _Shared(quantizers[marks.root(t)])
+            quantizers[t] = SharedFakeQuant(quantizers[marks.root(t)])
         elif s.kind == "weight":
             w = torch.from_numpy(np.array(fused_inits[t], copy=True))
             quantizers[t] = _weight_quantizer(config.algo, s, w, skeleton.tensors[t].axis)
@@ -655,10 +534,10 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
             lifted.replace_nodes([p.conv, orig_bn], fold, p.inputs, [p.bn_out])
         else:
             lifted.set_weight_quantizer(names[t], quantizers[t])
-    bias_fqs: dict[str, _BiasFakeQuant] = {}
+    bias_fqs: dict[str, BiasFakeQuant] = {}
     for b, (inp, w) in marks.biases.items():
         if inp in quantizers and w in quantizers:
-            bias_fqs[b] = _BiasFakeQuant(quantizers[inp], quantizers[w])
+            bias_fqs[b] = BiasFakeQuant(quantizers[inp], quantizers[w])
             if w in pair_of_weight:
                 lifted.replaced[next(k for k, m in lifted.replaced.items()
                                      if isinstance(m, _ConvBNFold) and m.weight_fq is quantizers[w])].bias_fq = bias_fqs[b]
@@ -700,7 +579,7 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
                 inits[t].CopyFrom(numpy_helper.from_array(
                     quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
     for t, s in spec.items():
-        plan.tensors[t] = _tensor_quant(s.kind, _root(quantizers[t]))
+        plan.tensors[t] = tensor_quant(s.kind, root_quantizer(quantizers[t]))
     qmodel = apply_plan(tuned, plan)
     lifted.cpu()  # the fidelity check runs on the CPU: cuDNN rounds float convolutions its own way (qtool.device)
     exact = _install_exact_eval(lifted)

@@ -19,7 +19,7 @@ layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers o
   for the straight-through gradient. Groups read by a static layer, or by none (residual sums, the
   logits), stay at `stem_bits`.
 - int32 biases are simulated as passes.qdq writes them (scale s_in * s_w, per sample from the
-  chosen pair), like qtool.qat's `_BiasFakeQuant`, which is reused.
+  chosen pair), like `qtool.qat_quantizers.BiasFakeQuant`, which is reused.
 
 Controller (`Controller`): the stem's output (the float tensor before its quantizer) -> global
 average pool -> FC -> ReLU -> dropout 0.2 -> FC -> K logits per dynamic layer. Training: hard
@@ -49,7 +49,7 @@ from qtool.errors import QtoolError
 from qtool.fakequant import LSQFakeQuant
 from qtool.lift import lift, run_op
 from qtool.plan import QuantPlan
-from qtool.qat import _BiasFakeQuant, _LSQAffine, _tensor_quant
+from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant, tensor_quant
 from qtool.quantize import QuantConfig, activation_quant
 from qtool.search.space import SearchSpace
 
@@ -131,7 +131,7 @@ class _Layer(nn.Module):
         self._refs = (group, ctx)
         self.bias_quantized = bias_quantized
         # bias fake-quant per (activation option j, weight option k): passes.qdq's int32 rounding
-        self._bias = [[_BiasFakeQuant(a, w) for w in wq] for a in group.q]
+        self._bias = [[BiasFakeQuant(a, w) for w in wq] for a in group.q]
 
     def onehot(self, batch: int, device) -> torch.Tensor:
         if self.index is None:
@@ -255,7 +255,7 @@ class DynamicNet(nn.Module):
             for b in opts:
                 tq = activation_quant(rmin, rmax, QuantConfig(act_bits=b))
                 qs.append(LSQFakeQuant(b, signed=False, init_scale=tq.scale) if nonneg[root] and tq.zero_point == 0
-                          else _LSQAffine(b, tq.zero_point, tq.scale))
+                          else LSQAffineFakeQuant(b, tq.zero_point, tq.scale))
             self.groups[f"a{j}"] = GroupQuant(root, qs, self.ctx if dyn else None)
             self._group_key[root] = f"a{j}"
         self.layer_mods = nn.ModuleList()
@@ -397,12 +397,12 @@ class DynamicNet(nn.Module):
             q = mod.wq[cfg[l.dynamic] if l.dynamic is not None else 0]
             w = self.net.tensor(l.weight)
             inits[l.weight].CopyFrom(numpy_helper.from_array(q(w).cpu().numpy().astype(np.float32), l.weight))
-            plan.tensors[l.weight] = _tensor_quant("weight", q)
+            plan.tensors[l.weight] = tensor_quant("weight", q)
         _, groups = self.config_onehots(cfg)
         for root, members in self.space.groups.items():
             gq = self.group(root)
             q = gq.q[int(groups[root][0].argmax())] if root in groups else gq.q[0]
-            tq = _tensor_quant("activation", q)
+            tq = tensor_quant("activation", q)
             for t in members:
                 plan.tensors[t] = tq
         return model, plan

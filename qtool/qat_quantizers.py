@@ -1,0 +1,138 @@
+"""The quantizers `qtool.qat` (and `qtool.dynamic`) need beyond `qtool.fakequant`: weight observers
+(minmax, DoReFa), LSQ with a fixed calibrated zero point, pass-through sharing, the int32 bias
+rounding the exported DequantizeLinear applies, and the plan entry of a trained quantizer."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from qtool.errors import QtoolError
+from qtool.fakequant import FakeQuant, LSQFakeQuant, QParams, fake_quant
+from qtool.plan import TensorQuant
+
+__all__ = ["WeightMinMaxFakeQuant", "DoReFaWeightFakeQuant", "LSQAffineFakeQuant", "SharedFakeQuant", "BiasFakeQuant",
+           "in_quant_delay", "root_quantizer", "tensor_quant"]
+
+
+class WeightMinMaxFakeQuant(FakeQuant):
+    """Symmetric narrow-range scale from the current weight (max|w| / qmax per channel), STE."""
+
+    def __init__(self, bits: int, axis: int | None, quant_delay: int = 0):
+        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
+        self.register_buffer("last_scale", torch.empty(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "last_scale" in state_dict:
+            self.last_scale = torch.empty_like(state_dict[prefix + "last_scale"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _scale_zp(self):
+        if self.last_scale.numel() == 0:
+            raise QtoolError("weight quantizer has seen no weight yet: run forward once first")
+        return self.last_scale, torch.zeros_like(self.last_scale)
+
+    def _quantize(self, w):
+        a = w.detach().abs()
+        amax = a.amax() if self.axis is None else a.amax(dim=[d for d in range(w.dim()) if d != self.axis])
+        # An all-zero channel quantizes to 0 with any scale; 1.0 keeps the plan valid (as PTQ does).
+        self.last_scale = torch.where(amax > 0, amax / float(self.qmax), torch.ones_like(amax)).float()
+        return fake_quant(w, self.last_scale, torch.zeros_like(self.last_scale), self.qmin, self.qmax, self.axis)
+
+
+class DoReFaWeightFakeQuant(FakeQuant):
+    """DoReFa weights per output channel: tanh(w) / max|tanh(w)| on the grid k / qmax, k in
+    [-qmax, qmax], times the channel's initial max|w| (fixed), so scale = magnitude / qmax."""
+
+    def __init__(self, bits: int, magnitude: torch.Tensor, axis: int | None, quant_delay: int = 0):
+        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
+        m = magnitude.detach().float()
+        self.register_buffer("magnitude", torch.where(m > 0, m, torch.full_like(m, float(self.qmax))))
+
+    def _scale_zp(self):
+        s = self.magnitude / float(self.qmax)
+        return s, torch.zeros_like(s)
+
+    def _quantize(self, w):
+        t = torch.tanh(w)
+        dims = list(range(w.dim())) if self.axis is None else [d for d in range(w.dim()) if d != self.axis]
+        norm = t.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
+        mag = self.magnitude if self.axis is None else self.magnitude.reshape(
+            [-1 if d == self.axis else 1 for d in range(w.dim())])
+        s, zp = self._scale_zp()
+        return fake_quant(t / norm * mag, s, zp, self.qmin, self.qmax, self.axis)
+
+
+class LSQAffineFakeQuant(LSQFakeQuant):
+    """LSQ's learned scale with the calibrated (PTQ) zero point held fixed: asymmetric uint8 tensors."""
+
+    def __init__(self, bits: int, zero_point: int, init_scale: float, quant_delay: int = 0):
+        super().__init__(bits, signed=False, quant_delay=quant_delay, init_scale=init_scale)
+        self.register_buffer("zp", torch.tensor(float(zero_point)))
+
+    def _scale_zp(self):
+        s = self.scale.clamp_min(1e-8)
+        return s, self.zp
+
+
+def in_quant_delay(fq: FakeQuant, stepped: bool) -> bool:
+    """Whether `fq` is inside its quant_delay this training step (`stepped`: it already ran)."""
+    return fq.training and int(fq.step) < fq.quant_delay + int(stepped)
+
+
+class SharedFakeQuant(nn.Module):
+    """A pass-through op's output: quantized with the parameters of the tensor it reads, as
+    onnxruntime requires (no observing, no step of its own). The root is held out of the module tree."""
+
+    def __init__(self, root: FakeQuant):
+        super().__init__()
+        self._root = [root]
+
+    @property
+    def root(self) -> FakeQuant:
+        return self._root[0]
+
+    def forward(self, x):
+        r = self.root
+        return x if in_quant_delay(r, stepped=True) else r._quantize(x)
+
+
+def root_quantizer(fq: nn.Module) -> nn.Module:
+    """The quantizer that owns the parameters: a pass-through tensor's `SharedFakeQuant` reads its root's."""
+    return fq.root if isinstance(fq, SharedFakeQuant) else fq
+
+
+def _scale_of(fq: nn.Module) -> torch.Tensor:
+    return root_quantizer(fq)._scale_zp()[0].detach().float()
+
+
+class BiasFakeQuant(nn.Module):
+    """int32 bias with scale s_in * s_w, zero point 0, as passes.qdq writes it: round(b / s) in
+    float64, dequantized as float32(q) * s (onnxruntime's int32 DequantizeLinear)."""
+
+    def __init__(self, act_fq: nn.Module, weight_fq: FakeQuant):
+        super().__init__()
+        self._refs = [act_fq, weight_fq]
+
+    def forward(self, b):
+        a, w = self._refs
+        ra = root_quantizer(a)
+        if in_quant_delay(ra, stepped=False) or in_quant_delay(w, stepped=True):
+            return b
+        s = _scale_of(a) * _scale_of(w)  # float32 product == passes.qdq's rounded float64 product
+        q = torch.round(b.detach().double() / s.double()).clamp(-2.0**31, 2.0**31 - 1)
+        exact = q.float() * s
+        return exact + (b - b.detach())  # value exactly `exact`, straight-through gradient
+
+
+def tensor_quant(kind: str, fq: FakeQuant) -> TensorQuant:
+    """The plan entry (`kind`: weight / activation) of a trained quantizer: its qparams as exported."""
+    qp: QParams = fq.qparams()
+    if qp.axis is None:
+        scale, zp = float(qp.scale.reshape(())), int(qp.zero_point.reshape(()))
+    else:
+        scale, zp = tuple(float(v) for v in qp.scale), tuple(int(v) for v in qp.zero_point)
+    # BNN's 1-bit codes +-1 (and 0 for an all-zero channel) are the 2-bit narrow range [-1, 1].
+    tq = TensorQuant(kind, max(qp.bits, 2), qp.signed, "per_tensor" if qp.axis is None else "per_channel",
+                     qp.axis, scale, zp, bool(fq.narrow_range))
+    assert tq.qrange == (qp.qmin, qp.qmax), (tq.qrange, qp)
+    return tq
