@@ -18,7 +18,10 @@ pickled to the executor's workers, where `evaluate(candidate)` runs. Two are pro
   sampling scores W8A8 80.1% < W4A4 81.7% (tau 0.60), the sandwich 83.1% > 79.9% > W2A2 65.5%
   (tau 0.95); at lr 0.002 the 8-bit end stays higher, 85.3% > 81.5% > 67.0% (tau 0.93; 264 steps:
   85.4% > 82.6% > 69.5%, tau 1.00). In-place distillation gave no ranking gain there (tau 0.89),
-  so it is off by default.
+  so it is off by default. Training all-2-bit every step makes 2-bit weights look nearly free
+  (527 steps, 1000 images: W2A8 84.1% vs W4A8 84.4%), which fine-tunes do not confirm;
+  `sandwich_low=4` (the small end all-4-bit; 2 bits still come up in the random draws) scores
+  W8A8 87.3% > W4A8 87.1% > W2A8 84.5%, W4A4 85.1% > W2A2 65.5% (benchmarks/search.py).
 
 Both train through `qtool.lift` + `qtool.fakequant` (`QuantNet`), so their accuracy is the accuracy
 of the exported QDQ model on onnxruntime up to float rounding (the search checks it on the front).
