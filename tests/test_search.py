@@ -232,10 +232,29 @@ def test_qat_evaluator_export_and_kendall(problem, prepared):
     rc = rank_correlation(cands, prepared, qat)
     assert rc["n"] == 4 and (math.isnan(rc["tau"]) or -1 <= rc["tau"] <= 1)
     assert qat.evaluate(cands[2]) == qat.evaluate(cands[2])  # per-candidate seed: deterministic
+    ok = qat.correct(cands[2])  # per-image answers, for paired comparisons
+    assert ok.dtype == bool and ok.shape == problem.data.val_labels.shape and ok.mean() == qat.evaluate(cands[2])
     model, plan, acc = qat.materialize(cands[2])
     from qtool.search.report import ort_accuracy
 
     assert abs(ort_accuracy(apply_plan(model, plan), problem.data) - acc) <= 1.0 / len(problem.data.val_labels) + 1e-9
+
+
+def test_paired_difference_bootstraps_over_images():
+    from benchmarks.search import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.random((2, 1000)) < 0.8  # 2 seeds x 1000 images
+    same = paired_difference(base, base)
+    assert same == {"diff_pp": 0.0, "ci95_pp": [0.0, 0.0]}
+    better = base.copy()
+    better[:, np.flatnonzero(~base[0] & ~base[1])[:20]] = True  # 20 images right in both seeds: +2 pp
+    r = paired_difference(better, base)
+    assert r["diff_pp"] == pytest.approx(2.0) and 0 < r["ci95_pp"][0] < 2.0 < r["ci95_pp"][1] < 4
+    noisy = base.copy()
+    noisy[0, :10] = ~noisy[0, :10]  # one seed flips 7 right answers and 3 wrong ones: -0.2 pp, not clear
+    r = paired_difference(noisy, base)
+    assert r["diff_pp"] == pytest.approx(-0.2) and r["ci95_pp"][0] < 0 < r["ci95_pp"][1]
 
 
 def test_ray_executor(problem, prepared):

@@ -100,18 +100,21 @@ class SearchData:
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
-    """Validation top-1, always computed on the CPU (a copy of a CUDA net): cuDNN's float convolutions
-    round differently from onnxruntime's, which moves fake-quant values across rounding boundaries
-    (see qtool.device)."""
+def correct_images(net: nn.Module, data: SearchData, batch_size: int = 500) -> np.ndarray:
+    """Whether each validation image is classified right (bool), always computed on the CPU (a copy
+    of a CUDA net): cuDNN's float convolutions round differently from onnxruntime's, which moves
+    fake-quant values across rounding boundaries (see qtool.device)."""
     if next(net.parameters()).device.type != "cpu":
         net = copy.deepcopy(net).cpu()
     net.eval()
-    correct = 0
-    for i in range(0, len(data.val_labels), batch_size):
-        out = net(data.x(data.val_images[i:i + batch_size]))
-        correct += int((out.argmax(1).numpy() == data.val_labels[i:i + batch_size]).sum())
-    return correct / len(data.val_labels)
+    with torch.no_grad():
+        return np.concatenate([net(data.x(data.val_images[i:i + batch_size])).argmax(1).numpy()
+                               == data.val_labels[i:i + batch_size] for i in range(0, len(data.val_labels), batch_size)])
+
+
+def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
+    """Validation top-1 (on the CPU, see `correct_images`)."""
+    return float(correct_images(net, data, batch_size).mean())
 
 
 def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int, lr: float, seed: int,
@@ -209,10 +212,14 @@ class Evaluator:
 
     def evaluate(self, c: Candidate) -> float:
         """Validation top-1 of candidate `c` (in a worker; deterministic for a given candidate)."""
+        return float(self.correct(c).mean())
+
+    def correct(self, c: Candidate) -> np.ndarray:
+        """Each validation image's correctness under candidate `c` (bool), e.g. for paired comparisons."""
         if self.threads:
             torch.set_num_threads(self.threads)
         resolve_device(self.device)  # a spawned worker starts with torch's defaults (TF32 on CUDA)
-        return accuracy(self.tuned(c), self.data)
+        return correct_images(self.tuned(c), self.data)
 
     def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, "object", float]:
         """(fused model with the candidate's weights, calibrated QuantPlan, torch accuracy)."""
