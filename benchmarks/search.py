@@ -201,6 +201,7 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
 
     def stacked(key):
         return np.stack([correct[key][k] for k in range(a.finetune_seeds)])
+
     comparisons = []
     for name in ("w8a8", "w4a4"):
         fb = fine[base[name]["key"]]
