@@ -107,9 +107,8 @@ def correct_images(net: nn.Module, data: SearchData, batch_size: int = 500) -> n
     if next(net.parameters()).device.type != "cpu":
         net = copy.deepcopy(net).cpu()
     net.eval()
-    with torch.no_grad():
-        return np.concatenate([net(data.x(data.val_images[i:i + batch_size])).argmax(1).numpy()
-                               == data.val_labels[i:i + batch_size] for i in range(0, len(data.val_labels), batch_size)])
+    return np.concatenate([net(data.x(data.val_images[i:i + batch_size])).argmax(1).numpy()
+                           == data.val_labels[i:i + batch_size] for i in range(0, len(data.val_labels), batch_size)])
 
 
 def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
