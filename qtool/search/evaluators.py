@@ -295,9 +295,11 @@ class SupernetEvaluator(Evaluator):
         self.train_seconds = 0.0
 
     def settings(self) -> dict:
-        return {**super().settings(), "epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
-                "lr": self.lr, "sandwich": self.sandwich, **({"sandwich_low": self.sandwich_low} if self.sandwich_low is not None else {}),
-                "n_random": self.n_random, "distill": self.distill}
+        out = {**super().settings(), "epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
+               "lr": self.lr, "sandwich": self.sandwich, "n_random": self.n_random, "distill": self.distill}
+        if self.sandwich_low is not None:  # only when set: workdirs from before the option still resume
+            out["sandwich_low"] = self.sandwich_low
+        return out
 
     def n_steps(self) -> int:
         if self.steps is not None:
