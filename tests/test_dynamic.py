@@ -15,7 +15,8 @@ from qtool.cli import main
 from qtool.errors import QtoolError
 from qtool.dynamic import DynamicConfig, DynamicNet, DynamicSession, write_deployment
 from qtool.dynamic.controller import max_onehot
-from qtool.dynamic.train import _calibrate, evaluate, train, uniform_bitflops
+from qtool.dynamic.train import _calibrate, evaluate, gap_diagnostics, train, uniform_bitflops
+from qtool.lift import lift
 from qtool.quantize import fuse
 from qtool.search.space import SearchSpace
 
@@ -81,6 +82,42 @@ def test_penalty_pushes_bits_down(base_net, digits):
                                                         .bitflops.mean()))
     assert avg[3][0] < avg[5][0] and avg[3][1] < avg[5][1], avg
     assert avg[3][1] < uniform_bitflops(base_net, 4) - 0.1 * (uniform_bitflops(base_net, 4) - uniform_bitflops(base_net, 3))
+
+
+def test_distill_weight_one_learns_from_the_teacher_only(base_net, digits):
+    """distill=1: the loss is the teacher's soft labels alone, so scrambled labels train the very same
+    weights; distill=0 (labels only) does not."""
+    tr, _ = digits
+    scrambled = tr.subset(np.arange(len(tr)))
+    scrambled.labels[:] = np.roll(tr.labels, 1)
+    teacher = lift(base_net.fused)
+    out = {}
+    for d in (1.0, 0.0):
+        cfg = DynamicConfig(bits=BITS, epochs=1, batch_size=64, train_limit=128, distill=d, quiet=True)
+        for name, ds in (("labels", tr), ("scrambled", scrambled)):
+            net = copy.deepcopy(base_net)
+            net.set_mode("fixed", fixed=net.uniform(4))
+            train(net, ds, tr.preprocess, cfg, uniform_bitflops(net, 4), "t", seed=0, teacher=teacher)
+            out[d, name] = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert torch.equal(out[1.0, "labels"], out[1.0, "scrambled"])
+    assert not torch.equal(out[0.0, "labels"], out[0.0, "scrambled"])
+    assert not torch.equal(out[1.0, "labels"], out[0.0, "labels"])
+
+
+def test_gap_diagnostics_on_a_single_configuration(base_net, digits):
+    """Routing every image to one configuration: shuffling changes nothing, and both diagnostics equal that
+    configuration's accuracy."""
+    tr, va = digits
+    net = copy.deepcopy(base_net)
+    cfg = net.uniform(4)
+    net.set_mode("fixed", fixed=cfg)
+    acc = evaluate(net, va, tr.preprocess).acc
+    codebook = np.array([net.uniform(3), cfg])
+    gap = gap_diagnostics(net, va, tr.preprocess, codebook, np.ones(len(va), dtype=np.int64), cfg, seed=0)
+    assert gap == {"acc_torch_shared_at_matched": acc, "acc_torch_routing_shuffled": acc}
+    gap3 = gap_diagnostics(net, va, tr.preprocess, codebook, np.zeros(len(va), dtype=np.int64), cfg, seed=0)
+    net.set_mode("fixed", fixed=net.uniform(3))
+    assert gap3["acc_torch_routing_shuffled"] == evaluate(net, va, tr.preprocess).acc != acc
 
 
 @pytest.mark.parametrize("which", ["base_net", "conv_net"])
@@ -151,6 +188,7 @@ def test_cli_end_to_end(cli_run):
     assert abs(d["ort_minus_torch_pp"]) <= 0.2 and d["config_agreement"] >= 0.99
     assert r["static"] and r["static"][0]["name"] == "matched" and r["acc_diff_pp"] is not None
     assert set(r["uniform_bitflops"]) == {"3", "4", "5"}
+    assert 0 < d["acc_torch_shared_at_matched"] <= 1 and 0 < d["acc_torch_routing_shuffled"] <= 1
     for f in ("bitflops_hist.png", "easy_hard.png", "acc_vs_bitflops.png", "controller.onnx", "static.onnx",
               "manifest.json"):
         assert (out / f).stat().st_size > 0
@@ -161,6 +199,7 @@ def test_cli_end_to_end(cli_run):
 @pytest.mark.parametrize("args, msg", [
     (["--bits", "3,x"], "--bits"), (["--bits", "4"], "--bits"), (["--bits", "1,4"], "--bits"),
     (["--device", "tpu"], "--device"), (["--controller-conv", "-1"], "--controller-conv"),
+    (["--distill", "1.5"], "--distill"), (["--distill", "-0.1"], "--distill"),
     (["--target-bitflops", "0"], "> 0"), (["--target-bitflops", "-5e6"], "> 0"), (["--target-bitflops", "abc"], "number"),
 ])
 def test_cli_bad_input_exit_2(cli_run, tmp_path, capsys, args, msg):

@@ -75,6 +75,7 @@ class DynamicConfig:
     calib_size: int = 256
     hidden: int = 64
     controller_conv: int = 0  # channels of the controller's own 3x3 conv on the stem output (0: GAP only)
+    distill: float = 0.0  # weight of the FP32 model's soft labels in the loss (dynamic and static alike)
     seed: int = 0
     static_baseline: bool = True
     uniform_baselines: bool = False
@@ -105,6 +106,8 @@ class DynamicConfig:
                 raise QtoolError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
         if not isinstance(self.controller_conv, int) or isinstance(self.controller_conv, bool) or self.controller_conv < 0:
             raise QtoolError(f"--controller-conv must be an integer >= 0, got {self.controller_conv!r}")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0.0 <= self.distill <= 1.0:
+            raise QtoolError(f"--distill must be a number in [0, 1], got {self.distill!r}")
         for k in ("lr", "controller_lr"):
             if not getattr(self, k) > 0:
                 raise QtoolError(f"{k} must be > 0")
@@ -181,8 +184,11 @@ def evaluate(net: DynamicNet, ds: ImageDataset, pre: Preprocess) -> Evaluation:
 
 
 def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicConfig, target: float,
-          label: str, seed: int) -> list[dict]:
-    """Train in the net's current mode (gumbel: with the penalty; fixed: plain CE). Returns per-epoch stats."""
+          label: str, seed: int, teacher: torch.nn.Module | None = None) -> list[dict]:
+    """Train in the net's current mode (gumbel: with the penalty; fixed: plain CE). Returns per-epoch stats.
+
+    `teacher` (with config.distill = d > 0): the task loss is (1 - d) CE(labels) + d CE(teacher's softmax),
+    the FP32 model's soft labels (knowledge distillation, temperature 1)."""
     from qtool.progress import progress
 
     gen = torch.Generator().manual_seed(seed)
@@ -200,6 +206,9 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
     target_bits = _target_bits(net, target)
     dynamic = net.mode == "gumbel"
     device = next(net.parameters()).device
+    d = config.distill if teacher is not None else 0.0
+    if d:
+        teacher = teacher.to(device).eval()
     hist = []
     with progress(disable=config.quiet) as bar:
         task = bar.add_task(label, total=config.epochs * steps, info="")
@@ -212,6 +221,10 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
                 xb, yb = xb.to(device), yb.to(device)
                 logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
+                if d:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(xb).float(), dim=1)
+                    loss = (1 - d) * loss + d * F.cross_entropy(logits, soft)
                 if dynamic:
                     bf = net.bitflops(net.last_choice, net.last_groups)
                     excess = (bf - target) / net.total_macs if config.penalty == "bitflops" else \
@@ -276,6 +289,29 @@ def matched_config(net: DynamicNet, target: float, preference: np.ndarray) -> tu
     return best
 
 
+def gap_diagnostics(net: DynamicNet, val: ImageDataset, pre: Preprocess, codebook: np.ndarray, routed: np.ndarray,
+                    matched: tuple[int, ...], seed: int) -> dict:
+    """Where the dynamic - static difference comes from, on the dynamic net's own (shared) weights:
+    - shared_at_matched: every image at the static baseline's configuration. static - this is what
+      sharing the weights across K bit-widths costs; dynamic - this is what the routing earns.
+    - routing_shuffled: the deployed configurations permuted across the images: the same BitFLOPs
+      distribution, chosen without looking at the image. dynamic - this is what the controller's
+      reading of the image earns over spending the same bits at random.
+    Leaves the net in mode "fixed"."""
+    def acc_routed(assign: np.ndarray) -> float:
+        hits = 0
+        for c in np.unique(assign):
+            idx = np.flatnonzero(assign == c)
+            net.set_mode("fixed", fixed=codebook[c])
+            hits += int((evaluate(net, val.subset(idx), pre).logits.argmax(1) == val.labels[idx]).sum())
+        return hits / len(assign)
+
+    net.set_mode("fixed", fixed=matched)
+    at_matched = evaluate(net, val, pre).acc
+    shuffled = acc_routed(np.random.default_rng(seed).permutation(routed))
+    return {"acc_torch_shared_at_matched": at_matched, "acc_torch_routing_shuffled": shuffled}
+
+
 @dataclass
 class DynamicResult:
     report: dict
@@ -295,6 +331,10 @@ class DynamicResult:
                        f"onnxruntime {s['acc_ort'] * 100:.2f}%")
         if r.get("acc_diff_pp") is not None:
             out.append(f"dynamic - static (matched) accuracy on onnxruntime: {r['acc_diff_pp']:+.2f} pp")
+        out.append(f"the dynamic net's shared weights (PyTorch): {d['acc_torch_shared_at_matched'] * 100:.2f}% with every "
+                   f"image at the matched configuration, {d['acc_torch_routing_shuffled'] * 100:.2f}% with the deployed "
+                   "configurations shuffled across images (routing gain "
+                   f"{(d['acc_torch'] - d['acc_torch_routing_shuffled']) * 100:+.2f} pp)")
         for b in ("batch1", "batch64"):
             lat = r.get("latency", {}).get(b)
             if lat:
@@ -358,7 +398,12 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
 
     # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
     net.to(resolve_device(config.device))
-    hist = train(net, train_data, pre, config, target, "dynamic", config.seed)
+    teacher = None
+    if config.distill:
+        from qtool.lift import lift
+
+        teacher = lift(fused)  # the FP32 model the quantized nets start from
+    hist = train(net, train_data, pre, config, target, "dynamic", config.seed, teacher)
     n_classes = len(train_data.classes)
     collapsed = [collapse_note("dynamic", hist, n_classes, config.lr)]
     net.cpu()  # evaluation and export on the CPU: cuDNN's convolutions round differently from ORT's (qtool.device)
@@ -374,6 +419,9 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     dep = evaluate(net, val_data, pre)
     cfg_index = {tuple(c): i for i, c in enumerate(codebook.tolist())}
     dep_idx = np.array([cfg_index[tuple(c)] for c in dep.configs.tolist()])
+    matched = matched_config(net, float(dep.bitflops.mean()), dep.configs.mean(0))
+    gap = gap_diagnostics(net, val_data, pre, codebook, dep_idx, matched, config.seed)
+    net.set_mode("codebook", codebook=codebook)
 
     # -- deployment and ORT fidelity ----------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -395,6 +443,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
         "mean_bits": float(np.mean([[net.choices[k] for k in c] for c in dep.configs])),
         "distinct_configs_argmax_train": n_distinct, "codebook_size": len(codebook), "codebook_coverage": coverage,
         "config_counts_val": np.bincount(dep_idx, minlength=len(codebook)).tolist(),
+        **gap,
         "history": hist,
     }
     if coverage < 1.0:
@@ -405,16 +454,15 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     statics = []
     static_model = None
     if config.static_baseline or config.uniform_baselines:
-        pref = dep.configs.mean(0)
         todo = []
         if config.static_baseline:
-            todo.append(("matched", matched_config(net, float(dep.bitflops.mean()), pref)))
+            todo.append(("matched", matched))
         if config.uniform_baselines:
             todo += [(f"uniform{b}", net.uniform(b)) for b in net.choices]
         for label, cfg in todo:
             s_net = copy.deepcopy(static_net).to(resolve_device(config.device))
             s_net.set_mode("fixed", fixed=cfg)
-            s_hist = train(s_net, train_data, pre, config, target, f"static {label}", config.seed)
+            s_hist = train(s_net, train_data, pre, config, target, f"static {label}", config.seed, teacher)
             collapsed.append(collapse_note(f"static {label}", s_hist, n_classes, config.lr))
             s_net.cpu()
             ev = evaluate(s_net, val_data, pre)
@@ -464,8 +512,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
                 epochs: int = 1, penalty: str = "bitflops", alpha: float = 0.05, train_limit: int | None = None,
                 val_limit: int | None = None, batch_size: int = 128, lr: float = 1e-3, controller_lr: float = 1e-2,
                 budget: str = "batch", max_configs: int = 8, seed: int = 0,
-                uniform_baselines: bool = False, controller_conv: int = 0, device: str = "cpu",
-                quiet: bool = False) -> DynamicResult:
+                uniform_baselines: bool = False, controller_conv: int = 0, distill: float = 0.0,
+                device: str = "cpu", quiet: bool = False) -> DynamicResult:
     """`qtool dynamic`: every argument is validated before any file is written."""
     from qtool.data import load_dataset, parse_spec
     from qtool.io import load_model
@@ -477,8 +525,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
     cfg = DynamicConfig(bits=bit_list, target=target, penalty=penalty, alpha=alpha, epochs=epochs,
                         train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, lr=lr,
                         controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
-                        uniform_baselines=uniform_baselines, controller_conv=controller_conv, device=device,
-                        quiet=quiet)
+                        uniform_baselines=uniform_baselines, controller_conv=controller_conv, distill=distill,
+                        device=device, quiet=quiet)
     o = Path(out_dir)
     if o.exists() and not o.is_dir():
         raise QtoolError(f"output path exists and is not a directory: {o}")
