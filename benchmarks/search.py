@@ -29,7 +29,8 @@ What it measures (QuantEA's setting: 18 searched layers x {W, A} x {2, 4, 8}, fi
 2. random search with the same number of evaluations, same supernet: hypervolume of both fronts
    (pymoo.indicators.hv; error and BitOps / BitOps(W8A8), reference point (1, 1.1));
 3. the same QAT fine-tune budget (`--finetune-steps` x batch 128 from the FP32 weights or, with
-   `--finetune-init supernet`, from the supernet's; `--finetune-lr`; mean of `--finetune-seeds` runs)
+   `--finetune-init supernet`, from the supernet's; `--finetune-lr`; mean of `--finetune-seeds` runs;
+   `--finetune-distill W`: every fine-tune also learns from the FP32 model's soft labels)
    for uniform W8A8, uniform W4A4 and, per baseline, the `--compare-top` front members with fewer
    BitOps that the supernet scores highest (those it scores at least as high as the baseline first):
    does one strictly dominate the baseline on (acc, BitOps) after fine-tuning, i.e. higher accuracy
@@ -186,7 +187,8 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
     # the comparison uses the mean: one fine-tune moves by 0.1-0.3 pp between seeds on ResNet-20.
     correct: dict[str, dict[int, np.ndarray]] = {}  # key -> seed -> per-image correctness
     for k in range(a.finetune_seeds):
-        qat = PerImageQAT(steps=ft_steps, batch_size=128, lr=a.finetune_lr, device=a.device, init_from=init)
+        qat = PerImageQAT(steps=ft_steps, batch_size=128, lr=a.finetune_lr, device=a.device, init_from=init,
+                          distill=a.finetune_distill)
         qat.prepare(problem.fused, problem.space, ft_data, seed=a.seed + k)
         ex2 = LocalExecutor(a.workers)
         try:
@@ -289,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-init", choices=("fp32", "supernet"), default="fp32",
                     help="fine-tunes start from the FP32 weights with fresh quantizers, or inherit the trained "
                          "supernet's weights, steps and norms (WORKDIR/nsga3/supernet.pt)")
+    ap.add_argument("--finetune-distill", type=float, default=0.0,
+                    help="weight of the FP32 model's soft labels in every fine-tune's loss (0: labels only)")
     ap.add_argument("--name", default=None, help="result name: results/NAME.json [search, search_quick]")
     a = ap.parse_args(argv)
 
@@ -342,6 +346,7 @@ def main(argv=None) -> int:
         "space": {"layers": len(sp.layers), "searched": len(sp.searched), "bits": list(sp.choices)},
         "settings": {**stage["settings"], "finetune_steps": ft_steps, "finetune_lr": a.finetune_lr,
                      "compare_top": a.compare_top, "finetune_device": a.device, "finetune_init": a.finetune_init,
+                     "finetune_distill": a.finetune_distill,
                      "finetune_seed": a.seed, "finetune_seeds": a.finetune_seeds,
                      "finetune_val_images": fine.pop("val_images"), "workers_finetune": a.workers},
         "search": stage["search"], "random_search": stage["random_search"], "hypervolume": stage["hypervolume"],

@@ -2,6 +2,7 @@
 the exported front on onnxruntime, resume after a crash, executors, bad input."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -188,6 +189,26 @@ def test_qat_evaluator_inherits_the_supernet(problem, tmp_path):
     assert fresh.evaluate(problem.space.uniform(2)) != inherited.evaluate(problem.space.uniform(2))
     with pytest.raises(QtoolError, match="not found"):
         QATEvaluator(init_from=tmp_path / "missing.pt")
+
+
+def test_qat_evaluator_distill_learns_from_the_fp32_model(problem):
+    """distill=1: the fine-tune's loss is the FP32 model's soft labels alone, so scrambled training
+    labels tune the very same weights; distill=0 does not. The setting is recorded only when set."""
+    scrambled = copy.copy(problem.data)
+    scrambled.train_labels = np.roll(problem.data.train_labels, 1)
+    c = problem.space.uniform(4)
+    tuned = {}
+    for d in (1.0, 0.0):
+        for name, data in (("labels", problem.data), ("scrambled", scrambled)):
+            ev = QATEvaluator(steps=3, batch_size=32, lr=0.01, distill=d)
+            ev.prepare(problem.fused, problem.space, data, seed=0)
+            tuned[d, name] = torch.cat([v.flatten().float() for v in ev.tuned(c).state_dict().values()])
+    assert torch.equal(tuned[1.0, "labels"], tuned[1.0, "scrambled"])
+    assert not torch.equal(tuned[0.0, "labels"], tuned[0.0, "scrambled"])
+    assert QATEvaluator(distill=0.5).settings()["distill"] == 0.5 and "distill" not in QATEvaluator().settings()
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(QtoolError, match="distill"):
+            QATEvaluator(distill=bad)
 
 
 class _Crash(SupernetEvaluator):

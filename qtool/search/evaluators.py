@@ -119,13 +119,14 @@ def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
 def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int, lr: float, seed: int,
                 sample: Callable[[np.random.Generator], Candidate | list[Candidate]],
                 on_step: Callable[[int, float], None] | None = None, weight_decay: float = 1e-4,
-                distill: bool = False) -> None:
+                distill: bool = False, teacher: nn.Module | None = None, teacher_weight: float = 0.0) -> None:
     """SGD (Nesterov, cosine schedule) over random batches; `sample` picks each step's bit-widths.
 
     `sample` may return several candidates: their losses on the same batch are averaged (gradients
     accumulated, one optimizer step), e.g. the sandwich rule. `distill`: the first candidate (the
     largest, in the sandwich) learns from the labels, the others from its detached softmax (in-place
-    distillation, Yu et al. 2020).
+    distillation, Yu et al. 2020). `teacher` (e.g. the FP32 model) with `teacher_weight` w: the labels'
+    loss becomes (1 - w) CE(labels) + w CE(teacher's softmax), knowledge distillation at temperature 1.
     """
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -137,6 +138,10 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     loss_fn = nn.CrossEntropyLoss()
     device = qnet.device
+    if teacher is not None and teacher_weight:
+        teacher = teacher.to(device).eval()
+    else:
+        teacher = None
     n = len(data.train_labels)
     perm, pos = torch.randperm(n, generator=gen), 0
     qnet.train()
@@ -154,11 +159,16 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
         cands = [cands] if isinstance(cands, Candidate) else list(cands)
         opt.zero_grad(set_to_none=True)
         target, total = None, 0.0
+        if teacher is not None:
+            with torch.no_grad():
+                soft = F.softmax(teacher(x).float(), dim=1)
         for c in cands:
             qnet.set_candidate(c)
             out = qnet(x)
             if target is None:
                 loss = loss_fn(out, y)
+                if teacher is not None:
+                    loss = (1 - teacher_weight) * loss + teacher_weight * F.cross_entropy(out, soft)
                 if distill:
                     target = F.softmax(out.detach(), dim=1)
             else:
@@ -173,8 +183,9 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
 
 
 def default_finetune(qnet: QuantNet, data: SearchData, candidate: Candidate, steps: int, *, batch_size: int,
-                     lr: float, seed: int) -> None:
-    train_steps(qnet, data, steps, batch_size=batch_size, lr=lr, seed=seed, sample=lambda rng: candidate)
+                     lr: float, seed: int, teacher: nn.Module | None = None, teacher_weight: float = 0.0) -> None:
+    train_steps(qnet, data, steps, batch_size=batch_size, lr=lr, seed=seed, sample=lambda rng: candidate,
+                teacher=teacher, teacher_weight=teacher_weight)
 
 
 class Evaluator:
@@ -232,13 +243,18 @@ class QATEvaluator(Evaluator):
     name = "qat"
 
     def __init__(self, *, steps: int = 100, batch_size: int = 64, lr: float = 0.01, finetune=None,
-                 init_from: str | Path | None = None, **kw):
+                 init_from: str | Path | None = None, distill: float = 0.0, **kw):
         """init_from: None = the FP32 weights with fresh quantizers; or a trained supernet checkpoint
         (`supernet.pt` of a search workdir, same model and space): every candidate inherits its shared
-        weights, learned quantizer steps and norms (weight inheritance, as in OFA / BigNAS)."""
+        weights, learned quantizer steps and norms (weight inheritance, as in OFA / BigNAS).
+        distill: weight in [0, 1] of the FP32 model's soft labels in the fine-tune's loss (knowledge
+        distillation; `finetune` then also gets `teacher=` and `teacher_weight=`)."""
         super().__init__(**kw)
         if steps < 0 or batch_size < 1 or not lr > 0:
             raise QtoolError("qat evaluator: steps must be >= 0, batch size >= 1, lr > 0")
+        if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0.0 <= distill <= 1.0:
+            raise QtoolError(f"qat evaluator: distill must be a number in [0, 1], got {distill!r}")
+        self.distill = float(distill)
         if init_from is not None and not Path(init_from).is_file():
             raise QtoolError(f"qat evaluator: supernet checkpoint not found: {init_from}")
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
@@ -247,8 +263,11 @@ class QATEvaluator(Evaluator):
         self._base: QuantNet | None = None
 
     def settings(self) -> dict:
-        return {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
-                "init": "fp32" if self.init_from is None else "supernet"}
+        out = {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+               "init": "fp32" if self.init_from is None else "supernet"}
+        if self.distill:  # only when set: workdirs from before the option still resume
+            out["distill"] = self.distill
+        return out
 
     def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
@@ -264,7 +283,13 @@ class QATEvaluator(Evaluator):
         net = copy.deepcopy(self._base).to(resolve_device(self.device))
         if self.init_from is None:  # FP32 weights, identity norms: quantizer steps start from data
             net.init_quantizers(self._recal()[0], [c])
-        self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed))
+        kd = {}
+        if self.distill:
+            from qtool.lift import lift
+
+            kd = {"teacher": lift(self.fused), "teacher_weight": self.distill}  # the FP32 model
+        self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed),
+                      **kd)
         net.set_candidate(c)
         net.recalibrate(self._recal())
         return net
