@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -40,6 +41,11 @@ DYNAMIC_VARIANTS = {
     "dynamic_gpu_conv_u3": ["--bits", "2,3,4", "--target", "u3", "--budget", "sample", "--controller-conv", "32"],
     # ORT-vs-PyTorch fidelity of a GPU-trained model, evaluated with TF32 off (qtool.device)
     "dynamic_gpu_fidelity": ["--bits", "3,4,5", "--target", "u4", "--budget", "sample"],
+    # the batch-budget run again (now with the gap diagnostics), and with the FP32 model's soft labels
+    # (dynamic and static alike) at two weights
+    "dynamic_gpu_kd0": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch"],
+    "dynamic_gpu_kd05": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch", "--distill", "0.5"],
+    "dynamic_gpu_kd1": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch", "--distill", "1.0"],
 }
 
 
@@ -89,8 +95,12 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-steps", type=int, default=None,
                     help="per fine-tuned candidate [sized by the probe: 1-5 epochs of 352 steps]")
     ap.add_argument("--max-epochs", type=int, default=8, help="cap of the dynamic runs' epochs")
+    ap.add_argument("--dynamic-epochs", type=int, default=None,
+                    help="epochs of the dynamic runs, skipping the probe (its sizing is known from earlier batches)")
     ap.add_argument("--variants", default="dynamic_gpu_batch,dynamic_gpu_sample,dynamic_gpu_conv,dynamic_gpu_conv_u3")
     ap.add_argument("--ft-workers", type=int, default=4, help="processes fine-tuning search candidates")
+    ap.add_argument("--search-name", default="search", help="result name of the search fine-tunes (results/NAME.json)")
+    ap.add_argument("--search-args", default="", help="more benchmarks.search arguments, e.g. '--finetune-seeds 2'")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the plumbing on this machine")
     ap.add_argument("--train-limit", type=int, default=45000, help="training images of the dynamic runs")
     ap.add_argument("--probe-images", type=int, default=2000, help="training images of the probe (1 epoch)")
@@ -110,13 +120,15 @@ def main(argv=None) -> int:
     spec = cifar_spec()
     for split in ("train", "val"):  # decode once into the cache before the parallel jobs read it
         load_dataset(spec, split)
+    ft_epochs, epochs = 2, 0  # without a probe: a guess for the fine-tunes, no dynamic runs
+    if a.dynamic_epochs:
+        batch["sizing"] = {"dynamic_epochs": a.dynamic_epochs, "note": "given (--dynamic-epochs): no probe"}
+        return _run_jobs(a, batch, logs, out, end, t_start, a.dynamic_epochs, ft_epochs, [])
     probe = Job("probe", [PY, "-m", "benchmarks.dynamic", "--quick", "--device", a.device, "--no-latency",
                           "--name", "dynamic_gpu_probe", "--threads", "2", "--train-limit", str(a.probe_images)], logs,
                 [RESULTS / "dynamic_gpu_probe.json"]).start()
     wait([probe], min(end, time.time() + 240))
     batch["jobs"]["probe"] = probe.summary()
-    jobs: list[Job] = []
-    ft_epochs, epochs = 2, 0  # without a probe: a guess for the fine-tunes, no dynamic runs
     if probe.rc == 0:
         cost = json.loads((RESULTS / "dynamic_gpu_probe.json").read_text())["training_cost"]
         steps_probe = math.ceil(a.probe_images / 128)
@@ -135,11 +147,19 @@ def main(argv=None) -> int:
                            "dynamic_epochs": epochs, "finetune_epochs": ft_epochs}
         print(f"probe: {t_dyn * 1000:.0f} / {t_static * 1000:.0f} ms per dynamic / static step -> dynamic "
               f"{epochs} epochs, fine-tunes {ft_epochs} epochs", flush=True)
+    return _run_jobs(a, batch, logs, out, end, t_start, epochs, ft_epochs, [probe])
+
+
+def _run_jobs(a, batch: dict, logs: Path, out: Path, end: float, t_start: float, epochs: int, ft_epochs: int,
+              done: list[Job]) -> int:
+    """Start the search fine-tunes and the dynamic variants, wait until the deadline, pack every job."""
+    jobs: list[Job] = []
     if a.search_workdir and (Path(a.search_workdir) / "search_stage.json").exists():
         jobs.append(Job("search", [PY, "-m", "benchmarks.search", "--stage", "finetune", "--workdir",
                                    a.search_workdir, "--device", a.device, "--workers", str(a.ft_workers), "--compare-top", "3",
-                                   "--finetune-steps", str(a.finetune_steps or ft_epochs * 352)], logs,
-                        [RESULTS / "search.json"]).start())
+                                   "--finetune-steps", str(a.finetune_steps or ft_epochs * 352), "--name", a.search_name,
+                                   *shlex.split(a.search_args)], logs,
+                        [RESULTS / f"{a.search_name}.json", Path(a.search_workdir).resolve() / f"{a.search_name}_finetune.png"]).start())
     if epochs:
         for v in [v for v in a.variants.split(",") if v]:
             jobs.append(Job(v, [PY, "-m", "benchmarks.dynamic", "--device", a.device, "--no-latency", "--no-uniform",
@@ -149,7 +169,7 @@ def main(argv=None) -> int:
     wait(jobs, end)
     for j in jobs:
         batch["jobs"][j.name] = j.summary()
-    for j in [probe, *jobs]:
+    for j in [*done, *jobs]:
         with tarfile.open(out / f"{j.name}.tar.gz", "w:gz") as tar:
             for f in j.files:
                 if f.exists():
@@ -158,7 +178,7 @@ def main(argv=None) -> int:
     batch["wall_s"] = round(time.time() - t_start, 1)
     (out / "batch.json").write_text(json.dumps(batch, indent=2) + "\n")
     print(json.dumps(batch["jobs"], indent=1))
-    for j in [probe, *jobs]:
+    for j in [*done, *jobs]:
         if j.rc != 0:
             print(f"--- {j.name} (rc {j.rc}) log tail ---\n" + "\n".join(j.log.read_text().splitlines()[-15:]))
     return 0

@@ -163,6 +163,8 @@ def qat(model, data, bits, plan, config, algo, epochs, lr, optimizer, batch_size
 @click.option("--val-limit", default=None, type=int, help="score on the first N validation images")
 @click.option("--supernet-epochs", default=1.0, show_default=True, type=float)
 @click.option("--qat-steps", default=100, show_default=True, type=int, help="fine-tune steps per candidate (--eval qat)")
+@click.option("--qat-distill", default=0.0, show_default=True, type=float,
+              help="weight in [0, 1] of the FP32 model's soft labels in each fine-tune's loss (--eval qat)")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=0.002, show_default=True, type=float,
               help="SGD learning rate of the supernet / fine-tunes (from a trained model: 0.01 cost W8A8 2 points in 60 steps)")
@@ -176,8 +178,8 @@ def qat(model, data, bits, plan, config, algo, epochs, lr, optimizer, batch_size
               help="bits of the supernet sandwich's small end, trained every step [default: the smallest of --bits]; "
                    "4 stops it over-training the 2-bit paths (random configurations still draw every bit-width)")
 def search(model, data, objectives, bits, pop, gens, evaluator, executor, workers, workdir, resume, seed, train_limit,
-           val_limit, supernet_epochs, qat_steps, batch_size, lr, fixed_bits, max_size, max_latency, random_init, device,
-           sandwich_low):
+           val_limit, supernet_epochs, qat_steps, qat_distill, batch_size, lr, fixed_bits, max_size, max_latency,
+           random_init, device, sandwich_low):
     """NSGA-III search over per-layer weight/activation bit-widths."""
     from qtool.search import search_cli
 
@@ -185,7 +187,7 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
                executor=executor, workers=workers, workdir=workdir, resume=resume, seed=seed, train_limit=train_limit,
                val_limit=val_limit, supernet_epochs=supernet_epochs, qat_steps=qat_steps, batch_size=batch_size, lr=lr,
                fixed_bits=fixed_bits, max_size=max_size, max_latency=max_latency, seed_uniform=not random_init,
-               device=device, sandwich_low=sandwich_low)
+               device=device, sandwich_low=sandwich_low, qat_distill=qat_distill)
 
 
 @cli.command()

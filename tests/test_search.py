@@ -315,7 +315,8 @@ def test_cli_bad_input_exit_2(lenet, tmp_path, capsys):
     path = str(lenet[1])
     cases = [["--objectives", "acc,speed"], ["--bits", "2,x"], ["--bits", "2,16"], ["--pop", "1"],
              ["--resume"], ["--data", "nope:/x"], ["--max-size", "-1"], ["--device", "tpu"],
-             ["--sandwich-low", "3"], ["--sandwich-low", "4", "--eval", "qat"]]
+             ["--sandwich-low", "3"], ["--sandwich-low", "4", "--eval", "qat"], ["--qat-distill", "0.5"],
+             ["--qat-distill", "2", "--eval", "qat"]]
     if not torch.cuda.is_available():
         cases.append(["--device", "cuda"])
     for extra in cases:

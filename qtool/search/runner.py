@@ -319,7 +319,7 @@ def search_cli(model_path: str, *, data: str, objectives: str = "acc,flops", bit
                supernet_epochs: float = 1.0, qat_steps: int = 100, batch_size: int = 64, lr: float = 0.002,
                workers: int = 1, max_size: float | None = None, max_latency: float | None = None,
                fixed_bits: int = 8, seed_uniform: bool = True, device: str = "cpu",
-               sandwich_low: int | None = None, print_table: bool = True) -> SearchResult:
+               sandwich_low: int | None = None, qat_distill: float = 0.0, print_table: bool = True) -> SearchResult:
     """`qtool search`: parse, build the parts, run, print the front as a rich table."""
     from qtool.data import parse_spec
     from qtool.io import load_model
@@ -336,10 +336,12 @@ def search_cli(model_path: str, *, data: str, objectives: str = "acc,flops", bit
         raise QtoolError(f"--fixed-bits must be 0 (search first/last layers too) or 2..8, got {fixed_bits}")
     if sandwich_low is not None and (evaluator != "supernet" or sandwich_low not in bit_list):
         raise QtoolError(f"--sandwich-low must be one of --bits {list(bit_list)} with --eval supernet, got {sandwich_low}")
+    if qat_distill and evaluator != "qat":
+        raise QtoolError(f"--qat-distill needs --eval qat, got --eval {evaluator}")
     algo = NSGA3Config(pop=pop, gens=gens, seed=seed, seed_uniform=seed_uniform)
     kw = {"batch_size": batch_size, "lr": lr, "device": device}
     ev = make_evaluator(evaluator, **(dict(epochs=supernet_epochs, sandwich_low=sandwich_low, **kw) if evaluator == "supernet"
-                                      else dict(steps=qat_steps, **kw)))
+                                      else dict(steps=qat_steps, distill=qat_distill, **kw)))
     ex = make_executor(executor, workers)  # ray missing: exit 2 before any work
     try:
         m = load_model(model_path)
