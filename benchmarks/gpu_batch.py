@@ -46,6 +46,10 @@ DYNAMIC_VARIANTS = {
     "dynamic_gpu_kd0": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch"],
     "dynamic_gpu_kd05": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch", "--distill", "0.5"],
     "dynamic_gpu_kd1": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch", "--distill", "1.0"],
+    # the controller reads the end of ResNet-20's first stage (layers 1-6 static at 4 bits): deeper features
+    "dynamic_gpu_ctl7": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch", "--controller-layers", "7"],
+    "dynamic_gpu_ctl7_kd05": ["--bits", "3,4,5", "--target", "u4", "--budget", "batch", "--controller-layers", "7",
+                              "--distill", "0.5"],
 }
 
 

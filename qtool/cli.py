@@ -210,6 +210,9 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 @click.option("--uniform-baselines", is_flag=True, help="also train static QAT at every uniform bit-width")
 @click.option("--controller-conv", default=0, show_default=True, type=int,
               help="channels of a 3x3 conv in the controller before its pooling (0: pool the stem output directly)")
+@click.option("--controller-layers", default=1, show_default=True, type=int,
+              help="the controller reads the input of quantizable layer N (the first N layers stay static at 8 bits): "
+                   "1 = the stem's output; deeper features tell easy from hard images better, at more static cost")
 @click.option("--distill", default=0.0, show_default=True, type=float,
               help="weight in [0, 1] of the FP32 model's soft labels in the loss (knowledge distillation; the static "
                    "baseline gets the same)")
@@ -217,7 +220,7 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, help="output directory (reports, controller.onnx, configs/)")
 def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, lr, controller_lr,
-            budget, max_configs, uniform_baselines, controller_conv, distill, device, seed, output):
+            budget, max_configs, uniform_baselines, controller_conv, controller_layers, distill, device, seed, output):
     """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
     from qtool.dynamic import dynamic_cli
 
@@ -225,7 +228,7 @@ def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_
                             alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
                             lr=lr, controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
                             uniform_baselines=uniform_baselines, controller_conv=controller_conv,
-                            distill=distill, device=device).lines():
+                            controller_layers=controller_layers, distill=distill, device=device).lines():
         echo(line)
 
 

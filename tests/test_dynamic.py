@@ -46,6 +46,25 @@ def conv_net(lenet, digits):
     return _net(lenet, digits, controller_conv=8)
 
 
+@pytest.fixture(scope="module")
+def deep_net(lenet, digits):
+    """The controller reads the input of layer 2 (--controller-layers 2): conv1 at 8 bits, conv2 static at 4."""
+    return _net(lenet, digits, controller_layers=2)
+
+
+def test_controller_layers_make_the_layers_before_the_tap_static(base_net, deep_net):
+    assert [l.dynamic is None for l in deep_net.layers] == [True, True, False, False, False]
+    assert [l.bits for l in deep_net.layers[:2]] == [8, 4]  # the stem at 8, the others at the middle choice
+    assert deep_net.tap == deep_net.layers[2].input_root != base_net.tap
+    assert deep_net.config_bits(deep_net.uniform(3)) == [8, 4, 3, 3, 3]
+    # conv2 (static 4 x 4) costs 16 per MAC, where it costs 3 x 3 in base_net's uniform-3 configuration
+    conv2 = deep_net.layers[1].macs
+    assert deep_net.config_bitflops(deep_net.uniform(3)) - base_net.config_bitflops(base_net.uniform(3)) == \
+        pytest.approx(conv2 * (16 - 9))
+    with pytest.raises(QtoolError, match="--controller-layers"):
+        DynamicNet(base_net.fused, BITS, {}, controller_layers=5)
+
+
 def test_controller_outputs_valid_one_hots(base_net, digits):
     net = copy.deepcopy(base_net)
     tr, _ = digits
@@ -120,7 +139,7 @@ def test_gap_diagnostics_on_a_single_configuration(base_net, digits):
     assert gap3["acc_torch_routing_shuffled"] == evaluate(net, va, tr.preprocess).acc != acc
 
 
-@pytest.mark.parametrize("which", ["base_net", "conv_net"])
+@pytest.mark.parametrize("which", ["base_net", "conv_net", "deep_net"])
 def test_ort_routing_matches_torch_with_several_configs(which, digits, tmp_path, request):
     """A controller with random weights spreads the val images over several configurations; the routed
     onnxruntime deployment must pick the same configuration and prediction per sample (also with the
@@ -200,6 +219,7 @@ def test_cli_end_to_end(cli_run):
     (["--bits", "3,x"], "--bits"), (["--bits", "4"], "--bits"), (["--bits", "1,4"], "--bits"),
     (["--device", "tpu"], "--device"), (["--controller-conv", "-1"], "--controller-conv"),
     (["--distill", "1.5"], "--distill"), (["--distill", "-0.1"], "--distill"),
+    (["--controller-layers", "0"], "--controller-layers"), (["--controller-layers", "9"], "--controller-layers"),
     (["--target-bitflops", "0"], "> 0"), (["--target-bitflops", "-5e6"], "> 0"), (["--target-bitflops", "abc"], "number"),
 ])
 def test_cli_bad_input_exit_2(cli_run, tmp_path, capsys, args, msg):

@@ -5,7 +5,10 @@ layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers o
 `qtool.search.SearchSpace`) by a `_Layer` module:
 
 - The first layer (the stem) is static at `stem_bits` (8): the controller reads its output, so its
-  bits cannot depend on the controller's decision. Conv and Gemm layers after it are *dynamic*:
+  bits cannot depend on the controller's decision (`controller_layers=N`: the controller reads the
+  input of layer N instead, e.g. the end of ResNet's first stage, and layers 0..N-1 are static; DQNet's
+  controller is "the first layers of the main network"; layers 1..N-1 are then static at the middle
+  candidate bit-width, so that a deep tap does not spend the budget). Conv and Gemm layers after it are *dynamic*:
   K candidate bit-widths, weights and input activation of a layer share the choice. Other anchors
   (MatMul, ConvTranspose) stay static at `stem_bits`.
 - Per bit-width quantizers, initialised from calibration: weights LSQ per output channel (symmetric
@@ -64,7 +67,8 @@ class LayerInfo:
     weight: str
     input_root: str
     macs: int
-    dynamic: int | None  # index among the dynamic layers, None: static at stem_bits
+    dynamic: int | None  # index among the dynamic layers, None: static at `bits`
+    bits: int  # bit-width when static (ignored when dynamic)
 
 
 class _Ctx:
@@ -209,7 +213,8 @@ class DynamicNet(nn.Module):
     """See the module docstring. `mode`: gumbel (training default) | argmax | codebook | fixed."""
 
     def __init__(self, fused: onnx.ModelProto, bits: tuple[int, ...], act_ranges: dict[str, tuple[float, float]],
-                 *, stem_bits: int = 8, hidden: int = 64, tau: float = 1.0, controller_conv: int = 0):
+                 *, stem_bits: int = 8, hidden: int = 64, tau: float = 1.0, controller_conv: int = 0,
+                 controller_layers: int = 1):
         super().__init__()
         self.fused = fused
         self.choices = tuple(sorted(set(int(b) for b in bits)))
@@ -223,24 +228,33 @@ class DynamicNet(nn.Module):
             if len(readers) > 1:
                 raise QtoolError(f"weight {w!r} is shared by {len(readers)} layers: dynamic bit-widths need one "
                                  "weight per layer")
+        if not 1 <= controller_layers < len(space.layers):
+            raise QtoolError(f"--controller-layers must be in 1..{len(space.layers) - 1} (the model has "
+                             f"{len(space.layers)} quantizable layers), got {controller_layers}")
         infos, n_dyn = [], 0
+        mid = self.choices[len(self.choices) // 2]
         for i, l in enumerate(space.layers):
-            dyn = i > 0 and l.op in DYNAMIC_OPS
-            infos.append(LayerInfo(l.node, l.op, l.weight, marks.root(l.input), l.macs, n_dyn if dyn else None))
+            dyn = i >= controller_layers and l.op in DYNAMIC_OPS
+            bits = mid if 0 < i < controller_layers and l.op in DYNAMIC_OPS else stem_bits
+            infos.append(LayerInfo(l.node, l.op, l.weight, marks.root(l.input), l.macs, n_dyn if dyn else None, bits))
             n_dyn += dyn
         if n_dyn == 0:
-            raise QtoolError("no Conv/Gemm layer after the first one: nothing for a controller to choose")
+            raise QtoolError(f"no Conv/Gemm layer after the first {controller_layers}: nothing for a controller to choose")
         self.layers: list[LayerInfo] = infos
         self.n_dynamic = n_dyn
         readers: dict[str, list[int]] = {}
         for i, l in enumerate(infos):
             readers.setdefault(l.input_root, []).append(i)
-        # A group is dynamic when every layer reading it is dynamic; the others stay at stem_bits.
+        # A group is dynamic when every layer reading it is dynamic; one read by static layers only takes
+        # their widest bits; the others (mixed readers, none) stay at stem_bits.
         self.group_readers = {r: [infos[i].dynamic for i in rs] for r, rs in readers.items()
                               if all(infos[i].dynamic is not None for i in rs)}
-        self.tap = infos[1].input_root
+        self.static_group_bits = {r: max(infos[i].bits for i in rs) for r, rs in readers.items()
+                                  if all(infos[i].dynamic is None for i in rs)}
+        self.tap = infos[controller_layers].input_root
         if self.tap not in self.group_readers:
-            raise QtoolError(f"the stem output {self.tap!r} is read by a static layer: no controller input")
+            raise QtoolError(f"the controller's input {self.tap!r} is read by a static layer: choose another "
+                             "--controller-layers")
 
         self.ctx = _Ctx()
         self.net = lift(fused)
@@ -249,7 +263,7 @@ class DynamicNet(nn.Module):
         self._group_key: dict[str, str] = {}
         for j, (root, members) in enumerate(space.groups.items()):
             dyn = root in self.group_readers
-            opts = self.choices if dyn else (stem_bits,)
+            opts = self.choices if dyn else (self.static_bits_of(root),)
             rmin, rmax = act_ranges[root]
             qs = []
             for b in opts:
@@ -265,7 +279,7 @@ class DynamicNet(nn.Module):
             w = self.net.tensor(l.weight).detach()
             axis = space.weights[l.weight]
             wqs = []
-            for b in (self.choices if l.dynamic is not None else (stem_bits,)):
+            for b in (self.choices if l.dynamic is not None else (l.bits,)):
                 q = LSQFakeQuant(b, signed=True, axis=axis, narrow_range=True,
                                  num_channels=w.shape[axis] if axis is not None else None)
                 q._init_from(w)
@@ -291,6 +305,10 @@ class DynamicNet(nn.Module):
     # -- structure ------------------------------------------------------------------------------
     def group(self, root: str) -> GroupQuant:
         return self.groups[self._group_key[root]]
+
+    def static_bits_of(self, root: str) -> int:
+        """Bits of a static activation group (module docstring)."""
+        return self.static_group_bits.get(root, self.stem_bits)
 
     def _tap_channels(self) -> int:
         shape = self.space_shape(self.tap)
@@ -356,8 +374,8 @@ class DynamicNet(nn.Module):
         bits = self.bits_t.to(layer.device)
         total = torch.zeros(layer.shape[0], device=layer.device)
         for l in self.layers:
-            bw = layer[:, l.dynamic] @ bits if l.dynamic is not None else float(self.stem_bits)
-            ba = groups[l.input_root] @ bits if l.input_root in groups else float(self.stem_bits)
+            bw = layer[:, l.dynamic] @ bits if l.dynamic is not None else float(l.bits)
+            ba = groups[l.input_root] @ bits if l.input_root in groups else float(self.static_bits_of(l.input_root))
             total = total + l.macs * bw * ba
         return total
 
@@ -381,7 +399,7 @@ class DynamicNet(nn.Module):
 
     def config_bits(self, cfg) -> list[int]:
         """Bits of every layer (static ones included) for a configuration of the dynamic layers."""
-        return [self.choices[cfg[l.dynamic]] if l.dynamic is not None else self.stem_bits for l in self.layers]
+        return [self.choices[cfg[l.dynamic]] if l.dynamic is not None else l.bits for l in self.layers]
 
     # -- export ---------------------------------------------------------------------------------
     @torch.no_grad()

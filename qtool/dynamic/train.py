@@ -75,6 +75,7 @@ class DynamicConfig:
     calib_size: int = 256
     hidden: int = 64
     controller_conv: int = 0  # channels of the controller's own 3x3 conv on the stem output (0: GAP only)
+    controller_layers: int = 1  # the controller reads the input of this layer; the layers before it are static
     distill: float = 0.0  # weight of the FP32 model's soft labels in the loss (dynamic and static alike)
     seed: int = 0
     static_baseline: bool = True
@@ -104,6 +105,9 @@ class DynamicConfig:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise QtoolError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.controller_layers, int) or isinstance(self.controller_layers, bool) or \
+                self.controller_layers < 1:
+            raise QtoolError(f"--controller-layers must be an integer >= 1, got {self.controller_layers!r}")
         if not isinstance(self.controller_conv, int) or isinstance(self.controller_conv, bool) or self.controller_conv < 0:
             raise QtoolError(f"--controller-conv must be an integer >= 0, got {self.controller_conv!r}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0.0 <= self.distill <= 1.0:
@@ -139,8 +143,8 @@ def uniform_bitflops(net: DynamicNet, b: float) -> float:
     """BitFLOPs with every dynamic layer at b bits (b may be fractional: the penalty's target)."""
     total = 0.0
     for l in net.layers:
-        bw = b if l.dynamic is not None else net.stem_bits
-        ba = b if l.input_root in net.group_readers else net.stem_bits
+        bw = b if l.dynamic is not None else l.bits
+        ba = b if l.input_root in net.group_readers else net.static_bits_of(l.input_root)
         total += l.macs * bw * ba
     return total
 
@@ -389,11 +393,14 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     space = SearchSpace.from_model(fused, tuple(sorted(set(config.bits))), fix_first=8, fix_last=None)
     ranges = _calibrate(fused, space, train_data, pre, config.calib_size)
     torch.manual_seed(config.seed)
-    net = DynamicNet(fused, config.bits, ranges, hidden=config.hidden, controller_conv=config.controller_conv)
+    net = DynamicNet(fused, config.bits, ranges, hidden=config.hidden, controller_conv=config.controller_conv,
+                     controller_layers=config.controller_layers)
     static_net = copy.deepcopy(net)  # same initial weights and quantizers for the static baseline
     kind, tv = parse_target(config.target)
     target = uniform_bitflops(net, tv) if kind == "uniform" else tv
-    notes.append(f"layer {net.layers[0].node} (the controller's input) is static at {net.stem_bits} bits; "
+    static = [l.node for l in net.layers if l.dynamic is None]
+    notes.append(f"the controller reads {net.tap!r}; {len(static)} layers are static "
+                 f"({', '.join(f'{l.node} at {l.bits} bits' for l in net.layers if l.dynamic is None)}); "
                  f"{net.n_dynamic} of {len(net.layers)} layers are dynamic")
 
     # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
@@ -512,8 +519,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
                 epochs: int = 1, penalty: str = "bitflops", alpha: float = 0.05, train_limit: int | None = None,
                 val_limit: int | None = None, batch_size: int = 128, lr: float = 1e-3, controller_lr: float = 1e-2,
                 budget: str = "batch", max_configs: int = 8, seed: int = 0,
-                uniform_baselines: bool = False, controller_conv: int = 0, distill: float = 0.0,
-                device: str = "cpu", quiet: bool = False) -> DynamicResult:
+                uniform_baselines: bool = False, controller_conv: int = 0, controller_layers: int = 1,
+                distill: float = 0.0, device: str = "cpu", quiet: bool = False) -> DynamicResult:
     """`qtool dynamic`: every argument is validated before any file is written."""
     from qtool.data import load_dataset, parse_spec
     from qtool.io import load_model
@@ -525,8 +532,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
     cfg = DynamicConfig(bits=bit_list, target=target, penalty=penalty, alpha=alpha, epochs=epochs,
                         train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, lr=lr,
                         controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
-                        uniform_baselines=uniform_baselines, controller_conv=controller_conv, distill=distill,
-                        device=device, quiet=quiet)
+                        uniform_baselines=uniform_baselines, controller_conv=controller_conv,
+                        controller_layers=controller_layers, distill=distill, device=device, quiet=quiet)
     o = Path(out_dir)
     if o.exists() and not o.is_dir():
         raise QtoolError(f"output path exists and is not a directory: {o}")
