@@ -213,6 +213,8 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 @click.option("--controller-layers", default=1, show_default=True, type=int,
               help="the controller reads the input of quantizable layer N (the first N layers stay static at 8 bits): "
                    "1 = the stem's output; deeper features tell easy from hard images better, at more static cost")
+@click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "global"]),
+              help="the controller picks bits per layer, or one bit-width per image for every layer (global)")
 @click.option("--distill", default=0.0, show_default=True, type=float,
               help="weight in [0, 1] of the FP32 model's soft labels in the loss (knowledge distillation; the static "
                    "baseline gets the same)")
@@ -220,7 +222,8 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, help="output directory (reports, controller.onnx, configs/)")
 def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, lr, controller_lr,
-            budget, max_configs, uniform_baselines, controller_conv, controller_layers, distill, device, seed, output):
+            budget, max_configs, uniform_baselines, controller_conv, controller_layers, granularity, distill, device, seed,
+            output):
     """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
     from qtool.dynamic import dynamic_cli
 
@@ -228,7 +231,8 @@ def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_
                             alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
                             lr=lr, controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
                             uniform_baselines=uniform_baselines, controller_conv=controller_conv,
-                            controller_layers=controller_layers, distill=distill, device=device).lines():
+                            controller_layers=controller_layers, granularity=granularity, distill=distill,
+                            device=device).lines():
         echo(line)
 
 

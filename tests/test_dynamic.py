@@ -15,6 +15,7 @@ from qtool.cli import main
 from qtool.errors import QtoolError
 from qtool.dynamic import DynamicConfig, DynamicNet, DynamicSession, write_deployment
 from qtool.dynamic.controller import max_onehot
+from qtool.dynamic.routing import correctness
 from qtool.dynamic.train import _calibrate, evaluate, gap_diagnostics, train, uniform_bitflops
 from qtool.lift import lift
 from qtool.quantize import fuse
@@ -50,6 +51,29 @@ def conv_net(lenet, digits):
 def deep_net(lenet, digits):
     """The controller reads the input of layer 2 (--controller-layers 2): conv1 at 8 bits, conv2 static at 4."""
     return _net(lenet, digits, controller_layers=2)
+
+
+@pytest.fixture(scope="module")
+def global_net(lenet, digits):
+    """One bit-width per image for every dynamic layer (--granularity global)."""
+    return _net(lenet, digits, granularity="global")
+
+
+def test_global_granularity_draws_one_bit_width_per_image(global_net, digits):
+    net = copy.deepcopy(global_net)
+    tr, _ = digits
+    x = torch.from_numpy(tr.preprocess.apply(tr.images[:64]))
+    net.train()
+    net.set_mode("gumbel")
+    net(x)
+    g = net.last_choice
+    assert torch.equal(g, g[:, :1].expand_as(g))  # the same one-hot in every layer
+    assert len(set(g[:, 0].argmax(-1).tolist())) == len(BITS)  # zero logits: the draws still vary over images
+    assert net.controller.fc2.out_features == len(BITS)
+    w, b = net.controller.fc2_per_layer()
+    assert w.shape == (net.n_dynamic * len(BITS), net.controller.fc1.out_features) and b.shape == (w.shape[0],)
+    with pytest.raises(QtoolError, match="--granularity"):
+        DynamicConfig(granularity="block")
 
 
 def test_controller_layers_make_the_layers_before_the_tap_static(base_net, deep_net):
@@ -139,7 +163,7 @@ def test_gap_diagnostics_on_a_single_configuration(base_net, digits):
     assert gap3["acc_torch_routing_shuffled"] == evaluate(net, va, tr.preprocess).acc != acc
 
 
-@pytest.mark.parametrize("which", ["base_net", "conv_net", "deep_net"])
+@pytest.mark.parametrize("which", ["base_net", "conv_net", "deep_net", "global_net"])
 def test_ort_routing_matches_torch_with_several_configs(which, digits, tmp_path, request):
     """A controller with random weights spreads the val images over several configurations; the routed
     onnxruntime deployment must pick the same configuration and prediction per sample (also with the
@@ -152,6 +176,11 @@ def test_ort_routing_matches_torch_with_several_configs(which, digits, tmp_path,
         net.controller.fc2.weight.normal_(0, 2.0)
         if net.controller.conv is not None:
             net.controller.conv.weight.normal_(0, 1.0)
+        if net.controller.shared:  # K logits for all layers: centre them over the images so the argmax varies
+            net.eval()
+            net.set_mode("argmax")
+            net(torch.from_numpy(tr.preprocess.apply(va.images)))
+            net.controller.fc2.bias.sub_(net.last_logits[:, 0].mean(0))
     k = len(BITS)
     codebook = np.array([[0] * net.n_dynamic, [k - 1] * net.n_dynamic, [1] * net.n_dynamic,
                          [i % k for i in range(net.n_dynamic)]])
@@ -165,6 +194,10 @@ def test_ort_routing_matches_torch_with_several_configs(which, digits, tmp_path,
     assert (sess.last_configs == cfg_torch).mean() >= 0.99
     acc_ort = float((out.argmax(1) == va.labels).mean())
     assert abs(acc_ort - ev.acc) * 100 <= 0.2, (acc_ort, ev.acc)
+    # every image through every configuration: the routed ones give back the deployed accuracy
+    corr = correctness(sess, tr.preprocess.apply(va.images), va.labels, batch=64)
+    assert corr.shape == (len(codebook), len(va))
+    assert corr[sess.last_configs, np.arange(len(va))].mean() == acc_ort
     assert (out.argmax(1) == ev.logits.argmax(1)).mean() >= 0.99
 
 

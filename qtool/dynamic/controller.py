@@ -33,6 +33,11 @@ configuration is in the codebook), which is what the deployed runtime does. With
 mix `sum_k g_k y_k` is exact (0 * finite = 0), so the eval path computes exactly the selected
 branch, the one the exported per-configuration QDQ model computes.
 
+`granularity="global"`: the controller picks ONE of the K bit-widths per image for every dynamic layer
+(uniform configurations). With a choice per layer (the default) a sample's BitFLOPs average over many
+independent choices and barely vary between images: on ResNet-20 every deployed configuration cost
+within +-5 % of the others, so no image got many more bits than another (benchmarks/dynamic_routing.py).
+
 BitFLOPs of a sample = sum over layers MACs x b_w x b_a, with the effective (group) activation bits.
 """
 from __future__ import annotations
@@ -57,6 +62,7 @@ from qtool.quantize import QuantConfig, activation_quant
 from qtool.search.space import SearchSpace
 
 DYNAMIC_OPS = ("Conv", "Gemm")
+GRANULARITIES = ("layer", "global")  # a choice per layer, or one per image for every layer
 DROPOUT = 0.2
 
 
@@ -167,16 +173,18 @@ class Controller(nn.Module):
 
     `conv_channels` > 0 adds the conv: the GAP of the stem alone is little more than colour statistics,
     a weak cue to how hard an image is (on ResNet-20 the controller then learned one configuration for
-    almost every image)."""
+    almost every image). `shared=True` (granularity "global"): ONE choice of K per image for every layer;
+    fc2 has K outputs, repeated for the L layers (exported as fc2 tiled L times: the same logits)."""
 
-    def __init__(self, channels: int, layers: int, k: int, hidden: int = 64, conv_channels: int = 0):
+    def __init__(self, channels: int, layers: int, k: int, hidden: int = 64, conv_channels: int = 0,
+                 shared: bool = False):
         super().__init__()
-        self.layers, self.k = layers, k
+        self.layers, self.k, self.shared = layers, k, shared
         self.conv = nn.Conv2d(channels, conv_channels, 3, stride=2, padding=1) if conv_channels else None
         channels = conv_channels or channels
         self.fc1 = nn.Linear(channels, hidden)
         self.drop = nn.Dropout(DROPOUT)
-        self.fc2 = nn.Linear(hidden, layers * k)
+        self.fc2 = nn.Linear(hidden, k if shared else layers * k)
         nn.init.zeros_(self.fc2.weight)  # start from uniform choices: the penalty and CE shape them
         nn.init.zeros_(self.fc2.bias)
 
@@ -184,7 +192,15 @@ class Controller(nn.Module):
         if self.conv is not None:
             x = F.relu(self.conv(x))
         f = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
-        return self.fc2(self.drop(F.relu(self.fc1(f)))).reshape(-1, self.layers, self.k)
+        out = self.fc2(self.drop(F.relu(self.fc1(f))))
+        if self.shared:
+            return out.unsqueeze(1).expand(-1, self.layers, -1)
+        return out.reshape(-1, self.layers, self.k)
+
+    def fc2_per_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc2's weight and bias producing all L x K logits (tiled when shared)."""
+        w, b = self.fc2.weight.detach(), self.fc2.bias.detach()
+        return (w.repeat(self.layers, 1), b.repeat(self.layers)) if self.shared else (w, b)
 
 
 def max_onehot(onehots: list[torch.Tensor]) -> torch.Tensor:
@@ -214,7 +230,7 @@ class DynamicNet(nn.Module):
 
     def __init__(self, fused: onnx.ModelProto, bits: tuple[int, ...], act_ranges: dict[str, tuple[float, float]],
                  *, stem_bits: int = 8, hidden: int = 64, tau: float = 1.0, controller_conv: int = 0,
-                 controller_layers: int = 1):
+                 controller_layers: int = 1, granularity: str = "layer"):
         super().__init__()
         self.fused = fused
         self.choices = tuple(sorted(set(int(b) for b in bits)))
@@ -295,7 +311,9 @@ class DynamicNet(nn.Module):
         channels = self._tap_channels()
         if controller_conv and len(self.space_shape(self.tap) or []) != 4:
             raise QtoolError("--controller-conv needs a 4-D (N, C, H, W) stem output")
-        self.controller = Controller(channels, n_dyn, k, hidden, controller_conv)
+        if granularity not in GRANULARITIES:
+            raise QtoolError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        self.controller = Controller(channels, n_dyn, k, hidden, controller_conv, shared=granularity == "global")
         self.mode = "gumbel"
         self.fixed: torch.Tensor | None = None  # L_dyn option indices (mode fixed)
         self.codebook: torch.Tensor | None = None  # C x L_dyn option indices (mode codebook)
@@ -350,7 +368,10 @@ class DynamicNet(nn.Module):
             logits = self.controller(x)
             self.last_logits = logits
             if self.mode == "gumbel" and self.training:
-                g = F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=-1)
+                if self.controller.shared:  # one draw per image, for every layer
+                    g = F.gumbel_softmax(logits[:, :1], tau=self.tau, hard=True, dim=-1).expand(-1, self.n_dynamic, -1)
+                else:
+                    g = F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=-1)
             elif self.mode == "codebook":
                 scores = logits.reshape(b, -1) @ self.codebook_matrix().to(x.device)
                 g = F.one_hot(self.codebook.to(x.device)[scores.argmax(1)], k).float()

@@ -49,8 +49,9 @@ def controller_model(net, qdq: onnx.ModelProto) -> onnx.ModelProto:
     g = sub.graph
     c = net.controller
     m = net.codebook_matrix().numpy().astype(np.float32)
-    for name, arr in (("ctl.fc1.w", c.fc1.weight), ("ctl.fc1.b", c.fc1.bias), ("ctl.fc2.w", c.fc2.weight),
-                      ("ctl.fc2.b", c.fc2.bias)):
+    fc2_w, fc2_b = c.fc2_per_layer()
+    for name, arr in (("ctl.fc1.w", c.fc1.weight), ("ctl.fc1.b", c.fc1.bias), ("ctl.fc2.w", fc2_w),
+                      ("ctl.fc2.b", fc2_b)):
         g.initializer.append(numpy_helper.from_array(arr.detach().cpu().numpy().astype(np.float32), name))
     g.initializer.append(numpy_helper.from_array(m, "ctl.codebook"))
     pool = "GlobalAveragePool" if len(net.space_shape(net.tap)) > 2 else "Identity"

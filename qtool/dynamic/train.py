@@ -76,6 +76,7 @@ class DynamicConfig:
     hidden: int = 64
     controller_conv: int = 0  # channels of the controller's own 3x3 conv on the stem output (0: GAP only)
     controller_layers: int = 1  # the controller reads the input of this layer; the layers before it are static
+    granularity: str = "layer"  # a bit choice per layer, or "global": one per image for every layer
     distill: float = 0.0  # weight of the FP32 model's soft labels in the loss (dynamic and static alike)
     seed: int = 0
     static_baseline: bool = True
@@ -105,6 +106,10 @@ class DynamicConfig:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise QtoolError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        from qtool.dynamic.controller import GRANULARITIES
+
+        if self.granularity not in GRANULARITIES:
+            raise QtoolError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if not isinstance(self.controller_layers, int) or isinstance(self.controller_layers, bool) or \
                 self.controller_layers < 1:
             raise QtoolError(f"--controller-layers must be an integer >= 1, got {self.controller_layers!r}")
@@ -293,6 +298,50 @@ def matched_config(net: DynamicNet, target: float, preference: np.ndarray) -> tu
     return best
 
 
+def build_net(model: onnx.ModelProto, train_data: ImageDataset, config: DynamicConfig,
+              pre: Preprocess) -> tuple[DynamicNet, onnx.ModelProto, float]:
+    """The untrained DynamicNet of `config` (deterministic: calibration and `config.seed`), the fused graph
+    it lifts, and the target BitFLOPs."""
+    from qtool.quantize import _is_fused, fuse, untie_biases
+    from qtool.search.space import SearchSpace
+
+    fused = untie_biases(model if _is_fused(model) else fuse(model)[0])
+    space = SearchSpace.from_model(fused, tuple(sorted(set(config.bits))), fix_first=8, fix_last=None)
+    ranges = _calibrate(fused, space, train_data, pre, config.calib_size)
+    torch.manual_seed(config.seed)
+    net = DynamicNet(fused, config.bits, ranges, hidden=config.hidden, controller_conv=config.controller_conv,
+                     controller_layers=config.controller_layers, granularity=config.granularity)
+    kind, tv = parse_target(config.target)
+    return net, fused, (uniform_bitflops(net, tv) if kind == "uniform" else tv)
+
+
+def fp32_teacher(fused: onnx.ModelProto, config: DynamicConfig) -> torch.nn.Module | None:
+    """The FP32 model the quantized nets start from, when config.distill asks for its soft labels."""
+    if not config.distill:
+        return None
+    from qtool.lift import lift
+
+    return lift(fused)
+
+
+def train_static(untrained: DynamicNet, cfg, label: str, train_data: ImageDataset, val_data: ImageDataset,
+                 pre: Preprocess, config: DynamicConfig, target: float, teacher=None) -> tuple[dict, onnx.ModelProto]:
+    """Static QAT of one configuration from a copy of `untrained` with the dynamic run's budget; its row
+    (accuracy in PyTorch and of its QDQ model on onnxruntime) and that QDQ model."""
+    from qtool.quantize import apply_plan
+
+    s_net = copy.deepcopy(untrained).to(resolve_device(config.device))
+    s_net.set_mode("fixed", fixed=cfg)
+    hist = train(s_net, train_data, pre, config, target, f"static {label}", config.seed, teacher)
+    s_net.cpu()
+    ev = evaluate(s_net, val_data, pre)
+    qdq = apply_plan(*s_net.export_config(cfg))
+    lg = _ort_logits(qdq, val_data, pre, config.threads)
+    return ({"name": label, "choice": [int(c) for c in cfg], "bits": s_net.config_bits(cfg),
+             "bitflops": s_net.config_bitflops(cfg), "acc_torch": ev.acc,
+             "acc_ort": float((lg.argmax(1) == val_data.labels).mean()), "history": hist}, qdq)
+
+
 def gap_diagnostics(net: DynamicNet, val: ImageDataset, pre: Preprocess, codebook: np.ndarray, routed: np.ndarray,
                     matched: tuple[int, ...], seed: int) -> dict:
     """Where the dynamic - static difference comes from, on the dynamic net's own (shared) weights:
@@ -375,9 +424,6 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     from qtool.dynamic import report as rep
     from qtool.dynamic.runtime import DynamicSession, latency, write_deployment
     from qtool.io import save_model
-    from qtool.quantize import untie_biases
-    from qtool.quantize import _is_fused, apply_plan, fuse
-    from qtool.search.space import SearchSpace
 
     if not isinstance(config, DynamicConfig):
         raise QtoolError(f"config must be a DynamicConfig, got {type(config).__name__}")
@@ -389,15 +435,8 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     if config.val_limit:
         val_data = val_data.subset(np.arange(min(config.val_limit, len(val_data))))
     notes: list[str] = []
-    fused = untie_biases(model if _is_fused(model) else fuse(model)[0])
-    space = SearchSpace.from_model(fused, tuple(sorted(set(config.bits))), fix_first=8, fix_last=None)
-    ranges = _calibrate(fused, space, train_data, pre, config.calib_size)
-    torch.manual_seed(config.seed)
-    net = DynamicNet(fused, config.bits, ranges, hidden=config.hidden, controller_conv=config.controller_conv,
-                     controller_layers=config.controller_layers)
+    net, fused, target = build_net(model, train_data, config, pre)
     static_net = copy.deepcopy(net)  # same initial weights and quantizers for the static baseline
-    kind, tv = parse_target(config.target)
-    target = uniform_bitflops(net, tv) if kind == "uniform" else tv
     static = [l.node for l in net.layers if l.dynamic is None]
     notes.append(f"the controller reads {net.tap!r}; {len(static)} layers are static "
                  f"({', '.join(f'{l.node} at {l.bits} bits' for l in net.layers if l.dynamic is None)}); "
@@ -405,11 +444,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
 
     # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
     net.to(resolve_device(config.device))
-    teacher = None
-    if config.distill:
-        from qtool.lift import lift
-
-        teacher = lift(fused)  # the FP32 model the quantized nets start from
+    teacher = fp32_teacher(fused, config)
     hist = train(net, train_data, pre, config, target, "dynamic", config.seed, teacher)
     n_classes = len(train_data.classes)
     collapsed = [collapse_note("dynamic", hist, n_classes, config.lr)]
@@ -467,17 +502,9 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
         if config.uniform_baselines:
             todo += [(f"uniform{b}", net.uniform(b)) for b in net.choices]
         for label, cfg in todo:
-            s_net = copy.deepcopy(static_net).to(resolve_device(config.device))
-            s_net.set_mode("fixed", fixed=cfg)
-            s_hist = train(s_net, train_data, pre, config, target, f"static {label}", config.seed, teacher)
-            collapsed.append(collapse_note(f"static {label}", s_hist, n_classes, config.lr))
-            s_net.cpu()
-            ev = evaluate(s_net, val_data, pre)
-            qdq = apply_plan(*s_net.export_config(cfg))
-            lg = _ort_logits(qdq, val_data, pre, config.threads)
-            statics.append({"name": label, "choice": list(cfg), "bits": s_net.config_bits(cfg),
-                            "bitflops": net.config_bitflops(cfg), "acc_torch": ev.acc,
-                            "acc_ort": float((lg.argmax(1) == val_data.labels).mean()), "history": s_hist})
+            row, qdq = train_static(static_net, cfg, label, train_data, val_data, pre, config, target, teacher)
+            collapsed.append(collapse_note(f"static {label}", row["history"], n_classes, config.lr))
+            statics.append(row)
             if label == "matched" or static_model is None:
                 static_model = qdq
                 save_model(qdq, out / "static.onnx")
@@ -520,7 +547,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
                 val_limit: int | None = None, batch_size: int = 128, lr: float = 1e-3, controller_lr: float = 1e-2,
                 budget: str = "batch", max_configs: int = 8, seed: int = 0,
                 uniform_baselines: bool = False, controller_conv: int = 0, controller_layers: int = 1,
-                distill: float = 0.0, device: str = "cpu", quiet: bool = False) -> DynamicResult:
+                granularity: str = "layer", distill: float = 0.0, device: str = "cpu",
+                quiet: bool = False) -> DynamicResult:
     """`qtool dynamic`: every argument is validated before any file is written."""
     from qtool.data import load_dataset, parse_spec
     from qtool.io import load_model
@@ -533,7 +561,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
                         train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, lr=lr,
                         controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
                         uniform_baselines=uniform_baselines, controller_conv=controller_conv,
-                        controller_layers=controller_layers, distill=distill, device=device, quiet=quiet)
+                        controller_layers=controller_layers, granularity=granularity, distill=distill,
+                        device=device, quiet=quiet)
     o = Path(out_dir)
     if o.exists() and not o.is_dir():
         raise QtoolError(f"output path exists and is not a directory: {o}")
