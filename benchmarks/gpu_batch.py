@@ -14,6 +14,11 @@ as one .tar.gz per job (results JSON + run directory) into DIR, the folder that 
    60-minute budget is a 2-core CPU budget): the uniform baselines and the picked front members, each
    fine-tuned with the same budget on the GPU.
 3. `dynamic_gpu_*`: `benchmarks.dynamic` variants (budget, controller, bit set) on the whole training split.
+
+Sizing by hand (`--dynamic-epochs`, no probe): one 45k-image epoch of 2-3 parallel dynamic jobs trains in
+about 100-280 s, and each job then needs about 200 s more (codebook over the training images,
+evaluation, deployment, onnxruntime, the static baseline). gpu_batch_4.json gave a 285 s deadline: both
+jobs were stopped after writing their deployment (`benchmarks.dynamic_static` finishes such runs).
 """
 from __future__ import annotations
 
