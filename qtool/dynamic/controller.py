@@ -4,11 +4,11 @@
 layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers of
 `qtool.search.SearchSpace`) by a `_Layer` module:
 
-- The first layer (the stem) is static at `stem_bits` (8): the controller reads its output, so its
-  bits cannot depend on the controller's decision (`controller_layers=N`: the controller reads the
-  input of layer N instead, e.g. the end of ResNet's first stage, and layers 0..N-1 are static; DQNet's
-  controller is "the first layers of the main network"; layers 1..N-1 are then static at the middle
-  candidate bit-width, so that a deep tap does not spend the budget). Conv and Gemm layers after it are *dynamic*:
+- The first layer (the stem) is static at `stem_bits` (8) and the controller reads its output, so its
+  bits cannot depend on the controller's decision. With `controller_layers=N` the controller reads the
+  input of layer N instead (DQNet's "first layers of the main network", e.g. the end of ResNet's first
+  stage); layers 1..N-1 are then static at the middle candidate bit-width, so that a deep tap does not
+  eat the budget. Conv and Gemm layers after the tap are *dynamic*:
   K candidate bit-widths, weights and input activation of a layer share the choice. Other anchors
   (MatMul, ConvTranspose) stay static at `stem_bits`.
 - Per bit-width quantizers, initialised from calibration: weights LSQ per output channel (symmetric

@@ -26,6 +26,11 @@ seed, initial weights), with one fixed configuration: the one whose BitFLOPs are
 deployed dynamic model's average (greedy: from uniform lowest bits, widen the layers the controller
 keeps widest first). Optionally also every uniform configuration.
 
+`distill` > 0: both the dynamic and the static nets also learn from the FP32 model's soft labels.
+Diagnostics in the report (`gap_diagnostics`): the dynamic net's shared weights with every image at the
+matched static configuration, and with the deployed configurations shuffled across images; the
+difference to the latter is what the controller earns by reading the image.
+
 Deployment (`qtool.dynamic.runtime`): the codebook is the `max_configs` configurations the controller
 picks most often on the training images; at inference the controller picks the best-scoring
 codebook entry. The PyTorch accuracy reported for the deployed model uses the same rule, so the ORT
@@ -437,9 +442,8 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     notes: list[str] = []
     net, fused, target = build_net(model, train_data, config, pre)
     static_net = copy.deepcopy(net)  # same initial weights and quantizers for the static baseline
-    static = [l.node for l in net.layers if l.dynamic is None]
-    notes.append(f"the controller reads {net.tap!r}; {len(static)} layers are static "
-                 f"({', '.join(f'{l.node} at {l.bits} bits' for l in net.layers if l.dynamic is None)}); "
+    static = [f"{l.node} at {l.bits} bits" for l in net.layers if l.dynamic is None]
+    notes.append(f"the controller reads {net.tap!r}; {len(static)} layers are static ({', '.join(static)}); "
                  f"{net.n_dynamic} of {len(net.layers)} layers are dynamic")
 
     # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
