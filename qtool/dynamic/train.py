@@ -27,9 +27,10 @@ deployed dynamic model's average (greedy: from uniform lowest bits, widen the la
 keeps widest first). Optionally also every uniform configuration.
 
 `distill` > 0: both the dynamic and the static nets also learn from the FP32 model's soft labels.
-Diagnostics in the report (`gap_diagnostics`): the dynamic net's shared weights with every image at the
-matched static configuration, and with the deployed configurations shuffled across images; the
-difference to the latter is what the controller earns by reading the image.
+Diagnostics in the report: the dynamic net's shared weights with every image at the matched static
+configuration (`shared_at`: what sharing the weights costs), and `qtool.dynamic.routing` on the
+deployment: the routing vs the same configurations shuffled across images (what the controller earns by
+reading the image), an oracle router and the best single configuration at the same BitFLOPs.
 
 Deployment (`qtool.dynamic.runtime`): the codebook is the `max_configs` configurations the controller
 picks most often on the training images; at inference the controller picks the best-scoring
@@ -55,6 +56,7 @@ from qtool.device import resolve_device
 from qtool.errors import QtoolError
 from qtool.train import EpochMeter
 from qtool.dynamic.controller import DynamicNet
+from qtool.dynamic.routing import correctness, routing_analysis
 from qtool.preprocess import Preprocess, resolve_preprocess
 
 PENALTIES = ("bitflops", "meanbits")
@@ -347,27 +349,12 @@ def train_static(untrained: DynamicNet, cfg, label: str, train_data: ImageDatase
              "acc_ort": float((lg.argmax(1) == val_data.labels).mean()), "history": hist}, qdq)
 
 
-def gap_diagnostics(net: DynamicNet, val: ImageDataset, pre: Preprocess, codebook: np.ndarray, routed: np.ndarray,
-                    matched: tuple[int, ...], seed: int) -> dict:
-    """Where the dynamic - static difference comes from, on the dynamic net's own (shared) weights:
-    - shared_at_matched: every image at the static baseline's configuration. static - this is what
-      sharing the weights across K bit-widths costs; dynamic - this is what the routing earns.
-    - routing_shuffled: the deployed configurations permuted across the images: the same BitFLOPs
-      distribution, chosen without looking at the image. dynamic - this is what the controller's
-      reading of the image earns over spending the same bits at random.
-    Leaves the net in mode "fixed"."""
-    def acc_routed(assign: np.ndarray) -> float:
-        hits = 0
-        for c in np.unique(assign):
-            idx = np.flatnonzero(assign == c)
-            net.set_mode("fixed", fixed=codebook[c])
-            hits += int((evaluate(net, val.subset(idx), pre).logits.argmax(1) == val.labels[idx]).sum())
-        return hits / len(assign)
-
-    net.set_mode("fixed", fixed=matched)
-    at_matched = evaluate(net, val, pre).acc
-    shuffled = acc_routed(np.random.default_rng(seed).permutation(routed))
-    return {"acc_torch_shared_at_matched": at_matched, "acc_torch_routing_shuffled": shuffled}
+def shared_at(net: DynamicNet, val: ImageDataset, pre: Preprocess, cfg) -> float:
+    """Accuracy of the dynamic net's shared weights with every image at configuration `cfg` (PyTorch).
+    At the matched static configuration: static - this is what sharing the weights across K bit-widths
+    costs, dynamic - this is what the routing earns. Leaves the net in mode "fixed"."""
+    net.set_mode("fixed", fixed=cfg)
+    return evaluate(net, val, pre).acc
 
 
 @dataclass
@@ -389,10 +376,15 @@ class DynamicResult:
                        f"onnxruntime {s['acc_ort'] * 100:.2f}%")
         if r.get("acc_diff_pp") is not None:
             out.append(f"dynamic - static (matched) accuracy on onnxruntime: {r['acc_diff_pp']:+.2f} pp")
-        out.append(f"the dynamic net's shared weights (PyTorch): {d['acc_torch_shared_at_matched'] * 100:.2f}% with every "
-                   f"image at the matched configuration, {d['acc_torch_routing_shuffled'] * 100:.2f}% with the deployed "
-                   "configurations shuffled across images (routing gain "
-                   f"{(d['acc_torch'] - d['acc_torch_routing_shuffled']) * 100:+.2f} pp)")
+        out.append(f"the dynamic net's shared weights with every image at the matched configuration (PyTorch): "
+                   f"{d['acc_torch_shared_at_matched'] * 100:.2f}%")
+        ro = r["routing"]
+        best = ro["best_single"]
+        out.append(f"routing on onnxruntime: deployed {ro['deployed']['acc'] * 100:.2f}% vs the same configurations "
+                   f"shuffled across images {ro['shuffled']['acc_mean'] * 100:.2f}% (what reading the image earns: "
+                   f"{ro['routing_gain_pp']:+.2f} pp); an oracle router at the same BitFLOPs {ro['oracle']['acc'] * 100:.2f}%; "
+                   + (f"best single deployed configuration within them {best['acc'] * 100:.2f}%" if best
+                      else "no single deployed configuration within them"))
         for b in ("batch1", "batch64"):
             lat = r.get("latency", {}).get(b)
             if lat:
@@ -466,7 +458,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     cfg_index = {tuple(c): i for i, c in enumerate(codebook.tolist())}
     dep_idx = np.array([cfg_index[tuple(c)] for c in dep.configs.tolist()])
     matched = matched_config(net, float(dep.bitflops.mean()), dep.configs.mean(0))
-    gap = gap_diagnostics(net, val_data, pre, codebook, dep_idx, matched, config.seed)
+    acc_shared_matched = shared_at(net, val_data, pre, matched)
     net.set_mode("codebook", codebook=codebook)
 
     # -- deployment and ORT fidelity ----------------------------------------------------------------
@@ -479,6 +471,8 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
         ort_cfg.append(sess.last_configs)
     ort_logits, ort_cfg = np.concatenate(ort_logits), np.concatenate(ort_cfg)
     acc_ort = float((ort_logits.argmax(1) == val_data.labels).mean())
+    routing = routing_analysis(correctness(sess, pre.apply(val_data.images), val_data.labels, _EVAL_BATCH),
+                               sess.bitflops, ort_cfg, seed=config.seed)
     dynamic_report = {
         "acc_torch": dep.acc, "acc_torch_argmax": free.acc, "acc_ort": acc_ort,
         "ort_minus_torch_pp": (acc_ort - dep.acc) * 100,
@@ -489,7 +483,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
         "mean_bits": float(np.mean([[net.choices[k] for k in c] for c in dep.configs])),
         "distinct_configs_argmax_train": n_distinct, "codebook_size": len(codebook), "codebook_coverage": coverage,
         "config_counts_val": np.bincount(dep_idx, minlength=len(codebook)).tolist(),
-        **gap,
+        "acc_torch_shared_at_matched": acc_shared_matched,
         "history": hist,
     }
     if coverage < 1.0:
@@ -525,7 +519,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
                     "option_share": (np.bincount(dep.configs[:, l.dynamic], minlength=len(net.choices))
                                      / len(dep.configs)).tolist() if l.dynamic is not None else None}
                    for l in net.layers],
-        "dynamic": dynamic_report, "static": statics,
+        "dynamic": dynamic_report, "routing": routing, "static": statics,
         "acc_diff_pp": next(((acc_ort - s["acc_ort"]) * 100 for s in statics if s["name"] == "matched"), None),
         "codebook": manifest["configs"],
         "training_cost": {"dynamic_s_per_epoch": float(np.mean([h["seconds"] for h in hist])),
