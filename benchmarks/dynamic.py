@@ -70,6 +70,8 @@ def main(argv=None) -> int:
                     help="the controller reads the input of quantizable layer N (the first N stay static)")
     ap.add_argument("--granularity", choices=("layer", "global"), default="layer",
                     help="bits chosen per layer, or one bit-width per image for every layer")
+    ap.add_argument("--estimator", choices=("gumbel", "expected"), default="gumbel",
+                    help="controller training: Gumbel samples, or the expected loss over every bit-width (global)")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of the FP32 model's soft labels in the loss, dynamic and static alike (0: labels only)")
     ap.add_argument("--no-latency", action="store_true", help="skip the routing latency (e.g. on a borrowed machine)")
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
                         val_limit=1000 if quick else None, uniform_baselines=not (quick or args.no_uniform),
                         latency_runs=20 if quick else 100, threads=args.threads, budget=args.budget,
                         device=args.device, latency=not args.no_latency, controller_conv=args.controller_conv, distill=args.distill,
-                        controller_layers=args.controller_layers, granularity=args.granularity, **lrs)
+                        controller_layers=args.controller_layers, granularity=args.granularity,
+                        estimator=args.estimator, **lrs)
     name = args.name or ("dynamic_quick" if quick else "dynamic")
     out = RESULTS / f"{name}_run" if not quick else Path(tempfile.mkdtemp(prefix="qtool-dynamic-"))
     r = dynamic(load_model(src), load_dataset(spec, "train"), load_dataset(spec, "val"), cfg, out)

@@ -215,6 +215,9 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
                    "1 = the stem's output; deeper features tell easy from hard images better, at more static cost")
 @click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "global"]),
               help="the controller picks bits per layer, or one bit-width per image for every layer (global)")
+@click.option("--estimator", default="gumbel", show_default=True, type=click.Choice(["gumbel", "expected"]),
+              help="how the controller learns: hard Gumbel-softmax samples, or (with --granularity global) every "
+                   "image through each bit-width, the loss averaged under the controller's probabilities")
 @click.option("--distill", default=0.0, show_default=True, type=float,
               help="weight in [0, 1] of the FP32 model's soft labels in the loss (knowledge distillation; the static "
                    "baseline gets the same)")
@@ -222,8 +225,8 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, help="output directory (reports, controller.onnx, configs/)")
 def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, lr, controller_lr,
-            budget, max_configs, uniform_baselines, controller_conv, controller_layers, granularity, distill, device, seed,
-            output):
+            budget, max_configs, uniform_baselines, controller_conv, controller_layers, granularity, estimator, distill,
+            device, seed, output):
     """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
     from qtool.dynamic import dynamic_cli
 
@@ -231,8 +234,8 @@ def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_
                             alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
                             lr=lr, controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
                             uniform_baselines=uniform_baselines, controller_conv=controller_conv,
-                            controller_layers=controller_layers, granularity=granularity, distill=distill,
-                            device=device).lines():
+                            controller_layers=controller_layers, granularity=granularity, estimator=estimator,
+                            distill=distill, device=device).lines():
         echo(line)
 
 

@@ -16,7 +16,7 @@ from qtool.errors import QtoolError
 from qtool.dynamic import DynamicConfig, DynamicNet, DynamicSession, write_deployment
 from qtool.dynamic.controller import max_onehot
 from qtool.dynamic.routing import correctness
-from qtool.dynamic.train import _calibrate, evaluate, train, uniform_bitflops
+from qtool.dynamic.train import _calibrate, _expected_step, evaluate, train, uniform_bitflops
 from qtool.lift import lift
 from qtool.quantize import fuse
 from qtool.search.space import SearchSpace
@@ -74,6 +74,34 @@ def test_global_granularity_draws_one_bit_width_per_image(global_net, digits):
     assert w.shape == (net.n_dynamic * len(BITS), net.controller.fc1.out_features) and b.shape == (w.shape[0],)
     with pytest.raises(QtoolError, match="--granularity"):
         DynamicConfig(granularity="block")
+
+
+def test_expected_estimator_averages_each_images_loss_under_the_controller(global_net, digits):
+    """estimator "expected": loss = mean_i sum_k p_k(i) CE_k(i) over the K uniform configurations, cost =
+    p @ their BitFLOPs, checked against the configurations run one by one; the net ends in gumbel mode."""
+    net = copy.deepcopy(global_net)
+    tr, _ = digits
+    x = torch.from_numpy(tr.preprocess.apply(tr.images[:32]))
+    y = torch.from_numpy(tr.labels[:32])
+    with torch.no_grad():
+        torch.manual_seed(5)
+        net.controller.fc2.weight.normal_(0, 1.0)
+    net.eval()  # no dropout: the same logits in every pass
+    costs = torch.tensor([net.config_bitflops(net.uniform(b)) for b in BITS])
+    logits, loss, bf, mean_bits = _expected_step(net, x, y, None, 0.0, costs)
+    assert net.mode == "gumbel"
+    ce, p = [], None
+    for b in BITS:
+        net.set_mode("scored", fixed=net.uniform(b))
+        out = net(x)
+        p = torch.softmax(net.last_logits[:, 0], 1)
+        ce.append(torch.nn.functional.cross_entropy(out, y, reduction="none"))
+    ce = torch.stack(ce, 1)
+    assert loss.item() == pytest.approx((p * ce).sum(1).mean().item(), rel=1e-6)
+    assert torch.allclose(bf, p @ costs) and torch.allclose(mean_bits, p @ torch.tensor(BITS, dtype=torch.float32))
+    assert 0 < p.max(1).values.min() < 1 and len(set(p.argmax(1).tolist())) >= 2  # the check really mixes
+    with pytest.raises(QtoolError, match="--granularity global"):
+        DynamicConfig(estimator="expected")
 
 
 def test_controller_layers_make_the_layers_before_the_tap_static(base_net, deep_net):

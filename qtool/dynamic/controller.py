@@ -226,7 +226,7 @@ class _Tap(nn.Module):
 
 
 class DynamicNet(nn.Module):
-    """See the module docstring. `mode`: gumbel (training default) | argmax | codebook | fixed."""
+    """See the module docstring. `mode`: gumbel (training default) | argmax | codebook | fixed | scored."""
 
     def __init__(self, fused: onnx.ModelProto, bits: tuple[int, ...], act_ranges: dict[str, tuple[float, float]],
                  *, stem_bits: int = 8, hidden: int = 64, tau: float = 1.0, controller_conv: int = 0,
@@ -341,7 +341,7 @@ class DynamicNet(nn.Module):
 
     # -- choices --------------------------------------------------------------------------------
     def set_mode(self, mode: str, fixed=None, codebook=None) -> None:
-        if mode not in ("gumbel", "argmax", "codebook", "fixed"):
+        if mode not in ("gumbel", "argmax", "codebook", "fixed", "scored"):
             raise ValueError(mode)
         self.mode = mode
         if fixed is not None:
@@ -361,9 +361,9 @@ class DynamicNet(nn.Module):
     def _decide(self, x: torch.Tensor) -> None:
         k = len(self.choices)
         b = x.shape[0]
-        if self.mode == "fixed":
+        if self.mode in ("fixed", "scored"):  # scored: a fixed configuration, the controller's logits beside it
             g = F.one_hot(self.fixed.to(x.device), k).float().unsqueeze(0).expand(b, -1, -1)
-            self.last_logits = None
+            self.last_logits = self.controller(x) if self.mode == "scored" else None
         else:
             logits = self.controller(x)
             self.last_logits = logits

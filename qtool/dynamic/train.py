@@ -60,6 +60,7 @@ from qtool.dynamic.routing import correctness, routing_analysis
 from qtool.preprocess import Preprocess, resolve_preprocess
 
 PENALTIES = ("bitflops", "meanbits")
+ESTIMATORS = ("gumbel", "expected")
 BUDGETS = ("batch", "sample")
 _EVAL_BATCH = 256
 _CALIB_SEED = 20151211
@@ -84,6 +85,7 @@ class DynamicConfig:
     controller_conv: int = 0  # channels of the controller's own 3x3 conv on the stem output (0: GAP only)
     controller_layers: int = 1  # the controller reads the input of this layer; the layers before it are static
     granularity: str = "layer"  # a bit choice per layer, or "global": one per image for every layer
+    estimator: str = "gumbel"  # controller training: hard Gumbel-softmax, or "expected" (global only; docstring)
     distill: float = 0.0  # weight of the FP32 model's soft labels in the loss (dynamic and static alike)
     seed: int = 0
     static_baseline: bool = True
@@ -117,6 +119,10 @@ class DynamicConfig:
 
         if self.granularity not in GRANULARITIES:
             raise QtoolError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.estimator not in ESTIMATORS:
+            raise QtoolError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator == "expected" and self.granularity != "global":
+            raise QtoolError("--estimator expected needs --granularity global (it runs every configuration)")
         if not isinstance(self.controller_layers, int) or isinstance(self.controller_layers, bool) or \
                 self.controller_layers < 1:
             raise QtoolError(f"--controller-layers must be an integer >= 1, got {self.controller_layers!r}")
@@ -225,6 +231,8 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
     d = config.distill if teacher is not None else 0.0
     if d:
         teacher = teacher.to(device).eval()
+    expected = dynamic and config.estimator == "expected"
+    costs = torch.tensor([net.config_bitflops(net.uniform(b)) for b in net.choices], device=device) if expected else None
     hist = []
     with progress(disable=config.quiet) as bar:
         task = bar.add_task(label, total=config.epochs * steps, info="")
@@ -235,16 +243,20 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
             bf_sum = 0.0
             for xb, yb in epoch_batches(ds, pool, config.batch_size, pre, gen, augment):
                 xb, yb = xb.to(device), yb.to(device)
-                logits = net(xb)
-                loss = F.cross_entropy(logits, yb)
+                soft = None
                 if d:
                     with torch.no_grad():
                         soft = F.softmax(teacher(xb).float(), dim=1)
-                    loss = (1 - d) * loss + d * F.cross_entropy(logits, soft)
+                if expected:
+                    logits, loss, bf, mean_bits = _expected_step(net, xb, yb, soft, d, costs)
+                else:
+                    logits = net(xb)
+                    loss = _task_loss(logits, yb, soft, d)
+                    if dynamic:
+                        bf = net.bitflops(net.last_choice, net.last_groups)
+                        mean_bits = net.mean_bits(net.last_choice)
                 if dynamic:
-                    bf = net.bitflops(net.last_choice, net.last_groups)
-                    excess = (bf - target) / net.total_macs if config.penalty == "bitflops" else \
-                        net.mean_bits(net.last_choice) - target_bits
+                    excess = (bf - target) / net.total_macs if config.penalty == "bitflops" else mean_bits - target_bits
                     pen = F.relu(excess.mean()) if config.budget == "batch" else F.relu(excess).mean()
                     loss = loss + config.alpha * pen
                     bf_sum += float(bf.detach().sum())
@@ -262,6 +274,35 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
                          "seconds": round(time.perf_counter() - t0, 2)})
     net.eval()
     return hist
+
+
+def _task_loss(logits, yb, soft, d: float, reduction: str = "mean") -> torch.Tensor:
+    """CE on the labels, mixed with CE on the teacher's soft labels when `soft` is given (weight d)."""
+    loss = F.cross_entropy(logits, yb, reduction=reduction)
+    if soft is not None:
+        loss = (1 - d) * loss + d * F.cross_entropy(logits, soft, reduction=reduction)
+    return loss
+
+
+def _expected_step(net: DynamicNet, xb, yb, soft, d: float, costs: torch.Tensor):
+    """estimator "expected" (granularity global): every image through each of the K uniform configurations,
+    the loss is each image's task loss averaged under the controller's softmax p(k | image), and its cost
+    the expected BitFLOPs. Exact and without sampling noise: the controller learns to put each image
+    where its loss, plus the penalty's price of the bits, is lowest. Returns (logits of each image's most
+    probable configuration, loss, expected BitFLOPs, expected mean bits) and leaves the net in gumbel mode."""
+    outs, p = [], None
+    try:
+        for b in net.choices:
+            net.set_mode("scored", fixed=net.uniform(b))
+            outs.append(net(xb))
+            if p is None:  # one controller draw (dropout) per step
+                p = F.softmax(net.last_logits[:, 0], dim=1)
+    finally:
+        net.set_mode("gumbel")
+    task = torch.stack([_task_loss(o, yb, soft, d, "none") for o in outs], 1)  # B x K
+    best = p.detach().argmax(1)
+    logits = torch.stack(outs)[best, torch.arange(len(yb), device=best.device)]
+    return logits, (p * task).sum(1).mean(), p @ costs, p @ net.bits_t.to(p.device)
 
 
 def collapse_note(label: str, hist: list[dict], n_classes: int, lr: float) -> str | None:
@@ -545,7 +586,7 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
                 val_limit: int | None = None, batch_size: int = 128, lr: float = 1e-3, controller_lr: float = 1e-2,
                 budget: str = "batch", max_configs: int = 8, seed: int = 0,
                 uniform_baselines: bool = False, controller_conv: int = 0, controller_layers: int = 1,
-                granularity: str = "layer", distill: float = 0.0, device: str = "cpu",
+                granularity: str = "layer", estimator: str = "gumbel", distill: float = 0.0, device: str = "cpu",
                 quiet: bool = False) -> DynamicResult:
     """`qtool dynamic`: every argument is validated before any file is written."""
     from qtool.data import load_dataset, parse_spec
@@ -559,8 +600,8 @@ def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = 
                         train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, lr=lr,
                         controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
                         uniform_baselines=uniform_baselines, controller_conv=controller_conv,
-                        controller_layers=controller_layers, granularity=granularity, distill=distill,
-                        device=device, quiet=quiet)
+                        controller_layers=controller_layers, granularity=granularity, estimator=estimator,
+                        distill=distill, device=device, quiet=quiet)
     o = Path(out_dir)
     if o.exists() and not o.is_dir():
         raise QtoolError(f"output path exists and is not a directory: {o}")
