@@ -211,8 +211,8 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 @click.option("--controller-conv", default=0, show_default=True, type=int,
               help="channels of a 3x3 conv in the controller before its pooling (0: pool the stem output directly)")
 @click.option("--controller-layers", default=1, show_default=True, type=int,
-              help="the controller reads the input of quantizable layer N (the first N layers stay static at 8 bits): "
-                   "1 = the stem's output; deeper features tell easy from hard images better, at more static cost")
+              help="the controller reads the output of the first N quantizable layers, which stay static (the first "
+                   "at 8 bits, the others at the middle of --bits); 1 = the stem's output")
 @click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "global"]),
               help="the controller picks bits per layer, or one bit-width per image for every layer (global)")
 @click.option("--estimator", default="gumbel", show_default=True, type=click.Choice(["gumbel", "expected"]),
