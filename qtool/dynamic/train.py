@@ -26,6 +26,11 @@ seed, initial weights), with one fixed configuration: the one whose BitFLOPs are
 deployed dynamic model's average (greedy: from uniform lowest bits, widen the layers the controller
 keeps widest first). Optionally also every uniform configuration.
 
+`estimator="expected"` (with granularity "global"): instead of one Gumbel sample per image, every image
+runs through each of the K uniform configurations, and CE and BitFLOPs are averaged under the
+controller's softmax (`_expected_step`): exact, K forward passes per step (the Gumbel path also computes
+all K branches of every layer).
+
 `distill` > 0: both the dynamic and the static nets also learn from the FP32 model's soft labels.
 Diagnostics in the report: the dynamic net's shared weights with every image at the matched static
 configuration (`shared_at`: what sharing the weights costs), and `qtool.dynamic.routing` on the
