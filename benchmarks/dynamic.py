@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of the FP32 model's soft labels in the loss, dynamic and static alike (0: labels only)")
     ap.add_argument("--no-latency", action="store_true", help="skip the routing latency (e.g. on a borrowed machine)")
+    ap.add_argument("--seed", type=int, default=0, help="initial controller, data order, augmentation")
     ap.add_argument("--name", default=None, help="result name: results/NAME.json and results/NAME_run/ [dynamic]")
     args = ap.parse_args(argv)
     spec = cifar_spec()
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
                         latency_runs=20 if quick else 100, threads=args.threads, budget=args.budget,
                         device=args.device, latency=not args.no_latency, controller_conv=args.controller_conv, distill=args.distill,
                         controller_layers=args.controller_layers, granularity=args.granularity,
-                        estimator=args.estimator, **lrs)
+                        estimator=args.estimator, seed=args.seed, **lrs)
     name = args.name or ("dynamic_quick" if quick else "dynamic")
     out = RESULTS / f"{name}_run" if not quick else Path(tempfile.mkdtemp(prefix="qtool-dynamic-"))
     r = dynamic(load_model(src), load_dataset(spec, "train"), load_dataset(spec, "val"), cfg, out)
