@@ -96,9 +96,9 @@ def main(argv=None) -> int:
                         epochs=args.epochs, train_limit=args.train_limit or (2000 if quick else 16000),
                         val_limit=1000 if quick else None, uniform_baselines=not (quick or args.no_uniform),
                         latency_runs=20 if quick else 100, threads=args.threads, budget=args.budget,
-                        device=args.device, latency=not args.no_latency, controller_conv=args.controller_conv, distill=args.distill,
+                        device=args.device, latency=not args.no_latency, controller_conv=args.controller_conv,
                         controller_layers=args.controller_layers, granularity=args.granularity,
-                        estimator=args.estimator, seed=args.seed, **lrs)
+                        estimator=args.estimator, distill=args.distill, seed=args.seed, **lrs)
     name = args.name or ("dynamic_quick" if quick else "dynamic")
     out = RESULTS / f"{name}_run" if not quick else Path(tempfile.mkdtemp(prefix="qtool-dynamic-"))
     r = dynamic(load_model(src), load_dataset(spec, "train"), load_dataset(spec, "val"), cfg, out)

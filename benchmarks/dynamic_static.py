@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from qtool.data import load_dataset
     from qtool.dynamic import DynamicConfig
     from qtool.dynamic.runtime import DynamicSession
-    from qtool.dynamic.train import build_net, fp32_teacher, matched_config, train_static
+    from qtool.dynamic.train import build_net, matched_config, teacher_for, train_static
     from qtool.io import load_model
     from qtool.preprocess import resolve_preprocess
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         print(f"{run} was not trained with these options (its configurations' bits differ)", file=sys.stderr)
         return 2
     matched = matched_config(net, avg_bf, choices.mean(0))
-    row, _ = train_static(net, matched, "matched", train_data, val, pre, cfg, target, fp32_teacher(fused, cfg))
+    row, _ = train_static(net, matched, "matched", train_data, val, pre, cfg, target, teacher_for(fused, cfg))
     diff = (acc_ort - row["acc_ort"]) * 100
     print(f"{a.name}: dynamic (deployed, onnxruntime) {acc_ort * 100:.2f}% at {avg_bf:.4g} BitFLOPs; static matched "
           f"{row['acc_ort'] * 100:.2f}% at {row['bitflops']:.4g}: {diff:+.2f} pp")

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.device import resolve_device
+from qtool.distill import distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
 from qtool.train import EpochMeter
 from qtool.dynamic.controller import DynamicNet
@@ -248,15 +249,12 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
             bf_sum = 0.0
             for xb, yb in epoch_batches(ds, pool, config.batch_size, pre, gen, augment):
                 xb, yb = xb.to(device), yb.to(device)
-                soft = None
-                if d:
-                    with torch.no_grad():
-                        soft = F.softmax(teacher(xb).float(), dim=1)
+                soft = soft_labels(teacher, xb) if d else None
                 if expected:
                     logits, loss, bf, mean_bits = _expected_step(net, xb, yb, soft, d, costs)
                 else:
                     logits = net(xb)
-                    loss = _task_loss(logits, yb, soft, d)
+                    loss = distill_loss(logits, yb, soft, d)
                     if dynamic:
                         bf = net.bitflops(net.last_choice, net.last_groups)
                         mean_bits = net.mean_bits(net.last_choice)
@@ -281,14 +279,6 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
     return hist
 
 
-def _task_loss(logits, yb, soft, d: float, reduction: str = "mean") -> torch.Tensor:
-    """CE on the labels, mixed with CE on the teacher's soft labels when `soft` is given (weight d)."""
-    loss = F.cross_entropy(logits, yb, reduction=reduction)
-    if soft is not None:
-        loss = (1 - d) * loss + d * F.cross_entropy(logits, soft, reduction=reduction)
-    return loss
-
-
 def _expected_step(net: DynamicNet, xb, yb, soft, d: float, costs: torch.Tensor):
     """estimator "expected" (granularity global): every image through each of the K uniform configurations,
     the loss is each image's task loss averaged under the controller's softmax p(k | image), and its cost
@@ -304,7 +294,7 @@ def _expected_step(net: DynamicNet, xb, yb, soft, d: float, costs: torch.Tensor)
                 p = F.softmax(net.last_logits[:, 0], dim=1)
     finally:
         net.set_mode("gumbel")
-    task = torch.stack([_task_loss(o, yb, soft, d, "none") for o in outs], 1)  # B x K
+    task = torch.stack([distill_loss(o, yb, soft, d, "none") for o in outs], 1)  # B x K
     best = p.detach().argmax(1)
     logits = torch.stack(outs)[best, torch.arange(len(yb), device=best.device)]
     return logits, (p * task).sum(1).mean(), p @ costs, p @ net.bits_t.to(p.device)
@@ -368,13 +358,9 @@ def build_net(model: onnx.ModelProto, train_data: ImageDataset, config: DynamicC
     return net, fused, (uniform_bitflops(net, tv) if kind == "uniform" else tv)
 
 
-def fp32_teacher(fused: onnx.ModelProto, config: DynamicConfig) -> torch.nn.Module | None:
-    """The FP32 model the quantized nets start from, when config.distill asks for its soft labels."""
-    if not config.distill:
-        return None
-    from qtool.lift import lift
-
-    return lift(fused)
+def teacher_for(fused: onnx.ModelProto, config: DynamicConfig) -> torch.nn.Module | None:
+    """The FP32 model, when config.distill asks for its soft labels."""
+    return fp32_teacher(fused) if config.distill else None
 
 
 def train_static(untrained: DynamicNet, cfg, label: str, train_data: ImageDataset, val_data: ImageDataset,
@@ -486,7 +472,7 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
 
     # -- dynamic training, codebook, deployed accuracy ----------------------------------------------
     net.to(resolve_device(config.device))
-    teacher = fp32_teacher(fused, config)
+    teacher = teacher_for(fused, config)
     hist = train(net, train_data, pre, config, target, "dynamic", config.seed, teacher)
     n_classes = len(train_data.classes)
     collapsed = [collapse_note("dynamic", hist, n_classes, config.lr)]

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qtool.device import resolve_device
+from qtool.distill import distill_loss, fp32_teacher, soft_labels
 from qtool.data import augment_cifar, load_dataset, model_image_input, check_input_matches, SPLIT_SEED
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
@@ -136,12 +137,8 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
     opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                           lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
-    loss_fn = nn.CrossEntropyLoss()
     device = qnet.device
-    if teacher is not None and teacher_weight:
-        teacher = teacher.to(device).eval()
-    else:
-        teacher = None
+    teacher = teacher.to(device).eval() if teacher is not None and teacher_weight else None
     n = len(data.train_labels)
     perm, pos = torch.randperm(n, generator=gen), 0
     qnet.train()
@@ -159,16 +156,12 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
         cands = [cands] if isinstance(cands, Candidate) else list(cands)
         opt.zero_grad(set_to_none=True)
         target, total = None, 0.0
-        if teacher is not None:
-            with torch.no_grad():
-                soft = F.softmax(teacher(x).float(), dim=1)
+        soft = soft_labels(teacher, x) if teacher is not None else None
         for c in cands:
             qnet.set_candidate(c)
             out = qnet(x)
             if target is None:
-                loss = loss_fn(out, y)
-                if teacher is not None:
-                    loss = (1 - teacher_weight) * loss + teacher_weight * F.cross_entropy(out, soft)
+                loss = distill_loss(out, y, soft, teacher_weight)
                 if distill:
                     target = F.softmax(out.detach(), dim=1)
             else:
@@ -283,11 +276,7 @@ class QATEvaluator(Evaluator):
         net = copy.deepcopy(self._base).to(resolve_device(self.device))
         if self.init_from is None:  # FP32 weights, identity norms: quantizer steps start from data
             net.init_quantizers(self._recal()[0], [c])
-        kd = {}
-        if self.distill:
-            from qtool.lift import lift
-
-            kd = {"teacher": lift(self.fused), "teacher_weight": self.distill}  # the FP32 model
+        kd = {"teacher": fp32_teacher(self.fused), "teacher_weight": self.distill} if self.distill else {}
         self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed),
                       **kd)
         net.set_candidate(c)
