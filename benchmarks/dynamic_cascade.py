@@ -1,0 +1,105 @@
+"""Would a confidence cascade pay where the DQNet controller does not? (an analysis, not a qtool feature)
+
+    python -m benchmarks.dynamic_cascade [--lo 4 --hi 5 --escalate 0.1,0.2,0.3 --train-limit 16000]
+
+Per-image bit-widths without a learned controller: every image runs the uniform `lo`-bit model; the
+images it is least sure of (max softmax below a threshold) run the uniform `hi`-bit model too, whose answer
+counts. Average BitFLOPs per image = BF(lo) + f x BF(hi) for an escalated fraction f. The threshold for
+each f is set on 5,000 training images outside the pool the models trained on, and applied unchanged to
+the validation images.
+
+Compared at equal average BitFLOPs with static QAT of the configuration closest to that cost
+(`qtool.dynamic.train.matched_config`, widening layers in graph order), trained with the same budget as
+the lo / hi models (`train_static`: same initial network, images, learning rates and seed). All
+accuracies are onnxruntime's on the 5,000 validation images. Writes results/dynamic_cascade.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from benchmarks.common import MODELS, cifar_spec, write_result
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lo", type=int, default=4)
+    ap.add_argument("--hi", type=int, default=5)
+    ap.add_argument("--escalate", default="0.1,0.2,0.3", help="fractions of images sent on to the hi-bit model")
+    ap.add_argument("--train-limit", type=int, default=16000)
+    ap.add_argument("--threshold-images", type=int, default=5000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="data order and augmentation of every training")
+    ap.add_argument("--name", default="dynamic_cascade", help="result name: results/NAME.json")
+    a = ap.parse_args(argv)
+    src, spec = MODELS / "resnet20_cifar10.onnx", cifar_spec()
+    if spec is None or not src.exists():
+        print(f"needs {src} and the shared CIFAR-10 data", file=sys.stderr)
+        return 2
+    import torch
+
+    from qtool.data import load_dataset
+    from qtool.dynamic import DynamicConfig
+    from qtool.dynamic.train import _ort_logits, build_net, matched_config, train_static
+    from qtool.io import load_model
+    from qtool.preprocess import resolve_preprocess
+
+    torch.set_num_threads(a.threads)
+    model = load_model(src)
+    pre = resolve_preprocess(model)
+    train_data, val = load_dataset(spec, "train"), load_dataset(spec, "val")
+    bits = tuple(sorted({a.lo, a.hi}))
+    cfg = DynamicConfig(bits=bits, target=f"u{a.lo}", train_limit=a.train_limit, threads=a.threads, latency=False,
+                        quiet=True, seed=a.seed)
+    net, _, _ = build_net(model, train_data, cfg, pre)
+    # threshold images: training images outside the pool the models train on (train() draws its pool
+    # as the first train_limit of a seeded permutation)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    unused = torch.randperm(len(train_data), generator=gen)[a.train_limit:].numpy()
+    thr_data = train_data.subset(np.sort(unused[:a.threshold_images]))
+    rows, logits = {}, {}
+    for b in (a.lo, a.hi):
+        row, qdq = train_static(net, net.uniform(b), f"uniform{b}", train_data, val, pre, cfg, 0.0)
+        rows[b] = {k: row[k] for k in ("name", "bitflops", "acc_torch", "acc_ort")}
+        logits[b] = (_ort_logits(qdq, val, pre, a.threads), _ort_logits(qdq, thr_data, pre, a.threads))
+        print(f"uniform {b}: {row['acc_ort'] * 100:.2f}% at {row['bitflops']:.4g} BitFLOPs", flush=True)
+    bf_lo, bf_hi = rows[a.lo]["bitflops"], rows[a.hi]["bitflops"]
+    conf_thr = _softmax(logits[a.lo][1]).max(1)
+    conf_val = _softmax(logits[a.lo][0]).max(1)
+    pred_lo, pred_hi = logits[a.lo][0].argmax(1), logits[a.hi][0].argmax(1)
+    points = []
+    for f in (float(x) for x in a.escalate.split(",")):
+        tau = float(np.quantile(conf_thr, f))  # escalate images less sure than the f-quantile of threshold images
+        esc = conf_val < tau
+        acc = float((np.where(esc, pred_hi, pred_lo) == val.labels).mean())
+        avg_bf = bf_lo + float(esc.mean()) * bf_hi
+        static_cfg = matched_config(net, avg_bf, np.zeros(net.n_dynamic))
+        srow, _ = train_static(net, static_cfg, "matched", train_data, val, pre, cfg, 0.0)
+        diff = (acc - srow["acc_ort"]) * 100
+        # the uniform lo / hi static points, linearly interpolated at the cascade's cost: a second reference
+        curve = rows[a.lo]["acc_ort"] + (rows[a.hi]["acc_ort"] - rows[a.lo]["acc_ort"]) * (avg_bf - bf_lo) / (bf_hi - bf_lo)
+        points.append({"escalate_target": f, "threshold": tau, "escalated_val": float(esc.mean()),
+                       "cascade_acc_ort": acc, "cascade_avg_bitflops": avg_bf,
+                       "static": {k: srow[k] for k in ("bits", "bitflops", "acc_torch", "acc_ort")},
+                       "cascade_minus_static_pp": diff, "cascade_minus_uniform_curve_pp": (acc - curve) * 100})
+        print(f"escalate {esc.mean() * 100:.1f}%: cascade {acc * 100:.2f}% at {avg_bf:.4g} BitFLOPs vs static "
+              f"{srow['acc_ort'] * 100:.2f}% at {srow['bitflops']:.4g}: {diff:+.2f} pp (vs the uniform "
+              f"{a.lo}/{a.hi} line {(acc - curve) * 100:+.2f} pp)", flush=True)
+    payload = {"model": src.name, "data": spec, "lo": a.lo, "hi": a.hi, "seed": a.seed, "train_images": a.train_limit,
+               "threshold_images": len(thr_data), "val_images": len(val), "uniform": rows, "points": points,
+               "note": "cascade: lo-bit model on every image, hi-bit model on the least confident (threshold set "
+                       "on unused training images); static: matched configuration at the cascade's average "
+                       "BitFLOPs; every model static QAT with the same budget; accuracies on onnxruntime"}
+    print(f"wrote {write_result(a.name, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
