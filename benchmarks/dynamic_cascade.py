@@ -9,7 +9,8 @@ each f is set on 5,000 training images outside the pool the models trained on, a
 the validation images.
 
 Compared at equal average BitFLOPs with static QAT of the configuration closest to that cost
-(`qtool.dynamic.train.matched_config`, widening layers in graph order), trained with the same budget as
+(`qtool.dynamic.train.matched_config`, widening layers in graph order, or in reverse order with
+`--static-orders graph,reverse`, the best of them counting), trained with the same budget as
 the lo / hi models (`train_static`: same initial network, images, learning rates and seed). All
 accuracies are onnxruntime's on the 5,000 validation images. Writes results/dynamic_cascade.json.
 """
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="data order and augmentation of every training")
     ap.add_argument("--name", default="dynamic_cascade", help="result name: results/NAME.json")
+    ap.add_argument("--static-orders", default="graph",
+                    help="comma list of graph|reverse: the order in which the static reference widens layers from "
+                         "uniform lo to hi bits; each is trained, the best one is the comparison")
     a = ap.parse_args(argv)
     src, spec = MODELS / "resnet20_cifar10.onnx", cifar_spec()
     if spec is None or not src.exists():
@@ -80,14 +84,19 @@ def main(argv=None) -> int:
         esc = conf_val < tau
         acc = float((np.where(esc, pred_hi, pred_lo) == val.labels).mean())
         avg_bf = bf_lo + float(esc.mean()) * bf_hi
-        static_cfg = matched_config(net, avg_bf, np.zeros(net.n_dynamic))
-        srow, _ = train_static(net, static_cfg, "matched", train_data, val, pre, cfg, 0.0)
+        statics = {}
+        for order in a.static_orders.split(","):
+            pref = {"graph": np.zeros(net.n_dynamic), "reverse": np.arange(net.n_dynamic, dtype=float)}[order]
+            row, _ = train_static(net, matched_config(net, avg_bf, pref), f"matched_{order}", train_data, val,
+                                  pre, cfg, 0.0)
+            statics[order] = {k: row[k] for k in ("bits", "bitflops", "acc_torch", "acc_ort")}
+        srow = max(statics.values(), key=lambda r: r["acc_ort"])
         diff = (acc - srow["acc_ort"]) * 100
         # the uniform lo / hi static points, linearly interpolated at the cascade's cost: a second reference
         curve = rows[a.lo]["acc_ort"] + (rows[a.hi]["acc_ort"] - rows[a.lo]["acc_ort"]) * (avg_bf - bf_lo) / (bf_hi - bf_lo)
         points.append({"escalate_target": f, "threshold": tau, "escalated_val": float(esc.mean()),
                        "cascade_acc_ort": acc, "cascade_avg_bitflops": avg_bf,
-                       "static": {k: srow[k] for k in ("bits", "bitflops", "acc_torch", "acc_ort")},
+                       "static": srow, "static_by_order": statics,
                        "cascade_minus_static_pp": diff, "cascade_minus_uniform_curve_pp": (acc - curve) * 100})
         print(f"escalate {esc.mean() * 100:.1f}%: cascade {acc * 100:.2f}% at {avg_bf:.4g} BitFLOPs vs static "
               f"{srow['acc_ort'] * 100:.2f}% at {srow['bitflops']:.4g}: {diff:+.2f} pp (vs the uniform "
