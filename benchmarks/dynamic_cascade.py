@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from benchmarks.common import MODELS, cifar_spec, write_result
+from benchmarks.common import MODELS, cifar_spec, resnet20_cifar, write_result
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -49,16 +49,10 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from qtool.data import load_dataset
     from qtool.dynamic import DynamicConfig
     from qtool.dynamic.train import _ort_logits, build_net, matched_config, train_static
-    from qtool.io import load_model
-    from qtool.preprocess import resolve_preprocess
 
-    torch.set_num_threads(a.threads)
-    model = load_model(src)
-    pre = resolve_preprocess(model)
-    train_data, val = load_dataset(spec, "train"), load_dataset(spec, "val")
+    model, pre, train_data, val = resnet20_cifar(spec, a.threads)
     bits = tuple(sorted({a.lo, a.hi}))
     cfg = DynamicConfig(bits=bits, target=f"u{a.lo}", train_limit=a.train_limit, threads=a.threads, latency=False,
                         quiet=True, seed=a.seed)

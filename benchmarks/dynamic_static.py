@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from benchmarks.common import MODELS, RESULTS, cifar_spec, write_result
+from benchmarks.common import MODELS, RESULTS, cifar_spec, resnet20_cifar, write_result
 
 
 def main(argv=None) -> int:
@@ -40,19 +40,11 @@ def main(argv=None) -> int:
     if spec is None or not (run / "manifest.json").exists() or not src.exists():
         print(f"needs {run}/manifest.json, {src} and the shared CIFAR-10 data", file=sys.stderr)
         return 2
-    import torch
-
-    from qtool.data import load_dataset
     from qtool.dynamic import DynamicConfig
     from qtool.dynamic.runtime import DynamicSession
     from qtool.dynamic.train import build_net, matched_config, teacher_for, train_static
-    from qtool.io import load_model
-    from qtool.preprocess import resolve_preprocess
 
-    torch.set_num_threads(a.threads)
-    model = load_model(src)
-    pre = resolve_preprocess(model)
-    train_data, val = load_dataset(spec, "train"), load_dataset(spec, "val")
+    model, pre, train_data, val = resnet20_cifar(spec, a.threads)
     cfg = DynamicConfig(bits=tuple(int(b) for b in a.bits.split(",")), target=a.target, budget=a.budget,
                         controller_layers=a.controller_layers, controller_conv=a.controller_conv, distill=a.distill,
                         epochs=a.epochs, train_limit=a.train_limit, threads=a.threads, latency=False)
