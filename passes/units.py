@@ -19,7 +19,10 @@ from passes.core import sole_consumer
 
 UNITS_KEY = "qtool.units"
 ANCHOR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-UNIT_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid")
+# Only what the output Q absorbs (Q(relu(y)) is a clamp of Q(y)). onnxruntime fuses DQ -> Conv -> Q into
+# QLinearConv only with nothing between Conv and Q: a LeakyRelu / HardSwish / Sigmoid inside the unit
+# left the Conv in float (measured: FusedConv / Conv fallbacks). Those activations get their own Q / DQ.
+UNIT_ACTIVATIONS = ("Relu", "Clip")
 
 
 @dataclass(frozen=True)
