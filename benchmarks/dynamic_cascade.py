@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -39,6 +40,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="data order and augmentation of every training")
     ap.add_argument("--name", default="dynamic_cascade", help="result name: results/NAME.json")
+    ap.add_argument("--shared", action="store_true",
+                    help="lo and hi from ONE network trained on both bit-widths (each step: the mean of the two "
+                         "losses) instead of two static trainings; the static references get --static-epochs")
+    ap.add_argument("--static-epochs", default="1",
+                    help="comma list: epochs of the static references (2 = the shared net's forward/backward "
+                         "passes); every one is reported, the best counts")
     ap.add_argument("--static-orders", default="graph",
                     help="comma list of graph|reverse: the order in which the static reference widens layers from "
                          "uniform lo to hi bits; each is trained, the best one is the comparison")
@@ -53,7 +60,9 @@ def main(argv=None) -> int:
     from qtool.dynamic.train import _ort_logits, build_net, matched_config, train_static
 
     model, pre, train_data, val = resnet20_cifar(spec, a.threads)
-    bits = tuple(sorted({a.lo, a.hi}))
+    # every bit-width from lo to hi: the static reference may then use the ones between (uniform 4 is the
+    # natural reference of a 3 -> 5 cascade)
+    bits = tuple(range(a.lo, a.hi + 1))
     cfg = DynamicConfig(bits=bits, target=f"u{a.lo}", train_limit=a.train_limit, threads=a.threads, latency=False,
                         quiet=True, seed=a.seed)
     net, _, _ = build_net(model, train_data, cfg, pre)
@@ -63,7 +72,12 @@ def main(argv=None) -> int:
     unused = torch.randperm(len(train_data), generator=gen)[a.train_limit:].numpy()
     thr_data = train_data.subset(np.sort(unused[:a.threshold_images]))
     rows, logits = {}, {}
-    for b in (a.lo, a.hi):
+    if a.shared:
+        for b, (row, qdq) in _shared_pair(model, train_data, val, pre, cfg, a.lo, a.hi).items():
+            rows[b] = row
+            logits[b] = (_ort_logits(qdq, val, pre, a.threads), _ort_logits(qdq, thr_data, pre, a.threads))
+            print(f"shared uniform {b}: {row['acc_ort'] * 100:.2f}% at {row['bitflops']:.4g} BitFLOPs", flush=True)
+    for b in (() if a.shared else (a.lo, a.hi)):
         row, qdq = train_static(net, net.uniform(b), f"uniform{b}", train_data, val, pre, cfg, 0.0)
         rows[b] = {k: row[k] for k in ("name", "bitflops", "acc_torch", "acc_ort")}
         logits[b] = (_ort_logits(qdq, val, pre, a.threads), _ort_logits(qdq, thr_data, pre, a.threads))
@@ -81,9 +95,12 @@ def main(argv=None) -> int:
         statics = {}
         for order in a.static_orders.split(","):
             pref = {"graph": np.zeros(net.n_dynamic), "reverse": np.arange(net.n_dynamic, dtype=float)}[order]
-            row, _ = train_static(net, matched_config(net, avg_bf, pref), f"matched_{order}", train_data, val,
-                                  pre, cfg, 0.0)
-            statics[order] = {k: row[k] for k in ("bits", "bitflops", "acc_torch", "acc_ort")}
+            for ep in (int(e) for e in a.static_epochs.split(",")):
+                row, _ = train_static(net, matched_config(net, avg_bf, pref), f"matched_{order}", train_data, val,
+                                      pre, replace(cfg, epochs=ep), 0.0)
+                key = order if ep == 1 else f"{order}_{ep}ep"
+                statics[key] = {k: row[k] for k in ("bits", "bitflops", "acc_torch", "acc_ort")}
+                print(f"  static {key}: {row['acc_ort'] * 100:.2f}% at {row['bitflops']:.4g}", flush=True)
         srow = max(statics.values(), key=lambda r: r["acc_ort"])
         diff = (acc - srow["acc_ort"]) * 100
         # the uniform lo / hi static points, linearly interpolated at the cascade's cost: a second reference
@@ -95,13 +112,36 @@ def main(argv=None) -> int:
         print(f"escalate {esc.mean() * 100:.1f}%: cascade {acc * 100:.2f}% at {avg_bf:.4g} BitFLOPs vs static "
               f"{srow['acc_ort'] * 100:.2f}% at {srow['bitflops']:.4g}: {diff:+.2f} pp (vs the uniform "
               f"{a.lo}/{a.hi} line {(acc - curve) * 100:+.2f} pp)", flush=True)
-    payload = {"model": src.name, "data": spec, "lo": a.lo, "hi": a.hi, "seed": a.seed, "train_images": a.train_limit,
+    payload = {"model": src.name, "data": spec, "lo": a.lo, "hi": a.hi, "seed": a.seed, "shared": a.shared,
+               "static_epochs": a.static_epochs, "train_images": a.train_limit,
                "threshold_images": len(thr_data), "val_images": len(val), "uniform": rows, "points": points,
                "note": "cascade: lo-bit model on every image, hi-bit model on the least confident (threshold set "
                        "on unused training images); static: matched configuration at the cascade's average "
                        "BitFLOPs; every model static QAT with the same budget; accuracies on onnxruntime"}
     print(f"wrote {write_result(a.name, payload)}")
     return 0
+
+
+def _shared_pair(model, train_data, val, pre, cfg, lo: int, hi: int) -> dict:
+    """Uniform lo and hi bits of ONE network trained on both: a global-granularity DynamicNet whose
+    controller stays at its zero logits (lr ~0, no penalty), so the expected-loss step weighs the two
+    bit-widths 1/2 each at every step. Returns {bits: (row, QDQ model)}."""
+    from qtool.dynamic.train import _ort_logits, build_net, evaluate, train
+    from qtool.quantize import apply_plan
+
+    scfg = replace(cfg, bits=(lo, hi), granularity="global", estimator="expected", alpha=0.0, controller_lr=1e-30)
+    net, _, target = build_net(model, train_data, scfg, pre)
+    net.set_mode("gumbel")
+    train(net, train_data, pre, scfg, target, "shared", scfg.seed)
+    out = {}
+    for b in (lo, hi):
+        c = net.uniform(b)
+        net.set_mode("fixed", fixed=c)
+        qdq = apply_plan(*net.export_config(c))
+        acc_ort = float((_ort_logits(qdq, val, pre, cfg.threads).argmax(1) == val.labels).mean())
+        out[b] = ({"name": f"shared{b}", "bitflops": net.config_bitflops(c), "acc_torch": evaluate(net, val, pre).acc,
+                   "acc_ort": acc_ort}, qdq)
+    return out
 
 
 if __name__ == "__main__":
