@@ -151,11 +151,11 @@ def test_plan_bits_reused(lenet, digits):
     _check_fidelity(r, val)
 
 
-def _conv_bn_model():
+def _conv_bn_model(act: str = "Relu"):
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
-             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node(act, ["n"], ["r"], name="act"),
              helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "F", "B"], ["logits"], name="fc", transB=1)]
@@ -184,6 +184,26 @@ def test_tiny_rgb_model_with_augmentation_and_adam():
     with torch.no_grad():
         y = r.module(torch.from_numpy(x)).numpy()
     assert np.abs(y - _ort(r.model, x)).max() <= 2 * r.plan.tensors["logits"].scale + 1e-6
+
+
+@pytest.mark.parametrize("act", ["LeakyRelu", "Sigmoid", "HardSwish"])
+def test_activation_outside_the_unit_is_faithful_and_integer(act):
+    """Conv -> act that a Q cannot absorb: the Conv's output gets its own fake-quant, mirrored by a Q/DQ in
+    the export, so the fake-quant model still matches ORT and the Conv runs as QLinearConv."""
+    from qtool.data import ImageDataset
+    from qtool.ortgraph import integer_kernel_report
+    from qtool.preprocess import Preprocess
+
+    rng = np.random.default_rng(2)
+    ds = ImageDataset(rng.integers(0, 256, (96, 3, 16, 16), dtype=np.uint8), rng.integers(0, 4, 96),
+                      tuple("abcd"), Preprocess(mean=(0.5,) * 3, std=(0.25,) * 3))
+    r = qat(_conv_bn_model(act), ds, ds.subset(np.arange(48)), _cfg(first_last_bits=None))
+    x = ds.preprocess.apply(ds.images[:48])
+    with torch.no_grad():
+        y = r.module.eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(y - _ort(r.model, x)).max() <= 2 * r.plan.tensors["logits"].scale + 1e-6
+    rep = integer_kernel_report(r.model)
+    assert (rep.integer_compute, rep.float_compute, rep.float_fallbacks) == (2, 0, 0)  # QLinearConv + QGemm
 
 
 # ------------------------------------------------------------------------------------------------
