@@ -13,6 +13,10 @@ Lowered patterns (what passes.qdq marks, so the numbers equal the QDQ model's up
   codes: Q(relu(y)) = clip(Q(y), z, qmax) and Q(clip(y, a, b)) = clip(Q(y), Q(a), Q(b)) exactly,
   because rounding is monotonic.
 - Add of two quantized tensors (+ sole-consumer Relu / Clip), GlobalAveragePool.
+- elementwise activations between two quantized tensors (LeakyRelu, Sigmoid, HardSwish, HardSigmoid, Tanh,
+  Elu, Relu; `LOOKUP_OPS`): a 256-entry table of output codes indexed by the input codes (Cast -> Gather),
+  integer-only. Entry c is Q_out(f(DQ_in(c))) with f evaluated by onnxruntime's own float kernel of the
+  node, so it equals the QDQ model's DQ -> f -> Q on every code (what ORT's QLinearSigmoid does too).
 - data movement (Slice, Pad with constant 0 -> code z, MaxPool, Reshape, Flatten, Transpose,
   Squeeze, Unsqueeze, Identity) on codes: exact, the output keeps the input's scale / zero point;
   where the plan gives the output its own parameters the codes are requantized.
@@ -38,6 +42,7 @@ from qtool.plan import QuantPlan, TensorQuant
 log = logging.getLogger(__name__)
 
 ANCHORS = ("Conv", "Gemm", "MatMul")
+LOOKUP_OPS = ("LeakyRelu", "Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "Elu", "Relu")
 DATA_MOVEMENT = ("Slice", "Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 CONTAINER = {np.uint8: (0, 255), np.int8: (-128, 127)}
 ONNX_TYPE = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
@@ -99,6 +104,24 @@ class Backend:
 def _code(value: float, t: QTensor) -> int:
     """QuantizeLinear of a float constant with t's parameters (float32 division, half to even)."""
     return int(np.clip(np.rint(np.float32(value) / np.float32(t.scale)) + t.zp, *CONTAINER[t.dtype]))
+
+
+def _lookup_table(node: onnx.NodeProto, x: QTensor, t: QTensor) -> np.ndarray:
+    """Output code for every input code of an elementwise node: Q_t(f(DQ_x(c))), f run by onnxruntime."""
+    import onnxruntime as ort
+
+    lo, hi = CONTAINER[x.dtype]
+    codes = np.arange(lo, hi + 1)
+    real = (codes - x.zp).astype(np.float32) * np.float32(x.scale)  # DequantizeLinear, float32
+    one = helper.make_node(node.op_type, ["x"], ["y"], **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+    g = helper.make_graph([one], "lookup", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(codes)])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(codes)])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": real})[0]
+    q = np.rint(y.astype(np.float32) / np.float32(t.scale)) + t.zp  # QuantizeLinear: float32 division, half to even
+    return np.clip(q, t.lo, t.hi).astype(t.dtype)
 
 
 class _Lowering:
@@ -271,6 +294,19 @@ class _Lowering:
         self.bind(y, t, self.be.global_avg_pool(self.b, x, t, shape, y))
         return True
 
+    def try_lookup(self, node: onnx.NodeProto) -> bool:
+        x = self.env.get(node.input[0])
+        y = node.output[0]
+        if x is None or y not in self.plan.tensors or len(node.input) != 1:
+            return False
+        t = self.target(y)
+        table = _lookup_table(node, x, t)
+        idx = self.b.node("Cast", [x.codes], f"{y}_index", to=TensorProto.INT32)
+        if x.dtype is np.int8:  # codes -128..127 -> rows 0..255
+            idx = self.b.node("Add", [idx, self.b.const(np.int32(128), f"{y}_index_offset")], f"{y}_row")
+        self.bind(y, t, self.b.node("Gather", [self.b.const(table, f"{y}_table"), idx], f"{y}_quantized", axis=0))
+        return True
+
     def try_data_movement(self, node: onnx.NodeProto) -> bool:
         x = self.env.get(node.input[0])
         if x is None or len(node.output) != 1:
@@ -302,7 +338,7 @@ class _Lowering:
 
     def float_node(self, node: onnx.NodeProto) -> None:
         if not self.be.allow_float:
-            supported = ", ".join(ANCHORS + ("Add", "GlobalAveragePool") + DATA_MOVEMENT)
+            supported = ", ".join(ANCHORS + ("Add", "GlobalAveragePool") + LOOKUP_OPS + DATA_MOVEMENT)
             raise QtoolError(f"integer export: node {node.name or node.op_type!r} ({node.op_type}) has no integer "
                              f"lowering with this plan (supported: {supported}; every input must be quantized)")
         self.b.copy(node, [self.f(i) if i else "" for i in node.input], list(node.output))
@@ -322,6 +358,7 @@ class _Lowering:
             op = node.op_type if node.domain in ("", "ai.onnx") else None
             ok = ((op in ANCHORS and self.try_anchor(node)) or (op == "Add" and self.try_add(node))
                   or (op == "GlobalAveragePool" and self.try_gap(node))
+                  or (op in LOOKUP_OPS and self.try_lookup(node))
                   or (op in DATA_MOVEMENT and self.try_data_movement(node)))
             if not ok:
                 self.float_node(node)

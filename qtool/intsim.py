@@ -168,6 +168,8 @@ def _run_node(node: onnx.NodeProto, ins: list) -> list[np.ndarray]:
         return [(np.right_shift if at["direction"] in (b"RIGHT", "RIGHT") else np.left_shift)(x, s.astype(x.dtype))]
     if op == "Cast":
         return [ins[0].astype(_NP[at["to"]])]
+    if op == "Gather":  # lookup tables of elementwise activations (exporters.lower)
+        return [np.take(ins[0], ins[1].astype(np.int64), axis=at.get("axis", 0))]
     if op == "Clip":
         x = ins[0]
         lo = ins[1] if len(ins) > 1 and ins[1] is not None else None

@@ -230,6 +230,41 @@ def test_integer_refuses_float_islands(w8):
     assert any("left in float" in n for n in r.report.notes)
 
 
+def _conv_act_conv(act: str, **attrs) -> onnx.ModelProto:
+    r = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node(act, ["c1"], ["a1"], name="act1", **attrs),
+             helper.make_node("Conv", ["a1", "w2"], ["y"], name="conv2", pads=[1] * 4)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [numpy_helper.from_array(r.normal(0, .3, (8, 3, 3, 3)).astype(np.float32), "w1"),
+                           numpy_helper.from_array(r.normal(0, .3, (4, 8, 3, 3)).astype(np.float32), "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("act,attrs,config", [
+    ("LeakyRelu", {"alpha": 0.1}, QuantConfig()), ("Sigmoid", {}, QuantConfig()), ("HardSwish", {}, QuantConfig()),
+    ("Tanh", {}, QuantConfig(act_signed=True, act_symmetric=True)), ("Sigmoid", {}, QuantConfig(act_bits=4))],
+    ids=["leakyrelu", "sigmoid", "hardswish", "tanh-s8", "sigmoid-a4"])
+def test_activation_lookup_tables_equal_the_qdq_model(act, attrs, config):
+    """An activation between two quantized tensors is a 256-entry code table (Cast -> Gather): integer-only,
+    and the same codes as the QDQ model's DQ -> act -> Q on onnxruntime and in qtool.intsim."""
+    from qtool.intsim import IntSim
+
+    m = _conv_act_conv(act, **attrs)
+    x = np.random.default_rng(4).normal(0, 2, (16, 3, 8, 8)).astype(np.float32)
+    fused, _ = fuse(m)
+    qdq, plan = quantize(fused, [{"x": x}], config)
+    ref = ort_run(qdq, x)
+    for fmt in ("qoperator", "integer"):
+        r = export_model(fused, plan, fmt)
+        ops = Counter(n.op_type for n in r.model.graph.node)
+        assert ops["Gather"] == 1 and act not in ops, fmt  # no float island left
+        assert np.array_equal(ort_run(r.model, x), ref), fmt
+    assert set(ops) <= INTEGER_OPS | {"Gather"}
+    assert np.array_equal(IntSim(r.model)({"x": x})[0], ref)
+
+
 def test_cli(w8, tmp_path, capsys):
     fused, qdq, plan = w8
     onnx.save(fused, tmp_path / "fused.onnx")
