@@ -216,16 +216,10 @@ def test_conv_then_non_absorbable_activation_runs_integer(act, fused_act):
     """A Q absorbs Relu / Clip only: Conv -> LeakyRelu / Sigmoid / HardSwish gets a Q / DQ on the Conv's
     output, so ORT forms QLinearConv (with the activation inside the unit both Convs ran in float)."""
     from qtool.ortgraph import integer_kernel_report, optimized_graph
+    from test_exporters import _conv_act_conv
 
+    m = _conv_act_conv(act)
     rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.normal(0, .3, (8, 3, 3, 3)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.normal(0, .3, (4, 8, 3, 3)).astype(np.float32), "w2")
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
-             helper.make_node(act, ["c1"], ["a1"], name="act1"),
-             helper.make_node("Conv", ["a1", "w2"], ["y"], name="conv2", pads=[1] * 4)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], [w1, w2])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     x = rng.normal(size=(16, 3, 8, 8)).astype(np.float32)
     q, _ = quantize(m, [{"x": x}], QuantConfig())
     q_after_conv1 = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0].startswith("c1")]
