@@ -71,17 +71,19 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(cfg.seed)
     unused = torch.randperm(len(train_data), generator=gen)[a.train_limit:].numpy()
     thr_data = train_data.subset(np.sort(unused[:a.threshold_images]))
-    rows, logits = {}, {}
     if a.shared:
-        for b, (row, qdq) in _shared_pair(model, train_data, val, pre, cfg, a.lo, a.hi).items():
-            rows[b] = row
-            logits[b] = (_ort_logits(qdq, val, pre, a.threads), _ort_logits(qdq, thr_data, pre, a.threads))
-            print(f"shared uniform {b}: {row['acc_ort'] * 100:.2f}% at {row['bitflops']:.4g} BitFLOPs", flush=True)
-    for b in (() if a.shared else (a.lo, a.hi)):
-        row, qdq = train_static(net, net.uniform(b), f"uniform{b}", train_data, val, pre, cfg, 0.0)
-        rows[b] = {k: row[k] for k in ("name", "bitflops", "acc_torch", "acc_ort")}
+        trained = _shared_pair(model, train_data, val, pre, cfg, a.lo, a.hi)
+    else:
+        trained = {}
+        for b in (a.lo, a.hi):
+            row, qdq = train_static(net, net.uniform(b), f"uniform{b}", train_data, val, pre, cfg, 0.0)
+            trained[b] = ({k: row[k] for k in ("name", "bitflops", "acc_torch", "acc_ort")}, qdq)
+    rows, logits = {}, {}
+    for b, (row, qdq) in trained.items():
+        rows[b] = row
         logits[b] = (_ort_logits(qdq, val, pre, a.threads), _ort_logits(qdq, thr_data, pre, a.threads))
-        print(f"uniform {b}: {row['acc_ort'] * 100:.2f}% at {row['bitflops']:.4g} BitFLOPs", flush=True)
+        print(f"{'shared ' if a.shared else ''}uniform {b}: {row['acc_ort'] * 100:.2f}% at {row['bitflops']:.4g} "
+              f"BitFLOPs", flush=True)
     bf_lo, bf_hi = rows[a.lo]["bitflops"], rows[a.hi]["bitflops"]
     conf_thr = _softmax(logits[a.lo][1]).max(1)
     conf_val = _softmax(logits[a.lo][0]).max(1)
