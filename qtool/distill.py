@@ -6,6 +6,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from qtool.errors import QtoolError
+
 
 def fp32_teacher(fused: onnx.ModelProto) -> torch.nn.Module:
     """The FP32 model the quantized nets start from (its graph lifted to PyTorch)."""
@@ -26,3 +28,10 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor 
     if soft is not None and weight:
         loss = (1 - weight) * loss + weight * F.cross_entropy(logits, soft, reduction=reduction)
     return loss
+
+
+def check_weight(weight, name: str) -> float:
+    """The distillation weight as a float in [0, 1], or a QtoolError naming `name`."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise QtoolError(f"{name} must be a number in [0, 1], got {weight!r}")
+    return float(weight)

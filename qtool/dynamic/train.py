@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.device import resolve_device
-from qtool.distill import distill_loss, fp32_teacher, soft_labels
+from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
 from qtool.train import EpochMeter
 from qtool.dynamic.controller import DynamicNet
@@ -134,8 +134,7 @@ class DynamicConfig:
             raise QtoolError(f"--controller-layers must be an integer >= 1, got {self.controller_layers!r}")
         if not isinstance(self.controller_conv, int) or isinstance(self.controller_conv, bool) or self.controller_conv < 0:
             raise QtoolError(f"--controller-conv must be an integer >= 0, got {self.controller_conv!r}")
-        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0.0 <= self.distill <= 1.0:
-            raise QtoolError(f"--distill must be a number in [0, 1], got {self.distill!r}")
+        check_weight(self.distill, "--distill")
         for k in ("lr", "controller_lr"):
             if not getattr(self, k) > 0:
                 raise QtoolError(f"{k} must be > 0")

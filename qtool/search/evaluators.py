@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qtool.device import resolve_device
-from qtool.distill import distill_loss, fp32_teacher, soft_labels
+from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
 from qtool.data import augment_cifar, load_dataset, model_image_input, check_input_matches, SPLIT_SEED
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
@@ -245,9 +245,7 @@ class QATEvaluator(Evaluator):
         super().__init__(**kw)
         if steps < 0 or batch_size < 1 or not lr > 0:
             raise QtoolError("qat evaluator: steps must be >= 0, batch size >= 1, lr > 0")
-        if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0.0 <= distill <= 1.0:
-            raise QtoolError(f"qat evaluator: distill must be a number in [0, 1], got {distill!r}")
-        self.distill = float(distill)
+        self.distill = check_weight(distill, "qat evaluator: distill")
         if init_from is not None and not Path(init_from).is_file():
             raise QtoolError(f"qat evaluator: supernet checkpoint not found: {init_from}")
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
