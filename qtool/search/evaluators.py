@@ -252,6 +252,7 @@ class QATEvaluator(Evaluator):
         self.init_from = None if init_from is None else str(init_from)
         self.finetune = finetune or default_finetune
         self._base: QuantNet | None = None
+        self._teacher: nn.Module | None = None  # lifted once per process, on the first distilled fine-tune
 
     def settings(self) -> dict:
         out = {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
@@ -274,7 +275,9 @@ class QATEvaluator(Evaluator):
         net = copy.deepcopy(self._base).to(resolve_device(self.device))
         if self.init_from is None:  # FP32 weights, identity norms: quantizer steps start from data
             net.init_quantizers(self._recal()[0], [c])
-        kd = {"teacher": fp32_teacher(self.fused), "teacher_weight": self.distill} if self.distill else {}
+        if self.distill and self._teacher is None:
+            self._teacher = fp32_teacher(self.fused)
+        kd = {"teacher": self._teacher, "teacher_weight": self.distill} if self.distill else {}
         self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed),
                       **kd)
         net.set_candidate(c)
