@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     import torch
 
     from qtool.data import load_dataset
-    from qtool.dynamic import DynamicConfig, dynamic
+    from qtool.dynbits import DynamicConfig, dynamic
     from qtool.io import load_model
 
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ each f is set on 5,000 training images outside the pool the models trained on, a
 the validation images.
 
 Compared at equal average BitFLOPs with static QAT of the configuration closest to that cost
-(`qtool.dynamic.train.matched_config`, widening layers in graph order, or in reverse order with
+(`qtool.dynbits.train.matched_config`, widening layers in graph order, or in reverse order with
 `--static-orders graph,reverse`, the best of them counting), trained with the same budget as
 the lo / hi models (`train_static`: same initial network, images, learning rates and seed). All
 accuracies are onnxruntime's on the 5,000 validation images. Writes results/dynamic_cascade.json.
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from qtool.dynamic import DynamicConfig
-    from qtool.dynamic.train import _ort_logits, build_net, matched_config, train_static
+    from qtool.dynbits import DynamicConfig
+    from qtool.dynbits.train import _ort_logits, build_net, matched_config, train_static
 
     model, pre, train_data, val = resnet20_cifar(spec, a.threads)
     # every bit-width from lo to hi: the static reference may then use the ones between (uniform 4 is the
@@ -128,8 +128,8 @@ def _shared_pair(model, train_data, val, pre, cfg, lo: int, hi: int) -> dict:
     """Uniform lo and hi bits of ONE network trained on both: a global-granularity DynamicNet whose
     controller stays at its zero logits (lr ~0, no penalty), so the expected-loss step weighs the two
     bit-widths 1/2 each at every step. Returns {bits: (row, QDQ model)}."""
-    from qtool.dynamic.train import _ort_logits, build_net, evaluate, train
-    from qtool.quantize import apply_plan
+    from qtool.dynbits.train import _ort_logits, build_net, evaluate, train
+    from exporters.qdq import apply_plan
 
     scfg = replace(cfg, bits=(lo, hi), granularity="global", estimator="expected", alpha=0.0, controller_lr=1e-30)
     net, _, target = build_net(model, train_data, scfg, pre)

@@ -4,7 +4,7 @@
 
 For runs trained elsewhere (`benchmarks.gpu_batch` trains on a borrowed GPU with --no-latency): reads
 results/NAME_run/ (controller.onnx, configs/, static.onnx), measures the routed dynamic model, its
-controller and the static QDQ model interleaved on the same validation images (`qtool.dynamic.runtime.latency`)
+controller and the static QDQ model interleaved on the same validation images (`qtool.dynbits.runtime.latency`)
 and writes the numbers into results/NAME.json under "latency", with this machine's description.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     import onnx
 
     from qtool.data import load_dataset
-    from qtool.dynamic.runtime import DynamicSession, latency
+    from qtool.dynbits.runtime import DynamicSession, latency
     from qtool.io import atomic_write_text
     from qtool.preprocess import resolve_preprocess
 

@@ -5,7 +5,7 @@
 For each results/NAME_run/ deployment (controller.onnx, configs/, manifest.json: written by
 benchmarks.dynamic, also by runs cut short after deployment): every validation image (the whole val
 split, 5,000 images) through the controller and through every configuration's QDQ model on onnxruntime
-(CPU EP), then `qtool.dynamic.routing.routing_analysis`: the deployed routing's accuracy vs the same
+(CPU EP), then `qtool.dynbits.routing.routing_analysis`: the deployed routing's accuracy vs the same
 choices shuffled across images, the oracle router at the same average BitFLOPs, and the best single
 configuration. With results/NAME.json (a finished run) its static baseline is put beside them.
 Writes results/dynamic_routing.json (one entry per NAME; entries of other names are kept).
@@ -22,8 +22,8 @@ from benchmarks.common import RESULTS, cifar_spec, write_result
 
 
 def analyse(name: str, val, threads: int) -> dict:
-    from qtool.dynamic.routing import correctness, routing_analysis
-    from qtool.dynamic.runtime import DynamicSession
+    from qtool.dynbits.routing import correctness, routing_analysis
+    from qtool.dynbits.runtime import DynamicSession
     from qtool.io import load_model
     from qtool.preprocess import resolve_preprocess
 

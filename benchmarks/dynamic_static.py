@@ -4,7 +4,7 @@
 
 `benchmarks.gpu_batch` stops every job at its deadline; a dynamic run stopped after writing
 results/NAME_run/ (controller.onnx, configs/, manifest.json) but before its static baseline has a
-complete deployment and no comparison. This finishes it the way `qtool.dynamic.dynamic` would have:
+complete deployment and no comparison. This finishes it the way `qtool.dynbits.dynamic` would have:
 the deployment routes every validation image on onnxruntime (its accuracy and average BitFLOPs), the
 matched static configuration is derived from those choices (`matched_config`), and static QAT of that
 configuration is trained from the same initial network (`build_net`: same calibration, seed, budget and
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     if spec is None or not (run / "manifest.json").exists() or not src.exists():
         print(f"needs {run}/manifest.json, {src} and the shared CIFAR-10 data", file=sys.stderr)
         return 2
-    from qtool.dynamic import DynamicConfig
-    from qtool.dynamic.runtime import DynamicSession
-    from qtool.dynamic.train import build_net, matched_config, teacher_for, train_static
+    from qtool.dynbits import DynamicConfig
+    from qtool.dynbits.runtime import DynamicSession
+    from qtool.dynbits.train import build_net, matched_config, teacher_for, train_static
 
     model, pre, train_data, val = resnet20_cifar(spec, a.threads)
     cfg = DynamicConfig(bits=tuple(int(b) for b in a.bits.split(",")), target=a.target, budget=a.budget,

@@ -1,7 +1,7 @@
 """Export benchmark (issue: exporters): one PTQ plan of ResNet-20 -> QDQ, QOperator, integer-only.
 
 - top-1 on onnxruntime (CPU EP) of each format vs the plan's QDQ model (val split of the shared
-  CIFAR-10, qtool.evaluate.evaluate_model), and top-1 disagreements of each format with the QDQ model;
+  CIFAR-10, qtool.evaluation.evaluate_model), and top-1 disagreements of each format with the QDQ model;
 - qtool.intsim vs onnxruntime on the integer model: top-1 disagreements and max |logit| difference on
   1,000 val images (--quick: 200);
 - file size of a W4A8 plan's QDQ model with packed INT4 weights vs int8 containers, and whether
@@ -22,11 +22,12 @@ import numpy as np
 import onnx
 
 from benchmarks.common import MODELS, cifar_spec, write_result
-from qtool.evaluate import evaluate_model, predict
-from qtool.export import export_model
+from qtool.evaluation import evaluate_model, predict
+from qtool.exporting import export_model
 from qtool.intsim import IntSim
 from qtool.io import load_model
-from qtool.quantize import QuantConfig, fuse, quantize
+from qtool.ptq import QuantConfig, quantize
+from qtool.fusion import fuse
 
 
 def _random_resnet20() -> onnx.ModelProto:
@@ -34,7 +35,7 @@ def _random_resnet20() -> onnx.ModelProto:
 
     from qtool.models import build_model
     from qtool.preprocess import Preprocess
-    from qtool.train import export_onnx
+    from qtool.training import export_onnx
 
     torch.manual_seed(0)
     m = build_model("resnet20").eval()
@@ -71,7 +72,7 @@ def _qat_exports(fp32, spec: str, quick: bool) -> dict:
     """Plans from the QAT issue (short LSQ QAT, W8A8 and W4A4 with 8-bit first/last layer) exported in
     every format; each format's ORT accuracy vs the fake-quant accuracy the QAT run reported."""
     from qtool.data import load_dataset
-    from qtool.qat import QATConfig, qat
+    from qtool.qat_train import QATConfig, qat
 
     train, val = load_dataset(spec, "train"), load_dataset(spec, "val")
     if quick:

@@ -33,8 +33,8 @@ def main(argv=None) -> int:
         print(f"needs {src} and the shared CIFAR-10 data", file=sys.stderr)
         return 2
     from qtool.io import load_model
-    from qtool.search import LocalExecutor, SearchData, SearchProblem
-    from qtool.search.evaluators import QATEvaluator
+    from qtool.bitsearch import LocalExecutor, SearchData, SearchProblem
+    from qtool.bitsearch.evaluators import QATEvaluator
 
     problem = SearchProblem.from_model(load_model(src), spec, objectives="acc,bitops", bits=(2, 4, 8),
                                        train_limit=1000, val_limit=1000)

@@ -28,16 +28,16 @@ import onnx
 
 from benchmarks.common import MODELS, cifar_spec, write_result
 from qtool.data import calib_inputs, load_dataset
-from qtool.evaluate import evaluate_model
+from qtool.evaluation import evaluate_model
 from qtool.io import load_model, save_model
-from qtool.qat import QATConfig, qat
-from qtool.quantize import QuantConfig, quantize
+from qtool.qat_train import QATConfig, qat
+from qtool.ptq import QuantConfig, quantize
 
 
 def _lenet_digits() -> onnx.ModelProto:
     import tempfile
 
-    from qtool.train import TrainConfig, train
+    from qtool.training import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as d:
         train(TrainConfig(model="lenet5", data="digits", epochs=5, batch_size=64, lr=0.05), f"{d}/lenet.onnx",

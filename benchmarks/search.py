@@ -24,7 +24,7 @@ issue's budget being 60. Random search costs as much as the NSGA-III evaluations
 
 What it measures (QuantEA's setting: 18 searched layers x {W, A} x {2, 4, 8}, first and last at 8):
 1. supernet search on (acc, BitOps): wall time (supernet training + search), the front. The supernet
-   trains on one thread with the sandwich rule (`qtool.search.evaluators`); `--workers` processes
+   trains on one thread with the sandwich rule (`qtool.bitsearch.evaluators`); `--workers` processes
    score the candidates;
 2. random search with the same number of evaluations, same supernet: hypervolume of both fronts
    (pymoo.indicators.hv; error and BitOps / BitOps(W8A8), reference point (1, 1.1));
@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import MODELS, RESULTS, cifar_spec, write_result
-from qtool.search.evaluators import QATEvaluator
+from qtool.bitsearch.evaluators import QATEvaluator
 
 
 class PerImageQAT(QATEvaluator):
@@ -62,7 +62,7 @@ class PerImageQAT(QATEvaluator):
 
 
 def _front(F: np.ndarray) -> np.ndarray:
-    from qtool.search import non_dominated
+    from qtool.bitsearch import non_dominated
 
     return F[non_dominated(F)]
 
@@ -75,7 +75,7 @@ def hypervolume(F: np.ndarray, ref=(1.0, 1.1)) -> float:
 
 
 def _tiny_lenet(workdir: Path) -> Path:
-    from qtool.train import TrainConfig, train
+    from qtool.training import TrainConfig, train
 
     out = workdir / "lenet5_digits.onnx"
     if not out.exists():
@@ -94,8 +94,8 @@ def pick_members(front: list[dict], baseline: dict, k: int) -> list[dict]:
 def _search_stage(a, problem, wd: Path, pop: int, gens: int, epochs: float) -> dict:
     """Supernet + NSGA-III (timed: the issue's 60-minute budget), then random search with as many
     evaluations on the same supernet, and both fronts' hypervolumes."""
-    from qtool.search import LocalExecutor, NSGA3Config, SupernetEvaluator, search
-    from qtool.search.objectives import metric
+    from qtool.bitsearch import LocalExecutor, NSGA3Config, SupernetEvaluator, search
+    from qtool.bitsearch.objectives import metric
 
     sp = problem.space
     t0 = time.perf_counter()
@@ -156,8 +156,8 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
     """The same QAT fine-tune (from the FP32 weights or the supernet's) for uniform W8A8 / W4A4, the front
     members picked against each and the `--also` references; does a member strictly dominate its baseline
     on (acc, BitOps)?"""
-    from qtool.search import Candidate, LocalExecutor, SearchData
-    from qtool.search.objectives import metric
+    from qtool.bitsearch import Candidate, LocalExecutor, SearchData
+    from qtool.bitsearch.objectives import metric
 
     t2 = time.perf_counter()
     front = [{"key": m["key"], "acc": m["acc"], "objectives": {"bitops": m["bitops"]}} for m in stage["search"]["front"]]
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     import torch
 
     from qtool.io import atomic_write_text, load_model
-    from qtool.search import SearchProblem
+    from qtool.bitsearch import SearchProblem
 
     torch.set_num_threads(1)
     q = a.quick

@@ -3,7 +3,7 @@
 Per model: the FP32 ONNX (BN kept, as a user would bring it), onnxruntime's own `quantize_static`
 (QDQ, per-channel, U8S8, after its recommended quant_pre_process) and qtool's PTQ (W8A8, same
 calibration images), plus qtool QAT models found in benchmarks/models/. Latency on the ORT CPU EP
-with 2 intra-op threads, all variants of a model measured interleaved (qtool.bench), medians and
+with 2 intra-op threads, all variants of a model measured interleaved (qtool.latency), medians and
 ratios. Accuracy rows for models trained on the shared CIFAR-10 split (val = the fixed 5k slice);
 other models get random weights with realistic BN statistics and are timed only.
 
@@ -22,12 +22,12 @@ import onnx
 
 from benchmarks.baselines import ort_quantize_static
 from benchmarks.common import MODELS, RESULTS, cifar_spec, write_result
-from qtool.bench import bench
+from qtool.latency import bench
 from qtool.data import calib_inputs, load_dataset
-from qtool.evaluate import evaluate_model
+from qtool.evaluation import evaluate_model
 from qtool.io import atomic_write_text, load_model
 from qtool.ortgraph import integer_kernel_report
-from qtool.quantize import QuantConfig, quantize
+from qtool.ptq import QuantConfig, quantize
 
 # name, zoo model, input size, batches (quick), batches (full)
 MODEL_SET = [
@@ -43,7 +43,7 @@ def random_weights_model(zoo_name: str, size: int) -> onnx.ModelProto:
 
     from qtool.models import build_model
     from qtool.preprocess import Preprocess
-    from qtool.train import export_onnx
+    from qtool.training import export_onnx
 
     torch.manual_seed(0)
     m = build_model(zoo_name).eval()

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from benchmarks.common import MODELS, cifar_spec, write_result
-from qtool.train import TrainConfig, train
+from qtool.training import TrainConfig, train
 
 
 def main(argv=None) -> int:

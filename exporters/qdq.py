@@ -1,4 +1,4 @@
-"""QDQ format: qtool.quantize.apply_plan (QuantizeLinear/DequantizeLinear pairs around float ops),
+"""QDQ format: exporters.qdq.apply_plan (QuantizeLinear/DequantizeLinear pairs around float ops),
 optionally with packed 4-bit weights.
 
 Sub-8-bit weights. A b-bit weight (2..7) is stored as int8 codes in the narrowed b-bit range (int4:
@@ -18,6 +18,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import passes
+from qtool.errors import QtoolError
+from qtool.io import check_model
 from qtool.plan import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -95,3 +98,20 @@ def pack_int4_weights(qdq: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.Model
             imp.version = INT4_OPSET
     out.ir_version = max(out.ir_version, INT4_IR_VERSION)
     return out, packed
+
+
+def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """The QDQ model of a calibrated plan: one shared Q/DQ pair per planned tensor of its fused model
+    (passes.InsertQDQPass). Every stage that turns a plan into a QDQ graph comes through here."""
+    plan.validate(model)
+    if not plan.calibrated:
+        missing = [k for k, t in plan.tensors.items() if not t.calibrated][:5]
+        raise QtoolError(f"plan has tensors without scale/zero_point (calibrate first): {missing}")
+    m = passes.to_ir(model)
+    try:
+        passes.InsertQDQPass(plan)(m)
+    except Exception as e:
+        raise RuntimeError(f"QDQ insertion failed: {e}") from e
+    out = passes.to_proto(m)
+    check_model(out, "quantized")
+    return out

@@ -1,6 +1,6 @@
 """Pure-ONNX graph passes (onnx_ir based; never imports torch).
 
-`fuse_pipeline()` is the pass list `qtool.quantize.fuse` repeats to a fixpoint.
+`fuse_pipeline()` is the pass list `qtool.fusion.fuse` repeats to a fixpoint.
 """
 from __future__ import annotations
 

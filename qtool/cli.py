@@ -76,7 +76,7 @@ def cli(verbose: bool):
 @click.option("-o", "--output", required=True, help="ONNX file to write (a .pt checkpoint is written beside it)")
 def train(model_name, data, epochs, batch_size, lr, seed, output):
     """Train a zoo model in FP32 and export it to ONNX (BatchNormalization kept, preprocessing in metadata)."""
-    from qtool.train import TrainConfig, train as run
+    from qtool.training import TrainConfig, train as run
 
     r = run(TrainConfig(model=model_name, data=data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed), output)
     echo(f"val accuracy: PyTorch {r.val_acc_torch:.4f}, ONNX on onnxruntime {r.val_acc_onnx:.4f} "
@@ -90,7 +90,7 @@ def train(model_name, data, epochs, batch_size, lr, seed, output):
 def fuse(model, output, verbose):
     """Fold BatchNormalization and constant Mul/Add into Conv/Gemm/MatMul, simplify (onnxsim), and mark
     Conv/Gemm/MatMul + activation groups as single quantization units."""
-    from qtool.quantize import fuse_file
+    from qtool.fusion import fuse_file
 
     for line in fuse_file(model, output, verbose=verbose).lines():
         echo(line)
@@ -112,7 +112,7 @@ def fuse(model, output, verbose):
 def quantize(model, data, calib, bits, per_channel, symmetric_activations, fmt, calib_size, mean, std, output, plan_out):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
     w, a = parse_bits(bits)
-    from qtool.quantize import quantize_cli
+    from qtool.ptq import quantize_cli
 
     summary = quantize_cli(model, output, data=data, calib=calib, weight_bits=w, act_bits=a, per_channel=per_channel,
                            act_signed=symmetric_activations, fmt=fmt, calib_size=calib_size,
@@ -137,9 +137,9 @@ def quantize(model, data, calib, bits, per_channel, symmetric_activations, fmt, 
 @click.option("--plan-out", default=None, help="also write the learned QuantPlan JSON here")
 def qat(model, data, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit, output, plan_out):
     """Quantization-aware training on a PyTorch module lifted from the ONNX graph; writes a QDQ model."""
-    from qtool.qat import qat_file
+    from qtool.qat_train import qat_file
 
-    result = qat_file(model, output, data=data, bits=bits, plan=plan, config=config, algo=algo, epochs=epochs, lr=lr,
+    result = qat_file(model, output, data=data, bits=parse_bits(bits) if bits is not None else None, plan=plan, config=config, algo=algo, epochs=epochs, lr=lr,
                       batch_size=batch_size, train_limit=train_limit, optimizer=optimizer, plan_out=plan_out)
     for line in result.lines():
         echo(line)
@@ -181,7 +181,7 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
            val_limit, supernet_epochs, qat_steps, qat_distill, batch_size, lr, fixed_bits, max_size, max_latency,
            random_init, device, sandwich_low):
     """NSGA-III search over per-layer weight/activation bit-widths."""
-    from qtool.search import search_cli
+    from qtool.bitsearch import search_cli
 
     search_cli(model, data=data, objectives=objectives, bits=bits, pop=pop, gens=gens, evaluator=evaluator,
                executor=executor, workers=workers, workdir=workdir, resume=resume, seed=seed, train_limit=train_limit,
@@ -228,7 +228,7 @@ def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_
             budget, max_configs, uniform_baselines, controller_conv, controller_layers, granularity, estimator, distill,
             device, seed, output):
     """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
-    from qtool.dynamic import dynamic_cli
+    from qtool.dynbits import dynamic_cli
 
     for line in dynamic_cli(model, output, data=data, bits=bits, target=target, epochs=epochs, penalty=penalty,
                             alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
@@ -253,7 +253,7 @@ def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_
 @click.option("-o", "--output", required=True)
 def export(model, plan, from_search, pick, int8, fmt, int4, requant, output):
     """Export a fused graph + QuantPlan to a deployable ONNX file (QDQ, QOperator or integer-only)."""
-    from qtool.export import export_cli
+    from qtool.exporting import export_cli
 
     for line in export_cli(model, output, plan=plan, from_search=from_search, pick=pick, int8=int8, fmt=fmt,
                            int4=int4, requant=requant).lines():
@@ -270,7 +270,7 @@ def export(model, plan, from_search, pick, int8, fmt, int4, requant, output):
 @click.option("--json", "json_out", default=None, help="write the report as JSON here")
 def bench(models, ep, batch, threads, warmup, runs, json_out):
     """Latency (median/p90/p99), throughput and ratio vs the first model on onnxruntime EPs."""
-    from qtool.bench import bench as run
+    from qtool.latency import bench as run
     from qtool.io import check_output_path
 
     if json_out:
@@ -295,7 +295,7 @@ def bench(models, ep, batch, threads, warmup, runs, json_out):
 @click.option("--std", default=None, help="per-channel std")
 def eval_cmd(model, data, split, batch_size, mean, std):
     """Top-1 accuracy on onnxruntime."""
-    from qtool.evaluate import evaluate_model
+    from qtool.evaluation import evaluate_model
     from qtool.io import load_model
 
     r = evaluate_model(load_model(model), data, split, batch_size, parse_floats(mean, "--mean"), parse_floats(std, "--std"))

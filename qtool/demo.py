@@ -19,16 +19,17 @@ DATA = "digits"
 
 def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, qat_epochs: int = 2, bench_runs: int = 200,
              quiet: bool = False) -> dict:
-    from qtool.bench import bench
+    from qtool.latency import bench
     from qtool.data import batches, load_dataset
-    from qtool.evaluate import evaluate_model
-    from qtool.export import export_file
+    from qtool.evaluation import evaluate_model
+    from qtool.exporting import export_file
     from qtool.intsim import IntSim
     from qtool.io import load_model
     from qtool.preprocess import resolve_preprocess
-    from qtool.qat import qat_file
-    from qtool.quantize import fuse_file, quantize_cli
-    from qtool.train import TrainConfig, train
+    from qtool.qat_train import qat_file
+    from qtool.fusion import fuse_file
+    from qtool.ptq import quantize_cli
+    from qtool.training import TrainConfig, train
 
     console = Console(quiet=quiet)
     console.width = max(console.width, 120)
@@ -49,7 +50,7 @@ def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, qat_epochs: int 
     for line in quantize_cli(f["fused"], f["int8"], data=DATA, calib="mse", calib_size=256, plan_out=plan).lines():
         console.print("  " + line)
     console.rule("4/6 qat (W4A4 LSQ, first/last layer 8-bit)")
-    for line in qat_file(f["fused"], f["w4a4_qat"], data=DATA, bits="w4a4", algo="lsq", epochs=qat_epochs,
+    for line in qat_file(f["fused"], f["w4a4_qat"], data=DATA, bits=(4, 4), algo="lsq", epochs=qat_epochs,
                          batch_size=64, lr=0.01, quiet=quiet).lines():
         console.print("  " + line)
     console.rule("5/6 export the PTQ plan as QOperator and integer-only ONNX")
@@ -59,7 +60,7 @@ def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, qat_epochs: int 
     ds = load_dataset(DATA, "val")
     x, _ = next(batches(ds, 64, resolve_preprocess(integer)))
     sim_out = IntSim(integer)({integer.graph.input[0].name: x})[0]
-    from qtool.evaluate import predict
+    from qtool.evaluation import predict
 
     agree = float(np.mean(sim_out.argmax(1) == predict(integer, x).argmax(1)))
     console.print(f"  integer simulator vs onnxruntime on {len(x)} images: top-1 agreement {agree * 100:.1f}%")

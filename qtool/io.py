@@ -183,3 +183,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
 def model_bytes(model: onnx.ModelProto) -> bytes:
     """Serialized model for onnxruntime.InferenceSession(bytes) (no temp files in the cwd)."""
     return model.SerializeToString()
+
+
+def check_model(model: onnx.ModelProto, what: str) -> None:
+    """onnx.checker (full) on a model qtool produced; a failure is qtool's bug (exit 1), not bad input."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise RuntimeError(f"{what} model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e

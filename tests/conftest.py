@@ -46,7 +46,7 @@ def digits():
 def lenet(digits):
     """LeNet-5 trained briefly on digits, exported with BN kept (as `qtool train` does)."""
     from qtool.models import build_model
-    from qtool.train import export_onnx
+    from qtool.training import export_onnx
 
     tr, _ = digits
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from rich.console import Console
 from rich.table import Table
 
-from qtool.bench import BenchReport, bench
+from qtool.latency import BenchReport, bench
 from qtool.errors import QtoolError
 
 FAST = dict(runs=5, warmup=1, min_time_s=0.0, progress=False)

@@ -75,7 +75,7 @@ def test_collect_stats_bad_input():
 @pytest.mark.parametrize("value", [1e-45, -3e-39, 0.0])
 def test_subnormal_constant_tensor_gets_a_finite_positive_scale(value):
     """Found by hypothesis: a subnormal-range histogram made np.histogram fail."""
-    from qtool.quantize import QuantConfig, activation_quant
+    from qtool.ptq import QuantConfig, activation_quant
 
     for method in ("minmax", "percentile", "entropy", "mse"):
         s = TensorStats(64)

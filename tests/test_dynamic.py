@@ -13,13 +13,13 @@ from onnx import TensorProto, helper
 
 from qtool.cli import main
 from qtool.errors import QtoolError
-from qtool.dynamic import DynamicConfig, DynamicNet, DynamicSession, write_deployment
-from qtool.dynamic.controller import max_onehot
-from qtool.dynamic.routing import correctness
-from qtool.dynamic.train import _calibrate, _expected_step, evaluate, train, uniform_bitflops
+from qtool.dynbits import DynamicConfig, DynamicNet, DynamicSession, write_deployment
+from qtool.dynbits.controller import max_onehot
+from qtool.dynbits.routing import correctness
+from qtool.dynbits.train import _calibrate, _expected_step, evaluate, train, uniform_bitflops
 from qtool.lift import lift
-from qtool.quantize import fuse
-from qtool.search.space import SearchSpace
+from qtool.fusion import fuse
+from qtool.bitsearch.space import SearchSpace
 
 TRAIN_LIMIT = 256
 BITS = (3, 4, 5)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from qtool.data import load_dataset
-from qtool.dynamic import DynamicConfig, DynamicNet
-from qtool.dynamic.train import _calibrate, _ort_logits, collapse_note, evaluate, train
+from qtool.dynbits import DynamicConfig, DynamicNet
+from qtool.dynbits.train import _calibrate, _ort_logits, collapse_note, evaluate, train
 from qtool.io import load_model
 from qtool.preprocess import resolve_preprocess
-from qtool.quantize import fuse, untie_biases
-from qtool.search.space import SearchSpace
+from qtool.fusion import fuse, untie_biases
+from qtool.bitsearch.space import SearchSpace
 
 RESNET20 = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "resnet20_cifar10.onnx"
 BITS = (3, 4, 5)

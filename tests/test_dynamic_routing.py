@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qtool.dynamic.routing import oracle_accuracy, routing_analysis
+from qtool.dynbits.routing import oracle_accuracy, routing_analysis
 from qtool.errors import QtoolError
 
 T, F = True, False

@@ -15,9 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qtool.cli import main as cli_main
 from qtool.errors import QtoolError
-from qtool.export import export_file, export_model
+from qtool.exporting import export_file, export_model
 from qtool.plan import QuantPlan, TensorQuant
-from qtool.quantize import QuantConfig, fuse, quantize
+from qtool.ptq import QuantConfig, quantize
+from qtool.fusion import fuse
 
 INTEGER_OPS = {"QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "Add", "Mul", "Cast", "BitShift",
                "Clip", "ReduceSum", "MaxPool", "Slice", "Pad", "Flatten"}
@@ -168,7 +169,7 @@ def test_pot_requant():
                                     tuple(2.0 ** np.round(np.log2(s)) for s in t.scale) if isinstance(t.scale, tuple)
                                     else float(2.0 ** np.round(np.log2(t.scale))), t.zero_point, t.narrow)
                      for k, t in plan.tensors.items()})
-    from qtool.quantize import apply_plan
+    from exporters.qdq import apply_plan
     ref = ort_run(apply_plan(fused, pot), X)
     r = export_model(fused, pot, "integer", requant="pot")
     # exact ties are frequent with power-of-two ratios: integer rounds them half up, QDQ half to even

@@ -10,10 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.errors import QtoolError
-from qtool.fakequant import (
-    BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant,
-    QParams, fake_quant, int_range,
-)
+from qtool.fakequant import (BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant, QParams, fake_quant, int_range)
 
 # Native ORT integer types by (bits, signed) -> (TensorProto type, opset that introduced it).
 NATIVE = {

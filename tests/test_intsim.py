@@ -11,9 +11,9 @@ from exporters.common import Builder, fixed_point, fixed_point_common
 from exporters.integer import IntegerBackend
 from exporters.lower import QTensor
 from qtool.errors import QtoolError
-from qtool.export import export_model
+from qtool.exporting import export_model
 from qtool.intsim import IntSim
-from qtool.quantize import QuantConfig
+from qtool.ptq import QuantConfig
 from test_exporters import make, ort_run
 
 

@@ -450,7 +450,7 @@ def test_lifted_module_pickles_and_deep_copies():
 
     from qtool.models import build_model
     from qtool.preprocess import Preprocess
-    from qtool.train import export_onnx
+    from qtool.training import export_onnx
 
     m = lift(export_onnx(build_model("lenet5", in_channels=1).eval(), (1, 32, 32), Preprocess())).eval()
     x = torch.randn(2, 1, 32, 32)

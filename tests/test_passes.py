@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import passes
 from passes.core import PassError, QPass, run_to_fixpoint, to_ir, to_proto
-from qtool.quantize import fuse
+from qtool.fusion import fuse
 
 RNG = np.random.default_rng(0)
 

@@ -5,7 +5,7 @@
 - per-channel: each channel is quantized with its own scale, independently of the others;
 - zero-range tensors (all-zero weights, constant activations) never divide by zero: scale > 0, finite.
 
-For qtool.quantize.weight_quant / activation_quant (the PTQ plan) and qtool.fakequant.fake_quant
+For qtool.ptq.weight_quant / activation_quant (the PTQ plan) and qtool.fakequant.fake_quant
 (QAT; the same numbers ORT computes).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 
 from qtool.calibrate import METHODS, TensorStats
 from qtool.fakequant import MinMaxFakeQuant, fake_quant, int_range
-from qtool.quantize import QuantConfig, activation_quant, weight_quant
+from qtool.ptq import QuantConfig, activation_quant, weight_quant
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 F32_MILLI = float(np.float32(1e-3))  # hypothesis wants width-32 bounds exactly representable

@@ -15,9 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from qtool.cli import main
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
-from qtool.qat import QATConfig, qat, resolve_bits
+from qtool.qat_train import QATConfig, qat, resolve_bits
 from qtool.qat_config import QuantRule, load_config_list, parse_config_list
-from qtool.quantize import fuse
+from qtool.fusion import fuse
 
 TRAIN_LIMIT = 256  # a few hundred images keep each QAT run around a second on a busy CPU
 

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
-from qtool.quantize import QuantConfig, fuse, fuse_file, quantize, quantize_file
+from qtool.ptq import QuantConfig, quantize, quantize_file
+from qtool.fusion import fuse, fuse_file
 from test_passes import _torch_cnn_onnx, ops, run
 
 RNG = np.random.default_rng(2)
@@ -196,7 +197,7 @@ def test_shared_bias_is_untied_so_every_conv_runs_integer():
     from qtool.models import build_model
     from qtool.ortgraph import integer_kernel_report
     from qtool.preprocess import Preprocess
-    from qtool.train import export_onnx
+    from qtool.training import export_onnx
 
     torch.manual_seed(0)
     fp32 = export_onnx(build_model("resnet20").eval(), (3, 32, 32), Preprocess())  # fresh BN: zero biases
@@ -243,8 +244,8 @@ def test_quantize_cli_qoperator_format(tmp_path):
 
     from qtool.models import build_model
     from qtool.preprocess import Preprocess
-    from qtool.quantize import quantize_cli
-    from qtool.train import export_onnx
+    from qtool.ptq import quantize_cli
+    from qtool.training import export_onnx
 
     torch.manual_seed(0)
     src = tmp_path / "lenet.onnx"

@@ -26,7 +26,7 @@ from onnx import numpy_helper as nh
 from qtool.cli import main
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
-from qtool.quantize import QuantConfig, quantize_file
+from qtool.ptq import QuantConfig, quantize_file
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -470,7 +470,7 @@ def test_fuse_without_conv_or_gemm_is_a_clean_no_op(tmp_path, capsys):
 
 def test_nothing_to_quantize_is_consistent_in_the_api():
     with pytest.raises(QtoolError, match="nothing to quantize"):
-        from qtool.quantize import quantize
+        from qtool.ptq import quantize
         quantize(relu_only(), [{"x": np.zeros((1, 1, 32, 32), np.float32)}])
 
 
@@ -596,7 +596,7 @@ def test_plan_load_missing_file_and_good_plan(tmp_path):
 PACKAGE_DIRS = ("qtool", "passes", "exporters", "benchmarks")
 # Reviewed uses that never see user data (file, call): reason. A line can also carry `# safe-load: why`.
 REVIEWED = {
-    ("qtool/search/executors.py", "pickle.loads"): "process-pool IPC: bytes the parent pickled a moment ago",
+    ("qtool/bitsearch/executors.py", "pickle.loads"): "process-pool IPC: bytes the parent pickled a moment ago",
 }
 
 
@@ -665,13 +665,13 @@ def test_audit_catches_unsafe_calls():
 
 def test_package_loads_only_safely():
     files = [p for d in PACKAGE_DIRS if (REPO / d).is_dir() for p in sorted((REPO / d).rglob("*.py"))]
-    assert any(p.name == "data.py" for p in files) and any(p.name == "train.py" for p in files)
+    assert any(p.name == "data.py" for p in files) and any(p.name == "training.py" for p in files)
     bad = [b for p in files for b in unsafe_loads(p.read_text(), str(p.relative_to(REPO)))]
     assert not bad, "unsafe deserialization:\n" + "\n".join(bad)
     # The only pickle reader is the restricted CIFAR unpickler, and the checkpoint loader is weights-only.
     data_src = (REPO / "qtool" / "data.py").read_text()
     assert "class _CifarUnpickler(pickle.Unpickler)" in data_src and "def find_class" in data_src
-    assert "weights_only=True" in (REPO / "qtool" / "train.py").read_text()
+    assert "weights_only=True" in (REPO / "qtool" / "training.py").read_text()
 
 
 def test_cifar_unpickler_allows_only_array_globals():
@@ -689,10 +689,10 @@ def test_cifar_unpickler_allows_only_array_globals():
 
 
 def test_checkpoint_loader_refuses_code(tmp_path):
-    """qtool.train.load_checkpoint is weights-only: a pickled callable is rejected, nothing runs."""
+    """qtool.training.load_checkpoint is weights-only: a pickled callable is rejected, nothing runs."""
     import torch
 
-    from qtool.train import load_checkpoint
+    from qtool.training import load_checkpoint
     p = tmp_path / "evil.pt"
     torch.save({"model": "lenet5", "state_dict": {}, "payload": _Evil(str(tmp_path / "PWNED"))}, p)
     with pytest.raises(QtoolError, match="cannot load checkpoint"):

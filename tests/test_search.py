@@ -14,10 +14,10 @@ from onnx import numpy_helper
 
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
-from qtool.quantize import apply_plan, fuse
-from qtool.search import (Candidate, NSGA3Config, QATEvaluator, SearchProblem, SearchSpace,
-                          SupernetEvaluator, make_objectives, non_dominated, rank_correlation, search)
-from qtool.search.objectives import Metrics, metric
+from exporters.qdq import apply_plan
+from qtool.fusion import fuse
+from qtool.bitsearch import (Candidate, NSGA3Config, QATEvaluator, SearchProblem, SearchSpace, SupernetEvaluator, make_objectives, non_dominated, rank_correlation, search)
+from qtool.bitsearch.objectives import Metrics, metric
 
 torch.set_num_threads(1)  # 2 shared cores: a second torch thread only spins
 
@@ -108,7 +108,7 @@ def test_bad_space_and_objectives():
 # -- LeNet-5 on digits ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lenet(tmp_path_factory):
-    from qtool.train import TrainConfig, train
+    from qtool.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("lenet") / "lenet.onnx"
     train(TrainConfig(model="lenet5", data="digits", epochs=3, batch_size=64, lr=0.05, threads=1), out, quiet=True)
@@ -256,7 +256,7 @@ def test_qat_evaluator_export_and_kendall(problem, prepared):
     ok = qat.correct(cands[2])  # per-image answers, for paired comparisons
     assert ok.dtype == bool and ok.shape == problem.data.val_labels.shape and ok.mean() == qat.evaluate(cands[2])
     model, plan, acc = qat.materialize(cands[2])
-    from qtool.search.report import ort_accuracy
+    from qtool.bitsearch.report import ort_accuracy
 
     assert abs(ort_accuracy(apply_plan(model, plan), problem.data) - acc) <= 1.0 / len(problem.data.val_labels) + 1e-9
 
@@ -280,7 +280,7 @@ def test_paired_difference_bootstraps_over_images():
 
 def test_ray_executor(problem, prepared):
     ray = pytest.importorskip("ray")
-    from qtool.search import RayExecutor
+    from qtool.bitsearch import RayExecutor
 
     ex = RayExecutor(num_cpus=2)
     try:
@@ -303,7 +303,7 @@ def test_ray_missing_is_exit_2(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    from qtool.search.executors import make_executor
+    from qtool.bitsearch.executors import make_executor
 
     with pytest.raises(QtoolError, match="pip install 'qtool\\[ray\\]'"):
         make_executor("ray", 2)
@@ -396,8 +396,8 @@ def _weight_steps(net):
 def _train(problem, ev, steps, monkeypatch):
     """Train a fresh supernet with `ev`'s sampler; record every configuration set and every loss's
     (logits, target)."""
-    from qtool.search.evaluators import train_steps
-    from qtool.search.supernet import QuantNet
+    from qtool.bitsearch.evaluators import train_steps
+    from qtool.bitsearch.supernet import QuantNet
 
     sp, data = problem.space, problem.data
     net = QuantNet(problem.fused, sp, data.x(data.calib_images))
@@ -482,7 +482,7 @@ def test_sandwich_low_lifts_the_small_end_and_random_draws_keep_every_bit_width(
 def test_calibration_batches_mix_classes_of_a_class_sorted_training_set(problem, tmp_path):
     """BN re-calibration normalizes by per-batch statistics: a training set stored class by class must
     still give calibration batches holding many classes (label written into pixel 0 to check)."""
-    from qtool.search import SearchData
+    from qtool.bitsearch import SearchData
 
     shape = problem.data.train_images.shape[1:]
     labels = np.repeat(np.arange(10), 120)  # sorted by class, like CIFAR read from class folders

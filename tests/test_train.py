@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qtool.errors import QtoolError
-from qtool.evaluate import evaluate_model
+from qtool.evaluation import evaluate_model
 from qtool.preprocess import read_preprocess
-from qtool.train import TrainConfig, load_checkpoint, train
+from qtool.training import TrainConfig, load_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_checkpoint_round_trip_matches_onnx(trained):
 
     ds = load_dataset("digits", "val")
     x = read_preprocess(onnx.load(out)).apply(ds.images[:16])
-    from qtool.evaluate import predict
+    from qtool.evaluation import predict
 
     np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), predict(onnx.load(out), x), atol=1e-4)
 

@@ -7,7 +7,7 @@ pickled to the executor's workers, where `evaluate(candidate)` runs. Two are pro
   (`steps` x `batch_size` images, SGD + cosine), BN re-calibration, validation. Costly, faithful.
 - `SupernetEvaluator` ("supernet"): ONE shared-weight multi-bit QAT model trained once, then each
   candidate costs a BN re-calibration (a few calibration batches in train mode, see
-  `qtool.search.supernet`) and one validation pass: seconds. Training uses the sandwich rule
+  `qtool.bitsearch.supernet`) and one validation pass: seconds. Training uses the sandwich rule
   (Yu & Huang 2019, BigNAS): every step accumulates the gradients of the largest configuration
   (all 8-bit), the smallest (all 2-bit) and `n_random` configurations with a bit-width drawn per
   layer uniformly, one optimizer step for all; with `distill` the others learn from the largest
@@ -52,8 +52,8 @@ from qtool.data import augment_cifar, load_dataset, model_image_input, check_inp
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
 from qtool.preprocess import Preprocess, resolve_preprocess
-from qtool.search.space import Candidate, SearchSpace
-from qtool.search.supernet import QuantNet
+from qtool.bitsearch.space import Candidate, SearchSpace
+from qtool.bitsearch.supernet import QuantNet
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import passes
 from qtool.fakequant import EMAFakeQuant, LSQFakeQuant
 from qtool.lift import lift
 from qtool.plan import QuantPlan, TensorQuant
-from qtool.search.space import Candidate, SearchSpace
+from qtool.bitsearch.space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 

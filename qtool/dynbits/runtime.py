@@ -30,7 +30,7 @@ from qtool.io import atomic_write_text, load_model, save_model
 MANIFEST = "manifest.json"
 
 
-def _session(model: onnx.ModelProto | bytes, threads: int | None) -> ort.InferenceSession:
+def ort_session(model: onnx.ModelProto | bytes, threads: int | None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -84,7 +84,7 @@ def controller_model(net, qdq: onnx.ModelProto) -> onnx.ModelProto:
 
 def write_deployment(net, codebook: np.ndarray, out_dir: Path) -> dict:
     """controller.onnx + configs/<i>.onnx + manifest.json in `out_dir`; returns the manifest."""
-    from qtool.quantize import apply_plan
+    from exporters.qdq import apply_plan
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "configs").mkdir(exist_ok=True)
@@ -116,8 +116,8 @@ class DynamicSession:
     def __init__(self, controller, models: list, bitflops: list[float] | None = None, threads: int | None = None):
         if not models:
             raise QtoolError("a dynamic deployment needs at least one configuration model")
-        self.controller = _session(controller, threads)
-        self.sessions = [_session(m, threads) for m in models]
+        self.controller = ort_session(controller, threads)
+        self.sessions = [ort_session(m, threads) for m in models]
         self.bitflops = np.asarray(bitflops, np.float64) if bitflops is not None else None
         self.input_name = self.controller.get_inputs()[0].name
         self.last_configs: np.ndarray | None = None
@@ -169,7 +169,7 @@ def latency(dyn: DynamicSession, static: onnx.ModelProto, x: np.ndarray, batches
             warmup: int = 5, threads: int = 1) -> dict:
     """Median ms of the routed dynamic model, its controller alone, and one static QDQ model, measured
     interleaved (one run of each per round) on the same inputs; batch b uses x[:b] (x must be large enough)."""
-    st = _session(static, threads)
+    st = ort_session(static, threads)
     name = st.get_inputs()[0].name
     out = {"threads": threads, "runs": runs}
     for b in batches:

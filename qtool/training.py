@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
     atomic_write_bytes(ckpt, buf.getvalue())
     m = export_onnx(model, train_ds.shape, pre)
     save_model(m, out)
-    from qtool.evaluate import evaluate_model
+    from qtool.evaluation import evaluate_model
 
     onnx_acc = evaluate_model(m, cfg.data, "val").accuracy
     return TrainResult(str(out), str(ckpt), cfg.epochs, wall, history[-1]["train_acc"], history[-1]["val_acc"],

@@ -1,12 +1,11 @@
-"""Python API for `qtool fuse` and `qtool quantize` (post-training quantization to a QDQ graph).
+"""Python API of `qtool quantize`: post-training quantization to a QDQ graph.
 
-    fused, summary = fuse(model)
     qmodel, plan = quantize(model, calib_batches, QuantConfig(calib="entropy"))
 
 `quantize` fuses first (unless the model carries `qtool.units`, i.e. is already fused), marks the
 tensors to quantize (passes.qdq.mark_tensors), calibrates the activations, builds a QuantPlan and
-inserts Q/DQ from it. The plan's tensor names are those of the fused graph; `apply_plan` inserts
-Q/DQ from any calibrated plan (QAT / search produce those too).
+inserts Q/DQ from it. The plan's tensor names are those of the fused graph; `exporters.qdq.apply_plan`
+inserts Q/DQ from any calibrated plan (QAT / search produce those too).
 
 Defaults follow what is fast on x86 with VNNI and what onnxruntime fuses: uint8 asymmetric
 activations (U8S8; S8S8 QDQ measured 1.4-1.7x slower than fp32 here), int8 symmetric per-channel
@@ -16,122 +15,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
 
 import passes
-from passes.core import Refusal
+from exporters.qdq import apply_plan
 from qtool.calibrate import DEFAULT_BINS, METHODS, TensorStats, collect_stats
 from qtool.errors import QtoolError
+from qtool.fusion import FuseSummary, check_finite_weights, fuse, is_fused, op_counts, untie_biases
 from qtool.io import check_output_path, load_model, save_model
 from qtool.plan import QuantPlan, TensorQuant
 
 log = logging.getLogger(__name__)
-
-MAX_FUSE_ROUNDS = 8
-
-
-# -- fuse ----------------------------------------------------------------------------------------
-
-@dataclass
-class FuseSummary:
-    nodes_before: int
-    nodes_after: int
-    ops_before: dict[str, int]
-    ops_after: dict[str, int]
-    fused: list[str]
-    refusals: list[Refusal]
-    units: int
-    rounds: int
-
-    def lines(self) -> list[str]:
-        out = [f"nodes: {self.nodes_before} -> {self.nodes_after} ({self.rounds} pass rounds), "
-               f"{self.units} quantization units"]
-        ops = sorted(set(self.ops_before) | set(self.ops_after))
-        changed = [f"{op} {self.ops_before.get(op, 0)}->{self.ops_after.get(op, 0)}" for op in ops
-                   if self.ops_before.get(op, 0) != self.ops_after.get(op, 0)]
-        if changed:
-            out.append("op counts: " + ", ".join(changed))
-        out += [f"fused: {f.what}" for f in self.fused]
-        out += [f"refused: {r.node}: {r.reason}" for r in self.refusals]
-        return out
-
-
-def _ops(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(Counter(n.op_type for n in model.graph.node))
-
-
-def fuse(model: onnx.ModelProto, *, use_onnxsim: bool = True) -> tuple[onnx.ModelProto, FuseSummary]:
-    """Simplify, fold BN and per-channel Mul/Add into Conv/Gemm, record quantization units.
-
-    The input proto is not modified. Metadata (qtool.preprocess and others) is kept.
-    """
-    m = passes.to_ir(model)
-    meta = dict(m.metadata_props)
-    NameFixPass()(m)
-    result = passes.run_to_fixpoint(m, passes.fuse_pipeline(use_onnxsim), max_iterations=MAX_FUSE_ROUNDS)
-    m = result.model
-    NameFixPass()(m)  # rewrites may add unnamed nodes; units are keyed by node name
-    # After the fixpoint: onnxsim would merge the copies again inside the loop.
-    untie = passes.UntieBiasesPass()
-    untie(m)
-    for k, v in meta.items():
-        m.metadata_props.setdefault(k, v)
-    units = passes.record_units(m)
-    out = passes.to_proto(m)
-    summary = FuseSummary(len(model.graph.node), len(out.graph.node), _ops(model), _ops(out),
-                          list(result.fired) + untie.fired, list(result.refusals), len(units), result.iterations)
-    return out, summary
-
-
-def untie_biases(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every Conv/Gemm bias its own initializer (see passes.untie); `fuse` does this
-    already, this serves graphs fused before or elsewhere."""
-    m = passes.to_ir(model)
-    return passes.to_proto(m) if passes.UntieBiasesPass()(m).modified else model
-
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
-
-
-def check_finite_weights(model: onnx.ModelProto) -> None:
-    """Refuse NaN/Inf in the constant inputs of Conv/Gemm/MatMul/BatchNormalization (exit 2, naming the
-    tensor): folding or quantizing them would spread NaN through the model or give a NaN scale.
-    Other initializers may legitimately hold -inf (attention masks) and are not checked."""
-    inits = {t.name: t for t in model.graph.initializer}
-    seen: set[str] = set()
-    for node in model.graph.node:
-        if node.op_type not in WEIGHT_OPS:
-            continue
-        for name in node.input:
-            if name not in inits or name in seen:
-                continue
-            seen.add(name)
-            a = onnx.numpy_helper.to_array(inits[name])
-            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-                bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-                raise QtoolError(f"weight {name!r} of {node.op_type} {node.name or '(unnamed)'!r} has {bad} NaN/Inf "
-                                 "values; fix the model before fusing or quantizing")
-
-
-def fuse_file(inp: str | os.PathLike, out: str | os.PathLike, verbose: bool = False) -> FuseSummary:
-    check_output_path(out, inp)
-    model = load_model(inp)
-    check_finite_weights(model)
-    fused, summary = fuse(model)
-    _check(fused, "fused")
-    save_model(fused, out)
-    if verbose:
-        for line in summary.lines():
-            log.info("%s", line)
-    return summary
-
 
 # -- config --------------------------------------------------------------------------------------
 
@@ -234,39 +132,11 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
     return plan
 
 
-def _check(model: onnx.ModelProto, what: str) -> None:
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        # Our own output failing the checker is a bug, not bad input: not a QtoolError.
-        raise RuntimeError(f"{what} model fails onnx.checker: {str(e).splitlines()[0]}") from e
-
-
-def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """Insert Q/DQ for a calibrated plan into its fused model."""
-    plan.validate(model)
-    if not plan.calibrated:
-        missing = [k for k, t in plan.tensors.items() if not t.calibrated][:5]
-        raise QtoolError(f"plan has tensors without scale/zero_point (calibrate first): {missing}")
-    m = passes.to_ir(model)
-    try:
-        passes.InsertQDQPass(plan)(m)
-    except Exception as e:
-        raise ir.passes.PassError(f"QDQ insertion failed: {e}") from e
-    out = passes.to_proto(m)
-    _check(out, "quantized")
-    return out
-
-
-def _is_fused(model: onnx.ModelProto) -> bool:
-    return any(p.key == passes.UNITS_KEY for p in model.metadata_props)
-
-
 def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]],
              config: QuantConfig = QuantConfig()) -> tuple[onnx.ModelProto, QuantPlan]:
     if not isinstance(config, QuantConfig):
         raise QtoolError(f"config must be a QuantConfig, got {type(config).__name__}")
-    model = fuse(model)[0] if not _is_fused(model) else untie_biases(model)
+    model = fuse(model)[0] if not is_fused(model) else untie_biases(model)
     marks = passes.mark_tensors(passes.to_ir(model).graph)
     if not marks.tensors:
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
@@ -318,18 +188,18 @@ def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches:
     if callable(calib_batches):
         calib_batches = calib_batches(model)
     fsum = None
-    if not _is_fused(model):
+    if not is_fused(model):
         model, fsum = fuse(model)
     qmodel, plan = quantize(model, calib_batches, config)
     if fmt != "qdq":  # same plan, lowered by the exporter (QLinearConv / QGemm / QLinearAdd ...)
-        from qtool.export import export_model
+        from qtool.exporting import export_model
 
         qmodel = export_model(model, plan, fmt).model
     save_model(qmodel, out)
     if plan_out is not None:
         plan.save(plan_out)
     return QuantizeSummary(str(out), str(plan_out) if plan_out else None, config, plan.summary_counts(),
-                           _ops(model), _ops(qmodel), fsum)
+                           op_counts(model), op_counts(qmodel), fsum)
 
 
 def quantize_cli(inp: str | os.PathLike, out: str | os.PathLike, *, data: str, calib: str = "mse",

@@ -62,7 +62,7 @@ class Candidate:
         return (zlib.crc32(self.key.encode()) ^ (base * 2654435761)) & 0x7FFFFFFF
 
 
-def _shape_map(model: onnx.ModelProto) -> dict[str, list[int]]:
+def shape_map(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Static shapes with the batch dimension set to 1 (MACs are per sample)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -126,7 +126,7 @@ class SearchSpace:
     @classmethod
     def from_model(cls, fused: onnx.ModelProto, bits: tuple[int, ...] = (2, 4, 8), *, fix_first: int | None = 8,
                    fix_last: int | None = 8, other_bits: int = 8) -> "SearchSpace":
-        """`fused`: a graph after `qtool.quantize.fuse`. fix_first/fix_last: bits of those layers
+        """`fused`: a graph after `qtool.fusion.fuse`. fix_first/fix_last: bits of those layers
         (weights and input activations), or None to search them too."""
         choices = tuple(sorted(set(int(b) for b in bits)))
         if not choices or any(not 2 <= b <= 8 for b in choices):
@@ -137,7 +137,7 @@ class SearchSpace:
                 raise QtoolError(f"{what} must be in 2..8, got {v}")
         g = passes.to_ir(fused).graph
         marks = passes.mark_tensors(g)
-        shapes = _shape_map(fused)
+        shapes = shape_map(fused)
         inits = {t.name: list(t.dims) for t in fused.graph.initializer}
         layers: list[Layer] = []
         for node in fused.graph.node:

@@ -70,17 +70,17 @@ from passes.qdq import ABSORBED_ACTS
 from passes.units import ANCHOR_OPS, unit_activation
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.errors import QtoolError
-from qtool.fakequant import (BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant,
-                             PACTFakeQuant)
+from qtool.fakequant import BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant
 from qtool.lift import LiftedModule, lift, run_op
 from qtool.ortexact import install_exact_eval
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
-from qtool.qat_quantizers import (BiasFakeQuant, DoReFaWeightFakeQuant, LSQAffineFakeQuant, SharedFakeQuant,
-                                  WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
-from qtool.quantize import QuantConfig, _is_fused, activation_quant, apply_plan, build_plan, fuse, untie_biases
-from qtool.train import EpochMeter, sgd_step
+from qtool.qat_quantizers import (BiasFakeQuant, DoReFaWeightFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
+from qtool.ptq import QuantConfig, activation_quant, build_plan
+from qtool.fusion import is_fused, fuse, untie_biases
+from exporters.qdq import apply_plan
+from qtool.training import EpochMeter, sgd_step
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def _evaluate(module: nn.Module, ds: ImageDataset, pre: Preprocess, device: torc
 
 
 def _ort_logits(model: onnx.ModelProto, ds: ImageDataset, pre: Preprocess) -> np.ndarray:
-    from qtool.evaluate import make_session
+    from qtool.evaluation import make_session
 
     sess = make_session(model)
     name = sess.get_inputs()[0].name
@@ -475,7 +475,7 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
     check_input_matches(dims, train_data, name)
 
     original = model
-    fused = model if _is_fused(model) else fuse(model)[0]
+    fused = model if is_fused(model) else fuse(model)[0]
     fused = untie_biases(fused)
     spec = resolve_bits(fused, config)
     if not spec:
@@ -494,7 +494,7 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
 
     # Lift: the unfused graph with Conv->BN kept when it maps onto the fused one, else the fused graph.
     mapped = None
-    if config.bn_fold and original is not fused and not _is_fused(original):
+    if config.bn_fold and original is not fused and not is_fused(original):
         mapped = _bn_fold_map(original, fused, spec, notes)
     if mapped is not None:
         lifted, pairs, names = mapped
@@ -638,7 +638,7 @@ def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDatase
 
 # -- files / CLI -------------------------------------------------------------------------------------
 
-def qat_file(inp: str | Path, out: str | Path, *, data: str, bits: str | None = None, plan: str | None = None,
+def qat_file(inp: str | Path, out: str | Path, *, data: str, bits: tuple[int, int] | None = None, plan: str | None = None,
              config: str | None = None, algo: str = "lsq", epochs: int = 1, lr: float | None = None,
              batch_size: int = 128, train_limit: int | None = None, optimizer: str = "sgd",
              plan_out: str | Path | None = None, quiet: bool = False) -> QATResult:
@@ -659,9 +659,7 @@ def qat_file(inp: str | Path, out: str | Path, *, data: str, bits: str | None = 
     parse_spec(data)
     kw: dict = {}
     if bits is not None:
-        from qtool.cli import parse_bits
-
-        kw["weight_bits"], kw["act_bits"] = parse_bits(bits)
+        kw["weight_bits"], kw["act_bits"] = bits
     elif plan is not None:
         kw["plan_bits"] = load_plan_bits(plan)
     elif config is not None:

@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 
 from qtool.errors import QtoolError
-from qtool.search.checkpoint import EvaluationLog, check_config, write_state
-from qtool.search.evaluators import Evaluator, SearchData
-from qtool.search.objectives import Metrics, Objective, make_objectives, metric
-from qtool.search.space import Candidate, SearchSpace
+from qtool.bitsearch.checkpoint import EvaluationLog, check_config, write_state
+from qtool.bitsearch.evaluators import Evaluator, SearchData
+from qtool.bitsearch.objectives import Metrics, Objective, make_objectives, metric
+from qtool.bitsearch.space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SearchProblem:
                    latency_threads: int = 1) -> "SearchProblem":
         """`model`: any ONNX classifier (fused here unless it already carries qtool.units)."""
         from qtool.calibrate import collect_stats
-        from qtool.quantize import _is_fused, fuse
+        from qtool.fusion import is_fused, fuse
 
         objs = [o for o in objectives] if isinstance(objectives, (list, tuple)) and objectives \
             and isinstance(objectives[0], Objective) else make_objectives(objectives)
@@ -54,7 +54,7 @@ class SearchProblem:
                 if not v > 0:
                     raise QtoolError(f"--max-{name} must be > 0, got {v}")
                 constraints[name] = float(v)
-        fused = model if _is_fused(model) else fuse(model)[0]
+        fused = model if is_fused(model) else fuse(model)[0]
         space = SearchSpace.from_model(fused, tuple(bits), fix_first=fix_first, fix_last=fix_last)
         if isinstance(data, str):
             data = SearchData.load(fused, data, train_limit=train_limit, val_limit=val_limit, calib_size=calib_size)
@@ -228,8 +228,8 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
     from pymoo.problems.static import StaticProblem
 
     from qtool.progress import progress as progress_bar
-    from qtool.search import report
-    from qtool.search.executors import LocalExecutor
+    from qtool.bitsearch import report
+    from qtool.bitsearch.executors import LocalExecutor
 
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -323,8 +323,8 @@ def search_cli(model_path: str, *, data: str, objectives: str = "acc,flops", bit
     """`qtool search`: parse, build the parts, run, print the front as a rich table."""
     from qtool.data import parse_spec
     from qtool.io import load_model
-    from qtool.search.evaluators import make_evaluator
-    from qtool.search.executors import make_executor
+    from qtool.bitsearch.evaluators import make_evaluator
+    from qtool.bitsearch.executors import make_executor
 
     try:
         bit_list = tuple(int(b) for b in bits.split(","))

@@ -4,7 +4,7 @@
     report = export_file("fused.onnx", "out.onnx", "plan.json", fmt="qoperator")
 
 Formats (exporters/):
-- "qdq": QuantizeLinear/DequantizeLinear around float ops (qtool.quantize.apply_plan); onnxruntime
+- "qdq": QuantizeLinear/DequantizeLinear around float ops (exporters.qdq.apply_plan); onnxruntime
   fuses them into integer kernels. Weights of <= 4 bits optionally packed as INT4 (`int4`).
 - "qoperator": QLinearConv / QLinearMatMul / QGemm / QLinearAdd / QLinearGlobalAveragePool.
 - "integer": integer-only standard ONNX (ConvInteger / MatMulInteger, int32 bias, fixed-point
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from qtool.errors import QtoolError
-from qtool.io import check_output_path, load_model, save_model
+from qtool.io import check_model, check_output_path, load_model, save_model
 from qtool.plan import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,6 @@ def _check_plan(model: onnx.ModelProto, plan: QuantPlan) -> None:
         raise QtoolError(f"plan has tensors without scale/zero_point (calibrate first): {missing}")
 
 
-def _validate(model: onnx.ModelProto, what: str) -> None:
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # our own output failing the checker is a bug, not bad input
-        raise RuntimeError(f"exported {what} model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
-
-
 def _opset(model: onnx.ModelProto) -> int:
     return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
 
@@ -94,7 +87,7 @@ def _opset(model: onnx.ModelProto) -> int:
 def _export_qdq(model: onnx.ModelProto, plan: QuantPlan, int4: str, providers) -> tuple[onnx.ModelProto, list[str], int]:
     from exporters.qdq import pack_int4_weights
     from qtool.ortgraph import integer_kernel_report
-    from qtool.quantize import apply_plan
+    from exporters.qdq import apply_plan
 
     q = apply_plan(model, plan)
     notes = []
@@ -108,7 +101,7 @@ def _export_qdq(model: onnx.ModelProto, plan: QuantPlan, int4: str, providers) -
             notes.append("--int4-weights on: no weight of <= 4 bits in the plan; nothing packed")
         return q, notes, 0
     packed, names = pack_int4_weights(q, plan)
-    _validate(packed, "int4 QDQ")
+    check_model(packed, "exported int4 QDQ")
     r8 = integer_kernel_report(q, providers)
     r4 = integer_kernel_report(packed, providers)
     lost = r8.integer_compute - r4.integer_compute
@@ -135,7 +128,7 @@ def export_model(model: onnx.ModelProto, plan: QuantPlan, fmt: str = "qdq", int4
     from exporters.qdq import INT4_MODES
     from qtool.ortgraph import integer_kernel_report
     from passes import UNITS_KEY
-    from qtool.quantize import _is_fused, fuse
+    from qtool.fusion import is_fused, fuse
 
     if fmt not in FORMATS:
         raise QtoolError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -143,7 +136,7 @@ def export_model(model: onnx.ModelProto, plan: QuantPlan, fmt: str = "qdq", int4
         raise QtoolError(f"int4 must be one of {', '.join(INT4_MODES)}, got {int4!r}")
     if not isinstance(model, onnx.ModelProto):
         raise QtoolError(f"model must be an onnx.ModelProto, got {type(model).__name__}")
-    if not _is_fused(model):
+    if not is_fused(model):
         model, _ = fuse(model)
     _check_plan(model, plan)
     int4_count = 0
@@ -168,7 +161,7 @@ def export_model(model: onnx.ModelProto, plan: QuantPlan, fmt: str = "qdq", int4
     keep = [p for p in out.metadata_props if p.key != UNITS_KEY]
     del out.metadata_props[:]
     out.metadata_props.extend(keep)
-    _validate(out, fmt)
+    check_model(out, f"exported {fmt}")
     r = integer_kernel_report(out, providers)  # builds an onnxruntime session: the load check
     report = ExportReport(fmt, out.ByteSize(), _opset(out), dict(Counter(n.op_type for n in out.graph.node)),
                           r.integer_compute, r.float_compute, r.float_fallbacks, dict(r.integer_ops), int4_count, notes)

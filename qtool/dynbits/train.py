@@ -33,11 +33,11 @@ all K branches of every layer).
 
 `distill` > 0: both the dynamic and the static nets also learn from the FP32 model's soft labels.
 Diagnostics in the report: the dynamic net's shared weights with every image at the matched static
-configuration (`shared_at`: what sharing the weights costs), and `qtool.dynamic.routing` on the
+configuration (`shared_at`: what sharing the weights costs), and `qtool.dynbits.routing` on the
 deployment: the routing vs the same configurations shuffled across images (what the controller earns by
 reading the image), an oracle router and the best single configuration at the same BitFLOPs.
 
-Deployment (`qtool.dynamic.runtime`): the codebook is the `max_configs` configurations the controller
+Deployment (`qtool.dynbits.runtime`): the codebook is the `max_configs` configurations the controller
 picks most often on the training images; at inference the controller picks the best-scoring
 codebook entry. The PyTorch accuracy reported for the deployed model uses the same rule, so the ORT
 accuracy must match it (the fidelity check); the free-argmax accuracy is reported beside it.
@@ -60,9 +60,9 @@ from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_i
 from qtool.device import resolve_device
 from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
-from qtool.train import EpochMeter
-from qtool.dynamic.controller import DynamicNet
-from qtool.dynamic.routing import correctness, routing_analysis
+from qtool.training import EpochMeter
+from qtool.dynbits.controller import DynamicNet
+from qtool.dynbits.routing import correctness, routing_analysis
 from qtool.preprocess import Preprocess, resolve_preprocess
 
 PENALTIES = ("bitflops", "meanbits")
@@ -121,7 +121,7 @@ class DynamicConfig:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise QtoolError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        from qtool.dynamic.controller import GRANULARITIES
+        from qtool.dynbits.controller import GRANULARITIES
 
         if self.granularity not in GRANULARITIES:
             raise QtoolError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
@@ -344,10 +344,10 @@ def build_net(model: onnx.ModelProto, train_data: ImageDataset, config: DynamicC
               pre: Preprocess) -> tuple[DynamicNet, onnx.ModelProto, float]:
     """The untrained DynamicNet of `config` (deterministic: calibration and `config.seed`), the fused graph
     it lifts, and the target BitFLOPs."""
-    from qtool.quantize import _is_fused, fuse, untie_biases
-    from qtool.search.space import SearchSpace
+    from qtool.fusion import is_fused, fuse, untie_biases
+    from qtool.bitsearch.space import SearchSpace
 
-    fused = untie_biases(model if _is_fused(model) else fuse(model)[0])
+    fused = untie_biases(model if is_fused(model) else fuse(model)[0])
     space = SearchSpace.from_model(fused, tuple(sorted(set(config.bits))), fix_first=8, fix_last=None)
     ranges = _calibrate(fused, space, train_data, pre, config.calib_size)
     torch.manual_seed(config.seed)
@@ -366,7 +366,7 @@ def train_static(untrained: DynamicNet, cfg, label: str, train_data: ImageDatase
                  pre: Preprocess, config: DynamicConfig, target: float, teacher=None) -> tuple[dict, onnx.ModelProto]:
     """Static QAT of one configuration from a copy of `untrained` with the dynamic run's budget; its row
     (accuracy in PyTorch and of its QDQ model on onnxruntime) and that QDQ model."""
-    from qtool.quantize import apply_plan
+    from exporters.qdq import apply_plan
 
     s_net = copy.deepcopy(untrained).to(resolve_device(config.device))
     s_net.set_mode("fixed", fixed=cfg)
@@ -428,9 +428,9 @@ class DynamicResult:
 
 
 def _ort_logits(model: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, threads: int) -> np.ndarray:
-    from qtool.dynamic.runtime import _session
+    from qtool.dynbits.runtime import ort_session
 
-    s = _session(model, threads)
+    s = ort_session(model, threads)
     name = s.get_inputs()[0].name
     return np.concatenate([s.run(None, {name: pre.apply(ds.images[i:i + _EVAL_BATCH])})[0]
                            for i in range(0, len(ds), _EVAL_BATCH)])
@@ -449,8 +449,8 @@ def _calibrate(fused: onnx.ModelProto, space, ds: ImageDataset, pre: Preprocess,
 def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset, config: DynamicConfig,
             out_dir: str | Path, preprocess: Preprocess | None = None) -> DynamicResult:
     """Train, compare, deploy and report (module docstring). Writes into `out_dir` (created)."""
-    from qtool.dynamic import report as rep
-    from qtool.dynamic.runtime import DynamicSession, latency, write_deployment
+    from qtool.dynbits import report as rep
+    from qtool.dynbits.runtime import DynamicSession, latency, write_deployment
     from qtool.io import save_model
 
     if not isinstance(config, DynamicConfig):

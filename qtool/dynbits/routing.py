@@ -23,7 +23,7 @@ from qtool.errors import QtoolError
 
 
 def correctness(session, x: np.ndarray, labels: np.ndarray, batch: int = 256) -> np.ndarray:
-    """C x N bool: image i classified right by configuration c (`qtool.dynamic.DynamicSession`'s models)."""
+    """C x N bool: image i classified right by configuration c (`qtool.dynbits.DynamicSession`'s models)."""
     rows = []
     for c in range(len(session.sessions)):
         preds = np.concatenate([session.run_routed(x[i:i + batch], np.full(len(x[i:i + batch]), c)).argmax(1)

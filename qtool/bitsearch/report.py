@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from qtool.io import atomic_write_bytes, atomic_write_text, save_model
-from qtool.search.objectives import metric
-from qtool.search.space import Candidate
+from qtool.bitsearch.objectives import metric
+from qtool.bitsearch.space import Candidate
 
 
 def ort_accuracy(model, data) -> float:
-    from qtool.evaluate import make_session
+    from qtool.evaluation import make_session
 
     sess = make_session(model)
     name = sess.get_inputs()[0].name
@@ -30,7 +30,7 @@ def ort_accuracy(model, data) -> float:
 def export_member(workdir: Path, problem, evaluator, member: dict) -> None:
     """Tuned weights + plan of one front member -> front/<i>.plan.json, front/<i>.fused.onnx (the
     fused graph with its weights, what `qtool export` takes) and front/<i>.onnx (QDQ, apply_plan)."""
-    from qtool.quantize import apply_plan
+    from exporters.qdq import apply_plan
 
     d = Path(workdir) / "front"
     d.mkdir(exist_ok=True)

@@ -4,7 +4,7 @@
   each candidate, `supernet` scores it with shared weights). Reported as accuracy.
 - `flops`: QuantEA's bit-weighted FLOPs, sum over layers of MACs x (bw/32 + ba/32).
 - `bitops`: sum over layers of MACs x bw x ba (HAWQ's BitOps).
-- `size`: bytes of the QDQ model `qtool.quantize.apply_plan` writes for the candidate's plan
+- `size`: bytes of the QDQ model `exporters.qdq.apply_plan` writes for the candidate's plan
   (serialized exactly; the file on disk has the same bytes).
 - `packed_size`: bytes of the weights packed at their bit-width (ceil(n x bw / 8) per weight):
   what an exporter with int4/int2 storage would approach (biases and scales not counted).
@@ -33,7 +33,7 @@ import onnx
 
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
-from qtool.search.space import Candidate, SearchSpace, weight_array
+from qtool.bitsearch.space import Candidate, SearchSpace, weight_array
 
 OBJECTIVE_NAMES = ("acc", "flops", "bitops", "size", "packed_size", "latency")
 CONSTRAINT_NAMES = ("size", "latency")
@@ -54,7 +54,7 @@ class Metrics:
     def reference_plan(self, c: Candidate) -> QuantPlan:
         """A calibrated plan with the candidate's bits: weights per-channel min/max, activations from
         the FP32 ranges (what PTQ would give); used for size/latency and the uniform baselines' export."""
-        from qtool.quantize import QuantConfig, activation_quant, weight_quant
+        from qtool.ptq import QuantConfig, activation_quant, weight_quant
 
         bits = self.space.tensor_bits(c)
         plan = QuantPlan(meta={"producer": "qtool.search (reference)", "candidate": c.key})
@@ -69,7 +69,7 @@ class Metrics:
 
     def qdq_bytes(self, c: Candidate) -> bytes:
         if c.key not in self._qdq:
-            from qtool.quantize import apply_plan
+            from exporters.qdq import apply_plan
 
             if len(self._qdq) > 64:  # a bounded cache: the log keeps the numbers
                 self._qdq.clear()

@@ -19,7 +19,7 @@ import pickle
 from typing import Iterator
 
 from qtool.errors import QtoolError
-from qtool.search.space import Candidate
+from qtool.bitsearch.space import Candidate
 
 _WORKER_EVALUATOR = None
 

@@ -2,7 +2,7 @@
 
 `DynamicNet(fused, bits, ...)` lifts the fused graph (`qtool.lift`) and replaces every quantizable
 layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers of
-`qtool.search.SearchSpace`) by a `_Layer` module:
+`qtool.bitsearch.SearchSpace`) by a `_Layer` module:
 
 - The first layer (the stem) is static at `stem_bits` (8) and the controller reads its output, so its
   bits cannot depend on the controller's decision. With `controller_layers=N` the controller reads the
@@ -58,8 +58,8 @@ from qtool.fakequant import LSQFakeQuant
 from qtool.lift import lift, run_op
 from qtool.plan import QuantPlan
 from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant, tensor_quant
-from qtool.quantize import QuantConfig, activation_quant
-from qtool.search.space import SearchSpace
+from qtool.ptq import QuantConfig, activation_quant
+from qtool.bitsearch.space import SearchSpace
 
 DYNAMIC_OPS = ("Conv", "Gemm")
 GRANULARITIES = ("layer", "global")  # a choice per layer, or one per image for every layer
@@ -335,9 +335,9 @@ class DynamicNet(nn.Module):
         return shape[1]
 
     def space_shape(self, name: str) -> list[int] | None:
-        from qtool.search.space import _shape_map
+        from qtool.bitsearch.space import shape_map
 
-        return _shape_map(self.fused).get(name)
+        return shape_map(self.fused).get(name)
 
     # -- choices --------------------------------------------------------------------------------
     def set_mode(self, mode: str, fixed=None, codebook=None) -> None:
