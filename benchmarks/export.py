@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 
 from benchmarks.common import MODELS, cifar_spec, write_result
-from qtool.evaluation import evaluate_model, predict
-from qtool.exporting import export_model
+from qtool.evaluation import EvalConfig, evaluate_model, predict
+from qtool.exporting import ExportConfig, export_model
 from qtool.intsim import IntSim
 from qtool.io import load_model
 from qtool.ptq import QuantConfig, quantize
@@ -85,8 +85,8 @@ def _qat_exports(fp32, spec: str, quick: bool) -> dict:
         row = {"config": f"LSQ W{wb}A{ab}, 1 epoch x {cfg.train_limit} images", "val_images": len(val),
                "acc_fakequant": r.fidelity["acc_fakequant"]}
         for fmt in ("qdq", "qoperator", "integer"):
-            e = export_model(r.fused, r.plan, fmt)
-            acc = evaluate_model(e.model, spec, "val", limit=len(val)).accuracy  # the same images QAT scored
+            e = export_model(r.fused, r.plan, ExportConfig(format=fmt))
+            acc = evaluate_model(e.model, spec, EvalConfig(limit=len(val))).accuracy  # the same images QAT scored
             row[fmt] = {"acc_ort": acc, "diff_vs_fakequant_pp": (acc - row["acc_fakequant"]) * 100,
                         "float_fallbacks": e.report.float_fallbacks, "size_bytes": e.report.size_bytes}
         out[name] = row
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     exports, timing = {}, {}
     for fmt in ("qdq", "qoperator", "integer"):
         t = time.perf_counter()
-        exports[fmt] = export_model(fused, plan, fmt)
+        exports[fmt] = export_model(fused, plan, ExportConfig(format=fmt))
         timing[fmt] = time.perf_counter() - t
     result["w8a8"] = {fmt: {**_report(r), "export_s": timing[fmt]} for fmt, r in exports.items()}
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             xv, yv = _images(fused, spec, 1000)
             acc = {k: float(np.mean(predict(m, xv).argmax(1) == yv)) for k, m in models.items()}
         else:
-            acc = {k: evaluate_model(m, spec, "val").accuracy for k, m in models.items()}
+            acc = {k: evaluate_model(m, spec).accuracy for k, m in models.items()}
         result["top1"] = acc
         result["top1_diff_vs_plan_qdq_pp"] = {k: (v - acc["qdq_plan"]) * 100 for k, v in acc.items() if k != "fp32"}
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         result["qat"] = _qat_exports(fp32, spec, args.quick)
 
     _, plan4 = quantize(fused, calib, QuantConfig(weight_bits=4))
-    sizes = {m: export_model(fused, plan4, "qdq", m) for m in ("off", "on", "auto")}
+    sizes = {m: export_model(fused, plan4, ExportConfig(format="qdq", int4=m)) for m in ("off", "on", "auto")}
     result["w4a8_int4_weights"] = {
         "int8_container_bytes": sizes["off"].report.size_bytes, "int4_packed_bytes": sizes["on"].report.size_bytes,
         "ratio": sizes["off"].report.size_bytes / sizes["on"].report.size_bytes,

@@ -28,7 +28,7 @@ import onnx
 
 from benchmarks.common import MODELS, cifar_spec, write_result
 from qtool.data import calib_inputs, load_dataset
-from qtool.evaluation import evaluate_model
+from qtool.evaluation import EvalConfig, evaluate_model
 from qtool.io import load_model, save_model
 from qtool.qat_train import QATConfig, qat
 from qtool.ptq import QuantConfig, quantize
@@ -78,10 +78,10 @@ def main(argv=None) -> int:
     if val_limit and len(val) > val_limit:
         val = val.subset(np.arange(val_limit))
     t0 = time.perf_counter()
-    fp32 = evaluate_model(model, spec, "val", limit=val_limit).accuracy
+    fp32 = evaluate_model(model, spec, EvalConfig(limit=val_limit)).accuracy
     calib = list(calib_inputs(model, spec, n=512))
     ptq_model, _ = quantize(model, calib, QuantConfig())
-    ptq = evaluate_model(ptq_model, spec, "val", limit=val_limit).accuracy
+    ptq = evaluate_model(ptq_model, spec, EvalConfig(limit=val_limit)).accuracy
     base = dict(epochs=epochs, train_limit=train_limit, batch_size=128, lr=args.lr, optimizer="sgd")
     rows = {"qat_w8a8_lsq": QATConfig(weight_bits=8, act_bits=8, algo="lsq", **base)}
     for algo in [a.strip() for a in args.algos.split(",") if a.strip()]:

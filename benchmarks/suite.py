@@ -22,9 +22,9 @@ import onnx
 
 from benchmarks.baselines import ort_quantize_static
 from benchmarks.common import MODELS, RESULTS, cifar_spec, write_result
-from qtool.latency import bench
+from qtool.latency import BenchConfig, bench
 from qtool.data import calib_inputs, load_dataset
-from qtool.evaluation import evaluate_model
+from qtool.evaluation import EvalConfig, evaluate_model
 from qtool.io import atomic_write_text, load_model
 from qtool.ortgraph import integer_kernel_report
 from qtool.ptq import QuantConfig, quantize
@@ -73,8 +73,8 @@ def bench_variants(variants: dict[str, onnx.ModelProto], batches, runs: int, min
         paths = {k: Path(d) / f"{k}.onnx" for k in variants}
         for k, m in variants.items():
             onnx.save(m, paths[k])
-        rep = bench([str(p) for p in paths.values()], eps=("cpu",), batches=tuple(batches), threads=2,
-                    warmup=10, runs=runs, min_time_s=min_time_s)
+        rep = bench([str(p) for p in paths.values()], BenchConfig(batches=tuple(batches), threads=2, warmup=10,
+                                                                   runs=runs, min_time_s=min_time_s))
         out = {}
         for b in batches:
             rows = {k: rep.row(str(p), "cpu", b) for k, p in paths.items()}
@@ -103,11 +103,11 @@ def run_model(key: str, zoo: str, size: int, batches, quick: bool, spec: str | N
            "kernels": {k: kernels(m) for k, m in variants.items() if k != "fp32"}}
     if use_cifar:
         limit = 1000 if quick else None
-        res["top1"] = {k: evaluate_model(m, spec, "val", limit=limit).accuracy for k, m in variants.items()}
+        res["top1"] = {k: evaluate_model(m, spec, EvalConfig(limit=limit)).accuracy for k, m in variants.items()}
         res["val_images"] = limit or len(load_dataset(spec, "val"))
         # every calibration method on the same images: the default (QuantConfig().calib) is the measured choice
         res["top1_by_calibration"] = {
-            c: evaluate_model(quantize(fp32, calib, QuantConfig(calib=c))[0], spec, "val", limit=limit).accuracy
+            c: evaluate_model(quantize(fp32, calib, QuantConfig(calib=c))[0], spec, EvalConfig(limit=limit)).accuracy
             for c in ("minmax", "percentile", "entropy", "mse")}
         res["default_calibration"] = QuantConfig().calib
     runs = 20 if quick else 100

@@ -1,36 +1,27 @@
-"""qtool: ONNX-centric quantization toolchain. `import qtool` is the Python API (docs/DESIGN.md):
+"""qtool: ONNX-centric quantization toolchain. `import qtool` is the Python API (qtool.api, docs/DESIGN.md):
 
     import qtool
-    fused = qtool.fuse(model).model
+    fused = qtool.fuse("model.onnx").model
     q = qtool.quantize(fused, "digits", qtool.QuantConfig(calib="mse"))
 
 Names load on first use, so `import qtool` stays light (no torch, no click) until a stage runs.
 """
 from __future__ import annotations
 
-import importlib
-
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_API = {
-    "train": "qtool.api", "fuse": "qtool.api", "quantize": "qtool.api", "qat": "qtool.api",
-    "export": "qtool.api", "evaluate": "qtool.api", "bench": "qtool.api", "search": "qtool.api",
-    "dynamic": "qtool.api",
-    "TrainConfig": "qtool.training", "FuseConfig": "qtool.fusion", "QuantConfig": "qtool.ptq",
-    "QATConfig": "qtool.qat_config", "ExportConfig": "qtool.exporting", "EvalConfig": "qtool.evaluation",
-    "BenchConfig": "qtool.latency", "SearchConfig": "qtool.bitsearch.config", "DynamicConfig": "qtool.dynbits.train",
-    "QuantPlan": "qtool.plan", "TensorQuant": "qtool.plan", "QtoolError": "qtool.errors",
-    "load_model": "qtool.io", "save_model": "qtool.io", "load_dataset": "qtool.data",
-}
-
-__all__ = sorted(_API) + ["__version__"]
+__all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "search", "dynamic",
+           "TrainConfig", "FuseConfig", "QuantConfig", "QATConfig", "ExportConfig", "EvalConfig", "BenchConfig",
+           "SearchConfig", "DynamicConfig", "Data", "QuantPlan", "TensorQuant", "QtoolError", "FuseResult",
+           "QuantizeResult", "load_model", "save_model", "load_dataset", "__version__"]
 
 
 def __getattr__(name: str):
-    if name not in _API:
+    if name not in __all__:
         raise AttributeError(f"module 'qtool' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
+    from qtool import api
+
+    value = getattr(api, name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

@@ -1,4 +1,6 @@
-"""The `qtool` command line: a thin click skin over the Python API (one API call per command).
+"""The `qtool` command line: a thin click skin over the Python API (`qtool.api`, one call per command).
+
+The only module that parses command-line strings, names flags or imports click.
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 internal error.
 """
@@ -40,9 +42,16 @@ def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
     return vals
 
 
+def parse_names(text: str, what: str) -> tuple[str, ...]:
+    names = tuple(v.strip().lower() for v in text.split(",") if v.strip())
+    if not names:
+        raise QtoolError(f"{what} is empty")
+    return names
+
+
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
-        vals = tuple(int(v) for v in text.split(","))
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise QtoolError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not vals or any(v < 1 for v in vals):
@@ -66,6 +75,30 @@ def cli(verbose: bool):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def data_options(f):
+    """--data and --mean/--std: where the data comes from and how a model without metadata is fed."""
+    f = click.option("--std", default=None, help="per-channel std, e.g. 0.25,0.24,0.26 (overrides model metadata)")(f)
+    f = click.option("--mean", default=None, help="per-channel mean, e.g. 0.49,0.48,0.45 (overrides model metadata)")(f)
+    return click.option("--data", default="digits", show_default=True, help=DATA_HELP)(f)
+
+
+def make_data(data: str, mean: str | None, std: str | None):
+    from qtool.data import Data
+
+    return Data(data, parse_floats(mean, "--mean"), parse_floats(std, "--std"))
+
+
+def checked_outputs(inputs: tuple, *outputs) -> None:
+    """Refuse bad output paths before any work: missing folder, an input, two outputs the same."""
+    from qtool.io import check_output_path
+
+    given = [o for o in outputs if o is not None]
+    for o in given:
+        check_output_path(o, *inputs)
+    if len({os.path.abspath(o) for o in given}) < len(given):
+        raise QtoolError(f"two outputs are the same path: {given[0]}")
+
+
 @cli.command()
 @click.option("--model", "model_name", default="resnet20", show_default=True, help="zoo model: resnet20/32/44/56, mobilenetv2, lenet5, vgg_small, resnet18")
 @click.option("--data", default="digits", show_default=True, help=DATA_HELP)
@@ -76,9 +109,10 @@ def cli(verbose: bool):
 @click.option("-o", "--output", required=True, help="ONNX file to write (a .pt checkpoint is written beside it)")
 def train(model_name, data, epochs, batch_size, lr, seed, output):
     """Train a zoo model in FP32 and export it to ONNX (BatchNormalization kept, preprocessing in metadata)."""
-    from qtool.training import TrainConfig, train as run
+    import qtool
 
-    r = run(TrainConfig(model=model_name, data=data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed), output)
+    r = qtool.train(qtool.TrainConfig(model=model_name, data=data, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      seed=seed), output)
     echo(f"val accuracy: PyTorch {r.val_acc_torch:.4f}, ONNX on onnxruntime {r.val_acc_onnx:.4f} "
          f"({r.wall_time_s:.0f} s) -> {r.onnx_path} (checkpoint {r.checkpoint})")
 
@@ -86,44 +120,55 @@ def train(model_name, data, epochs, batch_size, lr, seed, output):
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, help="fused ONNX file to write")
+@click.option("--no-onnxsim", is_flag=True, help="skip onnxsim's simplification (folds only)")
 @click.option("--verbose", is_flag=True, help="also list refusals (why a fusion did not fire)")
-def fuse(model, output, verbose):
+def fuse(model, output, no_onnxsim, verbose):
     """Fold BatchNormalization and constant Mul/Add into Conv/Gemm/MatMul, simplify (onnxsim), and mark
     Conv/Gemm/MatMul + activation groups as single quantization units."""
-    from qtool.fusion import fuse_file
+    import qtool
 
-    for line in fuse_file(model, output, verbose=verbose).lines():
+    checked_outputs((model,), output)
+    r = qtool.fuse(model, qtool.FuseConfig(use_onnxsim=not no_onnxsim))
+    r.save(output)
+    for line in r.summary.lines():
         echo(line)
+    if verbose:  # the refusals are in the summary; --verbose also logs what each pass did
+        logging.getLogger().setLevel(logging.DEBUG)
+    echo(f"wrote {output}")
 
 
 @cli.command()
 @click.argument("model")
-@click.option("--data", default="digits", show_default=True, help=DATA_HELP + " (calibration images come from its train split)")
+@data_options
 @click.option("--calib", default="mse", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
 @click.option("--bits", default="w8a8", show_default=True, help="weight/activation bits, e.g. w8a8")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scale granularity")
 @click.option("--symmetric-activations", is_flag=True, help="int8 symmetric activations (S8S8; slower than the default U8S8 on x86 CPUs)")
 @click.option("--format", "fmt", default="qdq", show_default=True, type=click.Choice(["qdq", "qoperator"]))
 @click.option("--calib-size", default=512, show_default=True, type=int, help="number of calibration images")
-@click.option("--mean", default=None, help="per-channel mean, e.g. 0.49,0.48,0.45 (overrides model metadata)")
-@click.option("--std", default=None, help="per-channel std (overrides model metadata)")
 @click.option("-o", "--output", required=True)
 @click.option("--plan-out", default=None, help="also write the QuantPlan JSON here")
-def quantize(model, data, calib, bits, per_channel, symmetric_activations, fmt, calib_size, mean, std, output, plan_out):
+def quantize(model, data, mean, std, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
+             plan_out):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
-    w, a = parse_bits(bits)
-    from qtool.ptq import quantize_cli
+    import qtool
 
-    summary = quantize_cli(model, output, data=data, calib=calib, weight_bits=w, act_bits=a, per_channel=per_channel,
-                           act_signed=symmetric_activations, fmt=fmt, calib_size=calib_size,
-                           mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), plan_out=plan_out)
-    for line in summary.lines():
+    w, a = parse_bits(bits)
+    config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
+                               act_signed=symmetric_activations, act_symmetric=symmetric_activations,
+                               calib_size=calib_size, format=fmt)
+    d = make_data(data, mean, std)
+    checked_outputs((model,), output, plan_out)
+    r = qtool.quantize(model, d, config)
+    r.save(output, plan_out)
+    echo(f"wrote {output}" + (f" and plan {plan_out}" if plan_out else ""))
+    for line in r.lines():
         echo(line)
 
 
 @cli.command()
 @click.argument("model")
-@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@data_options
 @click.option("--bits", default=None, help="uniform bits, e.g. w4a4 (first conv / last FC stay 8-bit); w8a8 when no --plan/--config")
 @click.option("--plan", default=None, help="QuantPlan JSON giving per-tensor bits")
 @click.option("--config", default=None, help="YAML config (NNI config_list style)")
@@ -135,12 +180,27 @@ def quantize(model, data, calib, bits, per_channel, symmetric_activations, fmt, 
 @click.option("--train-limit", default=None, type=int, help="train on N images of the train split")
 @click.option("-o", "--output", required=True)
 @click.option("--plan-out", default=None, help="also write the learned QuantPlan JSON here")
-def qat(model, data, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit, output, plan_out):
+def qat(model, data, mean, std, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit, output,
+        plan_out):
     """Quantization-aware training on a PyTorch module lifted from the ONNX graph; writes a QDQ model."""
-    from qtool.qat_train import qat_file
+    import qtool
+    from qtool.qat_config import load_config_list, load_plan_bits
 
-    result = qat_file(model, output, data=data, bits=parse_bits(bits) if bits is not None else None, plan=plan, config=config, algo=algo, epochs=epochs, lr=lr,
-                      batch_size=batch_size, train_limit=train_limit, optimizer=optimizer, plan_out=plan_out)
+    if sum(v is not None for v in (bits, plan, config)) > 1:
+        raise QtoolError("give only one of --bits, --plan and --config")
+    kw: dict = {}
+    if bits is not None:
+        kw["weight_bits"], kw["act_bits"] = parse_bits(bits)
+    elif plan is not None:
+        kw["plan_bits"] = load_plan_bits(plan)
+    elif config is not None:
+        kw["rules"] = load_config_list(config)
+    cfg = qtool.QATConfig(algo=algo, epochs=epochs, lr=lr, batch_size=batch_size, train_limit=train_limit,
+                          optimizer=optimizer, **kw)
+    d = make_data(data, mean, std)
+    checked_outputs((model,), output, plan_out)
+    result = qtool.qat(model, d, cfg)
+    result.save(output, plan_out)
     for line in result.lines():
         echo(line)
     echo(f"wrote {output}" + (f" and plan {plan_out}" if plan_out else ""))
@@ -181,13 +241,21 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
            val_limit, supernet_epochs, qat_steps, qat_distill, batch_size, lr, fixed_bits, max_size, max_latency,
            random_init, device, sandwich_low):
     """NSGA-III search over per-layer weight/activation bit-widths."""
-    from qtool.bitsearch import search_cli
+    import qtool
 
-    search_cli(model, data=data, objectives=objectives, bits=bits, pop=pop, gens=gens, evaluator=evaluator,
-               executor=executor, workers=workers, workdir=workdir, resume=resume, seed=seed, train_limit=train_limit,
-               val_limit=val_limit, supernet_epochs=supernet_epochs, qat_steps=qat_steps, batch_size=batch_size, lr=lr,
-               fixed_bits=fixed_bits, max_size=max_size, max_latency=max_latency, seed_uniform=not random_init,
-               device=device, sandwich_low=sandwich_low, qat_distill=qat_distill)
+    config = qtool.SearchConfig(
+        objectives=parse_names(objectives, "--objectives"), bits=parse_ints(bits, "--bits"), pop=pop, gens=gens,
+        seed=seed, seed_uniform=not random_init, evaluator=evaluator, executor=executor, workers=workers,
+        resume=resume, train_limit=train_limit, val_limit=val_limit, supernet_epochs=supernet_epochs,
+        qat_steps=qat_steps, qat_distill=qat_distill, batch_size=batch_size, lr=lr, fixed_bits=fixed_bits,
+        max_size=max_size, max_latency=max_latency, device=device, sandwich_low=sandwich_low)
+    result = qtool.search(model, data, config, workdir=workdir)
+    from rich.console import Console
+
+    console = Console()
+    console.width = max(console.width, 160)
+    console.print(result.table())
+    console.print(f"wrote {os.path.join(workdir, 'front.json')}, front.csv, pareto.png, bits_heatmap.png")
 
 
 @cli.command()
@@ -227,15 +295,17 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_limit, batch_size, lr, controller_lr,
             budget, max_configs, uniform_baselines, controller_conv, controller_layers, granularity, estimator, distill,
             device, seed, output):
-    """Instance-aware dynamic bit-widths (DQNet): train a bit controller, compare with static QAT, deploy on ORT."""
-    from qtool.dynbits import dynamic_cli
+    """Per-image bit-widths (DQNet; not `--activations dynamic`): a bit controller picks each image's bits,
+    compared with static QAT at the same BitFLOPs and deployed on onnxruntime."""
+    import qtool
 
-    for line in dynamic_cli(model, output, data=data, bits=bits, target=target, epochs=epochs, penalty=penalty,
-                            alpha=alpha, train_limit=train_limit, val_limit=val_limit, batch_size=batch_size,
-                            lr=lr, controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
-                            uniform_baselines=uniform_baselines, controller_conv=controller_conv,
-                            controller_layers=controller_layers, granularity=granularity, estimator=estimator,
-                            distill=distill, device=device).lines():
+    config = qtool.DynamicConfig(
+        bits=parse_ints(bits, "--bits"), target=target, penalty=penalty, alpha=alpha, epochs=epochs,
+        train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, lr=lr, controller_lr=controller_lr,
+        budget=budget, max_configs=max_configs, seed=seed, uniform_baselines=uniform_baselines,
+        controller_conv=controller_conv, controller_layers=controller_layers, granularity=granularity,
+        estimator=estimator, distill=distill, device=device)
+    for line in qtool.dynamic(model, data, config, output_dir=output).lines():
         echo(line)
 
 
@@ -253,10 +323,24 @@ def dynamic(model, data, bits, target, epochs, penalty, alpha, train_limit, val_
 @click.option("-o", "--output", required=True)
 def export(model, plan, from_search, pick, int8, fmt, int4, requant, output):
     """Export a fused graph + QuantPlan to a deployable ONNX file (QDQ, QOperator or integer-only)."""
-    from qtool.exporting import export_cli
+    import qtool
+    from qtool.exporting import search_member_files
 
-    for line in export_cli(model, output, plan=plan, from_search=from_search, pick=pick, int8=int8, fmt=fmt,
-                           int4=int4, requant=requant).lines():
+    if not int8:
+        raise QtoolError("export writes integer models only: pass --int8")
+    if from_search is not None or pick is not None:
+        if from_search is None or pick is None:
+            raise QtoolError("--from-search DIR and --pick K go together")
+        if model is not None or plan is not None:
+            raise QtoolError("give either MODEL.onnx --plan P or --from-search DIR --pick K, not both")
+        model, plan = search_member_files(from_search, pick)
+    if model is None or plan is None:
+        raise QtoolError("give MODEL.onnx and --plan plan.json (or --from-search DIR --pick K)")
+    config = qtool.ExportConfig(format=fmt, int4=int4, requant=requant)
+    checked_outputs((model, plan), output)
+    result = qtool.export(model, plan, config)
+    result.save(output)
+    for line in result.report.lines():
         echo(line)
 
 
@@ -270,13 +354,13 @@ def export(model, plan, from_search, pick, int8, fmt, int4, requant, output):
 @click.option("--json", "json_out", default=None, help="write the report as JSON here")
 def bench(models, ep, batch, threads, warmup, runs, json_out):
     """Latency (median/p90/p99), throughput and ratio vs the first model on onnxruntime EPs."""
-    from qtool.latency import bench as run
-    from qtool.io import check_output_path
+    import qtool
 
+    config = qtool.BenchConfig(eps=parse_names(ep, "--ep"), batches=parse_ints(batch, "--batch"), threads=threads,
+                               warmup=warmup, runs=runs)
     if json_out:
-        check_output_path(json_out, *models)
-    eps = tuple(e.strip() for e in ep.split(",") if e.strip())
-    report = run(list(models), eps=eps, batches=parse_ints(batch, "--batch"), threads=threads, warmup=warmup, runs=runs)
+        checked_outputs(models, json_out)
+    report = qtool.bench(list(models), config)
     from rich.console import Console
 
     console = Console()
@@ -288,17 +372,14 @@ def bench(models, ep, batch, threads, warmup, runs, json_out):
 
 @cli.command(name="eval")
 @click.argument("model")
-@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@data_options
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]))
 @click.option("--batch-size", default=256, show_default=True, type=int)
-@click.option("--mean", default=None, help="per-channel mean (for models without qtool metadata)")
-@click.option("--std", default=None, help="per-channel std")
-def eval_cmd(model, data, split, batch_size, mean, std):
+def eval_cmd(model, data, mean, std, split, batch_size):
     """Top-1 accuracy on onnxruntime."""
-    from qtool.evaluation import evaluate_model
-    from qtool.io import load_model
+    import qtool
 
-    r = evaluate_model(load_model(model), data, split, batch_size, parse_floats(mean, "--mean"), parse_floats(std, "--std"))
+    r = qtool.evaluate(model, make_data(data, mean, std), qtool.EvalConfig(split=split, batch_size=batch_size))
     echo(f"top-1 {r.accuracy * 100:.2f}% on {r.n} images ({data}, {split})")
 
 

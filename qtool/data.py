@@ -256,6 +256,34 @@ def _cached(path: Path, reader):
     return splits, classes
 
 
+@dataclass(frozen=True)
+class Data:
+    """Where the data comes from (a SPEC: digits | cifar10:PATH | imagefolder:PATH | npz:PATH) and, for a
+    model without qtool's preprocessing metadata, the per-channel normalization to feed it with."""
+    spec: str = "digits"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        parse_spec(self.spec)  # a bad SPEC fails before any work
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, tuple) or not v
+                                  or not all(isinstance(x, (int, float)) for x in v)):
+                raise QtoolError(f"{k} must be a non-empty tuple of numbers, got {v!r}")
+        if self.std is not None and any(x <= 0 for x in self.std):
+            raise QtoolError(f"std values must be > 0, got {self.std}")
+
+
+def as_data(data) -> Data:
+    """A Data from a SPEC string or a Data."""
+    if isinstance(data, Data):
+        return data
+    if isinstance(data, str):
+        return Data(data)
+    raise QtoolError(f"data must be a SPEC string or a qtool.Data, got {type(data).__name__}")
+
+
 def parse_spec(spec: str) -> tuple[str, Path | None]:
     if spec == "digits":
         return "digits", None

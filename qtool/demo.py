@@ -19,17 +19,11 @@ DATA = "digits"
 
 def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, qat_epochs: int = 2, bench_runs: int = 200,
              quiet: bool = False) -> dict:
-    from qtool.latency import bench
+    import qtool
     from qtool.data import batches, load_dataset
-    from qtool.evaluation import evaluate_model
-    from qtool.exporting import export_file
+    from qtool.evaluation import predict
     from qtool.intsim import IntSim
-    from qtool.io import load_model
     from qtool.preprocess import resolve_preprocess
-    from qtool.qat_train import qat_file
-    from qtool.fusion import fuse_file
-    from qtool.ptq import quantize_cli
-    from qtool.training import TrainConfig, train
 
     console = Console(quiet=quiet)
     console.width = max(console.width, 120)
@@ -42,33 +36,39 @@ def run_demo(workdir: str | Path = "demo-out", epochs: int = 8, qat_epochs: int 
     t0 = time.perf_counter()
 
     console.rule("1/6 train LeNet-5 on digits (FP32)")
-    train(TrainConfig(model="lenet5", data=DATA, epochs=epochs, batch_size=64, lr=0.05), f["fp32"], quiet=quiet)
+    qtool.train(qtool.TrainConfig(model="lenet5", data=DATA, epochs=epochs, batch_size=64, lr=0.05), f["fp32"],
+                quiet=quiet)
     console.rule("2/6 fuse")
-    for line in fuse_file(f["fp32"], f["fused"]).lines():
+    fused = qtool.fuse(f["fp32"])
+    fused.save(f["fused"])
+    for line in fused.summary.lines():
         console.print("  " + line)
     console.rule("3/6 quantize (PTQ W8A8, mse calibration, per-channel)")
-    for line in quantize_cli(f["fused"], f["int8"], data=DATA, calib="mse", calib_size=256, plan_out=plan).lines():
+    q = qtool.quantize(fused.model, DATA, qtool.QuantConfig(calib="mse", calib_size=256))
+    q.save(f["int8"], plan)
+    for line in q.lines():
         console.print("  " + line)
     console.rule("4/6 qat (W4A4 LSQ, first/last layer 8-bit)")
-    for line in qat_file(f["fused"], f["w4a4_qat"], data=DATA, bits=(4, 4), algo="lsq", epochs=qat_epochs,
-                         batch_size=64, lr=0.01, quiet=quiet).lines():
+    t = qtool.qat(fused.model, DATA, qtool.QATConfig(weight_bits=4, act_bits=4, algo="lsq", epochs=qat_epochs,
+                                                     batch_size=64, lr=0.01, quiet=quiet))
+    t.save(f["w4a4_qat"])
+    for line in t.lines():
         console.print("  " + line)
     console.rule("5/6 export the PTQ plan as QOperator and integer-only ONNX")
     for fmt in ("qoperator", "integer"):
-        export_file(f["fused"], f[fmt], plan, fmt)
-    integer = load_model(f["integer"])
+        qtool.export(fused.model, q.plan, qtool.ExportConfig(format=fmt)).save(f[fmt])
+    integer = qtool.load_model(f["integer"])
     ds = load_dataset(DATA, "val")
     x, _ = next(batches(ds, 64, resolve_preprocess(integer)))
     sim_out = IntSim(integer)({integer.graph.input[0].name: x})[0]
-    from qtool.evaluation import predict
 
     agree = float(np.mean(sim_out.argmax(1) == predict(integer, x).argmax(1)))
     console.print(f"  integer simulator vs onnxruntime on {len(x)} images: top-1 agreement {agree * 100:.1f}%")
     console.rule("6/6 eval and bench (onnxruntime CPU EP, 2 threads)")
-    acc = {k: evaluate_model(load_model(p), DATA, "val").accuracy for k, p in f.items()}
+    acc = {k: qtool.evaluate(p, DATA).accuracy for k, p in f.items()}
     timed = ("fp32", "int8", "w4a4_qat", "qoperator")
-    rep = bench([str(f[k]) for k in timed], eps=("cpu",), batches=(1, 64), threads=2, warmup=10, runs=bench_runs,
-                progress=not quiet)
+    rep = qtool.bench([str(f[k]) for k in timed], qtool.BenchConfig(batches=(1, 64), threads=2, warmup=10,
+                                                                      runs=bench_runs, progress=not quiet))
 
     t = Table(title=f"qtool demo on digits ({time.perf_counter() - t0:.0f} s)")
     for col in ("model", "val top-1", "size (bytes)", "median ms b1", "median ms b64", "latency vs fp32 b64"):

@@ -16,15 +16,22 @@ import torch
 from qtool.errors import QtoolError
 
 
-def resolve_device(name: str | None, *, option: str = "--device") -> torch.device:
-    """'cpu' | 'cuda[:N]' | None (CUDA when available, else CPU) -> torch.device; bad input: QtoolError."""
+def check_device(name: str | None, *, option: str = "device") -> str:
+    """Validate 'cpu' | 'cuda[:N]' | None (CUDA when available, else CPU) without touching torch's global
+    settings (configs call this when constructed); returns the device name."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if not isinstance(name, str) or name.split(":")[0] not in ("cpu", "cuda"):
         raise QtoolError(f"{option} must be cpu or cuda[:N], got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QtoolError(f"{option} {name}: CUDA is not available here")
+    return name
+
+
+def resolve_device(name: str | None, *, option: str = "device") -> torch.device:
+    """The torch.device to run on, when the work starts: on CUDA this turns TF32 off (module docstring)."""
+    name = check_device(name, option=option)
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise QtoolError(f"{option} {name}: CUDA is not available here")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     try:

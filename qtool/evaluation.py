@@ -12,6 +12,20 @@ from qtool.errors import QtoolError
 from qtool.preprocess import resolve_preprocess
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "val"  # val (a fixed slice of train) | test | train
+    batch_size: int = 256
+    limit: int | None = None  # the first N images of the split
+
+    def __post_init__(self):
+        if self.split not in ("train", "val", "test"):
+            raise QtoolError(f"split must be train, val or test, got {self.split!r}")
+        for k, v in (("batch_size", self.batch_size), ("limit", self.limit)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise QtoolError(f"{k} must be an integer >= 1, got {v!r}")
+
+
 @dataclass
 class EvalResult:
     accuracy: float
@@ -38,11 +52,12 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 256) -> np.
     return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
-def evaluate_model(model: onnx.ModelProto, spec: str, split: str = "val", batch_size: int = 256,
-                   mean=None, std=None, limit: int | None = None) -> EvalResult:
+def evaluate_model(model: onnx.ModelProto, spec: str, config: EvalConfig = EvalConfig(), *,
+                   mean=None, std=None) -> EvalResult:
+    split, batch_size = config.split, config.batch_size
     ds = load_dataset(spec, split)
-    if limit:
-        ds = ds.subset(np.arange(min(limit, len(ds))))
+    if config.limit:
+        ds = ds.subset(np.arange(min(config.limit, len(ds))))
     name, dims = model_image_input(model)
     check_input_matches(dims, ds, name)
     pre = resolve_preprocess(model, mean, std)

@@ -1,7 +1,7 @@
-"""Python API for `qtool export`: fused graph + QuantPlan -> deployable integer ONNX file.
+"""`qtool export`: fused graph + QuantPlan -> deployable integer ONNX file.
 
-    result = export_model(fused, plan, "integer")        # ExportResult(model, report)
-    report = export_file("fused.onnx", "out.onnx", "plan.json", fmt="qoperator")
+    result = export_model(fused, plan, ExportConfig(format="integer"))   # ExportResult(model, report)
+    result.save("model.int8.onnx")
 
 Formats (exporters/):
 - "qdq": QuantizeLinear/DequantizeLinear around float ops (exporters.qdq.apply_plan); onnxruntime
@@ -24,12 +24,30 @@ from dataclasses import dataclass, field
 import onnx
 
 from qtool.errors import QtoolError
-from qtool.io import check_model, check_output_path, load_model, save_model
+from qtool.io import check_model, save_model
 from qtool.plan import QuantPlan
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("qdq", "qoperator", "integer")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    format: str = "qdq"  # qdq | qoperator | integer
+    int4: str = "auto"  # qdq only: pack weights of <= 4 bits as INT4 (auto: only if ORT keeps integer kernels)
+    requant: str = "fixedpoint"  # integer only: fixed-point multiplier + shift, or pot (shift only)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # where the integer kernels are counted
+
+    def __post_init__(self):
+        from exporters.qdq import INT4_MODES
+
+        if self.format not in FORMATS:
+            raise QtoolError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.int4 not in INT4_MODES:
+            raise QtoolError(f"int4 must be one of {', '.join(INT4_MODES)}, got {self.int4!r}")
+        if self.requant not in ("fixedpoint", "pot"):
+            raise QtoolError(f"requant must be fixedpoint or pot, got {self.requant!r}")
 
 
 @dataclass
@@ -64,6 +82,11 @@ class ExportReport:
 class ExportResult:
     model: onnx.ModelProto
     report: ExportReport
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_model(self.model, path)
+        self.report.output = str(path)
+        self.report.size_bytes = os.path.getsize(path)
 
 
 def _check_plan(model: onnx.ModelProto, plan: QuantPlan) -> None:
@@ -119,21 +142,15 @@ def _export_qdq(model: onnx.ModelProto, plan: QuantPlan, int4: str, providers) -
     return packed, notes, len(names)
 
 
-def export_model(model: onnx.ModelProto, plan: QuantPlan, fmt: str = "qdq", int4: str = "auto", *,
-                 requant: str = "fixedpoint", providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> ExportResult:
-    """Export `model` (fused; an unfused model is fused first) quantized by `plan` in format `fmt`.
-
-    `int4` ("auto" | "on" | "off") applies to "qdq" only; `requant` ("fixedpoint" | "pot") to "integer".
-    """
-    from exporters.qdq import INT4_MODES
-    from qtool.ortgraph import integer_kernel_report
+def export_model(model: onnx.ModelProto, plan: QuantPlan, config: ExportConfig = ExportConfig()) -> ExportResult:
+    """Export `model` (fused; an unfused model is fused first) quantized by `plan` as `config.format`."""
     from passes import UNITS_KEY
-    from qtool.fusion import is_fused, fuse
+    from qtool.fusion import fuse, is_fused
+    from qtool.ortgraph import integer_kernel_report
 
-    if fmt not in FORMATS:
-        raise QtoolError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if int4 not in INT4_MODES:
-        raise QtoolError(f"int4 must be one of {', '.join(INT4_MODES)}, got {int4!r}")
+    if not isinstance(config, ExportConfig):
+        raise QtoolError(f"config must be an ExportConfig, got {type(config).__name__}")
+    fmt, int4, providers = config.format, config.int4, config.providers
     if not isinstance(model, onnx.ModelProto):
         raise QtoolError(f"model must be an onnx.ModelProto, got {type(model).__name__}")
     if not is_fused(model):
@@ -149,7 +166,7 @@ def export_model(model: onnx.ModelProto, plan: QuantPlan, fmt: str = "qdq", int4
     else:
         from exporters.integer import export_integer
 
-        out, notes = export_integer(model, plan, requant)
+        out, notes = export_integer(model, plan, config.requant)
     narrow = sorted({t.bits for t in plan.tensors.values() if t.kind == "weight" and t.bits < 8})
     if fmt != "qdq" and narrow:
         notes.append(f"weights of {'/'.join(map(str, narrow))} bits stored as int8 codes in their narrowed range")
@@ -166,19 +183,6 @@ def export_model(model: onnx.ModelProto, plan: QuantPlan, fmt: str = "qdq", int4
     report = ExportReport(fmt, out.ByteSize(), _opset(out), dict(Counter(n.op_type for n in out.graph.node)),
                           r.integer_compute, r.float_compute, r.float_fallbacks, dict(r.integer_ops), int4_count, notes)
     return ExportResult(out, report)
-
-
-def export_file(inp: str | os.PathLike, out: str | os.PathLike, plan: str | os.PathLike | QuantPlan,
-                fmt: str = "qdq", int4: str = "auto", *, requant: str = "fixedpoint") -> ExportReport:
-    check_output_path(out, inp, *([plan] if not isinstance(plan, QuantPlan) else []))
-    model = load_model(inp)
-    if not isinstance(plan, QuantPlan):
-        plan = QuantPlan.load(plan)
-    result = export_model(model, plan, fmt, int4, requant=requant)
-    save_model(result.model, out)
-    result.report.output = str(out)
-    result.report.size_bytes = os.path.getsize(out)
-    return result.report
 
 
 def search_member_files(workdir: str | os.PathLike, pick: int) -> tuple[str, str]:
@@ -199,20 +203,3 @@ def search_member_files(workdir: str | os.PathLike, pick: int) -> tuple[str, str
     if "model_file" not in member or "plan_file" not in member:
         raise QtoolError(f"front member {pick} has no exported model/plan files in {workdir}")
     return str(Path(workdir) / member["model_file"]), str(Path(workdir) / member["plan_file"])
-
-
-def export_cli(model: str | None, output: str, *, plan: str | None, from_search: str | None = None,
-               pick: int | None = None, int8: bool = False, fmt: str = "qdq", int4: str = "auto",
-               requant: str = "fixedpoint") -> ExportReport:
-    """`qtool export`: argument checks, then export_file."""
-    if not int8:
-        raise QtoolError("export writes integer models only: pass --int8")
-    if from_search is not None or pick is not None:
-        if from_search is None or pick is None:
-            raise QtoolError("--from-search DIR and --pick K go together")
-        if model is not None or plan is not None:
-            raise QtoolError("give either MODEL.onnx --plan P or --from-search DIR --pick K, not both")
-        model, plan = search_member_files(from_search, pick)
-    if model is None or plan is None:
-        raise QtoolError("give MODEL.onnx and --plan plan.json (or --from-search DIR --pick K)")
-    return export_file(model, output, plan, fmt, int4, requant=requant)

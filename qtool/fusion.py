@@ -1,4 +1,4 @@
-"""Python API of `qtool fuse`: simplify, fold BatchNormalization and constant Mul/Add into
+"""`qtool fuse`: simplify, fold BatchNormalization and constant Mul/Add into
 Conv/Gemm/MatMul, and record quantization units (docs/DESIGN.md, "passes").
 
     fused, summary = fuse(model)
@@ -6,7 +6,6 @@ Conv/Gemm/MatMul, and record quantization units (docs/DESIGN.md, "passes").
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -17,7 +16,6 @@ from onnx_ir.passes.common import NameFixPass
 import passes
 from passes.core import Refusal
 from qtool.errors import QtoolError
-from qtool.io import check_model, check_output_path, load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +23,15 @@ MAX_FUSE_ROUNDS = 8
 
 
 # -- fuse ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FuseConfig:
+    use_onnxsim: bool = True  # onnxsim's simplification before and between the folds
+
+    def __post_init__(self):
+        if not isinstance(self.use_onnxsim, bool):
+            raise QtoolError(f"use_onnxsim must be true or false, got {self.use_onnxsim!r}")
+
 
 @dataclass
 class FuseSummary:
@@ -105,20 +112,6 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
                 bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
                 raise QtoolError(f"weight {name!r} of {node.op_type} {node.name or '(unnamed)'!r} has {bad} NaN/Inf "
                                  "values; fix the model before fusing or quantizing")
-
-
-def fuse_file(inp: str | os.PathLike, out: str | os.PathLike, verbose: bool = False) -> FuseSummary:
-    check_output_path(out, inp)
-    model = load_model(inp)
-    check_finite_weights(model)
-    fused, summary = fuse(model)
-    check_model(fused, "fused")
-    save_model(fused, out)
-    if verbose:
-        for line in summary.lines():
-            log.info("%s", line)
-    return summary
-
 
 
 def is_fused(model: onnx.ModelProto) -> bool:

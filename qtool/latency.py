@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -152,9 +152,8 @@ class BenchReport:
 # ---------------------------------------------------------------- argument checks
 
 def _as_list(value, what: str) -> list:
-    """Accept a sequence or a comma-separated string ("cpu,cuda", "1,32") as the CLI gives them."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, str):  # a string is a sequence of characters: never what was meant
+        raise QtoolError(f"{what} must be a list, got the string {value!r}")
     try:
         items = list(value)
     except TypeError:
@@ -193,6 +192,27 @@ def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise QtoolError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    eps: tuple[str, ...] = ("cpu",)  # cpu | cuda | tensorrt
+    batches: tuple[int, ...] = (1,)
+    threads: int = 2  # intra-op threads
+    warmup: int = 10
+    runs: int = 100  # timed runs per row, at least
+    min_time_s: float = 1.0  # and at least this long per EP / batch group
+    seed: int = 0  # of the random input feeds
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "eps", tuple(_check_eps(self.eps)))
+        object.__setattr__(self, "batches", tuple(_check_batches(self.batches)))
+        for name, minimum in (("threads", 1), ("warmup", 0), ("runs", 1)):
+            _check_int(getattr(self, name), name, minimum)
+        m = self.min_time_s
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise QtoolError(f"min_time_s must be a finite number >= 0, got {m!r}")
 
 
 # ---------------------------------------------------------------- inputs
@@ -346,30 +366,24 @@ def _measure(sessions: dict[str, ort.InferenceSession], feeds: dict[str, dict], 
     return times, failed
 
 
-def bench(models: Sequence[str | os.PathLike], eps: Iterable[str] | str = ("cpu",),
-          batches: Iterable[int] | str = (1,), threads: int = 2, warmup: int = 10, runs: int = 100,
-          min_time_s: float = 1.0, *, seed: int = 0, progress: bool = True) -> BenchReport:
+def bench(models: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig()) -> BenchReport:
     """Benchmark `models` on every EP and batch; see the module docstring for the rules.
 
-    `runs` is the minimum number of timed runs per row; measuring continues in rounds until each
-    EP/batch group has also spent `min_time_s` seconds. Bad arguments raise QtoolError.
+    `config.runs` is the minimum number of timed runs per row; measuring continues in rounds until each
+    EP/batch group has also spent `config.min_time_s` seconds. Bad arguments raise QtoolError.
     """
+    if not isinstance(config, BenchConfig):
+        raise QtoolError(f"config must be a BenchConfig, got {type(config).__name__}")
     if isinstance(models, (str, os.PathLike)):
         raise QtoolError("models must be a list of paths (got a single path)")
     paths = _as_list(models, "model")
-    ep_names = _check_eps(eps)
-    batch_list = _check_batches(batches)
-    threads = _check_int(threads, "threads", 1)
-    warmup = _check_int(warmup, "warmup", 0)
-    runs = _check_int(runs, "runs", 1)
-    if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)) \
-            or not math.isfinite(min_time_s) or min_time_s < 0:
-        raise QtoolError(f"min_time_s must be a finite number >= 0, got {min_time_s!r}")
+    ep_names, batch_list = list(config.eps), list(config.batches)
+    threads, warmup, runs, min_time_s = config.threads, config.warmup, config.runs, config.min_time_s
     loaded = _load(paths)  # every file and shape is checked before any measurement starts
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(config.seed)
     rows: list[BenchRow] = []
-    bar = progress_bar(disable=not progress)  # the project's shared bar style (qtool.progress)
+    bar = progress_bar(disable=not config.progress)  # the project's shared bar style (qtool.progress)
     with bar:
         task = bar.add_task("bench", total=len(ep_names) * len(batch_list) * len(loaded) * (warmup + runs), info="")
         for ep in ep_names:

@@ -1,4 +1,4 @@
-"""Python API of `qtool quantize`: post-training quantization to a QDQ graph.
+"""`qtool quantize`: post-training quantization to a QDQ graph.
 
     qmodel, plan = quantize(model, calib_batches, QuantConfig(calib="entropy"))
 
@@ -14,8 +14,7 @@ weights with narrow range.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,8 +24,7 @@ import passes
 from exporters.qdq import apply_plan
 from qtool.calibrate import DEFAULT_BINS, METHODS, TensorStats, collect_stats
 from qtool.errors import QtoolError
-from qtool.fusion import FuseSummary, check_finite_weights, fuse, is_fused, op_counts, untie_biases
-from qtool.io import check_output_path, load_model, save_model
+from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
 from qtool.plan import QuantPlan, TensorQuant
 
 log = logging.getLogger(__name__)
@@ -44,6 +42,8 @@ class QuantConfig:
     percentile: float = 99.99
     bins: int = DEFAULT_BINS
     max_batches: int | None = None
+    calib_size: int = 512  # calibration images taken from a data SPEC's train split
+    format: str = "qdq"  # qdq | qoperator (the same plan lowered by the exporter)
 
     def __post_init__(self):
         for k in ("weight_bits", "act_bits"):
@@ -62,6 +62,10 @@ class QuantConfig:
             raise QtoolError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if not isinstance(self.bins, int) or self.bins < 16 or self.bins % 4:
             raise QtoolError(f"bins must be a multiple of 4 and >= 16, got {self.bins!r}")
+        if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 1:
+            raise QtoolError(f"calib_size must be an integer >= 1, got {self.calib_size!r}")
+        if self.format not in ("qdq", "qoperator"):
+            raise QtoolError(f"format must be qdq or qoperator, got {self.format!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
             raise QtoolError(f"max_batches must be a positive integer or None, got {self.max_batches!r}")
 
@@ -149,8 +153,6 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
 
 @dataclass
 class QuantizeSummary:
-    output: str
-    plan_out: str | None
     config: QuantConfig
     tensors: dict[str, int]  # plan counts by kind/bits/granularity
     ops_before: dict[str, int]
@@ -158,8 +160,7 @@ class QuantizeSummary:
     fuse: FuseSummary | None = None
 
     def lines(self) -> list[str]:
-        out = [f"wrote {self.output}" + (f" and plan {self.plan_out}" if self.plan_out else ""),
-               f"calibration: {self.config.calib}, weights {self.config.weight_bits}-bit "
+        out = [f"calibration: {self.config.calib}, weights {self.config.weight_bits}-bit "
                f"{'per-channel' if self.config.per_channel else 'per-tensor'}, activations "
                f"{'int' if self.config.act_signed else 'uint'}{self.config.act_bits}"]
         out.append("quantized tensors: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.tensors.items())))
@@ -168,51 +169,3 @@ class QuantizeSummary:
         if self.fuse is not None:
             out += ["fuse: " + line for line in self.fuse.lines()]
         return out
-
-
-CalibSource = Iterable[dict[str, np.ndarray]] | Callable[[onnx.ModelProto], Iterable[dict[str, np.ndarray]]]
-
-
-def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, calib_batches: CalibSource,
-                  config: QuantConfig = QuantConfig(), plan_out: str | os.PathLike | None = None,
-                  fmt: str = "qdq") -> QuantizeSummary:
-    """`calib_batches` is an iterable of input dicts, or a function of the loaded model giving one
-    (data loaders need the model's input name and shape)."""
-    check_output_path(out, inp)
-    if plan_out is not None:
-        check_output_path(plan_out, inp)
-        if os.path.abspath(plan_out) == os.path.abspath(out):
-            raise QtoolError(f"--plan-out and the output model are the same path: {out}")
-    model = load_model(inp)
-    check_finite_weights(model)
-    if callable(calib_batches):
-        calib_batches = calib_batches(model)
-    fsum = None
-    if not is_fused(model):
-        model, fsum = fuse(model)
-    qmodel, plan = quantize(model, calib_batches, config)
-    if fmt != "qdq":  # same plan, lowered by the exporter (QLinearConv / QGemm / QLinearAdd ...)
-        from qtool.exporting import export_model
-
-        qmodel = export_model(model, plan, fmt).model
-    save_model(qmodel, out)
-    if plan_out is not None:
-        plan.save(plan_out)
-    return QuantizeSummary(str(out), str(plan_out) if plan_out else None, config, plan.summary_counts(),
-                           op_counts(model), op_counts(qmodel), fsum)
-
-
-def quantize_cli(inp: str | os.PathLike, out: str | os.PathLike, *, data: str, calib: str = "mse",
-                 weight_bits: int = 8, act_bits: int = 8, per_channel: bool = True, act_signed: bool = False,
-                 fmt: str = "qdq", calib_size: int = 512, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None, plan_out: str | os.PathLike | None = None) -> QuantizeSummary:
-    """`qtool quantize`: calibration images from the train split of a data SPEC."""
-    from qtool.data import calib_inputs, parse_spec
-
-    if fmt not in ("qdq", "qoperator"):
-        raise QtoolError(f"--format must be qdq or qoperator, got {fmt!r}")
-    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, calib=calib, per_channel=per_channel,
-                         act_signed=act_signed, act_symmetric=act_signed)
-    parse_spec(data)  # a bad SPEC fails before any work
-    return quantize_file(inp, out, lambda m: calib_inputs(m, data, n=calib_size, mean=mean, std=std), config,
-                         plan_out, fmt)

@@ -215,9 +215,9 @@ class QATConfig:
             if not isinstance(getattr(self, k), bool):
                 raise QtoolError(f"{k} must be true or false, got {getattr(self, k)!r}")
         if self.device is not None:
-            from qtool.device import resolve_device
+            from qtool.device import check_device
 
-            resolve_device(self.device, option="device")
+            check_device(self.device)
 
     @property
     def learning_rate(self) -> float:

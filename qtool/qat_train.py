@@ -84,7 +84,7 @@ from qtool.training import EpochMeter, sgd_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["qat", "QATConfig", "QATResult", "resolve_bits", "qat_file"]
+__all__ = ["qat", "QATConfig", "QATResult", "resolve_bits"]
 
 _EVAL_BATCH = 256
 _CALIB_SEED = 20151211
@@ -264,6 +264,13 @@ class QATResult:
     bn_fold: bool = False
     device: str = "cpu"
     wall_time_s: float = 0.0
+
+    def save(self, path: str | Path, plan_path: str | Path | None = None) -> None:
+        from qtool.io import save_model
+
+        save_model(self.model, path)
+        if plan_path is not None:
+            self.plan.save(plan_path)
 
     def lines(self) -> list[str]:
         f = self.fidelity
@@ -634,41 +641,3 @@ def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDatase
             if not config.quiet:
                 bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} "
                                   f"val (fake-quant) {val_acc:.4f}")
-
-
-# -- files / CLI -------------------------------------------------------------------------------------
-
-def qat_file(inp: str | Path, out: str | Path, *, data: str, bits: tuple[int, int] | None = None, plan: str | None = None,
-             config: str | None = None, algo: str = "lsq", epochs: int = 1, lr: float | None = None,
-             batch_size: int = 128, train_limit: int | None = None, optimizer: str = "sgd",
-             plan_out: str | Path | None = None, quiet: bool = False) -> QATResult:
-    """`qtool qat`: bits from --bits, --plan or --config (one of them; w8a8 when none), data from a SPEC."""
-    import os
-
-    from qtool.data import load_dataset, parse_spec
-    from qtool.io import check_output_path, load_model, save_model
-    from qtool.qat_config import load_config_list, load_plan_bits
-
-    check_output_path(out, inp)
-    if plan_out is not None:
-        check_output_path(plan_out, inp)
-        if os.path.abspath(plan_out) == os.path.abspath(out):
-            raise QtoolError(f"--plan-out and the output model are the same path: {out}")
-    if sum(v is not None for v in (bits, plan, config)) > 1:
-        raise QtoolError("give only one of --bits, --plan and --config")
-    parse_spec(data)
-    kw: dict = {}
-    if bits is not None:
-        kw["weight_bits"], kw["act_bits"] = bits
-    elif plan is not None:
-        kw["plan_bits"] = load_plan_bits(plan)
-    elif config is not None:
-        kw["rules"] = load_config_list(config)
-    cfg = QATConfig(algo=algo, epochs=epochs, lr=lr, batch_size=batch_size, train_limit=train_limit,
-                    optimizer=optimizer, quiet=quiet, **kw)
-    model = load_model(inp)
-    result = qat(model, load_dataset(data, "train"), load_dataset(data, "val"), cfg)
-    save_model(result.model, out)
-    if plan_out is not None:
-        result.plan.save(plan_out)
-    return result

@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
     save_model(m, out)
     from qtool.evaluation import evaluate_model
 
-    onnx_acc = evaluate_model(m, cfg.data, "val").accuracy
+    onnx_acc = evaluate_model(m, cfg.data).accuracy
     return TrainResult(str(out), str(ckpt), cfg.epochs, wall, history[-1]["train_acc"], history[-1]["val_acc"],
                        onnx_acc, history)
 

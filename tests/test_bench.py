@@ -15,7 +15,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from rich.console import Console
 from rich.table import Table
 
-from qtool.latency import BenchReport, bench
+from qtool.latency import BenchConfig, BenchReport, bench
 from qtool.errors import QtoolError
 
 FAST = dict(runs=5, warmup=1, min_time_s=0.0, progress=False)
@@ -66,7 +66,7 @@ def models(tmp_path_factory):
 
 def test_report_structure(models):
     fp32, int8 = models
-    r = bench([fp32, int8], eps=("cpu",), batches=(1, 2), threads=1, **FAST)
+    r = bench([fp32, int8], BenchConfig(eps=("cpu",), batches=(1, 2), threads=1, **FAST))
     assert isinstance(r, BenchReport)
     assert [(row.model, row.ep, row.batch) for row in r.rows] == [
         (str(fp32), "cpu", 1), (str(int8), "cpu", 1), (str(fp32), "cpu", 2), (str(int8), "cpu", 2)]
@@ -87,7 +87,7 @@ def test_report_structure(models):
 
 def test_model_against_itself(models):
     fp32, _ = models
-    r = bench([fp32, fp32], **FAST)
+    r = bench([fp32, fp32], BenchConfig(**FAST))
     a, b = r.rows
     assert a.model != b.model and b.model.endswith("#2")  # same file twice: rows kept apart
     assert a.ratio == 1.0
@@ -96,7 +96,7 @@ def test_model_against_itself(models):
 
 def test_outputs(models, tmp_path):
     fp32, int8 = models
-    r = bench([fp32, int8], **FAST)
+    r = bench([fp32, int8], BenchConfig(**FAST))
     out = r.to_json(tmp_path / "bench.json")
     d = json.loads(out.read_text())
     assert len(d["rows"]) == 2 and d["rows"][1]["kernels"]["integer_compute"] == 2
@@ -116,7 +116,7 @@ def test_unavailable_ep_is_reported_not_replaced(models, monkeypatch):
     fp32, int8 = models
     real = ort.get_available_providers()
     monkeypatch.setattr(ort, "get_available_providers", lambda: [p for p in real if p != "TensorrtExecutionProvider"])
-    r = bench([fp32, int8], eps="cpu,tensorrt", **FAST)
+    r = bench([fp32, int8], BenchConfig(eps=("cpu", "tensorrt"), **FAST))
     trt = [row for row in r.rows if row.ep == "tensorrt"]
     assert len(trt) == 2
     for row in trt:
@@ -134,7 +134,7 @@ def test_silent_ort_fallback_is_reported(models, monkeypatch):
     real = ort.get_available_providers()
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
     fp32, _ = models
-    (row,) = bench([fp32], eps=("cuda",), **FAST).rows
+    (row,) = bench([fp32], BenchConfig(eps=("cuda",), **FAST)).rows
     assert row.status.startswith("unavailable (") and row.median_ms is None
 
 
@@ -142,7 +142,7 @@ def test_fixed_batch_row(models, tmp_path):
     fp32, _ = models
     fixed = tmp_path / "fixed1.onnx"
     onnx.save(_conv_model(batch_dim=1), fixed)
-    r = bench([fp32, fixed], batches=(1, 3), **FAST)
+    r = bench([fp32, fixed], BenchConfig(batches=(1, 3), **FAST))
     assert r.row(str(fixed), "cpu", 1).ok
     row = r.row(str(fixed), "cpu", 3)
     assert row.status == "fixed batch 1" and row.median_ms is None
@@ -153,7 +153,7 @@ def test_fixed_batch_first_model_leaves_no_ratio(models, tmp_path):
     fp32, _ = models
     fixed = tmp_path / "fixed1.onnx"
     onnx.save(_conv_model(batch_dim=1), fixed)
-    r = bench([fixed, fp32], batches=(2,), **FAST)
+    r = bench([fixed, fp32], BenchConfig(batches=(2,), **FAST))
     assert r.rows[0].status == "fixed batch 1"
     assert r.rows[1].ok and r.rows[1].ratio is None  # no reference to compare against
 
@@ -164,7 +164,7 @@ def test_symbolic_spatial_dim(tmp_path):
     m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
     onnx.save(m, path)
     with pytest.raises(QtoolError, match="symbolic dimension 'H' at axis 2"):
-        bench([path], **FAST)
+        bench([path], BenchConfig(**FAST))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -174,7 +174,7 @@ def test_symbolic_spatial_dim(tmp_path):
     (dict(batches=()), "batch list is empty"),
     (dict(batches=(0,)), "bad batch size 0"),
     (dict(batches=(-2,)), "bad batch size -2"),
-    (dict(batches="1,x"), "bad batch size 'x'"),
+    (dict(batches="1,2"), "batch must be a list, got the string '1,2'"),
     (dict(batches=(1.5,)), "bad batch size 1.5"),
     (dict(batches=(2, 2)), "listed twice"),
     (dict(runs=0), "runs must be an integer >= 1"),
@@ -187,24 +187,24 @@ def test_bad_arguments(models, kwargs, message):
     fp32, _ = models
     args = {**FAST, **kwargs}
     with pytest.raises(QtoolError, match=message):
-        bench([fp32], **args)
+        BenchConfig(**args)
 
 
 def test_bad_model_lists(models, tmp_path):
     fp32, _ = models
     with pytest.raises(QtoolError, match="model file not found"):
-        bench([fp32, tmp_path / "nope.onnx"], **FAST)
+        bench([fp32, tmp_path / "nope.onnx"], BenchConfig(**FAST))
     with pytest.raises(QtoolError, match="model list is empty"):
-        bench([], **FAST)
+        bench([], BenchConfig(**FAST))
     with pytest.raises(QtoolError, match="list of paths"):
-        bench(fp32, **FAST)  # type: ignore[arg-type]
+        bench(fp32, BenchConfig(**FAST))  # type: ignore[arg-type]
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     with pytest.raises(QtoolError):
-        bench([junk], **FAST)
+        bench([junk], BenchConfig(**FAST))
 
 
-def test_comma_separated_arguments(models):
+def test_one_row_per_ep_and_batch(models):
     fp32, _ = models
-    r = bench([fp32], eps="cpu", batches="1,2", **FAST)
+    r = bench([fp32], BenchConfig(eps=("cpu",), batches=(1, 2), **FAST))
     assert [(row.ep, row.batch) for row in r.rows] == [("cpu", 1), ("cpu", 2)]

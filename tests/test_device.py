@@ -15,7 +15,7 @@ def test_cpu_and_default():
 
 @pytest.mark.parametrize("name", ["tpu", "cuda:x", "", "CPU", 3])
 def test_bad_names_are_input_errors(name):
-    with pytest.raises(QtoolError, match="--device"):  # cuda:x without a GPU: "--device cuda:x: CUDA is not ..."
+    with pytest.raises(QtoolError, match="device"):  # cuda:x without a GPU: "device cuda:x: CUDA is not ..."
         resolve_device(name)
 
 

@@ -268,7 +268,7 @@ def test_cli_end_to_end(cli_run):
 
 @pytest.mark.parametrize("args, msg", [
     (["--bits", "3,x"], "--bits"), (["--bits", "4"], "--bits"), (["--bits", "1,4"], "--bits"),
-    (["--device", "tpu"], "--device"), (["--controller-conv", "-1"], "--controller-conv"),
+    (["--device", "tpu"], "device must be cpu or cuda"), (["--controller-conv", "-1"], "--controller-conv"),
     (["--distill", "1.5"], "--distill"), (["--distill", "-0.1"], "--distill"),
     (["--controller-layers", "0"], "--controller-layers"), (["--controller-layers", "9"], "--controller-layers"),
     (["--target-bitflops", "0"], "> 0"), (["--target-bitflops", "-5e6"], "> 0"), (["--target-bitflops", "abc"], "number"),
@@ -281,7 +281,7 @@ def test_cli_bad_input_exit_2(cli_run, tmp_path, capsys, args, msg):
 
 
 def test_config_rejects_bad_device_and_controller_conv():
-    with pytest.raises(QtoolError, match="--device"):
+    with pytest.raises(QtoolError, match="device must be"):
         DynamicConfig(device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(QtoolError, match="CUDA"):

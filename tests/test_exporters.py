@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qtool.cli import main as cli_main
 from qtool.errors import QtoolError
-from qtool.exporting import export_file, export_model
+import qtool
+from qtool.exporting import ExportConfig, export_model
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.ptq import QuantConfig, quantize
 from qtool.fusion import fuse
@@ -100,7 +101,7 @@ X = np.random.default_rng(7).normal(size=(16, 3, 8, 8)).astype(np.float32)
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator", "integer"])
 def test_formats_check_load_and_match_qdq(w8, fmt):
     fused, qdq, plan = w8
-    r = export_model(fused, plan, fmt)
+    r = export_model(fused, plan, ExportConfig(format=fmt))
     onnx.checker.check_model(r.model, full_check=True)
     assert r.report.format == fmt and r.report.size_bytes == r.model.ByteSize()
     assert steps(ort_run(r.model, X), ort_run(qdq, X), plan) <= 2.0 + 1e-4
@@ -126,7 +127,7 @@ def test_formats_check_load_and_match_qdq(w8, fmt):
 
 def test_unfused_model_is_fused_first(w8):
     _, qdq, plan = w8
-    r = export_model(residual_cnn(), plan, "qoperator")
+    r = export_model(residual_cnn(), plan, ExportConfig(format="qoperator"))
     assert steps(ort_run(r.model, X), ort_run(qdq, X), plan) <= 2.0 + 1e-4
 
 
@@ -137,15 +138,15 @@ def test_narrow_and_signed_plans(config):
     fused, qdq, plan = make(config)
     ref = ort_run(qdq, X)
     for fmt in ("qoperator", "integer"):
-        r = export_model(fused, plan, fmt)
+        r = export_model(fused, plan, ExportConfig(format=fmt))
         assert steps(ort_run(r.model, X), ref, plan) <= 2.0 + 1e-4, fmt
 
 
 def test_int4_weights_pack_and_fall_back():
     fused, qdq, plan = make(QuantConfig(weight_bits=4))
-    off = export_model(fused, plan, "qdq", "off")
-    on = export_model(fused, plan, "qdq", "on")
-    auto = export_model(fused, plan, "qdq", "auto")
+    off = export_model(fused, plan, ExportConfig(format="qdq", int4="off"))
+    on = export_model(fused, plan, ExportConfig(format="qdq", int4="on"))
+    auto = export_model(fused, plan, ExportConfig(format="qdq", int4="auto"))
     assert on.report.int4_weights == 6 and on.report.opset == 21
     types = {t.name: t.data_type for t in on.model.graph.initializer}
     assert sum(v == TensorProto.INT4 for v in types.values()) == 12  # codes + zero points
@@ -171,12 +172,12 @@ def test_pot_requant():
                      for k, t in plan.tensors.items()})
     from exporters.qdq import apply_plan
     ref = ort_run(apply_plan(fused, pot), X)
-    r = export_model(fused, pot, "integer", requant="pot")
+    r = export_model(fused, pot, ExportConfig(format="integer", requant="pot"))
     # exact ties are frequent with power-of-two ratios: integer rounds them half up, QDQ half to even
     assert steps(ort_run(r.model, X), ref, pot) <= 2.0 + 1e-4
     assert Counter(n.op_type for n in r.model.graph.node)["Mul"] == 4  # only the two residual Adds multiply
     with pytest.raises(QtoolError, match="power-of-two"):
-        export_model(fused, plan, "integer", requant="pot")
+        export_model(fused, plan, ExportConfig(format="integer", requant="pot"))
 
 
 def one_line(excinfo):
@@ -188,19 +189,18 @@ def test_plan_not_matching_model(w8):
     fused, _, plan = w8
     bad = QuantPlan(dict(plan.tensors) | {"nope": plan.tensors["x"]})
     with pytest.raises(QtoolError) as ei:
-        export_model(fused, bad, "integer")
+        export_model(fused, bad, ExportConfig(format="integer"))
     assert "'nope' is not in the model" in one_line(ei)
     with pytest.raises(QtoolError) as ei:
-        export_model(fused, QuantPlan(), "qdq")
+        export_model(fused, QuantPlan(), ExportConfig())
     one_line(ei)
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(fmt="tflite"), "format must be one of"), (dict(int4="maybe"), "int4 must be"),
-                                    (dict(fmt="integer", requant="log"), "requant must be")])
-def test_bad_arguments(w8, kw, msg):
-    fused, _, plan = w8
+@pytest.mark.parametrize("kw,msg", [(dict(format="tflite"), "format must be one of"), (dict(int4="maybe"), "int4 must be"),
+                                    (dict(format="integer", requant="log"), "requant must be")])
+def test_bad_arguments(kw, msg):
     with pytest.raises(QtoolError) as ei:
-        export_model(fused, plan, **kw)
+        ExportConfig(**kw)
     assert msg in one_line(ei)
 
 
@@ -212,7 +212,7 @@ def test_bits_out_of_range(w8, tmp_path):
     (tmp_path / "plan.json").write_text(text)
     onnx.save(fused, tmp_path / "m.onnx")
     with pytest.raises(QtoolError) as ei:
-        export_file(tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "plan.json")
+        qtool.export(tmp_path / "m.onnx", tmp_path / "plan.json")
     assert "bits must be an integer in 2..8" in one_line(ei)
     assert not (tmp_path / "o.onnx").exists()
 
@@ -225,9 +225,9 @@ def test_integer_refuses_float_islands(w8):
         if n.op_type == "GlobalAveragePool":
             n.op_type = "GlobalMaxPool"
     with pytest.raises(QtoolError) as ei:
-        export_model(m, plan, "integer")
+        export_model(m, plan, ExportConfig(format="integer"))
     assert "has no integer lowering" in one_line(ei)
-    r = export_model(m, plan, "qoperator")  # QOperator falls back to a float island, and says so
+    r = export_model(m, plan, ExportConfig(format="qoperator"))  # QOperator falls back to a float island, and says so
     assert any("left in float" in n for n in r.report.notes)
 
 
@@ -258,7 +258,7 @@ def test_activation_lookup_tables_equal_the_qdq_model(act, attrs, config):
     qdq, plan = quantize(fused, [{"x": x}], config)
     ref = ort_run(qdq, x)
     for fmt in ("qoperator", "integer"):
-        r = export_model(fused, plan, fmt)
+        r = export_model(fused, plan, ExportConfig(format=fmt))
         ops = Counter(n.op_type for n in r.model.graph.node)
         assert ops["Gather"] == 1 and act not in ops, fmt  # no float island left
         assert np.array_equal(ort_run(r.model, x), ref), fmt

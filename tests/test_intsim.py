@@ -11,7 +11,7 @@ from exporters.common import Builder, fixed_point, fixed_point_common
 from exporters.integer import IntegerBackend
 from exporters.lower import QTensor
 from qtool.errors import QtoolError
-from qtool.exporting import export_model
+from qtool.exporting import ExportConfig, export_model
 from qtool.intsim import IntSim
 from qtool.ptq import QuantConfig
 from test_exporters import make, ort_run
@@ -21,7 +21,7 @@ from test_exporters import make, ort_run
                                     QuantConfig(act_signed=True, act_symmetric=True)], ids=["w8a8", "w4a4", "s8s8"])
 def test_intsim_equals_onnxruntime(config):
     fused, _, plan = make(config)
-    model = export_model(fused, plan, "integer").model
+    model = export_model(fused, plan, ExportConfig(format="integer")).model
     sim = IntSim(model)
     r = np.random.default_rng(11)
     disagreements = 0
@@ -70,6 +70,6 @@ def test_rounding_shift_signed_values_and_ties():
 def test_intsim_refuses_other_graphs():
     fused, qdq, plan = make()
     with pytest.raises(QtoolError, match="com.microsoft"):
-        IntSim(export_model(fused, plan, "qoperator").model)
+        IntSim(export_model(fused, plan, ExportConfig(format="qoperator")).model)
     with pytest.raises(QtoolError, match="not part of qtool's integer format"):
         IntSim(qdq)({"x": np.zeros((1, 3, 8, 8), np.float32)})

@@ -11,8 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
-from qtool.ptq import QuantConfig, quantize, quantize_file
-from qtool.fusion import fuse, fuse_file
+import qtool
+from qtool.cli import main as cli_main
+from qtool.fusion import fuse
+from qtool.ptq import QuantConfig, quantize
 from test_passes import _torch_cnn_onnx, ops, run
 
 RNG = np.random.default_rng(2)
@@ -161,20 +163,20 @@ def test_sub_8_bit_weights_and_activations():
 def test_files_metadata_plan_and_bad_paths(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(mlp(), src)
-    s = fuse_file(src, tmp_path / "fused.onnx")
-    assert s.units == 2 and s.lines()
-    summary = quantize_file(src, tmp_path / "q.onnx", batches((8, 8)), QuantConfig(), plan_out=tmp_path / "plan.json")
+    f = qtool.fuse(src)
+    f.save(tmp_path / "fused.onnx")
+    assert f.summary.units == 2 and f.summary.lines()
+    r = qtool.quantize(src, batches((8, 8)), QuantConfig())
+    r.save(tmp_path / "q.onnx", tmp_path / "plan.json")
     q = onnx.load(tmp_path / "q.onnx")
     assert {p.key: p.value for p in q.metadata_props}["qtool.preprocess"] == '{"mean": [0.0], "std": [1.0]}'
     plan = QuantPlan.load(tmp_path / "plan.json", onnx.load(tmp_path / "fused.onnx"))
-    assert plan.calibrated and summary.tensors and summary.lines()
+    assert plan.calibrated and r.summary.tensors and r.lines()
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(QtoolError, match="equals the input"):
-        fuse_file(src, src)
-    with pytest.raises(QtoolError, match="does not exist"):
-        quantize_file(src, tmp_path / "no" / "q.onnx", batches((8, 8)))
+    assert cli_main(["quantize", str(src), "--data", "digits", "-o", str(tmp_path / "no" / "q.onnx")]) == 2  # no folder
     with pytest.raises(QtoolError, match="no calibration batches"):
-        quantize_file(src, tmp_path / "q2.onnx", [])
+        qtool.quantize(src, [], QuantConfig())
+    assert cli_main(["fuse", str(src), "-o", str(src)]) == 2  # the CLI refuses to overwrite its input
     assert sorted(os.listdir(tmp_path)) == before  # no partial outputs
 
 
@@ -244,19 +246,18 @@ def test_quantize_cli_qoperator_format(tmp_path):
 
     from qtool.models import build_model
     from qtool.preprocess import Preprocess
-    from qtool.ptq import quantize_cli
     from qtool.training import export_onnx
 
     torch.manual_seed(0)
     src = tmp_path / "lenet.onnx"
     onnx.save(export_onnx(build_model("lenet5", in_channels=1).eval(), (1, 32, 32), Preprocess(mean=(0.2,), std=(0.33,))), src)
-    quantize_cli(src, tmp_path / "qdq.onnx", data="digits", calib_size=64)
-    quantize_cli(src, tmp_path / "qop.onnx", data="digits", calib_size=64, fmt="qoperator")
-    qop = onnx.load(tmp_path / "qop.onnx")
+    for fmt in ("qdq", "qoperator"):
+        assert cli_main(["quantize", str(src), "--calib-size", "64", "--format", fmt, "-o", str(tmp_path / f"q{fmt}.onnx")]) == 0
+    qop = onnx.load(tmp_path / "qqoperator.onnx")
     ops = collections.Counter(n.op_type for n in qop.graph.node)
     assert ops["QLinearConv"] == 2 and "Conv" not in ops and "DequantizeLinear" in ops
     x = np.random.default_rng(0).random((4, 1, 32, 32)).astype(np.float32)
     outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-            for f in ("qdq.onnx", "qop.onnx")]
+            for f in ("qqdq.onnx", "qqoperator.onnx")]
     assert np.array_equal(outs[0].argmax(1), outs[1].argmax(1))
     np.testing.assert_allclose(outs[0], outs[1], atol=2 * np.abs(outs[0]).max() / 127)

@@ -26,7 +26,8 @@ from onnx import numpy_helper as nh
 from qtool.cli import main
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
-from qtool.ptq import QuantConfig, quantize_file
+import qtool
+from qtool.ptq import QuantConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -312,7 +313,7 @@ CASES = [
     ("quantize-out-equals-input", lambda t: ["quantize", good(t), "-o", str(t / "m.onnx")],
      "output path equals the input path"),
     ("quantize-plan-out-equals-input", Q("--plan-out", "{t}/m.onnx"), "output path equals the input path"),
-    ("quantize-plan-out-equals-out", Q("--plan-out", "{t}/out.onnx"), "--plan-out and the output model are the same"),
+    ("quantize-plan-out-equals-out", Q("--plan-out", "{t}/out.onnx"), "two outputs are the same path"),
     ("quantize-plan-out-missing-dir", Q("--plan-out", "{t}/nodir/plan.json"), "output directory does not exist"),
     # -- quantize: calibration data
     ("quantize-3ch-model-digits", Q(model=M(lambda: conv_model(c=3))), "expects channels=3 but the data has 1"),
@@ -320,7 +321,7 @@ CASES = [
     ("quantize-unknown-spec", Q(data=lambda t: "mnist"), "unknown data spec 'mnist'"),
     ("quantize-unknown-spec-kind", Q(data=lambda t: "s3:bucket/x"), "unknown data spec"),
     ("quantize-data-path-missing", Q(data=lambda t: f"npz:{t}/none.npz"), "data path not found"),
-    ("quantize-calib-size-0", Q("--calib-size", "0"), "calibration size must be >= 1"),
+    ("quantize-calib-size-0", Q("--calib-size", "0"), "calib_size must be an integer >= 1"),
     ("quantize-empty-npz", Q(data=lambda t: npz(t, n=0)), "the train split has no images"),
     ("quantize-npz-label-count", Q(data=lambda t: npz(t, labels=np.zeros(3, np.int64))), "20 images but 3 labels"),
     ("quantize-npz-nan-images", Q(data=lambda t: npz(t, x=np.full((20, 1, 32, 32), np.nan, np.float32))),
@@ -531,7 +532,7 @@ def test_mismatched_calibration_batches(batches, expect, tmp_path):
     src = good(tmp_path)
     before = snapshot(tmp_path)
     with pytest.raises(QtoolError) as ei:
-        quantize_file(src, tmp_path / "out.onnx", batches, QuantConfig())
+        qtool.quantize(src, batches, QuantConfig())
     assert expect in str(ei.value) and "\n" not in str(ei.value)
     assert snapshot(tmp_path) == before
 

@@ -62,7 +62,7 @@ def test_bad_config():
 def test_eval_on_fixed_batch_model_pads_last_batch(trained, tmp_path):
     _, out = trained
     m = onnx.load(out)
-    full = evaluate_model(m, "digits", "val").accuracy
+    full = evaluate_model(m, "digits").accuracy
     for t in (m.graph.input[0], m.graph.output[0]):
         t.type.tensor_type.shape.dim[0].dim_value = 7
-    assert evaluate_model(m, "digits", "val").accuracy == pytest.approx(full)
+    assert evaluate_model(m, "digits").accuracy == pytest.approx(full)

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qtool.device import resolve_device
+from qtool.device import check_device, resolve_device
 from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
 from qtool.data import augment_cifar, load_dataset, model_image_input, check_input_matches, SPLIT_SEED
 from qtool.errors import QtoolError
@@ -190,7 +190,7 @@ class Evaluator:
         # threads=1: on a shared 2-core machine torch's second thread spins against other jobs
         # (measured 20-30x slower per op here); parallelism comes from the executor's workers.
         self.recal_batches, self.recal_batch_size, self.threads = recal_batches, recal_batch_size, threads
-        resolve_device(device)  # validated here, in the main process, before any work
+        check_device(device)  # validated here, in the main process, before any work
         self.device = device
         self.fused: onnx.ModelProto | None = None
         self.space: SearchSpace | None = None

@@ -20,6 +20,7 @@ import onnx
 
 from qtool.errors import QtoolError
 from qtool.bitsearch.checkpoint import EvaluationLog, check_config, write_state
+from qtool.bitsearch.config import SearchConfig
 from qtool.bitsearch.evaluators import Evaluator, SearchData
 from qtool.bitsearch.objectives import Metrics, Objective, make_objectives, metric
 from qtool.bitsearch.space import Candidate, SearchSpace
@@ -313,51 +314,25 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
     return result
 
 
-def search_cli(model_path: str, *, data: str, objectives: str = "acc,flops", bits: str = "2,4,8", pop: int = 16,
-               gens: int = 10, evaluator: str = "supernet", executor: str = "local", workdir: str, resume: bool = False,
-               seed: int = 0, train_limit: int | None = None, val_limit: int | None = None,
-               supernet_epochs: float = 1.0, qat_steps: int = 100, batch_size: int = 64, lr: float = 0.002,
-               workers: int = 1, max_size: float | None = None, max_latency: float | None = None,
-               fixed_bits: int = 8, seed_uniform: bool = True, device: str = "cpu",
-               sandwich_low: int | None = None, qat_distill: float = 0.0, print_table: bool = True) -> SearchResult:
-    """`qtool search`: parse, build the parts, run, print the front as a rich table."""
-    from qtool.data import parse_spec
-    from qtool.io import load_model
+def run_search(model: onnx.ModelProto, data: str, config: SearchConfig, workdir: Path, *,
+               progress: bool = True) -> SearchResult:
+    """The search of `config` on `model`: build the parts (problem, NSGA-III, evaluator, executor), run."""
     from qtool.bitsearch.evaluators import make_evaluator
     from qtool.bitsearch.executors import make_executor
 
+    c = config
+    objs = make_objectives(list(c.objectives))
+    algo = NSGA3Config(pop=c.pop, gens=c.gens, seed=c.seed, seed_uniform=c.seed_uniform)
+    kw = {"batch_size": c.batch_size, "lr": c.lr, "device": c.device}
+    ev = make_evaluator(c.evaluator, **(dict(epochs=c.supernet_epochs, sandwich_low=c.sandwich_low, **kw)
+                                        if c.evaluator == "supernet" else dict(steps=c.qat_steps, distill=c.qat_distill, **kw)))
+    ex = make_executor(c.executor, c.workers)  # ray missing: exit 2 before any work
     try:
-        bit_list = tuple(int(b) for b in bits.split(","))
-    except ValueError:
-        raise QtoolError(f"--bits must be comma-separated integers, got {bits!r}") from None
-    objs = make_objectives(objectives)
-    parse_spec(data)
-    if not isinstance(fixed_bits, int) or not (fixed_bits == 0 or 2 <= fixed_bits <= 8):
-        raise QtoolError(f"--fixed-bits must be 0 (search first/last layers too) or 2..8, got {fixed_bits}")
-    if sandwich_low is not None and (evaluator != "supernet" or sandwich_low not in bit_list):
-        raise QtoolError(f"--sandwich-low must be one of --bits {list(bit_list)} with --eval supernet, got {sandwich_low}")
-    if qat_distill and evaluator != "qat":
-        raise QtoolError(f"--qat-distill needs --eval qat, got --eval {evaluator}")
-    algo = NSGA3Config(pop=pop, gens=gens, seed=seed, seed_uniform=seed_uniform)
-    kw = {"batch_size": batch_size, "lr": lr, "device": device}
-    ev = make_evaluator(evaluator, **(dict(epochs=supernet_epochs, sandwich_low=sandwich_low, **kw) if evaluator == "supernet"
-                                      else dict(steps=qat_steps, distill=qat_distill, **kw)))
-    ex = make_executor(executor, workers)  # ray missing: exit 2 before any work
-    try:
-        m = load_model(model_path)
-        fb = fixed_bits or None
-        problem = SearchProblem.from_model(m, data, objectives=objs, bits=bit_list, fix_first=fb, fix_last=fb,
-                                           max_size=max_size, max_latency=max_latency, train_limit=train_limit,
-                                           val_limit=val_limit)
+        fb = c.fixed_bits or None
+        problem = SearchProblem.from_model(model, data, objectives=objs, bits=c.bits, fix_first=fb, fix_last=fb,
+                                           max_size=c.max_size, max_latency=c.max_latency,
+                                           train_limit=c.train_limit, val_limit=c.val_limit)
     except BaseException:
         ex.close()
         raise
-    result = search(problem, algo, evaluator=ev, executor=ex, workdir=workdir, resume=resume)
-    if print_table:
-        from rich.console import Console
-
-        console = Console()
-        console.width = max(console.width, 160)
-        console.print(result.table())
-        console.print(f"wrote {Path(workdir) / 'front.json'}, front.csv, pareto.png, bits_heatmap.png")
-    return result
+    return search(problem, algo, evaluator=ev, executor=ex, workdir=workdir, resume=c.resume, progress=progress)

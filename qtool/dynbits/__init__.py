@@ -7,7 +7,7 @@ onnxruntime as controller.onnx + one QDQ model per configuration, routed by `Dyn
 """
 from qtool.dynbits.controller import Controller, DynamicNet
 from qtool.dynbits.runtime import DynamicSession, controller_model, latency, write_deployment
-from qtool.dynbits.train import DynamicConfig, DynamicResult, dynamic, dynamic_cli, parse_target
+from qtool.dynbits.train import DynamicConfig, DynamicResult, dynamic, parse_target
 
 __all__ = ["Controller", "DynamicConfig", "DynamicNet", "DynamicResult", "DynamicSession", "controller_model",
-           "dynamic", "dynamic_cli", "latency", "parse_target", "write_deployment"]
+           "dynamic", "latency", "parse_target", "write_deployment"]

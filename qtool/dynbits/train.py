@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
-from qtool.device import resolve_device
+from qtool.device import check_device, resolve_device
 from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
 from qtool.training import EpochMeter
@@ -138,7 +138,7 @@ class DynamicConfig:
         for k in ("lr", "controller_lr"):
             if not getattr(self, k) > 0:
                 raise QtoolError(f"{k} must be > 0")
-        resolve_device(self.device)
+        check_device(self.device)
 
 
 def parse_target(t: float | str) -> tuple[str, float]:
@@ -569,34 +569,3 @@ def dynamic(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDat
     report["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     rep.write_report(out, report, val_data, dep)
     return DynamicResult(report, out, notes)
-
-
-def dynamic_cli(inp: str | Path, out_dir: str | Path, *, data: str, bits: str = "3,4,5", target: str = "u4",
-                epochs: int = 1, penalty: str = "bitflops", alpha: float = 0.05, train_limit: int | None = None,
-                val_limit: int | None = None, batch_size: int = 128, lr: float = 1e-3, controller_lr: float = 1e-2,
-                budget: str = "batch", max_configs: int = 8, seed: int = 0,
-                uniform_baselines: bool = False, controller_conv: int = 0, controller_layers: int = 1,
-                granularity: str = "layer", estimator: str = "gumbel", distill: float = 0.0, device: str = "cpu",
-                quiet: bool = False) -> DynamicResult:
-    """`qtool dynamic`: every argument is validated before any file is written."""
-    from qtool.data import load_dataset, parse_spec
-    from qtool.io import load_model
-
-    try:
-        bit_list = tuple(int(b) for b in str(bits).split(","))
-    except ValueError:
-        raise QtoolError(f"--bits must be comma-separated integers, got {bits!r}") from None
-    cfg = DynamicConfig(bits=bit_list, target=target, penalty=penalty, alpha=alpha, epochs=epochs,
-                        train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, lr=lr,
-                        controller_lr=controller_lr, budget=budget, max_configs=max_configs, seed=seed,
-                        uniform_baselines=uniform_baselines, controller_conv=controller_conv,
-                        controller_layers=controller_layers, granularity=granularity, estimator=estimator,
-                        distill=distill, device=device, quiet=quiet)
-    o = Path(out_dir)
-    if o.exists() and not o.is_dir():
-        raise QtoolError(f"output path exists and is not a directory: {o}")
-    if not (o.parent if str(o.parent) else Path(".")).is_dir():
-        raise QtoolError(f"parent directory of {o} does not exist")
-    parse_spec(data)
-    model = load_model(inp)
-    return dynamic(model, load_dataset(data, "train"), load_dataset(data, "val"), cfg, o)

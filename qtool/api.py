@@ -1,0 +1,209 @@
+"""The Python API: one call per stage (docs/DESIGN.md, "layers"). `import qtool` exposes these names.
+
+    import qtool
+    fp32 = qtool.train(qtool.TrainConfig(model="lenet5", data="digits", epochs=2), "lenet5.onnx").model
+    fused = qtool.fuse(fp32).model
+    q = qtool.quantize(fused, "digits", qtool.QuantConfig(calib="mse"))
+    t = qtool.qat(fused, "digits", qtool.QATConfig(weight_bits=4, act_bits=4))
+    x = qtool.export(t.fused, t.plan, qtool.ExportConfig(format="integer"))
+
+Every call takes an `onnx.ModelProto` or a path, data as a SPEC string (`"digits"`, `"cifar10:DIR"`,
+...), a `qtool.Data` (SPEC + normalization) or ready data sets / feeds, and a frozen config; it returns
+a result object (`.model`, `.plan`, ..., and `.save(path)` where there is a model to write). Nothing
+here parses command-line strings: `qtool.cli` does that and calls these functions.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qtool.bitsearch.config import SearchConfig
+from qtool.data import Data, ImageDataset, as_data, calib_inputs, load_dataset
+from qtool.dynbits.train import DynamicConfig, DynamicResult
+from qtool.errors import QtoolError
+from qtool.evaluation import EvalConfig, EvalResult, evaluate_model
+from qtool.exporting import ExportConfig, ExportResult, export_model
+from qtool.fusion import FuseConfig, FuseSummary, check_finite_weights, is_fused
+from qtool.io import check_model, load_model, save_model
+from qtool.latency import BenchConfig, BenchReport
+from qtool.plan import QuantPlan, TensorQuant
+from qtool.ptq import QuantConfig, QuantizeSummary
+from qtool.qat_config import QATConfig
+from qtool.training import TrainConfig, TrainResult
+
+__all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "search", "dynamic",
+           "TrainConfig", "FuseConfig", "QuantConfig", "QATConfig", "ExportConfig", "EvalConfig", "BenchConfig",
+           "SearchConfig", "DynamicConfig", "Data", "QuantPlan", "TensorQuant", "QtoolError", "FuseResult",
+           "QuantizeResult", "load_model", "save_model", "load_dataset"]
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+DataLike = str | Data | tuple[ImageDataset, ImageDataset]
+
+
+def _model(model: ModelLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    raise QtoolError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
+
+
+def _config(config, cls):
+    if not isinstance(config, cls):
+        raise QtoolError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    return config
+
+
+def _splits(data: DataLike) -> tuple[ImageDataset, ImageDataset, Data | None]:
+    """(train, val, data) from a SPEC / Data, or a (train, val) pair of data sets."""
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, ImageDataset) for d in data):
+        return data[0], data[1], None
+    d = as_data(data)
+    return load_dataset(d.spec, "train"), load_dataset(d.spec, "val"), d
+
+
+# -- train -------------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, output: str | os.PathLike, *, quiet: bool = False) -> TrainResult:
+    """FP32 training of a zoo model; writes `output` (ONNX, preprocessing in its metadata) and a .pt
+    checkpoint beside it (the checkpoint is what a resumed or re-exported run needs)."""
+    from qtool.training import train as run
+
+    return run(_config(config, TrainConfig), output, quiet=quiet)
+
+
+# -- fuse --------------------------------------------------------------------------------------------
+
+@dataclass
+class FuseResult:
+    model: onnx.ModelProto
+    summary: FuseSummary
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_model(self.model, path)
+
+
+def fuse(model: ModelLike, config: FuseConfig = FuseConfig()) -> FuseResult:
+    """Simplify (onnxsim), fold BN and constant Mul/Add into Conv/Gemm/MatMul, record quantization units."""
+    from qtool.fusion import fuse as run
+
+    m = _model(model)
+    check_finite_weights(m)
+    fused, summary = run(m, use_onnxsim=_config(config, FuseConfig).use_onnxsim)
+    check_model(fused, "fused")
+    return FuseResult(fused, summary)
+
+
+# -- quantize ----------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto  # QDQ, or QOperator with config.format == "qoperator"
+    plan: QuantPlan
+    fused: onnx.ModelProto  # the fused float graph the plan names
+    summary: QuantizeSummary
+
+    def save(self, path: str | os.PathLike, plan_path: str | os.PathLike | None = None) -> None:
+        save_model(self.model, path)
+        if plan_path is not None:
+            self.plan.save(plan_path)
+
+    def lines(self) -> list[str]:
+        return self.summary.lines()
+
+
+def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] = "digits",
+             config: QuantConfig = QuantConfig()) -> QuantizeResult:
+    """Post-training quantization: calibrate on `data` (a SPEC / Data: `config.calib_size` images of its
+    train split; or any iterable of `{input_name: array}` feeds) and insert Q/DQ from the plan."""
+    from qtool.fusion import fuse as run_fuse
+    from qtool.fusion import op_counts
+    from qtool.ptq import quantize as run
+
+    config = _config(config, QuantConfig)
+    m = _model(model)
+    check_finite_weights(m)
+    fsum = None
+    if not is_fused(m):
+        m, fsum = run_fuse(m)
+    if isinstance(data, (str, Data)):
+        d = as_data(data)
+        feeds = calib_inputs(m, d.spec, n=config.calib_size, mean=d.mean, std=d.std)
+    else:
+        feeds = data
+    qmodel, plan = run(m, feeds, config)
+    if config.format != "qdq":  # the same plan, lowered by the exporter (QLinearConv / QGemm / ...)
+        qmodel = export_model(m, plan, ExportConfig(format=config.format)).model
+    summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qmodel), fsum)
+    return QuantizeResult(qmodel, plan, m, summary)
+
+
+# -- qat ---------------------------------------------------------------------------------------------
+
+def qat(model: ModelLike, data: DataLike = "digits", config: QATConfig = QATConfig()):
+    """Quantization-aware training on the graph lifted to PyTorch; returns a QATResult (.model QDQ,
+    .plan, .fused tuned float graph, .fidelity fake-quant vs onnxruntime)."""
+    from qtool.preprocess import resolve_preprocess
+    from qtool.qat_train import qat as run
+
+    config = _config(config, QATConfig)
+    m = _model(model)
+    train_ds, val_ds, d = _splits(data)
+    pre = resolve_preprocess(m, d.mean, d.std) if d is not None and (d.mean or d.std) else None
+    return run(m, train_ds, val_ds, config, preprocess=pre)
+
+
+# -- export ------------------------------------------------------------------------------------------
+
+def export(model: ModelLike, plan: QuantPlan | str | os.PathLike, config: ExportConfig = ExportConfig()) -> ExportResult:
+    """A fused graph + its QuantPlan as a deployable integer model (QDQ, QOperator or integer-only)."""
+    if not isinstance(plan, QuantPlan):
+        plan = QuantPlan.load(plan)
+    return export_model(_model(model), plan, _config(config, ExportConfig))
+
+
+# -- evaluate / bench --------------------------------------------------------------------------------
+
+def evaluate(model: ModelLike, data: str | Data = "digits", config: EvalConfig = EvalConfig()) -> EvalResult:
+    """Top-1 accuracy on onnxruntime on a split of `data`."""
+    d = as_data(data)
+    return evaluate_model(_model(model), d.spec, _config(config, EvalConfig), mean=d.mean, std=d.std)
+
+
+def bench(models: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig()) -> BenchReport:
+    """Latency (median / p90 / p99), throughput and ratio vs the first model on onnxruntime EPs."""
+    from qtool.latency import bench as run
+
+    return run(models, _config(config, BenchConfig))
+
+
+# -- search / dynamic --------------------------------------------------------------------------------
+
+def search(model: ModelLike, data: str = "digits", config: SearchConfig = SearchConfig(), *,
+           workdir: str | os.PathLike, progress: bool = True):
+    """NSGA-III search over per-layer bit-widths; returns a SearchResult (front, baselines) and writes
+    the log, checkpoints, front.json/csv and plots under `workdir` (`config.resume` continues one)."""
+    from qtool.bitsearch.runner import run_search
+
+    return run_search(_model(model), as_data(data).spec, _config(config, SearchConfig), Path(workdir),
+                      progress=progress)
+
+
+def dynamic(model: ModelLike, data: DataLike = "digits", config: DynamicConfig = DynamicConfig(), *,
+            output_dir: str | os.PathLike) -> DynamicResult:
+    """Per-image bit-widths (DQNet): a bit controller + routed QDQ models, deployed under `output_dir`."""
+    from qtool.dynbits.train import dynamic as run
+
+    config = _config(config, DynamicConfig)
+    o = Path(output_dir)
+    if o.exists() and not o.is_dir():
+        raise QtoolError(f"output path exists and is not a directory: {o}")
+    if not (o.parent if str(o.parent) else Path(".")).is_dir():
+        raise QtoolError(f"parent directory of {o} does not exist")
+    train_ds, val_ds, _ = _splits(data)
+    return run(_model(model), train_ds, val_ds, config, o)

@@ -1,0 +1,62 @@
+"""`SearchConfig`: every setting of one `qtool search` run, validated before any work starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qtool.bitsearch.objectives import OBJECTIVE_NAMES
+from qtool.errors import QtoolError
+
+EVALUATORS = ("supernet", "qat")
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    objectives: tuple[str, ...] = ("acc", "flops")  # of acc, flops, bitops, size, packed_size, latency
+    bits: tuple[int, ...] = (2, 4, 8)  # candidate bit-widths of every searched tensor
+    pop: int = 16
+    gens: int = 10
+    seed: int = 0
+    # Start NSGA-III from the uniform W8A8, W4A8, ..., W2A2 members (False: random genes only).
+    seed_uniform: bool = True
+    evaluator: str = "supernet"  # supernet (one shared multi-bit net) | qat (a fine-tune per candidate)
+    executor: str = "local"  # local | ray
+    workers: int = 1  # parallel evaluations (local: 1 = in-process)
+    resume: bool = False  # continue the search in the workdir, reusing every logged evaluation
+    train_limit: int | None = None
+    val_limit: int | None = None
+    supernet_epochs: float = 1.0
+    qat_steps: int = 100  # fine-tune steps per candidate (evaluator qat)
+    qat_distill: float = 0.0  # weight of the FP32 model's soft labels in each fine-tune (evaluator qat)
+    batch_size: int = 64
+    lr: float = 0.002  # from a trained model: 0.01 cost W8A8 2 points in 60 steps
+    fixed_bits: int = 8  # bits of the first and last layer (0: search them too)
+    max_size: float | None = None  # constraint: QDQ file bytes
+    max_latency: float | None = None  # constraint: onnxruntime batch-1 latency in ms
+    device: str = "cpu"
+    sandwich_low: int | None = None  # bits of the supernet sandwich's small end [the smallest of bits]
+
+    def __post_init__(self):
+        for k in ("objectives", "bits"):
+            if not isinstance(getattr(self, k), tuple):
+                raise QtoolError(f"{k} must be a tuple, got {getattr(self, k)!r}")
+        bad = [o for o in self.objectives if o not in OBJECTIVE_NAMES]
+        if bad:
+            raise QtoolError(f"unknown objective {bad[0]!r}; choose from {', '.join(OBJECTIVE_NAMES)}")
+        if not self.bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in self.bits):
+            raise QtoolError(f"bits must be integers in 2..8, got {self.bits}")
+        if self.evaluator not in EVALUATORS:
+            raise QtoolError(f"unknown evaluator {self.evaluator!r}; choose {' or '.join(EVALUATORS)}")
+        if self.executor not in EXECUTORS:
+            raise QtoolError(f"unknown executor {self.executor!r}; choose {' or '.join(EXECUTORS)}")
+        if not isinstance(self.fixed_bits, int) or not (self.fixed_bits == 0 or 2 <= self.fixed_bits <= 8):
+            raise QtoolError(f"fixed_bits must be 0 (search first/last layers too) or 2..8, got {self.fixed_bits}")
+        if self.sandwich_low is not None and (self.evaluator != "supernet" or self.sandwich_low not in self.bits):
+            raise QtoolError(f"sandwich_low must be one of bits {list(self.bits)} with the supernet evaluator, "
+                             f"got {self.sandwich_low}")
+        if self.qat_distill and self.evaluator != "qat":
+            raise QtoolError(f"qat_distill needs the qat evaluator, got {self.evaluator}")
+        for k in ("workers", "qat_steps", "batch_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise QtoolError(f"{k} must be an integer >= 1, got {v!r}")
