@@ -18,19 +18,6 @@ def cifar_spec() -> str | None:
     return f"cifar10:{p}" if p.exists() else None
 
 
-def resnet20_cifar(spec: str, threads: int):
-    """(ResNet-20 ONNX model, its preprocessing, CIFAR-10 train split, val split), torch on `threads`."""
-    import torch
-
-    from qtool.data import load_dataset
-    from qtool.io import load_model
-    from qtool.preprocess import resolve_preprocess
-
-    torch.set_num_threads(threads)
-    model = load_model(MODELS / "resnet20_cifar10.onnx")
-    return model, resolve_preprocess(model), load_dataset(spec, "train"), load_dataset(spec, "val")
-
-
 def machine() -> dict:
     import onnxruntime
     import torch
