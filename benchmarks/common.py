@@ -27,10 +27,17 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, table: str | None = None) -> Path:
+    """results/NAME.json (the payload and the machine) and, given a benchmark kind of
+    benchmarks.report.RENDER (`table`), its markdown table results/NAME.md."""
     from qtool.io import atomic_write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / f"{name}.json"
-    atomic_write_text(p, json.dumps({"machine": machine(), **payload}, indent=2, default=float) + "\n")
+    text = json.dumps({"machine": machine(), **payload}, indent=2, default=float) + "\n"
+    atomic_write_text(p, text)
+    if table is not None:
+        from benchmarks.report import write_table
+
+        write_table(table, name, json.loads(text))
     return p

@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     hv = stage["hypervolume"]
     comparisons = fine["comparisons"]
     name = a.name or ("search_quick" if q else "search")
-    out = write_result(name, payload)
+    out = write_result(name, payload, table="search")
     plot_finetune(fine, wd / f"{name}_finetune.png",
                   f"{ft_steps} fine-tune steps from {'the supernet' if a.finetune_init == 'supernet' else 'FP32'} "
                   f"({a.device}); whole val split")
