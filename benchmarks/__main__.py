@@ -1,9 +1,18 @@
-"""python -m benchmarks run [--quick]: the benchmark suite (see benchmarks/suite.py)."""
+"""python -m benchmarks run [--quick]: the benchmark suite (benchmarks/suite.py);
+python -m benchmarks results: benchmarks/RESULTS.md from the JSON results (benchmarks/report.py)."""
 import sys
 
-from benchmarks import suite
+USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
+         "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]")
 
-if len(sys.argv) < 2 or sys.argv[1] != "run":
-    print("usage: python -m benchmarks run [--quick] [--models a,b]", file=sys.stderr)
-    sys.exit(2)
-sys.exit(suite.main(sys.argv[2:]))
+cmd = sys.argv[1] if len(sys.argv) > 1 else None
+if cmd == "run":
+    from benchmarks import suite
+
+    sys.exit(suite.main(sys.argv[2:]))
+if cmd == "results":
+    from benchmarks import report
+
+    sys.exit(report.main(sys.argv[2:]))
+print(USAGE, file=sys.stderr)
+sys.exit(2)

@@ -18,19 +18,6 @@ def cifar_spec() -> str | None:
     return f"cifar10:{p}" if p.exists() else None
 
 
-def resnet20_cifar(spec: str, threads: int):
-    """(ResNet-20 ONNX model, its preprocessing, CIFAR-10 train split, val split), torch on `threads`."""
-    import torch
-
-    from qtool.data import load_dataset
-    from qtool.io import load_model
-    from qtool.preprocess import resolve_preprocess
-
-    torch.set_num_threads(threads)
-    model = load_model(MODELS / "resnet20_cifar10.onnx")
-    return model, resolve_preprocess(model), load_dataset(spec, "train"), load_dataset(spec, "val")
-
-
 def machine() -> dict:
     import onnxruntime
     import torch
@@ -40,10 +27,17 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, table: str | None = None) -> Path:
+    """results/NAME.json (the payload and the machine) and, given a benchmark kind of
+    benchmarks.report.RENDER (`table`), its markdown table results/NAME.md."""
     from qtool.io import atomic_write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / f"{name}.json"
-    atomic_write_text(p, json.dumps({"machine": machine(), **payload}, indent=2, default=float) + "\n")
+    text = json.dumps({"machine": machine(), **payload}, indent=2, default=float) + "\n"
+    atomic_write_text(p, text)
+    if table is not None:
+        from benchmarks.report import write_table
+
+        write_table(table, name, json.loads(text))
     return p

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         "latency": rep.get("latency"), "training_cost": rep["training_cost"], "notes": rep["notes"],
         "wall_time_s": rep["wall_time_s"],
     }
-    print(f"wrote {write_result(name, payload)}")
+    print(f"wrote {write_result(name, payload, table='dynamic')}")
     return 0
 
 

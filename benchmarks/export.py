@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         "int8_container_kernels": {k: _report(sizes["off"])[k] for k in ("integer_compute", "float_fallbacks")},
         "int4_packed_kernels": {k: _report(sizes["on"])[k] for k in ("integer_compute", "float_fallbacks")},
         "auto_packed": sizes["auto"].report.int4_weights > 0, "auto_notes": sizes["auto"].report.notes}
-    p = write_result("export_quick" if args.quick else "export", result)
+    p = write_result("export_quick" if args.quick else "export", result, table="export")
     print(p.read_text())
     return 0
 

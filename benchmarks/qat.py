@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                      "worst_fidelity_diff_pp": worst, "fidelity_target_pp": 0.1, "meets_fidelity_target": worst <= 0.1,
                      "wall_time_s": round(time.perf_counter() - t0, 1)}}
     name = args.name or ("qat_quick" if args.quick else "qat")
-    p = write_result(name if key == "resnet20_cifar10" else "qat_smoke", payload)
+    p = write_result(name if key == "resnet20_cifar10" else "qat_smoke", payload, table="qat")
     print(p.read_text())
     return 0
 

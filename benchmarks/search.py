@@ -7,10 +7,10 @@ vs random search.
                                               # ResNet-20 model or the CIFAR data is absent)
     python -m benchmarks.search --stage search ...            # CPU: supernet + NSGA-III + random search
     python -m benchmarks.search --stage finetune --device cuda  # the fine-tune comparison from that stage's
-                                              # WORKDIR/search_stage.json, e.g. on a borrowed GPU (benchmarks.gpu_batch)
+                                              # WORKDIR/search_stage.json, e.g. on a borrowed GPU
 
 `--sandwich-low 4` trains the supernet's small end all-4-bit instead of all-2-bit (2 bits still train in the
-random draws): the all-2-bit end made 2-bit weights look nearly free (results/search_low4.json vs search_inherit.json).
+random draws): the all-2-bit end made 2-bit weights look nearly free (docs/FINDINGS.md, "Search").
 
 NSGA-III's initial population holds the 9 uniform (w, a) configurations (W8A8, W8A4, ..., W2A2), the rest
 random (`--random-init`: random only, which left every front member with a 2-bit layer in an earlier run).
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     hv = stage["hypervolume"]
     comparisons = fine["comparisons"]
     name = a.name or ("search_quick" if q else "search")
-    out = write_result(name, payload)
+    out = write_result(name, payload, table="search")
     plot_finetune(fine, wd / f"{name}_finetune.png",
                   f"{ft_steps} fine-tune steps from {'the supernet' if a.finetune_init == 'supernet' else 'FP32'} "
                   f"({a.device}); whole val split")

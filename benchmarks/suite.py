@@ -25,7 +25,7 @@ from benchmarks.common import MODELS, RESULTS, cifar_spec, write_result
 from qtool.latency import BenchConfig, bench
 from qtool.data import calib_inputs, load_dataset
 from qtool.evaluation import EvalConfig, evaluate_model
-from qtool.io import atomic_write_text, load_model
+from qtool.io import load_model
 from qtool.ortgraph import integer_kernel_report
 from qtool.ptq import QuantConfig, quantize
 
@@ -120,37 +120,6 @@ def run_model(key: str, zoo: str, size: int, batches, quick: bool, spec: str | N
     return res
 
 
-def markdown(results: dict) -> str:
-    lines = ["| model | batch | FP32 ms | ORT quantize_static ms | qtool INT8 ms | qtool / ORT | qtool INT8 / FP32 "
-             "| qtool float fallbacks | top-1 FP32 / ORT / qtool |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key, r in results["models"].items():
-        top = r.get("top1")
-        acc = " / ".join(f"{top[k] * 100:.2f}" for k in ("fp32", "ort_int8", "qtool_int8")) if top else "— (random weights)"
-        for b, rows in r["latency"].items():
-            lines.append(f"| {key} | {b[5:]} | {rows['fp32']['median_ms']:.3f} | {rows['ort_int8']['median_ms']:.3f} | "
-                         f"{rows['qtool_int8']['median_ms']:.3f} | {rows['ratios']['qtool_over_ort']:.2f} | "
-                         f"{rows['ratios']['qtool_int8_over_fp32']:.2f} | "
-                         f"{r['kernels']['qtool_int8']['float_fallbacks']} | {acc} |")
-    qat_rows = [(key, b, v, rows) for key, r in results["models"].items() for b, rows in r["latency"].items()
-                for v in rows if v.startswith("qtool_qat")]
-    if qat_rows:
-        lines += ["", "| QAT model (same run) | batch | ms | vs FP32 | vs qtool PTQ INT8 | top-1 | float fallbacks |",
-                  "|---|---|---|---|---|---|---|"]
-        for key, b, v, rows in qat_rows:
-            r = results["models"][key]
-            ms = rows[v]["median_ms"]
-            lines.append(f"| {key} {v[6:]} | {b[5:]} | {ms:.3f} | {ms / rows['fp32']['median_ms']:.2f} | "
-                         f"{ms / rows['qtool_int8']['median_ms']:.2f} | {r['top1'][v] * 100:.2f} | "
-                         f"{r['kernels'][v]['float_fallbacks']} |")
-    s = results["settings"]
-    lines.append("")
-    lines.append(f"Median latency, onnxruntime {s['onnxruntime']} CPU EP, {s['threads']} threads, "
-                 f"{'quick' if s['quick'] else 'full'} run of {s['date']}; {s['wall_s']:.0f} s in all. "
-                 "Ratios < 1 mean qtool is faster.")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,8 +144,7 @@ def main(argv=None) -> int:
                        "date": time.strftime("%Y-%m-%d %H:%M"), "wall_s": time.perf_counter() - t0,
                        "cifar": spec is not None}
     name = "suite_quick" if args.quick else "suite"
-    p = write_result(name, out)
-    atomic_write_text(RESULTS / f"{name}.md", markdown(out))
-    print(markdown(out))
+    p = write_result(name, out, table="suite")
+    print((RESULTS / f"{name}.md").read_text())
     print(f"wrote {p} and {RESULTS / (name + '.md')} in {out['settings']['wall_s']:.0f} s", file=sys.stderr)
     return 0

@@ -30,7 +30,8 @@ def main(argv=None) -> int:
         "config": {k: v for k, v in cfg.__dict__.items() if k != "data"}, "data": "shared cifar10-train-jpg (45k/5k)",
         "epochs": r.epochs, "wall_time_s": round(r.wall_time_s, 1), "val_acc_torch": r.val_acc_torch,
         "val_acc_onnx": r.val_acc_onnx, "onnx_vs_torch_gap_pp": gap_pp,
-        "target_val_acc": 0.85, "meets_target": r.val_acc_onnx >= 0.85 and gap_pp <= 0.05, "history": r.history})
+        "target_val_acc": 0.85, "meets_target": r.val_acc_onnx >= 0.85 and gap_pp <= 0.05, "history": r.history},
+        table="train")
     print(f"val acc torch {r.val_acc_torch:.4f} onnx {r.val_acc_onnx:.4f} ({r.wall_time_s / 60:.1f} min) -> {p}")
     return 0
 

@@ -1,0 +1,358 @@
+"""Markdown from the benchmark JSONs: each benchmark's table (results/NAME.md) and benchmarks/RESULTS.md.
+
+    python -m benchmarks results            # writes benchmarks/RESULTS.md from benchmarks/results/*.json
+    python -m benchmarks results --tables   # also rewrites results/NAME.md next to every JSON it reads
+    python -m benchmarks results -o FILE [--results DIR]
+
+Every number comes from a JSON that a benchmark script wrote (benchmarks.common.write_result); nothing
+here is typed by hand, so rerunning a benchmark and then this command keeps the page true. The scripts
+write their own NAME.md through `write_table` when they finish. One-off experiments are not here: their
+measured results are in docs/FINDINGS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+RESULTS_MD = ROOT / "RESULTS.md"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.2f}"
+
+
+def _pp(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.2f}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+           ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _runs(bits: list) -> str:
+    """Per-layer bits with repeats folded: [8, 4, 4, 4, 3] -> '8, 4×3, 3'."""
+    out, i = [], 0
+    while i < len(bits):
+        j = i
+        while j < len(bits) and bits[j] == bits[i]:
+            j += 1
+        out.append(f"{bits[i]}×{j - i}" if j - i > 1 else str(bits[i]))
+        i = j
+    return ", ".join(out)
+
+
+def _machine(d: dict) -> str:
+    m = d.get("machine") or {}
+    return (f"Run of {m.get('date', '?')} on {m.get('cpu_count', '?')} CPU cores, onnxruntime "
+            f"{m.get('onnxruntime', '?')}, torch {m.get('torch', '?')}.")
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def suite_table(results: dict) -> str:
+    """benchmarks.suite: latency of FP32 / quantize_static / qtool INT8 (and the QAT models) per batch."""
+    lines = ["| model | batch | FP32 ms | ORT quantize_static ms | qtool INT8 ms | qtool / ORT | qtool INT8 / FP32 "
+             "| qtool float fallbacks | top-1 FP32 / ORT / qtool |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results["models"].items():
+        top = r.get("top1")
+        acc = " / ".join(f"{top[k] * 100:.2f}" for k in ("fp32", "ort_int8", "qtool_int8")) if top else "— (random weights)"
+        for b, rows in r["latency"].items():
+            lines.append(f"| {key} | {b[5:]} | {rows['fp32']['median_ms']:.3f} | {rows['ort_int8']['median_ms']:.3f} | "
+                         f"{rows['qtool_int8']['median_ms']:.3f} | {rows['ratios']['qtool_over_ort']:.2f} | "
+                         f"{rows['ratios']['qtool_int8_over_fp32']:.2f} | "
+                         f"{r['kernels']['qtool_int8']['float_fallbacks']} | {acc} |")
+    qat_rows = [(key, b, v, rows) for key, r in results["models"].items() for b, rows in r["latency"].items()
+                for v in rows if v.startswith("qtool_qat")]
+    if qat_rows:
+        lines += ["", "| QAT model (same run) | batch | ms | vs FP32 | vs qtool PTQ INT8 | top-1 | float fallbacks |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, b, v, rows in qat_rows:
+            r = results["models"][key]
+            ms = rows[v]["median_ms"]
+            lines.append(f"| {key} {v[6:]} | {b[5:]} | {ms:.3f} | {ms / rows['fp32']['median_ms']:.2f} | "
+                         f"{ms / rows['qtool_int8']['median_ms']:.2f} | {r['top1'][v] * 100:.2f} | "
+                         f"{r['kernels'][v]['float_fallbacks']} |")
+    s = results["settings"]
+    lines.append("")
+    lines.append(f"Median latency, onnxruntime {s['onnxruntime']} CPU EP, {s['threads']} threads, "
+                 f"{'quick' if s['quick'] else 'full'} run of {s['date']}; {s['wall_s']:.0f} s in all. "
+                 "Ratios < 1 mean qtool is faster.")
+    return "\n".join(lines) + "\n"
+
+
+def train_table(d: dict) -> str:
+    """benchmarks.train_resnet20: FP32 training and the ONNX export's accuracy on onnxruntime."""
+    c = d["config"]
+    lines = _table(["model", "epochs", "batch", "peak lr", "wall time (min)", "val top-1 PyTorch",
+                    "val top-1 ONNX on ORT", "ORT vs PyTorch (pp)"],
+                   [[c["model"], d["epochs"], c["batch_size"], c["lr"], f"{d['wall_time_s'] / 60:.1f}",
+                     _pct(d["val_acc_torch"]), _pct(d["val_acc_onnx"]), f"{d['onnx_vs_torch_gap_pp']:.2f}"]])
+    return "\n".join(lines + ["", f"Data: {d['data']}. " + _machine(d)]) + "\n"
+
+
+def qat_table(d: dict) -> str:
+    """benchmarks.qat: fake-quant vs onnxruntime per QAT configuration, and the drop from FP32."""
+    s = d["settings"]
+    key = next(k for k, v in d.items() if isinstance(v, dict) and "fp32_acc" in v)
+    r = d[key]
+    rows = [[name[4:], _pct(v["acc_fakequant"]), _pct(v["acc_ort"]), _pp(v["fidelity_diff_pp"]),
+             f"{v['argmax_agreement'] * 100:.2f} %", f"{v['logit_max_diff_steps']:.1f}", _pp(v["drop_pp_vs_fp32"]),
+             f"{v['wall_time_s']:.0f}"]
+            for name, v in r.items() if name.startswith("qat_") and isinstance(v, dict)]
+    lines = [f"Model {key}: FP32 {_pct(r['fp32_acc'])} %, qtool PTQ W8A8 {_pct(r['ptq_w8a8_acc'])} % on "
+             f"{s['val_images']} val images. QAT: {s['epochs']} epoch x {s['train_limit']} images, batch "
+             f"{s['batch_size']}, {s['optimizer']}, lr {s['lr']}; W4A4 rows keep the first and last layer at "
+             f"{s['first_last_bits']} bits.", ""]
+    lines += _table(["QAT", "top-1 fake-quant", "top-1 ORT", "fake-quant − ORT (pp)", "argmax agreement",
+                     "max logit diff (quant. steps)", "drop vs FP32 (pp)", "wall (s)"], rows)
+    return "\n".join(lines + ["", _machine(d)]) + "\n"
+
+
+def export_table(d: dict) -> str:
+    """benchmarks.export: one PTQ plan in every format; QAT plans; intsim vs ORT; packed INT4 weights."""
+    s = d["settings"]
+    top = d.get("top1") or {}
+    diff = d.get("top1_diff_vs_plan_qdq_pp") or {}
+    dis = d["top1_disagreements_vs_qdq"]
+    rows = [[fmt, _pct(top.get(fmt)), _pp(diff.get(fmt)), r["integer_compute"], r["float_fallbacks"], r["size_bytes"],
+             dis[fmt], f"{d['max_logit_diff_vs_qdq_steps'][fmt]:.1f}"] for fmt, r in d["w8a8"].items()]
+    lines = [f"Plan: {s['plan']}; {s['calibration_images']} calibration images; top-1 on {s['val_images']}. "
+             f"FP32 {_pct(top.get('fp32'))} %, the plan's QDQ model {_pct(top.get('qdq_plan'))} %.", ""]
+    lines += _table(["format", "top-1 ORT", "vs plan QDQ (pp)", "integer kernels", "float fallbacks", "bytes",
+                     f"top-1 disagreements vs QDQ ({dis['images']} images)", "max logit diff vs QDQ (steps)"], rows)
+    if d.get("qat"):
+        fmts = ("qdq", "qoperator", "integer")
+        lines += ["", *_table(["QAT plan", "fake-quant top-1", *[f"{f} top-1 (vs fake-quant pp)" for f in fmts],
+                               "float fallbacks (qdq / qoperator / integer)"],
+                              [[q["config"], _pct(q["acc_fakequant"]),
+                                *[f"{_pct(q[f]['acc_ort'])} ({_pp(q[f]['diff_vs_fakequant_pp'])})" for f in fmts],
+                                " / ".join(str(q[f]["float_fallbacks"]) for f in fmts)] for q in d["qat"].values()])]
+    i = d["intsim_vs_ort"]
+    w = d["w4a8_int4_weights"]
+    lines += ["", f"qtool.intsim vs onnxruntime on the integer model, {i['images']} images: {i['top1_disagreements']} "
+                  f"top-1 disagreements, {i['logits_not_bit_equal']} logits not bit-equal (max |diff| "
+                  f"{i['max_abs_logit_diff']:g}).",
+              f"W4A8 plan, QDQ: int8 containers {w['int8_container_bytes']} bytes "
+              f"({w['int8_container_kernels']['integer_compute']} integer kernels, "
+              f"{w['int8_container_kernels']['float_fallbacks']} float fallbacks) vs packed INT4 "
+              f"{w['int4_packed_bytes']} bytes, {w['ratio']:.2f}x smaller "
+              f"({w['int4_packed_kernels']['integer_compute']} integer kernels, "
+              f"{w['int4_packed_kernels']['float_fallbacks']} float fallbacks); `--int4-weights auto` "
+              f"{'packs' if w['auto_packed'] else 'keeps int8 containers'}.", "", _machine(d)]
+    return "\n".join(lines) + "\n"
+
+
+def search_table(d: dict) -> str:
+    """benchmarks.search: cost of the search, hypervolume vs random search, the fine-tune comparison."""
+    s, srch, hv, fine = d["settings"], d["search"], d["hypervolume"], d["finetune"]
+    sup = s.get("supernet", {})
+    uni = ", ".join(f"{k.upper()} {_pct(v)} %" for k, v in srch["supernet_uniform_acc"].items())
+    lines = [f"Setup {d['setup']}: {d['space']['searched']} of {d['space']['layers']} layers searched over bits "
+             f"{d['space']['bits']}; NSGA-III pop {s['pop']} x {s['gens']} generations, {s['workers']} workers; "
+             f"supernet {s['supernet_steps']} sandwich steps (small end "
+             f"{sup.get('sandwich_low') or min(d['space']['bits'])} bits), {s['val_images']} val images per candidate.",
+             "",
+             *_table(["evaluations", "search wall (min)", "of which supernet (min)", "hypervolume NSGA-III",
+                      "hypervolume random search (same evaluations)"],
+                     [[srch["evaluations"], f"{srch['wall_s'] / 60:.1f}", f"{(srch['supernet_train_s'] or 0) / 60:.1f}",
+                       f"{hv['nsga3']:.3f}", f"{hv['random']:.3f}"]]),
+             "", f"Supernet top-1 of the uniform configurations: {uni}.", "",
+             f"Fine-tune: {s['finetune_steps']} steps of batch 128 from "
+             f"{'the supernet' if s.get('finetune_init') == 'supernet' else 'the FP32 weights'} on "
+             f"{s['finetune_device']}, lr {s['finetune_lr']}, mean of {s.get('finetune_seeds', 1)} seed(s)"
+             f"{', FP32 soft labels at weight ' + str(s['finetune_distill']) if s.get('finetune_distill') else ''}; "
+             f"top-1 on {s['finetune_val_images']} val images.", ""]
+    rows = []
+    for c in fine["comparisons"]:
+        rows.append([f"uniform {c['baseline']} (baseline)", _pct(c["baseline_supernet_acc"]), _pct(c["baseline_acc"]),
+                     "1.00", "", ""])
+        for m in c["members"]:
+            v = m.get("vs_baseline")
+            ci = f"{_pp(v['diff_pp'])} [{_pp(v['ci95_pp'][0])}, {_pp(v['ci95_pp'][1])}]" if v else \
+                _pp((m["member_acc"] - c["baseline_acc"]) * 100)
+            rows.append([f"front member vs {c['baseline']}", _pct(m["member_supernet_acc"]), _pct(m["member_acc"]),
+                         f"{m['member_bitops'] / c['baseline_bitops']:.2f}", ci, "yes" if m["dominates"] else "no"])
+    for c in fine["candidates"]:
+        if c["role"].endswith("(reference)"):
+            rows.append([c["role"], _pct(c["supernet_acc"]), _pct(c["finetuned_acc"]), "", "", ""])
+    lines += _table(["candidate", "supernet top-1", "fine-tuned top-1", "BitOps / baseline",
+                     "member − baseline (pp) [95 % CI over val images]", "dominates"], rows)
+    tau = fine.get("kendall_tau_supernet_vs_finetuned")
+    lines += ["", f"Kendall tau, supernet vs fine-tuned top-1: {'—' if tau is None else f'{tau:.2f}'}. " + _machine(d)]
+    return "\n".join(lines) + "\n"
+
+
+def dynamic_table(d: dict) -> str:
+    """benchmarks.dynamic: the deployed dynamic model vs static QAT at the same average BitFLOPs."""
+    c, dyn = d["config"], d["dynamic"]
+    rows = [["dynamic (deployed)", f"{dyn['codebook_size']} configurations", f"{dyn['avg_bitflops'] / 1e6:.0f}",
+             _pct(dyn["acc_ort"]), _pct(dyn["acc_torch"])]]
+    rows += [[f"static {s['name']}", _runs(s["bits"]) if isinstance(s["bits"], list) else s["bits"],
+              f"{s['bitflops'] / 1e6:.0f}", _pct(s["acc_ort"]), _pct(s["acc_torch"])] for s in d["static"]]
+    lines = [f"Bits {c['bits']}, target {d.get('target_bitflops', 0) / 1e6:.0f} M BitFLOPs ({c['target']}), "
+             f"{c['train_limit']} training images x {c['epochs']} epoch, {c['budget']} budget, "
+             f"{c.get('val_limit') or 'all'} val images, trained on {d.get('torch_device') or 'cpu'}.", ""]
+    lines += _table(["model", "bits (per layer)", "BitFLOPs (M)", "top-1 ORT", "top-1 PyTorch"], rows)
+    curve = d.get("dynamic_minus_uniform_curve_pp")
+    lines += ["", f"Dynamic − static (matched) on ORT: {_pp(d['dynamic_minus_static_matched_pp'])} pp; vs the uniform "
+                  f"static curve: {'— (no uniform rows)' if curve is None else _pp(curve) + ' pp'}. ORT − PyTorch: "
+                  f"{_pp(dyn['ort_minus_torch_pp'])} pp, prediction agreement {dyn['prediction_agreement'] * 100:.2f} %."]
+    r = d.get("routing")
+    if r:
+        lines.append(f"Routing on ORT: deployed {_pct(r['deployed']['acc'])} % vs shuffled across images "
+                     f"{_pct(r['shuffled']['acc_mean'])} % ({_pp(r['routing_gain_pp'])} pp); oracle at the same "
+                     f"BitFLOPs {_pct(r['oracle']['acc'])} %; best single configuration {_pct(r['best_single']['acc'])} %.")
+    lat = d.get("latency")
+    if lat:
+        lines.append("Routing latency (dynamic / static, ORT CPU EP, "
+                     f"intra-op threads {lat['threads']}): " + ", ".join(
+                         f"batch {k[5:]} x{v['dynamic_over_static']:.2f}" for k, v in lat.items()
+                         if k.startswith("batch")) + ".")
+    return "\n".join(lines + ["", _machine(d)]) + "\n"
+
+
+RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
+          "search": search_table, "dynamic": dynamic_table}
+
+
+def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
+    """results/NAME.md: the table of benchmark `kind` for the payload `data` (what NAME.json holds)."""
+    from qtool.io import atomic_write_text
+
+    p = results / f"{name}.md"
+    atomic_write_text(p, RENDER[kind](data))
+    return p
+
+
+# ------------------------------------------------------------------------------------------ RESULTS.md
+
+def _search_cmd(d: dict, name: str) -> str:
+    s = d["settings"]
+    wd = "" if name == "search" else " --workdir DIR"
+    low = (s.get("supernet") or {}).get("sandwich_low")
+    first = (f"python -m benchmarks.search --workers {s['workers']} --pop {s['pop']} --gens {s['gens']} "
+             f"--supernet-epochs {s['supernet']['epochs']}{f' --sandwich-low {low}' if low else ''} --stage search{wd}")
+    opts = [f"--finetune-steps {s['finetune_steps']}", f"--compare-top {s['compare_top']}",
+            f"--finetune-init {s.get('finetune_init', 'fp32')}", f"--finetune-seeds {s.get('finetune_seeds', 1)}"]
+    if s.get("finetune_distill"):
+        opts.append(f"--finetune-distill {s['finetune_distill']}")
+    opts += [f"--device {s['finetune_device']}", f"--workers {s['workers_finetune']}"]
+    return first + "\n" + f"python -m benchmarks.search --stage finetune{wd} " + " ".join(opts) + \
+        ("" if name == "search" else f" --name {name}")
+
+
+def _qat_cmd(d: dict, name: str) -> str:
+    s = d["settings"]
+    if s["quick"]:
+        return "python -m benchmarks.qat --quick"
+    return (f"python -m benchmarks.qat --epochs {s['epochs']} --train-limit {s['train_limit']}"
+            + ("" if name == "qat" else f" --name {name}"))
+
+
+@dataclass(frozen=True)
+class Section:
+    kind: str
+    title: str
+    measures: str
+    runs: tuple  # (result name, command or a function of (payload, name) giving it)
+
+
+SECTIONS = (
+    Section("suite", "PTQ suite: FP32 vs onnxruntime quantize_static vs qtool",
+            "Latency (median, ORT CPU EP, 2 threads, every variant of a model interleaved in one process) and "
+            "top-1 of the FP32 model, onnxruntime's own `quantize_static` and qtool's W8A8 PTQ, plus the committed "
+            "QAT models; float fallbacks in ORT's optimized graph. Models other than ResNet-20 have random weights "
+            "and are timed only.",
+            (("suite", "python -m benchmarks run"), ("suite_quick", "python -m benchmarks run --quick"))),
+    Section("train", "ResNet-20 FP32 training",
+            "FP32 training of the zoo's ResNet-20 on the shared CIFAR-10 split (45k train / 5k val) and the accuracy "
+            "of its ONNX export on onnxruntime; the model is benchmarks/models/resnet20_cifar10.onnx, which the "
+            "other benchmarks quantize.",
+            (("train_resnet20", "python -m benchmarks.train_resnet20"),)),
+    Section("qat", "QAT: fidelity to onnxruntime and accuracy",
+            "QAT of ResNet-20 at W8A8 (LSQ) and W4A4 (LSQ, PACT, DoReFa; first and last layer 8-bit): the fake-quant "
+            "model's accuracy vs the exported QDQ model's on onnxruntime, argmax agreement, the largest logit "
+            "difference in quantization steps, and the drop from FP32. The first run is the accuracy run (before the "
+            "eval-mode emulation of ORT's integer kernels, `qtool.ortexact`); the second repeats a short run with it.",
+            (("qat", _qat_cmd), ("qat_fidelity", _qat_cmd))),
+    Section("export", "Export formats",
+            "One W8A8 PTQ plan of ResNet-20 exported as QDQ, QOperator and integer-only: top-1 on onnxruntime, "
+            "integer kernels vs float fallbacks, size; the same for short QAT plans; `qtool.intsim` against "
+            "onnxruntime; packed INT4 weights vs int8 containers.",
+            (("export", "python -m benchmarks.export"),)),
+    Section("search", "Mixed-precision search: NSGA-III + supernet",
+            "NSGA-III over per-layer W/A bit-widths {2, 4, 8} of ResNet-20 scored by a sandwich supernet: wall time, "
+            "hypervolume against random search with as many evaluations on the same supernet, and the same QAT "
+            "fine-tune for uniform W8A8 / W4A4 and the cheaper front members picked against each (does one "
+            "dominate?). The second run trains the sandwich's small end at 4 bits.",
+            (("search", _search_cmd), ("search_low4", _search_cmd))),
+    Section("dynamic", "Dynamic (per-image) bit-widths: DQNet vs static QAT",
+            "A bit controller routes each image to a per-layer bit configuration (DQNet-style); the deployment runs "
+            "on onnxruntime. Accuracy vs static QAT at the same average BitFLOPs (trained with the same budget), "
+            "ORT vs PyTorch, and routing latency. `--quick` is a smoke run, not a result.",
+            (("dynamic", "python -m benchmarks.dynamic"), ("dynamic_quick", "python -m benchmarks.dynamic --quick"))),
+)
+
+
+def load(name: str, results: Path = RESULTS) -> dict:
+    return json.loads((results / f"{name}.json").read_text())
+
+
+def results_markdown(results: Path = RESULTS) -> str:
+    """RESULTS.md: one section per benchmark (what it measures, how to rerun it, its tables)."""
+    out = ["# Benchmark results", "",
+           "Generated by `python -m benchmarks results` from the JSON files in `benchmarks/results/` "
+           "(do not edit by hand: rerun a benchmark, then that command). ResNet-20 numbers are on the shared "
+           "CIFAR-10 split, top-1 in % on the 5,000-image validation slice unless a table says otherwise. "
+           "Results of one-off experiments (calibration choices, cascades, learning rates, GPU numerics) are in "
+           "[docs/FINDINGS.md](../docs/FINDINGS.md).", ""]
+    out += [f"- [{s.title}](#{_anchor(s.title)})" for s in SECTIONS] + [""]
+    for s in SECTIONS:
+        out += [f"## {s.title}", "", s.measures, ""]
+        for name, cmd in s.runs:
+            path = results / f"{name}.json"
+            if not path.exists():
+                out += [f"`results/{name}.json` is absent: not run here.", ""]
+                continue
+            d = load(name, results)
+            command = cmd(d, name) if callable(cmd) else cmd
+            out += [f"### `results/{name}.json`", "", "```", command, "```", "", RENDER[s.kind](d).rstrip("\n"), ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _anchor(title: str) -> str:
+    keep = "".join(ch for ch in title.lower() if ch.isalnum() or ch in " -_")
+    return keep.replace(" ", "-")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks results", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results [benchmarks/results]")
+    ap.add_argument("-o", "--out", type=Path, default=RESULTS_MD, help="output [benchmarks/RESULTS.md]")
+    ap.add_argument("--tables", action="store_true", help="also rewrite NAME.md next to each JSON")
+    a = ap.parse_args(argv)
+    from qtool.io import atomic_write_text
+
+    if not a.results.is_dir():
+        print(f"{a.results}: no such folder", file=sys.stderr)
+        return 2
+    if a.tables:
+        for s in SECTIONS:
+            for name, _ in s.runs:
+                if (a.results / f"{name}.json").exists():
+                    write_table(s.kind, name, load(name, a.results), a.results)
+    atomic_write_text(a.out, results_markdown(a.results))
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
