@@ -1,4 +1,4 @@
-"""Error types that map to the CLI's exit codes (DESIGN.md: 2 = bad input, 1 = internal)."""
+"""Error types that map to the CLI's exit codes (docs/DESIGN.md: 2 = bad input, 1 = internal)."""
 
 
 class QtoolError(Exception):

@@ -1,4 +1,4 @@
-"""QuantPlan: the one description of how a graph is quantized (DESIGN.md "One plan, many producers").
+"""QuantPlan: the one description of how a graph is quantized (docs/DESIGN.md, "One plan, many producers").
 
 JSON, version 1:
 

@@ -12,7 +12,7 @@ the quantizer of the tensor it shares parameters with; biases get the int32 roun
 exported DequantizeLinear applies) -> train -> read every quantizer's qparams() into a QuantPlan
 -> write the weights back, each replaced by its fake-quantized value -> apply_plan.
 
-Fidelity (DESIGN.md). Every exported weight is the fake-quant output `code * scale` (float32), so
+Fidelity (docs/DESIGN.md). Every exported weight is the fake-quant output `code * scale` (float32), so
 the QDQ insertion recovers exactly the codes the torch model used, whatever the algorithm (DoReFa
 and BNN transform the weight before quantizing: a QDQ on the raw weight would not reproduce them).
 Activations use onnxruntime's QDQ numerics (qtool.fakequant); a sub-8-bit activation is exported

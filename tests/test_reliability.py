@@ -1,7 +1,7 @@
 """Reliability and safety: a bad-input corpus over the CLI, the inputs that must still work, plan
 files, calibration mismatches through the API, and a safe-loading audit of the package.
 
-The CLI contract (DESIGN.md): bad input -> exit 2, exactly one line on stderr naming the problem, no
+The CLI contract (docs/DESIGN.md): bad input -> exit 2, exactly one line on stderr naming the problem, no
 traceback, no output file (nor temp file) written, every input byte-identical afterwards. Each case
 below builds its inputs in `tmp_path`; the whole tree is hashed before and after the call.
 """
