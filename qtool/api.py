@@ -23,11 +23,12 @@ import numpy as np
 import onnx
 
 from qtool.bitsearch.config import SearchConfig
-from qtool.data import Data, ImageDataset, as_data, calib_inputs, load_dataset
+from qtool.data import Data, ImageDataset, load_dataset
 from qtool.dynbits.train import DynamicConfig, DynamicResult
 from qtool.errors import QtoolError
 from qtool.evaluation import EvalConfig, EvalResult, evaluate_model
 from qtool.exporting import ExportConfig, ExportResult, export_model
+from qtool.feeds import calibration_feeds, resolve_data
 from qtool.fusion import FuseConfig, FuseSummary, check_finite_weights, is_fused
 from qtool.io import check_model, load_model, save_model
 from qtool.latency import BenchConfig, BenchReport
@@ -59,11 +60,11 @@ def _config(config, cls):
     return config
 
 
-def _splits(data: DataLike) -> tuple[ImageDataset, ImageDataset, Data | None]:
+def _splits(model: onnx.ModelProto, data: DataLike | None) -> tuple[ImageDataset, ImageDataset, Data | None]:
     """(train, val, data) from a SPEC / Data, or a (train, val) pair of data sets."""
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, ImageDataset) for d in data):
         return data[0], data[1], None
-    d = as_data(data)
+    d = resolve_data(model, data)
     return load_dataset(d.spec, "train"), load_dataset(d.spec, "val"), d
 
 
@@ -117,7 +118,7 @@ class QuantizeResult:
         return self.summary.lines()
 
 
-def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] = "digits",
+def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] | None = None,
              config: QuantConfig = QuantConfig()) -> QuantizeResult:
     """Post-training quantization: calibrate on `data` (a SPEC / Data: `config.calib_size` images of its
     train split; or any iterable of `{input_name: array}` feeds) and insert Q/DQ from the plan."""
@@ -131,9 +132,8 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
     fsum = None
     if not is_fused(m):
         m, fsum = run_fuse(m)
-    if isinstance(data, (str, Data)):
-        d = as_data(data)
-        feeds = calib_inputs(m, d.spec, n=config.calib_size, mean=d.mean, std=d.std)
+    if data is None or isinstance(data, (str, Data)):
+        feeds = calibration_feeds(m, data, config.calib_size)
     else:
         feeds = data
     qmodel, plan = run(m, feeds, config)
@@ -145,7 +145,7 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
 
 # -- qat ---------------------------------------------------------------------------------------------
 
-def qat(model: ModelLike, data: DataLike = "digits", config: QATConfig = QATConfig()):
+def qat(model: ModelLike, data: DataLike | None = None, config: QATConfig = QATConfig()):
     """Quantization-aware training on the graph lifted to PyTorch; returns a QATResult (.model QDQ,
     .plan, .fused tuned float graph, .fidelity fake-quant vs onnxruntime)."""
     from qtool.preprocess import resolve_preprocess
@@ -153,7 +153,7 @@ def qat(model: ModelLike, data: DataLike = "digits", config: QATConfig = QATConf
 
     config = _config(config, QATConfig)
     m = _model(model)
-    train_ds, val_ds, d = _splits(data)
+    train_ds, val_ds, d = _splits(m, data)
     pre = resolve_preprocess(m, d.mean, d.std) if d is not None and (d.mean or d.std) else None
     return run(m, train_ds, val_ds, config, preprocess=pre)
 
@@ -169,10 +169,13 @@ def export(model: ModelLike, plan: QuantPlan | str | os.PathLike, config: Export
 
 # -- evaluate / bench --------------------------------------------------------------------------------
 
-def evaluate(model: ModelLike, data: str | Data = "digits", config: EvalConfig = EvalConfig()) -> EvalResult:
-    """Top-1 accuracy on onnxruntime on a split of `data`."""
-    d = as_data(data)
-    return evaluate_model(_model(model), d.spec, _config(config, EvalConfig), mean=d.mean, std=d.std)
+def evaluate(model: ModelLike, data: str | Data | None = None, config: EvalConfig = EvalConfig(), *,
+             against: ModelLike | None = None) -> EvalResult:
+    """On onnxruntime on a split of `data`: top-1 where there are labels and class scores; with `against`
+    (the FP32 model), per output SQNR / cosine / max abs error / top-1 agreement, labels or not."""
+    m = _model(model)
+    ref = _model(against) if against is not None else None
+    return evaluate_model(m, resolve_data(m, data), _config(config, EvalConfig), against=ref)
 
 
 def bench(models: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig()) -> BenchReport:
@@ -184,17 +187,17 @@ def bench(models: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig
 
 # -- search / dynamic --------------------------------------------------------------------------------
 
-def search(model: ModelLike, data: str = "digits", config: SearchConfig = SearchConfig(), *,
+def search(model: ModelLike, data: str | Data | None = None, config: SearchConfig = SearchConfig(), *,
            workdir: str | os.PathLike, progress: bool = True):
     """NSGA-III search over per-layer bit-widths; returns a SearchResult (front, baselines) and writes
     the log, checkpoints, front.json/csv and plots under `workdir` (`config.resume` continues one)."""
     from qtool.bitsearch.runner import run_search
 
-    return run_search(_model(model), as_data(data).spec, _config(config, SearchConfig), Path(workdir),
-                      progress=progress)
+    m = _model(model)
+    return run_search(m, resolve_data(m, data).spec, _config(config, SearchConfig), Path(workdir), progress=progress)
 
 
-def dynamic(model: ModelLike, data: DataLike = "digits", config: DynamicConfig = DynamicConfig(), *,
+def dynamic(model: ModelLike, data: DataLike | None = None, config: DynamicConfig = DynamicConfig(), *,
             output_dir: str | os.PathLike) -> DynamicResult:
     """Per-image bit-widths (DQNet): a bit controller + routed QDQ models, deployed under `output_dir`."""
     from qtool.dynbits.train import dynamic as run
@@ -205,5 +208,6 @@ def dynamic(model: ModelLike, data: DataLike = "digits", config: DynamicConfig =
         raise QtoolError(f"output path exists and is not a directory: {o}")
     if not (o.parent if str(o.parent) else Path(".")).is_dir():
         raise QtoolError(f"parent directory of {o} does not exist")
-    train_ds, val_ds, _ = _splits(data)
-    return run(_model(model), train_ds, val_ds, config, o)
+    m = _model(model)
+    train_ds, val_ds, _ = _splits(m, data)
+    return run(m, train_ds, val_ds, config, o)

@@ -15,8 +15,10 @@ import click
 
 from qtool.errors import QtoolError
 
-DATA_HELP = ("data SPEC: digits (embedded default) | cifar10:PATH (python batches dir, ImageFolder dir with "
-             "train/ and/or test/, or a .tar.gz of one) | imagefolder:PATH | npz:PATH")
+DATA_HELP = ("data SPEC: digits (embedded; the default where it fits the model) | cifar10:PATH (python batches dir, "
+             "ImageFolder dir with train/ and/or test/, or a .tar.gz of one) | imagefolder:PATH | npz:PATH (images + "
+             "labels, or one array per model input named like it, any dtype/rank, optional 'labels') | images:DIR "
+             "(image files of any size, resized and center-cropped to the model's input; no labels)")
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -76,16 +78,33 @@ def cli(verbose: bool):
 
 
 def data_options(f):
-    """--data and --mean/--std: where the data comes from and how a model without metadata is fed."""
+    """--data, --mean/--std, --input-shape: where the data comes from and how the model is fed."""
+    f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x640x640",
+                     help="fix an input's symbolic dims where the data does not give them (repeatable)")(f)
     f = click.option("--std", default=None, help="per-channel std, e.g. 0.25,0.24,0.26 (overrides model metadata)")(f)
     f = click.option("--mean", default=None, help="per-channel mean, e.g. 0.49,0.48,0.45 (overrides model metadata)")(f)
-    return click.option("--data", default="digits", show_default=True, help=DATA_HELP)(f)
+    return click.option("--data", default=None, help=DATA_HELP)(f)
 
 
-def make_data(data: str, mean: str | None, std: str | None):
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(v) for v in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(v < 1 for v in shape):
+        raise QtoolError(f"--input-shape must look like NAME:1x3x640x640, got {text!r}")
+    return name, shape
+
+
+def make_data(data: str | None, mean: str | None, std: str | None, input_shapes: tuple[str, ...] = ()):
+    """The qtool.Data of the options; None when nothing was given (the API then uses digits where it fits)."""
     from qtool.data import Data
 
-    return Data(data, parse_floats(mean, "--mean"), parse_floats(std, "--std"))
+    if data is None and mean is None and std is None and not input_shapes:
+        return None
+    return Data(data or "digits", parse_floats(mean, "--mean"), parse_floats(std, "--std"),
+                tuple(parse_input_shape(t) for t in input_shapes))
 
 
 def checked_outputs(inputs: tuple, *outputs) -> None:
@@ -148,7 +167,7 @@ def fuse(model, output, no_onnxsim, verbose):
 @click.option("--calib-size", default=512, show_default=True, type=int, help="number of calibration images")
 @click.option("-o", "--output", required=True)
 @click.option("--plan-out", default=None, help="also write the QuantPlan JSON here")
-def quantize(model, data, mean, std, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
+def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
              plan_out):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
     import qtool
@@ -157,7 +176,7 @@ def quantize(model, data, mean, std, calib, bits, per_channel, symmetric_activat
     config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt)
-    d = make_data(data, mean, std)
+    d = make_data(data, mean, std, input_shapes)
     checked_outputs((model,), output, plan_out)
     r = qtool.quantize(model, d, config)
     r.save(output, plan_out)
@@ -180,7 +199,7 @@ def quantize(model, data, mean, std, calib, bits, per_channel, symmetric_activat
 @click.option("--train-limit", default=None, type=int, help="train on N images of the train split")
 @click.option("-o", "--output", required=True)
 @click.option("--plan-out", default=None, help="also write the learned QuantPlan JSON here")
-def qat(model, data, mean, std, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit, output,
+def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit, output,
         plan_out):
     """Quantization-aware training on a PyTorch module lifted from the ONNX graph; writes a QDQ model."""
     import qtool
@@ -197,7 +216,7 @@ def qat(model, data, mean, std, bits, plan, config, algo, epochs, lr, optimizer,
         kw["rules"] = load_config_list(config)
     cfg = qtool.QATConfig(algo=algo, epochs=epochs, lr=lr, batch_size=batch_size, train_limit=train_limit,
                           optimizer=optimizer, **kw)
-    d = make_data(data, mean, std)
+    d = make_data(data, mean, std, input_shapes)
     checked_outputs((model,), output, plan_out)
     result = qtool.qat(model, d, cfg)
     result.save(output, plan_out)
@@ -208,7 +227,7 @@ def qat(model, data, mean, std, bits, plan, config, algo, epochs, lr, optimizer,
 
 @cli.command()
 @click.argument("model")
-@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@click.option("--data", default=None, help=DATA_HELP)
 @click.option("--objectives", default="acc,flops", show_default=True, help="acc,flops[,bitops,size,packed_size,latency]")
 @click.option("--bits", default="2,4,8", show_default=True, help="candidate bit-widths")
 @click.option("--pop", default=16, show_default=True, type=int)
@@ -260,7 +279,7 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
 
 @cli.command()
 @click.argument("model")
-@click.option("--data", default="digits", show_default=True, help=DATA_HELP)
+@click.option("--data", default=None, help=DATA_HELP)
 @click.option("--bits", default="3,4,5", show_default=True, help="candidate bit-widths of every dynamic layer (weights and activations share the choice)")
 @click.option("--target-bitflops", "target", default="u4", show_default=True, help="BitFLOPs per sample (sum MACs x b_w x b_a), or uB: those of uniform B bits")
 @click.option("--epochs", default=1, show_default=True, type=int)
@@ -373,14 +392,19 @@ def bench(models, ep, batch, threads, warmup, runs, json_out):
 @cli.command(name="eval")
 @click.argument("model")
 @data_options
+@click.option("--against", default=None, metavar="FP32.onnx",
+              help="reference model: per output SQNR, cosine, max abs error and top-1 agreement (no labels needed)")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "test"]))
 @click.option("--batch-size", default=256, show_default=True, type=int)
-def eval_cmd(model, data, mean, std, split, batch_size):
-    """Top-1 accuracy on onnxruntime."""
+@click.option("--limit", default=None, type=int, help="the first N samples of the split")
+def eval_cmd(model, data, mean, std, input_shapes, against, split, batch_size, limit):
+    """Top-1 on onnxruntime where the data has labels; with --against, label-free fidelity per output."""
     import qtool
 
-    r = qtool.evaluate(model, make_data(data, mean, std), qtool.EvalConfig(split=split, batch_size=batch_size))
-    echo(f"top-1 {r.accuracy * 100:.2f}% on {r.n} images ({data}, {split})")
+    r = qtool.evaluate(model, make_data(data, mean, std, input_shapes),
+                       qtool.EvalConfig(split=split, batch_size=batch_size, limit=limit), against=against)
+    for line in r.lines():
+        echo(line)
 
 
 @cli.command()

@@ -225,7 +225,15 @@ def _read_npz(path: Path):
         if x.dtype != np.uint8:
             if not np.isfinite(x).all():
                 raise QtoolError(f"{path}: images contain NaN or Inf")
-            x = np.clip(np.rint(x * 255.0 if x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
+            lo, hi = float(x.min()), float(x.max())
+            if lo >= 0.0 and hi <= 1.0:  # pixels / 255
+                x = x * 255.0
+            elif not (lo >= 0.0 and hi <= 255.0 and np.array_equal(x, np.rint(x))):
+                # Rounding and clipping such data into "pixels" would feed the model garbage.
+                raise QtoolError(f"{path}: images are {x.dtype} with values in [{lo:.3g}, {hi:.3g}]: neither pixels/255 "
+                                 "in [0, 1] nor 0..255 pixels; to feed arrays as they are, name them like the model's "
+                                 "inputs")
+            x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
         y = np.asarray(y).astype(np.int64).reshape(-1)
         if len(y) != len(x):
             raise QtoolError(f"{path}: {len(x)} images but {len(y)} labels")
@@ -263,9 +271,15 @@ class Data:
     spec: str = "digits"
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # symbolic input dims fixed where the data cannot give them: ((name, (1, 3, 640, 640)), ...)
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self):
         parse_spec(self.spec)  # a bad SPEC fails before any work
+        for entry in self.input_shapes:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+                    and isinstance(entry[1], tuple) and all(isinstance(v, int) and v > 0 for v in entry[1])):
+                raise QtoolError(f"input_shapes entries must be (name, (dims...)) with dims >= 1, got {entry!r}")
         for k in ("mean", "std"):
             v = getattr(self, k)
             if v is not None and (not isinstance(v, tuple) or not v
@@ -276,7 +290,9 @@ class Data:
 
 
 def as_data(data) -> Data:
-    """A Data from a SPEC string or a Data."""
+    """A Data from a SPEC string or a Data (None: the embedded digits)."""
+    if data is None:
+        return Data()
     if isinstance(data, Data):
         return data
     if isinstance(data, str):
@@ -288,8 +304,9 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
     if spec == "digits":
         return "digits", None
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("cifar10", "imagefolder", "npz"):
-        raise QtoolError(f"unknown data spec {spec!r}; use digits, cifar10:PATH, imagefolder:PATH or npz:PATH")
+    if not sep or kind not in ("cifar10", "imagefolder", "npz", "images"):
+        raise QtoolError(f"unknown data spec {spec!r}; use digits, cifar10:PATH, imagefolder:PATH, npz:PATH or "
+                         "images:DIR")
     p = Path(rest).expanduser()
     if not p.exists():
         raise QtoolError(f"data path not found: {p}")
@@ -301,6 +318,9 @@ def _load_splits(spec: str):
     if kind == "digits":
         splits, classes = _read_digits()
         return splits, classes, Preprocess(mean=(0.2,), std=(0.33,))
+    if kind == "images":
+        raise QtoolError(f"images:{p} has no labels: it serves calibration and label-free evaluation "
+                         "(eval --against), not training or top-1")
     if kind == "npz":
         splits, classes = _read_npz(p)
     elif p.is_dir() and (any(p.glob("data_batch_*")) or (p / "test_batch").exists()):

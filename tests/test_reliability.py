@@ -307,16 +307,23 @@ CASES = [
     ("quantize-inf-weight", Q(model=M(lambda: nan_weights(-np.inf))), "weight 'W' of Conv 'conv' has 1 NaN/Inf"),
     ("quantize-nothing-to-quantize", Q(model=M(relu_only)), "nothing to quantize"),
     ("quantize-unsupported-op", Q(model=M(custom_op_model)), "onnxruntime cannot load the model for calibration"),
-    ("quantize-int64-input", Q(model=M(int_input_model)), "model input 'x' is not float32"),
-    ("quantize-ill-typed-model", Q(model=M(lambda: conv_model(in_type=TP.INT64))), "onnxruntime cannot load the model"),
-    ("quantize-two-inputs", Q(model=M(two_input_model)), "model has 2 inputs"),
+    ("quantize-int64-input", Q(model=M(int_input_model)), "do not fit the embedded digits data: give the model's own data"),
+    ("quantize-int64-input-image-data", Q(model=M(int_input_model), data=lambda t: "digits"),
+     "model input 'x' is not float32"),
+    ("quantize-ill-typed-model", Q(model=M(lambda: conv_model(in_type=TP.INT64)), data=lambda t: npz(t)),
+     "onnxruntime cannot load the model"),
+    ("quantize-two-inputs", Q(model=M(two_input_model)), "(x float32 [?, 1, 32, 32]; z float32 [?, 1, 32, 32]) do not "
+     "fit the embedded digits data: give the model's own data (--data SPEC)"),
+    ("quantize-two-inputs-image-data", Q(model=M(two_input_model), data=lambda t: "digits"), "model has 2 inputs"),
     ("quantize-out-equals-input", lambda t: ["quantize", good(t), "-o", str(t / "m.onnx")],
      "output path equals the input path"),
     ("quantize-plan-out-equals-input", Q("--plan-out", "{t}/m.onnx"), "output path equals the input path"),
     ("quantize-plan-out-equals-out", Q("--plan-out", "{t}/out.onnx"), "two outputs are the same path"),
     ("quantize-plan-out-missing-dir", Q("--plan-out", "{t}/nodir/plan.json"), "output directory does not exist"),
     # -- quantize: calibration data
-    ("quantize-3ch-model-digits", Q(model=M(lambda: conv_model(c=3))), "expects channels=3 but the data has 1"),
+    ("quantize-3ch-model-no-data", Q(model=M(lambda: conv_model(c=3))), "do not fit the embedded digits data"),
+    ("quantize-3ch-model-digits", Q(model=M(lambda: conv_model(c=3)), data=lambda t: "digits"),
+     "expects channels=3 but the data has 1"),
     ("quantize-wrong-size", Q(data=lambda t: npz(t, hw=28)), "expects height=32 but the data has 28"),
     ("quantize-unknown-spec", Q(data=lambda t: "mnist"), "unknown data spec 'mnist'"),
     ("quantize-unknown-spec-kind", Q(data=lambda t: "s3:bucket/x"), "unknown data spec"),
@@ -347,10 +354,10 @@ CASES = [
     ("quantize-bad-std", Q("--std", "0"), "std values must be > 0"),
     # -- eval
     ("eval-empty-file", E(raw(b"")), "model file is empty"),
-    ("eval-3ch-model-digits", E(M(lambda: conv_model(c=3))), "expects channels=3 but the data has 1"),
+    ("eval-3ch-model-digits", E(M(lambda: conv_model(c=3)), lambda t: "digits"), "expects channels=3 but the data has 1"),
     ("eval-no-test-split", E(good, lambda t: npz(t), "--split", "test"), "has no test split"),
     ("eval-negative-labels", E(good, lambda t: npz(t, labels=-np.ones(20, np.int64))), "labels must be >= 0"),
-    ("eval-not-logits", E(M(conv_only_model)), "expected N x classes logits"),
+    ("eval-not-logits", E(M(conv_only_model)), "top-1 needs N x classes scores (compare with the FP32 model instead"),
     ("eval-unknown-spec", E(good, lambda t: "digits:extra"), "unknown data spec"),
     # -- bench
     ("bench-symbolic-spatial", B(M(lambda: conv_model(spatial="H"))), "symbolic dimension 'H' at axis 2"),
@@ -510,7 +517,7 @@ def test_real_cifar_format_batches_still_load(tmp_path, capsys):
         (d / name).write_bytes(pickle.dumps(payload, protocol=2))
     src = save(conv_model(c=3), tmp_path / "m.onnx")
     assert main(["eval", src, "--data", f"cifar10:{d}", "--split", "test"]) == 0, capsys.readouterr().err
-    assert "on 10 images" in capsys.readouterr().out
+    assert "on 10 samples" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------- calibration API
