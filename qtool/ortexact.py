@@ -10,7 +10,13 @@ So in eval mode the quantized Conv / Gemm / Add / GlobalAveragePool of a `Lifted
 the onnxruntime kernel computes (MLAS, x86; checked against onnxruntime on random and exhaustive
 inputs in tests/test_ortexact.py):
 
-- QLinearConv, QGemm:  acc = sum (x_q - z_x) w_q + b_q (exact);
+- QLinearConv, QGemm:  acc = sum_k (x_q - z_x) w_q + b_q, exact on CPUs with VNNI and in depthwise
+  QLinearConv. Without VNNI, MLAS reads raw uint8 codes u (int8 activations: x_q + 128, z_u = z_x + 128;
+  padding: z_u) and sums products in pairs along K, each pair saturated to int16:
+  acc = sum_j sat16(u_2j w_2j + u_2j+1 w_2j+1) - z_u sum_k w_q + b_q, K = (kh, kw, c) within a group
+  for QLinearConv (an odd K pairs its last element with 0). qtool.ortkernels probes which, once per
+  process; the emulation is the exact sum plus sat16(p) - p for the few pairs whose
+  (|w_a| + |w_b|) max(u) can exceed 32767.
   y_q = clamp(rne(float32(acc) * M) + z_y),  M = float32(float32(s_x s_w) / s_y) per output channel.
 - QLinearAdd (the AVX2 kernel):  r_a = s_a / s_c, r_b = s_b / s_c,  f = z_c - fma(r_a, z_a, r_b z_b),
   y_q = clamp(rne(fma(a_q, r_a, fma(b_q, r_b, f)))), every step rounded to float32.
@@ -33,12 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qtool.lift import run_op
+from qtool.lift import conv_window, run_op
+from qtool.ortkernels import PAIRS, PAIRS_CHW, PAIRS_HWC, accumulation, pair_saturation, saturable_pairs
 from qtool.plan import TensorQuant
 
 __all__ = ["ExactConv", "ExactAdd", "ExactGlobalAveragePool", "install_exact_eval"]
 
 _FLOAT32_EXACT = 2.0**24  # integers up to this magnitude are exact in float32
+_GATHER_LIMIT = 2**22  # input codes gathered at once to emulate saturating pairs (16 MiB of float32)
 _CONTAINER = {True: (-128, 127), False: (0, 255)}
 
 
@@ -63,20 +71,42 @@ def _round_clamp(v: torch.Tensor, z: int, signed: bool) -> torch.Tensor:
 
 
 class ExactConv(nn.Module):
-    """QLinearConv / QGemm in place of a fake-quant Conv or Gemm (x, w, b are fake-quant values)."""
+    """QLinearConv / QGemm in place of a fake-quant Conv or Gemm (x, w, b are fake-quant values).
 
-    def __init__(self, op: str, attrs: dict, x: TensorQuant, w: TensorQuant, y: TensorQuant):
+    `saturate`: None sums the way onnxruntime's kernel does on this CPU (qtool.ortkernels' probe),
+    False exactly, True in int16-saturated pairs (MLAS without VNNI) whatever the CPU.
+    """
+
+    def __init__(self, op: str, attrs: dict, x: TensorQuant, w: TensorQuant, y: TensorQuant,
+                 saturate: bool | None = None):
         super().__init__()
         self.op, self.attrs = op, attrs
         self.s_x, self.z_x = _scalar(x)
         self.s_y, self.z_y = _scalar(y)
-        self.y_signed = y.signed
+        self.x_signed, self.y_signed = x.signed, y.signed
+        self.saturate = saturate
         s_w = np.asarray(w.scale, np.float32).reshape(-1)
         self.register_buffer("s_w", torch.from_numpy(s_w), persistent=False)
         s_b = (self.s_x * s_w).astype(np.float32)
         self.register_buffer("s_b", torch.from_numpy(s_b), persistent=False)
         self.register_buffer("m", torch.from_numpy((s_b / self.s_y).astype(np.float32)), persistent=False)
         self.x_span = max(abs(lo - self.z_x) for lo in _CONTAINER[x.signed])
+        # MLAS reads uint8 codes: int8 activations are shifted by 128 (codes and zero point)
+        self.u_zero = self.z_x + (128 if x.signed else 0)
+
+    def pair_order(self, cw: torch.Tensor) -> str | None:
+        """The K order of the int16-saturated pairs this layer's kernel sums (None: exact sums)."""
+        if self.saturate is False:
+            return None
+        if self.op == "Gemm":
+            kernel, pairs = "QGemm", PAIRS
+        else:  # onnxruntime's depthwise test: one input and one output channel per group
+            depthwise = cw.shape[1] == 1 and cw.shape[0] == self.attrs.get("group", 1)
+            kernel, pairs = ("QLinearConv depthwise", None) if depthwise else ("QLinearConv", PAIRS_HWC)
+        if self.saturate:
+            return pairs
+        found = accumulation(kernel, self.x_signed)
+        return found if found in (PAIRS, PAIRS_HWC, PAIRS_CHW) else None
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         cx = torch.round(x / torch.tensor(self.s_x))  # x_q - z_x
@@ -91,11 +121,63 @@ class ExactConv(nn.Module):
             acc = F.linear(cx.to(dtype), cw.to(dtype))
             axis = acc.dim() - 1
         acc = acc.double()
+        order = self.pair_order(cw)
+        if order is not None:
+            u = cx + self.u_zero  # the raw codes the kernel reads
+            if self.op == "Conv":
+                _add_conv_saturation(acc, u, cw, self.attrs, self.u_zero, order)
+            else:
+                _add_gemm_saturation(acc, u, cw)
         if b is not None:
             q_b = torch.round(b.double() / self.s_b.double())
             acc = acc + _channel(q_b, acc.dim(), axis)
         v = acc.float() * _channel(self.m, acc.dim(), axis)
         return _dequantized(_round_clamp(v, self.z_y, self.y_signed), self.z_y, self.s_y)
+
+
+def _saturable(cw: torch.Tensor, group: int, order: str, u_max: int) -> list[torch.Tensor]:
+    """qtool.ortkernels.saturable_pairs on torch: (out, row_a, row_b) int64, (w_a, w_b) float32."""
+    found = saturable_pairs(cw.detach().cpu().numpy().astype(np.int64), group, order, u_max)
+    return [torch.from_numpy(a).to(device=cw.device, dtype=torch.int64 if i < 3 else torch.float32)
+            for i, a in enumerate(found)]
+
+
+def _chunks(n_pairs: int, per_pair: int):
+    """Slices of the pairs whose gathered inputs stay near _GATHER_LIMIT elements."""
+    step = max(1, _GATHER_LIMIT // max(per_pair, 1))
+    return (slice(i, i + step) for i in range(0, n_pairs, step))
+
+
+def _add_conv_saturation(acc: torch.Tensor, u: torch.Tensor, cw: torch.Tensor, attrs: dict, u_zero: int,
+                         order: str) -> None:
+    """acc += the int16 saturation of every pair that can saturate (acc: N, M, *out float64)."""
+    kernel = tuple(cw.shape[2:])
+    pad, strides, dilations = conv_window(attrs, u, kernel)
+    u = F.pad(u, pad, value=float(u_zero))  # onnxruntime pads with the zero point's code
+    out, row_a, row_b, w_a, w_b = _saturable(cw, attrs.get("group", 1), order, int(u.max()))
+    if out.numel() == 0:
+        return
+    nd = len(kernel)
+    for d, (k, s, dl) in enumerate(zip(kernel, strides, dilations)):
+        u = u.unfold(2 + d, (k - 1) * dl + 1, s)  # windows go last: N, C, *out, *window
+    u = u[(Ellipsis,) + tuple(slice(None, None, dl) for dl in dilations)]
+    u = u.permute(1, *range(2 + nd, 2 + 2 * nd), 0, *range(2, 2 + nd))  # C, *kernel, N, *out
+    shape = (u.shape[0],) + kernel
+    at_a = [torch.from_numpy(i).to(u.device) for i in np.unravel_index(row_a.cpu().numpy(), shape)]
+    at_b = [torch.from_numpy(i).to(u.device) for i in np.unravel_index(row_b.cpu().numpy(), shape)]
+    ones = (1,) * (1 + nd)
+    for sl in _chunks(out.numel(), int(np.prod(u.shape[1 + nd:]))):
+        p = u[tuple(i[sl] for i in at_a)] * w_a[sl].reshape(-1, *ones) \
+            + u[tuple(i[sl] for i in at_b)] * w_b[sl].reshape(-1, *ones)  # pairs, N, *out: exact in float32
+        acc.index_add_(1, out[sl], pair_saturation(p).movedim(0, 1).double())
+
+
+def _add_gemm_saturation(acc: torch.Tensor, u: torch.Tensor, cw: torch.Tensor) -> None:
+    """acc += the int16 saturation of every pair that can saturate (acc: ..., N float64; u: ..., K)."""
+    out, row_a, row_b, w_a, w_b = _saturable(cw, 1, PAIRS, int(u.max()))
+    for sl in _chunks(out.numel(), u[..., 0].numel()):
+        p = u[..., row_a[sl]] * w_a[sl] + u[..., row_b[sl]] * w_b[sl]
+        acc.index_add_(acc.dim() - 1, out[sl], pair_saturation(p).double())
 
 
 def _fma(a: torch.Tensor, b, c) -> torch.Tensor:
