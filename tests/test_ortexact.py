@@ -99,6 +99,7 @@ CONV_CASES = {
     "depthwise": (16, 16, (3, 3), dict(pads=[1, 1, 1, 1], group=16)),  # exact on every CPU measured; 0
     "channel multiplier 2": (8, 16, (3, 3), dict(pads=[1, 1, 1, 1], group=8)),  # not depthwise: K = 9; 131/2048
     "1-D": (8, 16, (5,), dict(pads=[2, 2])),  # 113/256
+    "3-D": (4, 8, (3, 3, 3), dict(pads=[1] * 6)),  # K = (kd, kh, kw, c); 4539/8192
     "int8 activations": (32, 16, (3, 3), dict(pads=[1, 1, 1, 1])),  # read as uint8 codes + 128; 1799/2048
 }
 
