@@ -15,7 +15,9 @@ taken in is the kernel's: QLinearConv im2cols NHWC, K = (kh, kw, c) within a gro
 im2cols NCHW, K = (c, kh, kw).
 
 `accumulation(kernel, signed)` builds a tiny model for the kernel whose exact sum overflows int16 in
-one pair only, runs it on the CPU execution provider and returns what it found:
+one pair only, runs it on the CPU execution provider and returns what it found. QLinearConv and QGemm
+are probed as QDQ groups that ORT fuses, the way qtool's QDQ models run (`signed`: int8 activations,
+which ORT on x86 converts to uint8 + 128 before fusing); ConvInteger / MatMulInteger as single nodes.
 
 - EXACT: the exact integer sum.
 - PAIRS (a GEMM: QGemm, MatMulInteger) / PAIRS_HWC / PAIRS_CHW (a convolution, by its K order):
@@ -30,7 +32,11 @@ Measured with onnxruntime 1.32 on an AMD EPYC with AVX2 and no AVX-512/VNNI:
 | QLinearConv (group 1 or grouped, any C, 1x1, strided; uint8 and int8 activations) | PAIRS_HWC |
 | QLinearConv, depthwise (one input and one output channel per group) | EXACT |
 | QGemm (QDQ Gemm), QLinearMatMul, MatMulInteger (uint8 x int8) | PAIRS |
-| ConvInteger (uint8 x int8) | EXACT |
+| ConvInteger (uint8 x int8); uint8 x uint8 ConvInteger / MatMulInteger | EXACT |
+| QLinearConv on int8 codes (a QOperator model; MLAS's S8S8 kernel, not probed) | EXACT |
+
+The last row is why a QOperator model with int8 activations can differ from the QDQ model of the same
+plan on such CPUs: ORT runs the latter's convolutions on uint8 codes + 128, which saturate.
 """
 from __future__ import annotations
 
@@ -246,7 +252,8 @@ def _probe(kernel: str, signed: bool) -> str:
 @functools.cache
 def accumulation(kernel: str, signed: bool = False) -> str:
     """How onnxruntime's CPU `kernel` (one of KERNELS) sums on this machine, for uint8 (or int8,
-    `signed`) activations: EXACT, PAIRS / PAIRS_HWC / PAIRS_CHW or UNKNOWN. Probed once per process."""
+    `signed`, in a QDQ model) activations: EXACT, PAIRS / PAIRS_HWC / PAIRS_CHW or UNKNOWN. Probed once
+    per process."""
     if kernel not in KERNELS:
         raise QtoolError(f"unknown kernel {kernel!r} (one of: {', '.join(KERNELS)})")
     found = _probe(kernel, signed)

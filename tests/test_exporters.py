@@ -145,7 +145,8 @@ def _ort_unoptimized(model, x):
     """The QDQ model as written: DequantizeLinear -> float Conv / Gemm -> QuantizeLinear, no integer kernel."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
 
 
 def test_integer_export_of_8_bit_weights_matches_the_qdq_arithmetic(w8):

@@ -84,7 +84,8 @@ def _ort_node(node, inits: dict, x: np.ndarray) -> np.ndarray:
                           [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {node.input[0]: x})[0]
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {node.input[0]: x})[0]
 
 
 def _other(found: str, pairs: str) -> str:

@@ -147,9 +147,11 @@ def _brute_force_pairs(u, z_u, wq, attrs):
     """Every product formed, K ordered (*kernel, c) per group, pairs saturated to int16: MLAS without VNNI."""
     nd = wq.ndim - 2
     kernel, group = wq.shape[2:], attrs.get("group", 1)
-    pads, strides, dil = attrs.get("pads", [0] * 2 * nd), attrs.get("strides", [1] * nd), attrs.get("dilations", [1] * nd)
+    pads, strides = attrs.get("pads", [0] * 2 * nd), attrs.get("strides", [1] * nd)
+    dil = attrs.get("dilations", [1] * nd)
     u = np.pad(u.astype(np.int64), [(0, 0), (0, 0)] + list(zip(pads[:nd], pads[nd:])), constant_values=z_u)
-    win = np.lib.stride_tricks.sliding_window_view(u, [(k - 1) * d + 1 for k, d in zip(kernel, dil)], axis=range(2, 2 + nd))
+    window = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    win = np.lib.stride_tricks.sliding_window_view(u, window, axis=range(2, 2 + nd))
     win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
               + tuple(slice(None, None, d) for d in dil)]  # N, C, *out, *kernel
     out_shape = win.shape[2:2 + nd]
@@ -184,7 +186,8 @@ def test_emulated_pairs_equal_a_brute_force_sum(case):
     want = np.clip(np.rint(acc.astype(f32) * f32(sx / sy)) + zy, lo, hi)
     x, w = torch.from_numpy((codes - zx).astype(f32)), torch.from_numpy(wq.astype(f32))
     xq, wt, yq = _act(sx, zx, signed=signed), _per_channel(np.ones(cout, f32)), _act(sy, zy, signed=signed)
-    np.testing.assert_array_equal(_codes(ExactConv("Conv", attrs, xq, wt, yq, saturate=True)(x, w).numpy(), sy, zy), want)
+    emulated = _codes(ExactConv("Conv", attrs, xq, wt, yq, saturate=True)(x, w).numpy(), sy, zy)
+    np.testing.assert_array_equal(emulated, want)
     exact = _codes(ExactConv("Conv", attrs, xq, wt, yq, saturate=False)(x, w).numpy(), sy, zy)
     assert (exact != want).any()
 
