@@ -46,7 +46,7 @@ from onnx import numpy_helper
 from qtool.errors import QtoolError
 from qtool.io import MAX_OPSET, MIN_OPSET, default_opset
 
-__all__ = ["lift", "LiftedModule", "supported_ops", "run_op"]
+__all__ = ["lift", "LiftedModule", "supported_ops", "run_op", "conv_window"]
 
 _PARAM_INPUTS = {  # op -> input indices whose float initializers are trainable
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
@@ -138,6 +138,15 @@ def _fill_window(a: dict, nd: int) -> dict:
     a.setdefault("strides", [1] * nd)
     a.setdefault("dilations", [1] * nd)
     return a
+
+
+def conv_window(attrs: dict, x: torch.Tensor, kernel) -> tuple[list[int], list[int], list[int]]:
+    """(F.pad list, strides, dilations) of a Conv with `attrs` on `x`, as `run_op("Conv", ...)` applies
+    them (auto_pad resolved); qtool.ortexact pads with the zero point the way onnxruntime does."""
+    nd = len(kernel)
+    a = _fill_window(dict(attrs), nd)
+    pads = _spatial_pads(a, x, kernel)
+    return _torch_pad_list(pads[:nd], pads[nd:]), list(a["strides"]), list(a["dilations"])
 
 
 @_op("Conv", parse=_parse_window)

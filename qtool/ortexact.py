@@ -10,7 +10,13 @@ So in eval mode the quantized Conv / Gemm / Add / GlobalAveragePool of a `Lifted
 the onnxruntime kernel computes (MLAS, x86; checked against onnxruntime on random and exhaustive
 inputs in tests/test_ortexact.py):
 
-- QLinearConv, QGemm:  acc = sum (x_q - z_x) w_q + b_q (exact);
+- QLinearConv, QGemm:  acc = sum_k (x_q - z_x) w_q + b_q, exact on CPUs with VNNI and in depthwise
+  QLinearConv. Without VNNI, MLAS reads raw uint8 codes u (int8 activations: x_q + 128, z_u = z_x + 128;
+  padding: z_u) and sums products in pairs along K, each pair saturated to int16:
+  acc = sum_j sat16(u_2j w_2j + u_2j+1 w_2j+1) - z_u sum_k w_q + b_q, K = (kernel offsets, c) within
+  a group for QLinearConv, e.g. (kh, kw, c) (an odd K pairs its last element with 0). qtool.ortkernels
+  probes which, once per process; the emulation is the exact sum plus sat16(p) - p for the few pairs
+  whose (|w_a| + |w_b|) max(u) can exceed 32767.
   y_q = clamp(rne(float32(acc) * M) + z_y),  M = float32(float32(s_x s_w) / s_y) per output channel.
 - QLinearAdd (the AVX2 kernel):  r_a = s_a / s_c, r_b = s_b / s_c,  f = z_c - fma(r_a, z_a, r_b z_b),
   y_q = clamp(rne(fma(a_q, r_a, fma(b_q, r_b, f)))), every step rounded to float32.
@@ -33,12 +39,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qtool.lift import run_op
+from qtool.lift import conv_window, run_op
+from qtool.ortkernels import (INT16_MAX, PAIRS, PAIRS_CHW, PAIRS_HWC, accumulation, pair_saturation,
+                              saturable_pairs)
 from qtool.plan import TensorQuant
 
 __all__ = ["ExactConv", "ExactAdd", "ExactGlobalAveragePool", "install_exact_eval"]
 
 _FLOAT32_EXACT = 2.0**24  # integers up to this magnitude are exact in float32
+_GATHER_LIMIT = 2**22  # input codes gathered at once to emulate saturating pairs (16 MiB of float32)
 _CONTAINER = {True: (-128, 127), False: (0, 255)}
 
 
@@ -63,20 +72,43 @@ def _round_clamp(v: torch.Tensor, z: int, signed: bool) -> torch.Tensor:
 
 
 class ExactConv(nn.Module):
-    """QLinearConv / QGemm in place of a fake-quant Conv or Gemm (x, w, b are fake-quant values)."""
+    """QLinearConv / QGemm in place of a fake-quant Conv or Gemm (x, w, b are fake-quant values).
 
-    def __init__(self, op: str, attrs: dict, x: TensorQuant, w: TensorQuant, y: TensorQuant):
+    `saturate`: None sums the way onnxruntime's kernel does on this CPU (qtool.ortkernels' probe),
+    False exactly, True as MLAS without VNNI does whatever the CPU (int16-saturated pairs; a depthwise
+    conv stays exact, as measured there).
+    """
+
+    def __init__(self, op: str, attrs: dict, x: TensorQuant, w: TensorQuant, y: TensorQuant,
+                 saturate: bool | None = None):
         super().__init__()
         self.op, self.attrs = op, attrs
         self.s_x, self.z_x = _scalar(x)
         self.s_y, self.z_y = _scalar(y)
-        self.y_signed = y.signed
+        self.x_signed, self.y_signed = x.signed, y.signed
+        self.saturate = saturate
         s_w = np.asarray(w.scale, np.float32).reshape(-1)
         self.register_buffer("s_w", torch.from_numpy(s_w), persistent=False)
         s_b = (self.s_x * s_w).astype(np.float32)
         self.register_buffer("s_b", torch.from_numpy(s_b), persistent=False)
         self.register_buffer("m", torch.from_numpy((s_b / self.s_y).astype(np.float32)), persistent=False)
         self.x_span = max(abs(lo - self.z_x) for lo in _CONTAINER[x.signed])
+        # MLAS reads uint8 codes: int8 activations are shifted by 128 (codes and zero point)
+        self.u_zero = self.z_x + (128 if x.signed else 0)
+
+    def pair_order(self, cw: torch.Tensor) -> str | None:
+        """The K order of the int16-saturated pairs this layer's kernel sums (None: exact sums)."""
+        if self.saturate is False:
+            return None
+        if self.op == "Gemm":
+            kernel, pairs = "QGemm", PAIRS
+        else:  # onnxruntime's depthwise test: one input and one output channel per group
+            depthwise = cw.shape[1] == 1 and cw.shape[0] == self.attrs.get("group", 1)
+            kernel, pairs = ("QLinearConv depthwise", None) if depthwise else ("QLinearConv", PAIRS_HWC)
+        if self.saturate:
+            return pairs
+        found = accumulation(kernel, self.x_signed)
+        return found if found in (PAIRS, PAIRS_HWC, PAIRS_CHW) else None
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         cx = torch.round(x / torch.tensor(self.s_x))  # x_q - z_x
@@ -91,11 +123,107 @@ class ExactConv(nn.Module):
             acc = F.linear(cx.to(dtype), cw.to(dtype))
             axis = acc.dim() - 1
         acc = acc.double()
+        order = self.pair_order(cw)
+        if order is not None:
+            u = cx + self.u_zero  # the raw codes the kernel reads
+            if self.op == "Conv":
+                _add_conv_saturation(acc, u, cw, self.attrs, self.u_zero, order)
+            else:
+                _add_gemm_saturation(acc, u, cw)
         if b is not None:
             q_b = torch.round(b.double() / self.s_b.double())
             acc = acc + _channel(q_b, acc.dim(), axis)
         v = acc.float() * _channel(self.m, acc.dim(), axis)
         return _dequantized(_round_clamp(v, self.z_y, self.y_signed), self.z_y, self.s_y)
+
+
+def _saturable(cw: torch.Tensor, group: int, order: str, u_max: int):
+    """qtool.ortkernels.saturable_pairs grouped by pair of input rows (several output channels share one):
+    per candidate its output channel, pair index and weights (torch, cw's device); the distinct pairs'
+    rows (numpy). None when no pair can saturate."""
+    out, row_a, row_b, w_a, w_b = saturable_pairs(cw.detach().cpu().numpy().astype(np.int64), group, order, u_max)
+    if out.size == 0:
+        return None
+    rows, pair = np.unique(np.stack([row_a, row_b], 1), axis=0, return_inverse=True)
+    dev = cw.device
+    return (torch.from_numpy(out).to(dev), torch.from_numpy(pair.reshape(-1)).to(dev), rows[:, 0], rows[:, 1],
+            torch.from_numpy(w_a).to(dev, torch.float32), torch.from_numpy(w_b).to(dev, torch.float32))
+
+
+def _saturated(code_a: torch.Tensor, code_b: torch.Tensor, pair: torch.Tensor, w_a: torch.Tensor,
+               w_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(candidate, position, sat16(p) - p) wherever a candidate's pair sum p saturates.
+
+    code_a, code_b: (pairs, positions) input codes of each pair's two elements; pair, w_a, w_b: each
+    candidate's pair and weights. Sums are formed only at the positions where the pair's largest weights
+    could saturate: with real activations both codes of a pair are rarely large at once.
+    """
+    n = code_a.shape[0]
+    top_a = torch.zeros(n, device=w_a.device).scatter_reduce(0, pair, w_a.abs(), "amax")
+    top_b = torch.zeros(n, device=w_b.device).scatter_reduce(0, pair, w_b.abs(), "amax")
+    j, pos = (code_a * top_a[:, None] + code_b * top_b[:, None] > INT16_MAX).nonzero(as_tuple=True)  # j sorted
+    count = torch.bincount(j, minlength=n)
+    reps = count[pair]  # positions to evaluate per candidate: its pair's
+    cand = torch.repeat_interleave(torch.arange(pair.numel(), device=pair.device), reps)
+    k = (torch.cumsum(count, 0) - count)[pair][cand] + torch.arange(cand.numel(), device=pair.device) \
+        - (torch.cumsum(reps, 0) - reps)[cand]
+    jj, pp = j[k], pos[k]
+    corr = pair_saturation(code_a[jj, pp] * w_a[cand] + code_b[jj, pp] * w_b[cand])  # exact in float32
+    hit = corr != 0
+    return cand[hit], pp[hit], corr[hit]
+
+
+def _add_saturation(found, codes: Callable, scatter: Callable, positions: int) -> None:
+    """For the pairs `found` (_saturable): codes(rows) -> (len(rows), positions) input codes,
+    scatter(position, output channel, correction) adds into the accumulator."""
+    out, pair, rows_a, rows_b, w_a, w_b = found
+    step = max(1, _GATHER_LIMIT // max(positions, 1))
+    for lo in range(0, len(rows_a), step):
+        sel = ((pair >= lo) & (pair < lo + step)).nonzero(as_tuple=True)[0]
+        cand, pos, corr = _saturated(codes(rows_a[lo:lo + step]), codes(rows_b[lo:lo + step]), pair[sel] - lo,
+                                     w_a[sel], w_b[sel])
+        if corr.numel():
+            scatter(pos, out[sel[cand]], corr.double())
+
+
+def _add_conv_saturation(acc: torch.Tensor, u: torch.Tensor, cw: torch.Tensor, attrs: dict, u_zero: int,
+                         order: str) -> None:
+    """acc += the int16 saturation of the pairs that saturate (acc: N, M, *out float64, contiguous)."""
+    kernel = tuple(cw.shape[2:])
+    pad, strides, dilations = conv_window(attrs, u, kernel)
+    u = F.pad(u, pad, value=float(u_zero))  # onnxruntime pads with the zero point's code
+    found = _saturable(cw, attrs.get("group", 1), order, int(u.max()))
+    if found is None:
+        return
+    nd, n = len(kernel), u.shape[0]
+    u = u.permute(1, *range(2, 2 + nd), 0).contiguous()  # C, *padded, N: the batch is gathered contiguously
+    for d, (k, s, dl) in enumerate(zip(kernel, strides, dilations)):
+        u = u.unfold(1 + d, (k - 1) * dl + 1, s)  # windows go last: C, *out, N, *window
+    u = u[(Ellipsis,) + tuple(slice(None, None, dl) for dl in dilations)]
+    u = u.permute(0, *range(2 + nd, 2 + 2 * nd), *range(1, 2 + nd))  # C, *kernel, *out, N
+    patch = (u.shape[0],) + kernel  # a row indexes the flattened (C, *kernel) patch
+
+    def codes(rows):
+        at = tuple(torch.from_numpy(i).to(u.device) for i in np.unravel_index(rows, patch))
+        return u[at].reshape(len(rows), -1)  # position = output pixel * N + image
+
+    flat = acc.view(n, acc.shape[1], -1)
+
+    def scatter(pos, out, corr):
+        flat.index_put_((pos % n, out, pos // n), corr, accumulate=True)
+
+    _add_saturation(found, codes, scatter, int(np.prod(u.shape[1 + nd:])))
+
+
+def _add_gemm_saturation(acc: torch.Tensor, u: torch.Tensor, cw: torch.Tensor) -> None:
+    """acc += the int16 saturation of the pairs that saturate (acc: ..., N float64 contiguous; u: ..., K)."""
+    found = _saturable(cw, 1, PAIRS, int(u.max()))
+    if found is None:
+        return
+    cols = u.reshape(-1, u.shape[-1]).T  # K, positions
+    flat = acc.view(-1, acc.shape[-1])
+    _add_saturation(found, lambda rows: cols[torch.from_numpy(rows).to(u.device)],
+                    lambda pos, out, corr: flat.index_put_((pos, out), corr, accumulate=True), cols.shape[1])
 
 
 def _fma(a: torch.Tensor, b, c) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """qtool.ortexact against onnxruntime itself: each emulated kernel returns the codes ORT's optimized
-QDQ group returns, on random and exhaustive inputs; the plain float fake-quant does not always."""
+QDQ group returns, on random and exhaustive inputs; the plain float fake-quant does not always.
+
+Conv and Gemm run on this CPU's kernels: exact sums with VNNI, int16-saturated pairs without it
+(qtool.ortkernels). Full-range codes make pairs saturate, and each such test also checks that the
+other accumulation model disagrees with onnxruntime there: the test tells the two apart."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +17,7 @@ from onnx import numpy_helper as nh
 
 from qtool.fakequant import fake_quant
 from qtool.ortexact import ExactAdd, ExactConv, ExactGlobalAveragePool
+from qtool.ortkernels import EXACT, accumulation, saturates
 from qtool.plan import TensorQuant
 
 f32 = np.float32
@@ -36,8 +41,8 @@ def _qdq(x, s, z):
     return [h.make_node("QuantizeLinear", [x, s, z], [x + "_q"]), h.make_node("DequantizeLinear", [x + "_q", s, z], [x + "_d"])]
 
 
-def _act(s, z, bits=8):
-    return TensorQuant("activation", bits, False, scale=float(s), zero_point=int(z))
+def _act(s, z, bits=8, signed=False):
+    return TensorQuant("activation", bits, signed, scale=float(s), zero_point=int(z))
 
 
 def _codes(y, s, z):
@@ -69,7 +74,137 @@ def test_conv_matches_qlinearconv_bit_for_bit():
         w = TensorQuant("weight", 8, True, "per_channel", 0, tuple(float(v) for v in sw), (0,) * cout)
         conv = ExactConv("Conv", {"pads": [1, 1, 1, 1]}, _act(sx, zx), w, _act(sy, zy))
         y = conv(x_fq, w_fq, b_fq).numpy()
+        # without VNNI the exact sum is off here: 10 codes of 4096, by up to 7, in the first round
         np.testing.assert_array_equal(_codes(y, sy, zy), _codes(ref, sy, zy))
+
+
+def _per_channel(sw):
+    return TensorQuant("weight", 8, True, "per_channel", 0, tuple(float(v) for v in sw), (0,) * len(sw))
+
+
+def _mismatches(module, args, ref, sy, zy) -> int:
+    return int((_codes(module(*args).numpy(), sy, zy) != ref).sum())
+
+
+# cin, cout, kernel, attrs. Trailing numbers: output codes the exact sum gets wrong on an AVX2 CPU
+# without VNNI (mismatched / all), i.e. what the emulation of saturating pairs fixes.
+CONV_CASES = {
+    "3x3": (32, 16, (3, 3), dict(pads=[1, 1, 1, 1])),  # MLAS's symmetric indirect conv (C % 4, M % 8 == 0); 1561/2048
+    "1x1": (32, 16, (1, 1), {}),  # no im2col; 881/2048
+    "first layer, cin 3": (3, 16, (3, 3), dict(pads=[1, 1, 1, 1])),  # K = 27: pairs straddle kernel taps; 647/2048
+    "cin 5, cout 4": (5, 4, (3, 3), dict(pads=[1, 1, 1, 1])),  # im2col + QGEMM (M < 16), odd K; 245/512
+    "stride 2": (16, 16, (3, 3), dict(pads=[1, 1, 1, 1], strides=[2, 2])),  # 381/512
+    "asymmetric pads, dilation 2": (8, 16, (3, 3), dict(pads=[0, 1, 2, 1], dilations=[2, 2])),  # 543/1152
+    "grouped": (8, 16, (3, 3), dict(pads=[1, 1, 1, 1], group=2)),  # K = 36 per group; 570/2048
+    "depthwise": (16, 16, (3, 3), dict(pads=[1, 1, 1, 1], group=16)),  # exact on every CPU measured; 0
+    "channel multiplier 2": (8, 16, (3, 3), dict(pads=[1, 1, 1, 1], group=8)),  # not depthwise: K = 9; 131/2048
+    "1-D": (8, 16, (5,), dict(pads=[2, 2])),  # 113/256
+    "3-D": (4, 8, (3, 3, 3), dict(pads=[1] * 6)),  # K = (kd, kh, kw, c); 4539/8192
+    "int8 activations": (32, 16, (3, 3), dict(pads=[1, 1, 1, 1])),  # read as uint8 codes + 128; 1799/2048
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_full_range_codes_match_qlinearconv(case):
+    """Uniform codes over the whole container and weights up to +-127: pairs of products overflow int16
+    often. The emulation equals QLinearConv wherever the other accumulation model does not."""
+    cin, cout, kernel, attrs = CONV_CASES[case]
+    signed = case == "int8 activations"
+    rng = np.random.default_rng(list(CONV_CASES).index(case))
+    group = attrs.get("group", 1)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    sx, zx = f32(0.03), int(rng.integers(-10, 10) if signed else rng.integers(0, 30))
+    sw = rng.uniform(0.001, 0.02, cout).astype(f32)
+    wq = rng.integers(-127, 128, (cout, cin // group, *kernel)).astype(np.int8)
+    bq = rng.integers(-5000, 5000, cout).astype(np.int32)
+    x = ((rng.integers(lo, hi + 1, (2, cin) + (8,) * len(kernel)) - zx) * sx).astype(f32)
+    x_t, w_t = torch.from_numpy(x), torch.from_numpy(wq.astype(f32) * sw.reshape(-1, *(1,) * (len(kernel) + 1)))
+    b_t = torch.from_numpy(bq.astype(f32) * (sx * sw).astype(f32))
+    from qtool.lift import run_op
+
+    sy = f32(run_op("Conv", attrs, False, x_t, w_t, b_t).std() / 40)  # outputs mostly inside the code range
+    zy = 0 if signed else 128
+    dt = np.int8 if signed else np.uint8
+    inits = dict(sx=sx, zx=dt(zx), sw=sw, zw=np.zeros(cout, np.int8), wq=wq, sb=(sx * sw).astype(f32),
+                 zb=np.zeros(cout, np.int32), bq=bq, sy=sy, zy=dt(zy))
+    nodes = _qdq("x", "sx", "zx") + [
+        h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w_d"], axis=0),
+        h.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["b_d"], axis=0),
+        h.make_node("Conv", ["x_d", "w_d", "b_d"], ["c"], **attrs)] + _qdq("c", "sy", "zy")
+    nodes[-1].output[0] = "y"
+    ref = _codes(_run(nodes, inits, {"x": x}, "QLinearConv"), sy, zy)
+    args = (x_t, w_t, b_t)
+    xq, yq = _act(sx, zx, signed=signed), _act(sy, zy, signed=signed)
+    assert _mismatches(ExactConv("Conv", attrs, xq, _per_channel(sw), yq), args, ref, sy, zy) == 0
+    kernel_name = "QLinearConv depthwise" if case == "depthwise" else "QLinearConv"
+    if accumulation(kernel_name, signed) != EXACT:
+        assert _mismatches(ExactConv("Conv", attrs, xq, _per_channel(sw), yq, saturate=False), args, ref, sy, zy) > 0
+    elif case != "depthwise":  # where ORT sums exactly, MLAS's int16 pairs would be wrong here
+        assert _mismatches(ExactConv("Conv", attrs, xq, _per_channel(sw), yq, saturate=True), args, ref, sy, zy) > 0
+
+
+def _brute_force_pairs(u, z_u, wq, attrs):
+    """Every product formed, K ordered (*kernel, c) per group, pairs saturated to int16: MLAS without VNNI."""
+    nd = wq.ndim - 2
+    kernel, group = wq.shape[2:], attrs.get("group", 1)
+    pads, strides = attrs.get("pads", [0] * 2 * nd), attrs.get("strides", [1] * nd)
+    dil = attrs.get("dilations", [1] * nd)
+    u = np.pad(u.astype(np.int64), [(0, 0), (0, 0)] + list(zip(pads[:nd], pads[nd:])), constant_values=z_u)
+    window = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    win = np.lib.stride_tricks.sliding_window_view(u, window, axis=range(2, 2 + nd))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+              + tuple(slice(None, None, d) for d in dil)]  # N, C, *out, *kernel
+    out_shape = win.shape[2:2 + nd]
+    cg, og = wq.shape[1], wq.shape[0] // group
+    accs = []
+    for g in range(group):
+        a = np.moveaxis(win[:, g * cg:(g + 1) * cg], 1, -1).reshape(u.shape[0], -1, int(np.prod(kernel)) * cg)
+        w = np.moveaxis(wq[g * og:(g + 1) * og].astype(np.int64), 1, -1).reshape(og, -1)
+        prod = a[:, :, None, :] * w[None, None]  # N, L, og, K
+        if prod.shape[-1] % 2:
+            prod = np.concatenate([prod, np.zeros(prod.shape[:-1] + (1,), np.int64)], -1)
+        pairs = np.clip(prod.reshape(*prod.shape[:-1], -1, 2).sum(-1), -32768, 32767)
+        accs.append(pairs.sum(-1) - z_u * w.sum(1))
+    return np.moveaxis(np.concatenate(accs, -1), -1, 1).reshape(u.shape[0], -1, *out_shape)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c != "depthwise"])
+def test_emulated_pairs_equal_a_brute_force_sum(case):
+    """The emulation adds the saturation of only the pairs that can saturate to the exact sum: on every
+    CPU it equals forming every product and saturating every pair."""
+    cin, cout, kernel, attrs = CONV_CASES[case]
+    signed = case == "int8 activations"
+    rng = np.random.default_rng(100 + list(CONV_CASES).index(case))
+    wq = rng.integers(-127, 128, (cout, cin // attrs.get("group", 1), *kernel))
+    wq[0] = 127  # every pair of output channel 0 can saturate
+    codes = rng.integers(-128 if signed else 0, 128 if signed else 256, (2, cin) + (7,) * len(kernel))
+    zx, zy = (-5 if signed else 20), (0 if signed else 128)
+    shift = 128 if signed else 0  # MLAS reads int8 codes as uint8 codes + 128
+    acc = _brute_force_pairs(codes + shift, zx + shift, wq, attrs)
+    sx, sy = f32(1.0), f32(acc.std() / 40)  # outputs mostly inside the code range
+    lo, hi = (-128, 127) if signed else (0, 255)
+    want = np.clip(np.rint(acc.astype(f32) * f32(sx / sy)) + zy, lo, hi)
+    x, w = torch.from_numpy((codes - zx).astype(f32)), torch.from_numpy(wq.astype(f32))
+    xq, wt, yq = _act(sx, zx, signed=signed), _per_channel(np.ones(cout, f32)), _act(sy, zy, signed=signed)
+    emulated = _codes(ExactConv("Conv", attrs, xq, wt, yq, saturate=True)(x, w).numpy(), sy, zy)
+    np.testing.assert_array_equal(emulated, want)
+    exact = _codes(ExactConv("Conv", attrs, xq, wt, yq, saturate=False)(x, w).numpy(), sy, zy)
+    assert (exact != want).any()
+
+
+@pytest.mark.parametrize("k", [64, 63])
+def test_emulated_gemm_pairs_equal_a_brute_force_sum(k):
+    rng = np.random.default_rng(k)
+    codes, wq, zx = rng.integers(0, 256, (300, k)), rng.integers(-127, 128, (10, k)), 17
+    prod = codes[:, None, :] * wq[None]  # M, N, K
+    if k % 2:
+        prod = np.concatenate([prod, np.zeros(prod.shape[:-1] + (1,), prod.dtype)], -1)
+    acc = np.clip(prod.reshape(300, 10, -1, 2).sum(-1), -32768, 32767).sum(-1) - zx * wq.sum(1)
+    sy = f32(acc.std() / 40)
+    want = np.clip(np.rint(acc.astype(f32) * f32(1 / sy)) + 128, 0, 255)
+    gemm = ExactConv("Gemm", {"transB": 1}, _act(1.0, zx), _per_channel(np.ones(10, f32)), _act(sy, 128), saturate=True)
+    y = gemm(torch.from_numpy((codes - zx).astype(f32)), torch.from_numpy(wq.astype(f32))).numpy()
+    np.testing.assert_array_equal(_codes(y, sy, 128), want)
 
 
 def test_add_matches_qlinearadd_exhaustively():
@@ -109,28 +244,35 @@ def test_global_average_pool_matches_qlinearglobalaveragepool():
         np.testing.assert_array_equal(_codes(y, sy, zy), ref)
 
 
-def test_gemm_matches_qgemm():
+@pytest.mark.parametrize("m,k,signed", [(2048, 64, False), (256, 63, False), (1, 64, False), (256, 64, True)],
+                         ids=["k64", "odd-k", "one-row", "int8-activations"])
+def test_gemm_matches_qgemm(m, k, signed):
+    """Full-range codes; without VNNI the exact sum is off at 5779 of 20480 codes (k64), 810/2560 (odd K:
+    the last element pairs with 0), 2/10 (one row: MLAS's GEMV kernel), 1051/2560 (int8 activations)."""
     rng = np.random.default_rng(3)
-    k, n = 64, 10
-    sx, zx = f32(0.05), 17
+    n = 10
+    lo, hi = (-128, 127) if signed else (0, 255)
+    sx, zx = f32(0.05), (-3 if signed else 17)
     sw = rng.uniform(0.001, 0.02, n).astype(f32)
     wq = rng.integers(-127, 128, (n, k)).astype(np.int8)
     bq = rng.integers(-5000, 5000, n).astype(np.int32)
-    sy, zy = f32(0.11), 60
-    inits = dict(sx=sx, zx=np.uint8(zx), sw=sw, zw=np.zeros(n, np.int8), wq=wq, sb=(sx * sw).astype(f32),
-                 zb=np.zeros(n, np.int32), bq=bq, sy=sy, zy=np.uint8(zy))
+    sy, zy = f32(0.11), (-68 if signed else 60)
+    dt = np.int8 if signed else np.uint8
+    inits = dict(sx=sx, zx=dt(zx), sw=sw, zw=np.zeros(n, np.int8), wq=wq, sb=(sx * sw).astype(f32),
+                 zb=np.zeros(n, np.int32), bq=bq, sy=sy, zy=dt(zy))
     nodes = _qdq("x", "sx", "zx") + [
         h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w_d"], axis=0),
         h.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["b_d"], axis=0),
         h.make_node("Gemm", ["x_d", "w_d", "b_d"], ["c"], transB=1)] + _qdq("c", "sy", "zy")
     nodes[-1].output[0] = "y"
-    x = (rng.integers(0, 256, (2048, k)).astype(f32) - zx) * sx
+    x = (rng.integers(lo, hi + 1, (m, k)).astype(f32) - zx) * sx
     ref = _codes(_run(nodes, inits, {"x": x}, "QGemm"), sy, zy)
-    w = TensorQuant("weight", 8, True, "per_channel", 0, tuple(float(v) for v in sw), (0,) * n)
-    gemm = ExactConv("Gemm", {"transB": 1}, _act(sx, zx), w, _act(sy, zy))
-    y = gemm(torch.from_numpy(x), torch.from_numpy(wq.astype(f32) * sw[:, None]),
-             torch.from_numpy(bq.astype(f32) * (sx * sw).astype(f32))).numpy()
-    np.testing.assert_array_equal(_codes(y, sy, zy), ref)
+    args = (torch.from_numpy(x), torch.from_numpy(wq.astype(f32) * sw[:, None]),
+            torch.from_numpy(bq.astype(f32) * (sx * sw).astype(f32)))
+    xq, yq = _act(sx, zx, signed=signed), _act(sy, zy, signed=signed)
+    assert _mismatches(ExactConv("Gemm", {"transB": 1}, xq, _per_channel(sw), yq), args, ref, sy, zy) == 0
+    other = ExactConv("Gemm", {"transB": 1}, xq, _per_channel(sw), yq, saturate=not saturates("QGemm", signed))
+    assert _mismatches(other, args, ref, sy, zy) > 0  # the other accumulation model is wrong here
 
 
 def test_overrides_only_run_in_eval_mode():
