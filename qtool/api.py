@@ -25,6 +25,7 @@ import onnx
 from qtool.bitsearch.config import SearchConfig
 from qtool.data import Data, ImageDataset, load_dataset
 from qtool.dynbits.train import DynamicConfig, DynamicResult
+from qtool.errorreport import ErrorReport, check_not_collapsed, error_report
 from qtool.errors import QtoolError
 from qtool.evaluation import EvalConfig, EvalResult, evaluate_model
 from qtool.exporting import ExportConfig, ExportResult, export_model
@@ -43,6 +44,7 @@ __all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "s
            "QuantizeResult", "load_model", "save_model", "load_dataset"]
 
 ModelLike = onnx.ModelProto | str | os.PathLike
+REPORT_SAMPLES = 256  # calibration samples the per-tensor error report (and the collapse check) runs on
 DataLike = str | Data | tuple[ImageDataset, ImageDataset]
 
 
@@ -108,6 +110,7 @@ class QuantizeResult:
     plan: QuantPlan
     fused: onnx.ModelProto  # the fused float graph the plan names
     summary: QuantizeSummary
+    report: ErrorReport  # per-tensor SQNR vs FP32 on calibration samples, worst first
 
     def save(self, path: str | os.PathLike, plan_path: str | os.PathLike | None = None) -> None:
         save_model(self.model, path)
@@ -134,13 +137,18 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         m, fsum = run_fuse(m)
     if data is None or isinstance(data, (str, Data)):
         feeds = calibration_feeds(m, data, config.calib_size)
+        report_feeds = calibration_feeds(m, data, min(config.calib_size, REPORT_SAMPLES))
     else:
-        feeds = data
-    qmodel, plan = run(m, feeds, config)
+        feeds = report_feeds = list(data)  # iterated twice: calibration, then the error report
+    qdq, plan = run(m, feeds, config)
+    report = error_report(m, qdq, plan, report_feeds)
+    if config.check_collapse:
+        check_not_collapsed(report)
+    qmodel = qdq
     if config.format != "qdq":  # the same plan, lowered by the exporter (QLinearConv / QGemm / ...)
         qmodel = export_model(m, plan, ExportConfig(format=config.format)).model
     summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qmodel), fsum)
-    return QuantizeResult(qmodel, plan, m, summary)
+    return QuantizeResult(qmodel, plan, m, summary, report)
 
 
 # -- qat ---------------------------------------------------------------------------------------------

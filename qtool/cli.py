@@ -167,22 +167,36 @@ def fuse(model, output, no_onnxsim, verbose):
 @click.option("--calib-size", default=512, show_default=True, type=int, help="number of calibration images")
 @click.option("-o", "--output", required=True)
 @click.option("--plan-out", default=None, help="also write the QuantPlan JSON here")
+@click.option("--report", "report_out", default=None, metavar="FILE",
+              help="per-tensor SQNR vs FP32 on calibration samples, worst first: JSON here and a printed table")
+@click.option("--allow-collapse", is_flag=True,
+              help="write the model even if its outputs collapse against FP32 (constant, NaN, SQNR < 1 dB)")
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
-             plan_out):
+             plan_out, report_out, allow_collapse):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
     import qtool
 
     w, a = parse_bits(bits)
     config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
-                               calib_size=calib_size, format=fmt)
+                               calib_size=calib_size, format=fmt, check_collapse=not allow_collapse)
     d = make_data(data, mean, std, input_shapes)
-    checked_outputs((model,), output, plan_out)
+    checked_outputs((model,), output, plan_out, report_out)
     r = qtool.quantize(model, d, config)
     r.save(output, plan_out)
     echo(f"wrote {output}" + (f" and plan {plan_out}" if plan_out else ""))
     for line in r.lines():
         echo(line)
+    for k, m in r.report.outputs.items():
+        echo("vs FP32 on calibration samples: " + m.line(k))
+    if report_out:
+        r.report.save(report_out)
+        from rich.console import Console
+
+        console = Console()
+        console.width = max(console.width, 120)
+        console.print(r.report.table())
+        echo(f"wrote {report_out}")
 
 
 @cli.command()

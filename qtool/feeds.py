@@ -139,11 +139,14 @@ def npz_feeds(path: Path, inputs: list[InputSpec]) -> FeedSet | None:
     names = {s.name for s in inputs}
     if not keys & names:
         return None
+    image_keys = {"x", "images", "data", "x_train", "train_x", "images_train", "x_test", "test_x", "images_test"}
     label_keys = {"y", "labels", "targets", "y_train", "train_y", "labels_train", "y_test", "test_y", "labels_test"}
-    by_name = {s.name: s for s in inputs}
-    if keys & label_keys - {"labels"} or any(z[k].dtype != by_name[k].dtype for k in keys & names):
-        # qtool's image convention (x/y, images/labels, ...: uint8 pixels), which an input named "x" shares
-        return None
+    if keys & image_keys and keys & label_keys:
+        # qtool's image convention (x/y, images/labels, ...), which an input named "x" shares: named arrays win
+        # only when every input is there with its dtype and the labels are called "labels"
+        feed_ok = all(s.name in keys and z[s.name].dtype == s.dtype for s in inputs)
+        if not (feed_ok and keys & label_keys <= {"labels"}):
+            return None
     arrays = {k: np.ascontiguousarray(z[k]) for k in names if k in keys}
     check_feeds(inputs, arrays, f"npz:{path}")
     unknown = sorted(keys - names - {"labels"})

@@ -44,6 +44,8 @@ class QuantConfig:
     max_batches: int | None = None
     calib_size: int = 512  # calibration images taken from a data SPEC's train split
     format: str = "qdq"  # qdq | qoperator (the same plan lowered by the exporter)
+    # Outputs that collapse against FP32 on the calibration data (constant, NaN, SQNR < 1 dB) are an error.
+    check_collapse: bool = True
 
     def __post_init__(self):
         for k in ("weight_bits", "act_bits"):
@@ -52,7 +54,7 @@ class QuantConfig:
                 raise QtoolError(f"{k} must be an integer in 2..8, got {v!r}")
         if self.calib not in METHODS:
             raise QtoolError(f"calib must be one of {', '.join(METHODS)}, got {self.calib!r}")
-        for k in ("per_channel", "act_signed", "act_symmetric"):
+        for k in ("per_channel", "act_signed", "act_symmetric", "check_collapse"):
             if not isinstance(getattr(self, k), bool):
                 raise QtoolError(f"{k} must be true or false, got {getattr(self, k)!r}")
         if self.act_symmetric and not self.act_signed:

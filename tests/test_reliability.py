@@ -489,8 +489,14 @@ def test_constant_activations_give_positive_finite_scales(calib, pixel, tmp_path
     pixel 0: a zero range); no division by zero, every scale positive and finite."""
     src = save(conv_model(w=np.zeros((4, 1, 3, 3), np.float32), b=np.full(4, 0.5, np.float32)), tmp_path / "m.onnx")
     data = npz(tmp_path, x=np.full((20, 1, 32, 32), pixel, np.uint8))
-    rc = main(["quantize", src, "--data", data, "--calib", calib, "--calib-size", "8",
-               "-o", str(tmp_path / "q.onnx"), "--plan-out", str(tmp_path / "plan.json")])
+    argv = ["quantize", src, "--data", data, "--calib", calib, "--calib-size", "8",
+            "-o", str(tmp_path / "q.onnx"), "--plan-out", str(tmp_path / "plan.json")]
+    if not pixel:
+        # Known limit (below): with pixel 0 the bias rounds away and every logit is the same constant,
+        # which the collapse check reports instead of writing the model.
+        assert main(argv) == 2 and "collapsed against FP32" in capsys.readouterr().err
+        argv.append("--allow-collapse")
+    rc = main(argv)
     assert rc == 0, capsys.readouterr().err
     plan = QuantPlan.load(tmp_path / "plan.json")
     scales = [s for t in plan.tensors.values() for s in (t.scale if isinstance(t.scale, tuple) else (t.scale,))]

@@ -1,0 +1,122 @@
+"""Where a quantized model loses its accuracy: per quantized tensor, the SQNR of the QDQ model's value
+against the FP32 value on the same inputs, worst first (`qtool quantize --report FILE`).
+
+Both models run with onnxruntime's graph optimizations off, so every planned tensor is observable: the
+QDQ model's value of tensor T is the output of T's DequantizeLinear (it carries T's own rounding and
+everything upstream). The model outputs are also compared as onnxruntime really runs them (optimized,
+integer kernels): an output that is constant, NaN, or whose SQNR is below `COLLAPSE_SQNR_DB` has
+collapsed, and `check_not_collapsed` turns that into a QtoolError naming the worst tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qtool.errors import QtoolError
+from qtool.evaluation import OutputMetrics, compare_outputs, make_session
+from qtool.io import atomic_write_text
+from qtool.plan import QuantPlan
+
+COLLAPSE_SQNR_DB = 1.0  # noise about as large as the signal: the output carries (almost) nothing
+
+
+@dataclass
+class TensorError:
+    tensor: str
+    bits: int
+    sqnr_db: float
+    cosine: float
+    max_abs: float
+
+
+@dataclass
+class ErrorReport:
+    tensors: list[TensorError]  # worst (lowest SQNR) first
+    outputs: dict[str, OutputMetrics] = field(default_factory=dict)
+    samples: int = 0
+
+    def collapsed(self) -> list[str]:
+        return [k for k, m in self.outputs.items() if m.collapsed or m.sqnr_db < COLLAPSE_SQNR_DB]
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "outputs": {k: asdict(v) for k, v in self.outputs.items()},
+                "tensors": [asdict(t) for t in self.tensors]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=float) + "\n")
+
+    def table(self, limit: int = 15):
+        from rich.table import Table
+
+        t = Table(title=f"quantization error per tensor, worst first ({self.samples} samples, vs FP32)")
+        for col in ("tensor", "bits", "SQNR dB", "cosine", "max abs err"):
+            t.add_column(col)
+        for r in self.tensors[:limit]:
+            t.add_row(r.tensor, str(r.bits), f"{r.sqnr_db:.2f}", f"{r.cosine:.5f}", f"{r.max_abs:.4g}")
+        if len(self.tensors) > limit:
+            t.add_row(f"... {len(self.tensors) - limit} more in the JSON", "", "", "", "")
+        return t
+
+
+def _session_all_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return make_session(m, optimize=False)
+
+
+def error_report(fused: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan,
+                 batches: Iterable[dict[str, np.ndarray]]) -> ErrorReport:
+    """Run `batches` through the FP32 fused graph and its QDQ model; see the module docstring."""
+    dq_out = {n.name.removesuffix("_DequantizeLinear"): n.output[0] for n in qmodel.graph.node
+              if n.op_type == "DequantizeLinear" and n.name.endswith("_DequantizeLinear")}
+    acts = [t for t, q in plan.tensors.items() if q.kind == "activation" and t in dq_out]
+    ref_sess = _session_all_outputs(fused, acts)
+    q_sess = _session_all_outputs(qmodel, [dq_out[t] for t in acts])
+    ref_run, q_run = make_session(fused), make_session(qmodel)
+    out_names = [o.name for o in ref_run.get_outputs()]
+    ref_vals: dict[str, list] = {t: [] for t in acts}
+    q_vals: dict[str, list] = {t: [] for t in acts}
+    outs: dict[str, tuple[list, list]] = {k: ([], []) for k in out_names}
+    n = 0
+    for batch in batches:
+        feed = {i.name: batch[i.name] for i in ref_sess.get_inputs()}
+        r = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feed)))
+        q = dict(zip([o.name for o in q_sess.get_outputs()], q_sess.run(None, feed)))
+        for t in acts:
+            ref_vals[t].append(r[t])
+            q_vals[t].append(q[dq_out[t]])
+        for k, ro, qo in zip(out_names, ref_run.run(None, feed), q_run.run(None, feed)):
+            outs[k][0].append(ro)
+            outs[k][1].append(qo)
+        n += len(next(iter(feed.values())))
+    if n == 0:
+        raise QtoolError("the error report got no data")
+    rows = []
+    for t in acts:
+        m = compare_outputs(np.concatenate([v.reshape(len(v), -1) for v in ref_vals[t]]),
+                            np.concatenate([v.reshape(len(v), -1) for v in q_vals[t]]))
+        rows.append(TensorError(t, plan.tensors[t].bits, m.sqnr_db, m.cosine, m.max_abs))
+    rows.sort(key=lambda e: (e.sqnr_db, e.tensor))
+    outputs = {k: compare_outputs(np.concatenate(r), np.concatenate(q)) for k, (r, q) in outs.items()}
+    return ErrorReport(rows, outputs, n)
+
+
+def check_not_collapsed(report: ErrorReport) -> None:
+    """A quantized model whose outputs collapsed against FP32 is an error, not a result (exit 2)."""
+    bad = report.collapsed()
+    if not bad:
+        return
+    m = report.outputs[bad[0]]
+    worst = report.tensors[0] if report.tensors else None
+    what = m.collapsed or f"SQNR {m.sqnr_db:.2f} dB"
+    raise QtoolError(f"the quantized model's output {bad[0]!r} collapsed against FP32 on the calibration data "
+                     f"({what}); worst tensor: {worst.tensor!r} at {worst.sqnr_db:.2f} dB ({worst.bits} bits)"
+                     if worst else f"the quantized model's output {bad[0]!r} collapsed against FP32 ({what})")
