@@ -364,7 +364,20 @@ class _Lowering:
         self.preprocess.append(f"{node.name} ({node.op_type})")
         return True
 
+    def shape_error(self, node: onnx.NodeProto) -> QtoolError:
+        """fuse folds every Shape whose dims are static (passes.shapes); one left here reads a symbolic dim."""
+        x = node.input[0]
+        vi = next((v for v in list(onnx.shape_inference.infer_shapes(self.src).graph.value_info) + list(self.g.input)
+                   if v.name == x), None)
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim] \
+            if vi is not None and vi.type.tensor_type.HasField("shape") else "unknown"
+        return QtoolError(f"integer export: node {node.name or node.op_type!r} (Shape) reads the run-time shape of {x!r} "
+                          f"(dims {dims}: not all static), which the integer-only format cannot compute; export the "
+                          "model with static input shapes (e.g. a fixed batch size)")
+
     def float_node(self, node: onnx.NodeProto) -> None:
+        if not self.be.allow_float and node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            raise self.shape_error(node)
         if not self.be.allow_float:
             supported = ", ".join(ANCHORS + ("Add", "GlobalAveragePool") + LOOKUP_OPS + DATA_MOVEMENT)
             raise QtoolError(f"integer export: node {node.name or node.op_type!r} ({node.op_type}) has no integer "

@@ -453,3 +453,37 @@ def test_input_normalization_only_at_the_input():
     with pytest.raises(QtoolError) as ei:
         export_model(fused, plan, ExportConfig(format="integer"))
     assert "'mid_sub' (Sub) has no integer lowering" in one_line(ei)
+
+
+def symbolic_batch(m: onnx.ModelProto) -> onnx.ModelProto:
+    for v in (m.graph.input[0], m.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_param = "N"
+    return m
+
+
+@pytest.mark.parametrize("batch", ["static", "symbolic"])
+def test_integer_export_of_a_shape_chain_flatten(batch):
+    """torch's x.view(x.size(0), -1) (Shape -> Gather -> Unsqueeze -> Concat -> Reshape): fuse folds it to
+    Reshape(g, [0, -1]) whether the batch is static (onnxsim) or symbolic (passes.shapes), so the integer
+    export has no Shape to lower."""
+    m = normalized_cnn(flatten="shape")
+    if batch == "symbolic":
+        m = symbolic_batch(m)
+    fused, _ = fuse(m)
+    assert not {"Shape", "Gather", "Concat"} & {n.op_type for n in fused.graph.node}
+    check_integer_export(m, {"Sub", "Div"})
+
+
+def test_integer_export_refuses_a_run_time_shape_naming_the_node():
+    """A shape entry that is not a dim of the reshaped tensor at its position (here [-1, N]) cannot be
+    folded with a symbolic batch: the integer export names the Shape node and says why."""
+    m = symbolic_batch(normalized_cnn(flatten="shape"))
+    cat = next(n for n in m.graph.node if n.op_type == "Concat")
+    cat.input[:] = ["m1", "gn1"]
+    fused, summary = fuse(m)
+    assert any("not folded" in r.reason for r in summary.refusals)
+    _, plan = quantize(fused, [{"x": pixels()}], QuantConfig())
+    with pytest.raises(QtoolError) as ei:
+        export_model(fused, plan, ExportConfig(format="integer"))
+    msg = one_line(ei)
+    assert "node '/Shape' (Shape) reads the run-time shape of 'g'" in msg and "'N'" in msg and "static" in msg

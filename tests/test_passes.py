@@ -382,3 +382,48 @@ def test_whole_map_average_pool_quantizes_to_real_logits():
     qo = qtool.quantize(fused, [{"x": r.normal(size=(8, 3, 7, 7)).astype(np.float32)}],
                         qtool.QuantConfig(format="qoperator")).model
     assert ops(qo)["QLinearGlobalAveragePool"] == 1
+
+
+# -- shape chains with a symbolic batch ---------------------------------------------------------------
+
+def shape_chain_model(pieces=("n1", "m1"), allowzero=0, index=0):
+    """x[N, 3, 2, 2] -> Reshape(x, Concat(pieces)) with n1 = Unsqueeze(Gather(Shape(x), index)), m1 = [-1];
+    plus c = Gather(Shape(x), 1) (a static dim) added to the output."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "i"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"], name="unsqueeze"),
+             helper.make_node("Concat", list(pieces), ["shp"], name="concat", axis=0),
+             helper.make_node("Reshape", ["x", "shp"], ["r"], name="reshape", allowzero=allowzero),
+             helper.make_node("Gather", ["s", "i1"], ["c"], name="gather_c", axis=0),
+             helper.make_node("Cast", ["c"], ["cf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["r", "cf"], ["y"], name="add")]
+    inits = [numpy_helper.from_array(np.array(index, np.int64), "i"), numpy_helper.from_array(np.array(1, np.int64), "i1"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"), numpy_helper.from_array(np.array([-1], np.int64), "m1")]
+    return make(nodes, inits, [vi("x", ["N", 3, 2, 2])], [vi("y", None)])
+
+
+def test_shape_chains_fold_with_a_symbolic_batch():
+    m = shape_chain_model()
+    out, res, p = apply(passes.FoldShapeChainsPass(), m)
+    assert res.modified, p.refusals
+    out = to_proto(passes.RemoveUnusedNodesPass()(to_ir(out)).model)
+    assert ops(out) == {"Reshape": 1, "Cast": 1, "Add": 1}, ops(out)  # Shape / Gather / Unsqueeze / Concat gone
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    shape = next(t for t in out.graph.initializer if t.name == reshape.input[1])
+    assert numpy_helper.to_array(shape).tolist() == [0, -1]  # 0: copy the batch
+    onnx.checker.check_model(out, full_check=True)
+    for n in (1, 5):  # the batch really is free
+        assert_same(m, out, {"x": RNG.normal(size=(n, 3, 2, 2)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(pieces=("m1", "n1")), "entry 1 is dim N of another tensor"),  # [-1, N]: N is not the data's dim 1
+    (dict(allowzero=1), "allowzero=1"),
+])
+def test_shape_chain_refusals(kw, reason):
+    m = shape_chain_model(**kw)
+    out, res, p = apply(passes.FoldShapeChainsPass(), m)
+    assert "Reshape" in ops(out) and "Concat" in ops(out) and "Shape" in ops(out)
+    assert any(reason in r.reason and r.node == "reshape" for r in p.refusals), p.refusals
+    feeds = {"x": RNG.normal(size=(4, 3, 2, 2)).astype(np.float32)}
+    assert_same(m, out, feeds)  # the static Gather (dim 1 = 3) may fold; the numbers stay
