@@ -487,3 +487,26 @@ def test_integer_export_refuses_a_run_time_shape_naming_the_node():
         export_model(fused, plan, ExportConfig(format="integer"))
     msg = one_line(ei)
     assert "node '/Shape' (Shape) reads the run-time shape of 'g'" in msg and "'N'" in msg and "static" in msg
+
+
+def test_cli_integer_export_of_real_export_patterns(tmp_path, capsys):
+    """Through the CLI: the normalized, shape-chain model exports (exit 0, notes say what stayed float);
+    the run-time shape model is exit 2 with one line naming the Shape node, and writes nothing."""
+    for name, m in (("ok", symbolic_batch(normalized_cnn(flatten="shape"))), ("bad", None)):
+        if m is None:
+            m = symbolic_batch(normalized_cnn(flatten="shape"))
+            next(n for n in m.graph.node if n.op_type == "Concat").input[:] = ["m1", "gn1"]
+        fused, _ = fuse(m)
+        _, plan = quantize(fused, [{"x": pixels()}], QuantConfig())
+        onnx.save(fused, tmp_path / f"{name}.onnx")
+        plan.save(tmp_path / f"{name}.json")
+        rc = cli_main(["export", str(tmp_path / f"{name}.onnx"), "--plan", str(tmp_path / f"{name}.json"), "--int8",
+                       "--format", "integer", "-o", str(tmp_path / f"{name}.int.onnx")])
+        cap = capsys.readouterr()
+        if name == "ok":
+            assert rc == 0 and "input preprocessing kept in float" in cap.out, cap.err
+            onnx.checker.check_model(onnx.load(tmp_path / "ok.int.onnx"), full_check=True)
+        else:
+            lines = cap.err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1 and "'/Shape' (Shape) reads the run-time shape" in lines[0], cap.err
+            assert not (tmp_path / "bad.int.onnx").exists()
