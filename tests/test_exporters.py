@@ -399,7 +399,8 @@ def pixels(n=8, seed=0):
 def qdq_reference(model, x):
     """The QDQ model on onnxruntime without graph optimizations: DequantizeLinear -> float op ->
     QuantizeLinear as written. (With them, ORT's U8S8 kernels on CPUs without VNNI saturate int16 pair
-    sums, which is the QDQ run's error, not the exporter's.)"""
+    sums, qtool.ortkernels: an error of the QDQ run, not of the integer exporter, whose ConvInteger
+    intsim checks bit for bit.)"""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
