@@ -22,6 +22,14 @@ Lowered patterns (what passes.qdq marks, so the numbers equal the QDQ model's up
   where the plan gives the output its own parameters the codes are requantized.
 - sub-8-bit activations live in 8-bit containers, their codes clipped to the b-bit range.
 
+Input preprocessing. A chain of Sub / Div / Mul / Add by float constants that starts at a graph input and
+ends at the first quantized tensor (an input normalization `(x - mean) / std` kept in the graph, per
+channel or not) stays float and runs before the input QuantizeLinear, exactly as in the QDQ model. It is
+not folded into the QuantizeLinear: Q((x - m) / s) = round(x / (s s_q) - m / (s s_q)) + z needs a
+non-integer zero point m / (s s_q), and any rounding of it changes codes, whereas float32 Sub / Div
+before the same QuantizeLinear give the QDQ model's codes bit for bit. Everything after the input
+QuantizeLinear is still integer-only; the report's notes list these nodes.
+
 Anything else is a float island (DequantizeLinear -> float op -> QuantizeLinear) where the backend
 allows it (QOperator), or a QtoolError naming the node (integer-only).
 """
@@ -43,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ANCHORS = ("Conv", "Gemm", "MatMul")
 LOOKUP_OPS = ("LeakyRelu", "Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "Elu", "Relu")
+PREPROCESS_OPS = ("Sub", "Div", "Mul", "Add")  # by constants, between a graph input and its quantizer
 DATA_MOVEMENT = ("Slice", "Pad", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 CONTAINER = {np.uint8: (0, 255), np.int8: (-128, 127)}
 ONNX_TYPE = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
@@ -142,6 +151,9 @@ class _Lowering:
         self.done: set[int] = set()
         self.notes: list[str] = []
         self.float_nodes: list[str] = []
+        self.graph_inputs = {i.name for i in g.input if i.name not in self.consts}
+        self.pre = set(self.graph_inputs)  # float tensors computed from graph inputs by preprocessing only
+        self.preprocess: list[str] = []
         inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
                        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
@@ -160,7 +172,7 @@ class _Lowering:
         tq = self.plan.tensors.get(name)
         if tq is None or tq.kind != "activation":
             return None
-        if not self.be.allow_float and name not in {i.name for i in self.g.input}:
+        if not self.be.allow_float and name not in self.pre:
             raise QtoolError(f"integer export: tensor {name!r} is float (produced by an op without an integer lowering)")
         t = self.target(name)
         codes = self.be.quantize_input(self.b, self.f(name), t, name)
@@ -336,11 +348,41 @@ class _Lowering:
         self.env[y] = moved
         return True
 
+    def try_preprocess(self, node: onnx.NodeProto) -> bool:
+        """Sub / Div / Mul / Add of one preprocessing tensor (a graph input, or such a node's output, still
+        float) and float constants: kept float, ahead of the input QuantizeLinear (module docstring)."""
+        if len(node.input) != 2 or len(node.output) != 1:
+            return False
+        data = [i for i in node.input if i not in self.consts]
+        if len(data) != 1 or data[0] not in self.pre or data[0] in self.env:
+            return False
+        const = self.consts[next(i for i in node.input if i in self.consts)]
+        if const.dtype != np.float32:
+            return False
+        self.b.copy(node, [self.f(i) for i in node.input], list(node.output))
+        self.pre.add(node.output[0])
+        self.preprocess.append(f"{node.name} ({node.op_type})")
+        return True
+
+    def shape_error(self, node: onnx.NodeProto) -> QtoolError:
+        """fuse folds every Shape whose dims are static (passes.shapes); one left here reads a symbolic dim."""
+        x = node.input[0]
+        vi = next((v for v in list(onnx.shape_inference.infer_shapes(self.src).graph.value_info) + list(self.g.input)
+                   if v.name == x), None)
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim] \
+            if vi is not None and vi.type.tensor_type.HasField("shape") else "unknown"
+        return QtoolError(f"integer export: node {node.name or node.op_type!r} (Shape) reads the run-time shape of {x!r} "
+                          f"(dims {dims}: not all static), which the integer-only format cannot compute; export the "
+                          "model with static input shapes (e.g. a fixed batch size)")
+
     def float_node(self, node: onnx.NodeProto) -> None:
+        if not self.be.allow_float and node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            raise self.shape_error(node)
         if not self.be.allow_float:
             supported = ", ".join(ANCHORS + ("Add", "GlobalAveragePool") + LOOKUP_OPS + DATA_MOVEMENT)
             raise QtoolError(f"integer export: node {node.name or node.op_type!r} ({node.op_type}) has no integer "
-                             f"lowering with this plan (supported: {supported}; every input must be quantized)")
+                             f"lowering with this plan (supported: {supported}; every input must be quantized, "
+                             "except Sub/Div/Mul/Add by constants on a graph input before its quantizer)")
         self.b.copy(node, [self.f(i) if i else "" for i in node.input], list(node.output))
         self.float_nodes.append(f"{node.name} ({node.op_type})")
         for y in node.output:
@@ -356,7 +398,8 @@ class _Lowering:
             if id(node) in self.done or (node.op_type == "Constant" and node.output[0] in self.consts):
                 continue
             op = node.op_type if node.domain in ("", "ai.onnx") else None
-            ok = ((op in ANCHORS and self.try_anchor(node)) or (op == "Add" and self.try_add(node))
+            ok = ((op in PREPROCESS_OPS and self.try_preprocess(node))
+                  or (op in ANCHORS and self.try_anchor(node)) or (op == "Add" and self.try_add(node))
                   or (op == "GlobalAveragePool" and self.try_gap(node))
                   or (op in LOOKUP_OPS and self.try_lookup(node))
                   or (op in DATA_MOVEMENT and self.try_data_movement(node)))
@@ -365,8 +408,11 @@ class _Lowering:
         for o in self.g.output:
             if o.name in self.env:
                 self.be.dequantize(self.b, self.env[o.name], o.name, out=o.name)
-            elif not self.be.allow_float and o.name not in {i.name for i in self.g.input}:
+            elif not self.be.allow_float and o.name not in self.graph_inputs:
                 raise QtoolError(f"integer export: graph output {o.name!r} is not quantized by the plan")
+        if self.preprocess:
+            self.notes.append(f"input preprocessing kept in float before the input QuantizeLinear: "
+                              + ", ".join(self.preprocess))
         if self.float_nodes:
             self.notes.append(f"{len(self.float_nodes)} node(s) left in float: " + ", ".join(self.float_nodes[:8]))
         graph = helper.make_graph(self.b.nodes, self.g.name or "qtool", list(self.g.input), list(self.g.output),

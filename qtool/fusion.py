@@ -16,6 +16,7 @@ from onnx_ir.passes.common import NameFixPass
 import passes
 from passes.core import Refusal
 from qtool.errors import QtoolError
+from qtool.io import upgrade_ir_version
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def fuse(model: onnx.ModelProto, *, use_onnxsim: bool = True) -> tuple[onnx.Mode
 
     The input proto is not modified. Metadata (qtool.preprocess and others) is kept.
     """
-    m = passes.to_ir(model)
+    # A proto handed to the API directly has not been through load_model: an IR-3 graph lists its
+    # initializers as inputs, which the folds would treat as overridable inputs.
+    m = passes.to_ir(upgrade_ir_version(model))
     meta = dict(m.metadata_props)
     NameFixPass()(m)
     result = passes.run_to_fixpoint(m, passes.fuse_pipeline(use_onnxsim), max_iterations=MAX_FUSE_ROUNDS)

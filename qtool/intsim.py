@@ -14,8 +14,10 @@ is two's complement, BitShift is the unsigned shift, Clip/ReduceSum keep the dty
 between the input QuantizeLinear and the output DequantizeLinear is integer, so the result must equal
 onnxruntime's bit for bit; the float ops at the two ends are computed the way onnxruntime's CPU
 kernels do (QuantizeLinear: float32 x / scale, round half to even, + zero point, saturate;
-DequantizeLinear: float32 (q - zp) * scale). Tests and benchmarks/export.py count disagreements with
-onnxruntime (expected: 0).
+DequantizeLinear: float32 (q - zp) * scale), and so is the float input preprocessing the exporter may
+keep before the input QuantizeLinear (Sub / Div / Mul / Add by constants, e.g. (x - mean) / std:
+float32 IEEE elementwise ops, correctly rounded in NumPy as in onnxruntime). Tests and
+benchmarks/export.py count disagreements with onnxruntime (expected: 0).
 """
 from __future__ import annotations
 
@@ -205,11 +207,13 @@ def _run_node(node: onnx.NodeProto, ins: list, accumulate: dict[str, str]) -> li
         return [conv_integer(*ins, **at, accumulate=accumulate[op])]
     if op == "MatMulInteger":
         return [matmul_integer(*ins, accumulate=accumulate[op])]
-    if op in ("Add", "Sub", "Mul"):
-        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
+    if op in ("Add", "Sub", "Mul", "Div"):
+        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
         a, b = ins
         if a.dtype != b.dtype:
             raise QtoolError(f"intsim: {op} of {a.dtype} and {b.dtype}")
+        if op == "Div" and a.dtype != np.float32:  # the exporter divides only in the float preprocessing
+            raise QtoolError(f"intsim: Div of {a.dtype} (only float32 input preprocessing divides)")
         return [_binary(fn)(a, b)]
     if op == "BitShift":
         x, s = ins

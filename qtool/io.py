@@ -19,6 +19,10 @@ from qtool.errors import QtoolError
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 13
+# IR 4 made initializers independent of graph.input; qtool's passes treat an initializer that is also a
+# graph input as overridable (not a constant), and onnx.checker rejects a new initializer that an IR-3
+# graph does not list as an input. Older files are upgraded on load (upgrade_ir_version).
+MIN_IR_VERSION = 4
 TARGET_OPSET = 17  # upgraded to when older than MIN_OPSET
 MAX_OPSET = 22
 # Protobuf cannot serialize a single message over 2 GiB: larger models go to external data.
@@ -67,8 +71,37 @@ def _check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def _min_ir_version(model: onnx.ModelProto) -> int:
+    try:
+        return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:  # an opset this onnx does not know: the opset checks below name it
+        return MIN_IR_VERSION
+
+
+def upgrade_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An IR < 4 model as a current-IR one; other models are returned as they are (the same object).
+
+    IR 3 requires every initializer to be listed in graph.input too (as an input with a default). From
+    IR 4 on, a listed initializer means "a graph input the caller may override", which is not what an
+    IR-3 exporter meant: the names are dropped from graph.input, so the weights are constants again, and
+    the IR version is raised to what the model's opsets need (at least 4). The input proto is not changed.
+    """
+    if model.ir_version >= MIN_IR_VERSION:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name for t in out.graph.initializer}
+    keep = [i for i in out.graph.input if i.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    out.ir_version = max(MIN_IR_VERSION, _min_ir_version(out))
+    log.info("upgraded IR version %d -> %d (%d initializers dropped from graph.input)", model.ir_version,
+             out.ir_version, len(inits))
+    return out
+
+
 def load_model(path: str | os.PathLike, *, upgrade_opset: bool = True, check: bool = True) -> onnx.ModelProto:
-    """Read an ONNX file, validate it and bring it to a supported opset.
+    """Read an ONNX file, validate it and bring it to a supported IR version and opset.
 
     Raises QtoolError (exit 2) naming the problem for anything a user could have got wrong.
     """
@@ -92,6 +125,7 @@ def load_model(path: str | os.PathLike, *, upgrade_opset: bool = True, check: bo
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as e:
         raise QtoolError(f"cannot read external data of {p}: {e}") from None
+    model = upgrade_ir_version(model)
     opset = default_opset(model)
     if opset > MAX_OPSET:
         raise QtoolError(f"opset {opset} is newer than supported (<= {MAX_OPSET}): {p}")
@@ -103,6 +137,8 @@ def load_model(path: str | os.PathLike, *, upgrade_opset: bool = True, check: bo
         except Exception as e:
             raise QtoolError(f"cannot upgrade opset {opset} to {TARGET_OPSET}: {e}") from None
         log.info("upgraded opset %d -> %d", opset, TARGET_OPSET)
+        # the converter keeps the IR version, which may be too old for the new opset
+        model.ir_version = max(model.ir_version, _min_ir_version(model))
     if check:
         try:
             onnx.checker.check_model(model if model.ByteSize() < EXTERNAL_DATA_THRESHOLD else str(p))

@@ -343,3 +343,171 @@ def test_cli(w7, tmp_path, capsys):
     assert cli_main(["export", *args[:-1], "-o", str(tmp_path / "n.onnx")]) == 2
     assert "--int8" in capsys.readouterr().err
     assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "s.onnx").exists()
+
+
+# -- what real exports contain: input normalization, constant shape chains --------------------------
+
+MEAN = np.array([0.49, 0.48, 0.45], np.float32).reshape(1, 3, 1, 1)
+STD = np.array([0.25, 0.24, 0.26], np.float32).reshape(1, 3, 1, 1)
+
+
+def normalized_cnn(div: bool = True, flatten: str = "Flatten", seed: int = 5) -> onnx.ModelProto:
+    """x (raw pixels in [0, 1]) -> Sub(mean) -> Div(std) | Mul(1/std) -> conv+relu -> maxpool -> conv+relu
+    -> GAP -> flatten -> gemm. flatten="shape": torch's x.view(x.size(0), -1), i.e. Shape -> Gather ->
+    Unsqueeze -> Concat -> Reshape."""
+    r = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (r.normal(size=shape) * (1.5 / np.sqrt(np.prod(shape[1:])))).astype(np.float32)
+
+    inits = {"mean": MEAN, "w1": w(8, 3, 3, 3), "b1": r.normal(size=8).astype(np.float32) * 0.1,
+             "w2": w(8, 8, 3, 3), "b2": r.normal(size=8).astype(np.float32) * 0.1, "wf": w(5, 8),
+             "bf": r.normal(size=5).astype(np.float32) * 0.1}
+    inits["std" if div else "inv_std"] = STD if div else (1.0 / STD).astype(np.float32)
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["xm"], name="/Sub"),
+             helper.make_node("Div", ["xm", "std"], ["xn"], name="/Div") if div else
+             helper.make_node("Mul", ["xm", "inv_std"], ["xn"], name="/Mul"),
+             helper.make_node("Conv", ["xn", "w1", "b1"], ["c1"], name="conv1", **conv),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", **conv),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap")]
+    if flatten == "shape":
+        inits.update(i0=np.array(0, np.int64), ax0=np.array([0], np.int64), m1=np.array([-1], np.int64))
+        nodes += [helper.make_node("Shape", ["g"], ["gs"], name="/Shape"),
+                  helper.make_node("Gather", ["gs", "i0"], ["gn"], name="/Gather", axis=0),
+                  helper.make_node("Unsqueeze", ["gn", "ax0"], ["gn1"], name="/Unsqueeze"),
+                  helper.make_node("Concat", ["gn1", "m1"], ["shp"], name="/Concat", axis=0),
+                  helper.make_node("Reshape", ["g", "shp"], ["f"], name="/Reshape")]
+    else:
+        nodes.append(helper.make_node("Flatten", ["g"], ["f"], name="flatten", axis=1))
+    nodes.append(helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1))
+    g = helper.make_graph(nodes, "normalized_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 5])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def pixels(n=8, seed=0):
+    return np.random.default_rng(seed).random((n, 3, 8, 8), dtype=np.float32)
+
+
+def qdq_reference(model, x):
+    """The QDQ model on onnxruntime without graph optimizations: DequantizeLinear -> float op ->
+    QuantizeLinear as written. (With them, ORT's U8S8 kernels on CPUs without VNNI saturate int16 pair
+    sums, qtool.ortkernels: an error of the QDQ run, not of the integer exporter, whose ConvInteger
+    intsim checks bit for bit.)"""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def check_integer_export(model: onnx.ModelProto, preprocess: set[str]) -> None:
+    """Integer-only after the input quantizer, bit-equal to intsim, within 2 output steps of the QDQ model."""
+    from qtool.intsim import IntSim
+
+    fused, _ = fuse(model)
+    qdq, plan = quantize(fused, [{"x": pixels(seed=s)} for s in range(4)], QuantConfig())
+    r = export_model(fused, plan, ExportConfig(format="integer"))
+    out = r.model
+    onnx.checker.check_model(out, full_check=True)
+    ops = Counter(n.op_type for n in out.graph.node)
+    assert set(ops) <= INTEGER_OPS | preprocess | {"Reshape"}, set(ops) - INTEGER_OPS
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1 and ops["ConvInteger"] == 2
+    # the float preprocessing is exactly the chain from the graph input to the one QuantizeLinear
+    nodes = list(out.graph.node)
+    qi = next(i for i, n in enumerate(nodes) if n.op_type == "QuantizeLinear")
+    assert {n.op_type for n in nodes[:qi]} == preprocess and nodes[0].input[0] == "x"
+    assert all(n.op_type not in preprocess or i < qi for i, n in enumerate(nodes) if n.op_type in ("Sub", "Div"))
+    assert any("input preprocessing kept in float" in n for n in r.report.notes)
+    assert r.report.integer_compute == 3 and r.report.float_fallbacks == 0
+    for seed in range(9, 13):
+        x = pixels(8, seed=seed)
+        got, ref = ort_run(out, x), qdq_reference(qdq, x)
+        assert steps(got, ref, plan) <= 2.0 + 1e-4
+        assert (np.argmax(got, 1) == np.argmax(ref, 1)).mean() >= 7 / 8  # a 2-step tie may flip one
+        np.testing.assert_array_equal(IntSim(out)({"x": x})[0], got)  # the NumPy reference agrees bit for bit
+
+
+@pytest.mark.parametrize("div", [True, False], ids=["sub-div", "sub-mul"])
+def test_integer_export_keeps_input_normalization_before_the_quantizer(div):
+    # Mul by 1/std right before a Conv is folded into its weights by fuse (exact: zero padding times a
+    # constant stays zero); the Sub is not (the padding would become -mean), so it stays preprocessing.
+    check_integer_export(normalized_cnn(div=div), {"Sub", "Div"} if div else {"Sub"})
+
+
+def test_input_normalization_only_at_the_input():
+    """A Sub by a constant in the middle of the graph (on a quantized tensor) is still refused, naming it."""
+    m = normalized_cnn()
+    pool = next(n for n in m.graph.node if n.op_type == "MaxPool")
+    pool.input[0] = "r1_shifted"
+    m.graph.initializer.append(numpy_helper.from_array(np.float32(0.5), "half"))
+    m.graph.node.insert(list(m.graph.node).index(pool), helper.make_node("Sub", ["r1", "half"], ["r1_shifted"],
+                                                                         name="mid_sub"))
+    fused, _ = fuse(m)
+    _, plan = quantize(fused, [{"x": pixels()}], QuantConfig())
+    with pytest.raises(QtoolError) as ei:
+        export_model(fused, plan, ExportConfig(format="integer"))
+    assert "'mid_sub' (Sub) has no integer lowering" in one_line(ei)
+
+
+def symbolic_batch(m: onnx.ModelProto) -> onnx.ModelProto:
+    for v in (m.graph.input[0], m.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_param = "N"
+    return m
+
+
+@pytest.mark.parametrize("batch", ["static", "symbolic"])
+def test_integer_export_of_a_shape_chain_flatten(batch):
+    """torch's x.view(x.size(0), -1) (Shape -> Gather -> Unsqueeze -> Concat -> Reshape): fuse folds it to
+    Reshape(g, [0, -1]) whether the batch is static (onnxsim) or symbolic (passes.shapes), so the integer
+    export has no Shape to lower."""
+    m = normalized_cnn(flatten="shape")
+    if batch == "symbolic":
+        m = symbolic_batch(m)
+    fused, _ = fuse(m)
+    assert not {"Shape", "Gather", "Concat"} & {n.op_type for n in fused.graph.node}
+    check_integer_export(m, {"Sub", "Div"})
+
+
+def test_integer_export_refuses_a_run_time_shape_naming_the_node():
+    """A shape entry that is not a dim of the reshaped tensor at its position (here [-1, N]) cannot be
+    folded with a symbolic batch: the integer export names the Shape node and says why."""
+    m = symbolic_batch(normalized_cnn(flatten="shape"))
+    cat = next(n for n in m.graph.node if n.op_type == "Concat")
+    cat.input[:] = ["m1", "gn1"]
+    fused, summary = fuse(m)
+    assert any("not folded" in r.reason for r in summary.refusals)
+    _, plan = quantize(fused, [{"x": pixels()}], QuantConfig())
+    with pytest.raises(QtoolError) as ei:
+        export_model(fused, plan, ExportConfig(format="integer"))
+    msg = one_line(ei)
+    assert "node '/Shape' (Shape) reads the run-time shape of 'g'" in msg and "'N'" in msg and "static" in msg
+
+
+def test_cli_integer_export_of_real_export_patterns(tmp_path, capsys):
+    """Through the CLI: the normalized, shape-chain model exports (exit 0, notes say what stayed float);
+    the run-time shape model is exit 2 with one line naming the Shape node, and writes nothing."""
+    for name, m in (("ok", symbolic_batch(normalized_cnn(flatten="shape"))), ("bad", None)):
+        if m is None:
+            m = symbolic_batch(normalized_cnn(flatten="shape"))
+            next(n for n in m.graph.node if n.op_type == "Concat").input[:] = ["m1", "gn1"]
+        fused, _ = fuse(m)
+        _, plan = quantize(fused, [{"x": pixels()}], QuantConfig())
+        onnx.save(fused, tmp_path / f"{name}.onnx")
+        plan.save(tmp_path / f"{name}.json")
+        rc = cli_main(["export", str(tmp_path / f"{name}.onnx"), "--plan", str(tmp_path / f"{name}.json"), "--int8",
+                       "--format", "integer", "-o", str(tmp_path / f"{name}.int.onnx")])
+        cap = capsys.readouterr()
+        if name == "ok":
+            assert rc == 0 and "input preprocessing kept in float" in cap.out, cap.err
+            onnx.checker.check_model(onnx.load(tmp_path / "ok.int.onnx"), full_check=True)
+        else:
+            lines = cap.err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1 and "'/Shape' (Shape) reads the run-time shape" in lines[0], cap.err
+            assert not (tmp_path / "bad.int.onnx").exists()

@@ -268,3 +268,162 @@ def test_torch_exported_cnn(opset):
     for n in (1, 3):
         assert_same(m, fused, {"x": RNG.normal(size=(n, 3, 8, 8)).astype(np.float32)})
     assert summary.nodes_after < summary.nodes_before and any("refused" in line or "fused" in line for line in summary.lines())
+
+
+# -- AveragePool covering the whole map -> GlobalAveragePool ---------------------------------------
+
+def pool_model(h=7, w=None, batch="N", **attrs):
+    """x -> Conv(3->4) -> Relu -> AveragePool(attrs) -> y (the pool's output shape left to inference)."""
+    w = h if w is None else w
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("AveragePool", ["r"], ["y"], name="pool", **attrs)]
+    return make(nodes, [init("W", RNG.normal(size=(4, 3, 3, 3)))], [vi("x", [batch, 3, h, w])], [vi("y", None)])
+
+
+GLOBAL_POOLS = [  # (map, attributes): one window covering the map, its mean is the global mean
+    (7, dict(kernel_shape=[7, 7], ceil_mode=1)),  # EfficientNet-B0's pooler
+    (7, dict(kernel_shape=[7, 7], strides=[7, 7], ceil_mode=1, count_include_pad=1)),  # torch AvgPool2d(7, ceil_mode=True)
+    (7, dict(kernel_shape=[8, 8], strides=[8, 8], ceil_mode=1, count_include_pad=1)),  # ceil window past the map, no pads
+    (7, dict(kernel_shape=[9, 9], pads=[1, 1, 1, 1])),  # padded, pads not counted
+    (7, dict(kernel_shape=[8, 8], pads=[0, 0, 1, 1], count_include_pad=0)),
+]
+
+
+@pytest.mark.parametrize("hw, attrs", GLOBAL_POOLS)
+def test_average_pool_covering_the_map_becomes_global(hw, attrs):
+    m = pool_model(hw, **attrs)
+    out, res, p = apply(passes.AveragePoolToGlobalPass(), m)
+    assert res.modified and ops(out) == {"Conv": 1, "Relu": 1, "GlobalAveragePool": 1}, (ops(out), p.refusals)
+    assert [o.name for o in out.graph.output] == ["y"]
+    onnx.checker.check_model(out, full_check=True)
+    assert_same(m, out, {"x": RNG.normal(size=(2, 3, hw, hw)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("hw, attrs, reason", [
+    (8, dict(kernel_shape=[2, 2], strides=[2, 2]), "output size 4 along spatial axis 0"),  # a real pooling grid
+    (7, dict(kernel_shape=[9, 9], pads=[1, 1, 1, 1], count_include_pad=1), "counts 2 pad element(s) in the divisor"),
+    (7, dict(kernel_shape=[8, 8], pads=[0, 0, 1, 1], count_include_pad=1), "counts 1 pad element(s)"),
+    (8, dict(kernel_shape=[7, 7], strides=[8, 8]), "the window misses part of the map"),
+    (7, dict(kernel_shape=[7, 7], auto_pad="SAME_UPPER"), "auto_pad=SAME_UPPER"),
+    ("H", dict(kernel_shape=[7, 7], ceil_mode=1), "are not static"),
+    # onnxruntime drops the second ceil_mode window (it starts in the end padding), ONNX's shape inference
+    # keeps it: the graph is typed 2 x 2, so the pool is left as it is.
+    (5, dict(kernel_shape=[5, 5], pads=[0, 0, 2, 2], strides=[5, 5], ceil_mode=1), "inferred output shape"),
+])
+def test_average_pool_refusals(hw, attrs, reason):
+    m = pool_model(hw, **attrs)
+    out, res, p = apply(passes.AveragePoolToGlobalPass(), m)
+    assert not res.modified and ops(out)["AveragePool"] == 1
+    assert len(p.refusals) == 1 and reason in p.refusals[0].reason, p.refusals
+    assert p.refusals[0].node == "pool"
+
+
+def test_global_mean_rule_agrees_with_onnxruntime():
+    """The pass's rule against onnxruntime on a grid of pooling parameters: wherever onnxruntime gives a
+    1 x 1 output, the rule accepts exactly the cases whose value is the global mean, and its output size
+    is onnxruntime's. (A wrong divisor rule or output-size rule fails here.)"""
+    from passes.pool import global_mean_reason, output_size
+
+    x = RNG.normal(size=(1, 1, 5, 5)).astype(np.float32) + 2.0
+    accepted = refused = 0
+    for k in (4, 5, 6, 7):
+        for b in (0, 1, 2):
+            for e in (0, 1, 2):
+                for s in (1, 3, 8):
+                    for ceil in (0, 1):
+                        for cip in (0, 1):
+                            if b >= k or e >= k:
+                                continue  # onnxruntime rejects pads >= kernel
+                            attrs = dict(kernel_shape=[k, 1], pads=[b, 0, e, 0], strides=[s, 1], ceil_mode=ceil,
+                                         count_include_pad=cip)
+                            n = helper.make_node("AveragePool", ["x"], ["y"], **attrs)
+                            g = helper.make_graph([n], "g", [vi("x", [1, 1, 5, 5])], [vi("y", None)])
+                            mm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+                            try:
+                                y = run(mm, {"x": x})[0]
+                            except Exception:
+                                continue  # negative output size
+                            assert y.shape[2] == output_size(5, k, b, e, s, bool(ceil)), attrs
+                            if y.shape[2] != 1:
+                                continue
+                            is_mean = np.allclose(y[0, 0, 0], x[0, 0].mean(axis=0), rtol=1e-5)
+                            ok = global_mean_reason([5, 1], [k, 1], [b, 0, e, 0], [s, 1], bool(ceil), bool(cip)) is None
+                            assert ok == is_mean, attrs
+                            accepted += ok
+                            refused += not ok
+    assert accepted >= 20 and refused >= 20  # both branches are exercised
+
+
+def test_whole_map_average_pool_quantizes_to_real_logits():
+    """conv -> AveragePool(kernel = map, ceil_mode=1) -> Flatten -> Gemm: fused to GlobalAveragePool, the
+    quantized model's logits follow FP32 (not a constant, not all 0)."""
+    import qtool
+
+    r = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("AveragePool", ["r"], ["p"], name="pool", kernel_shape=[7, 7], ceil_mode=1),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "Wf", "Bf"], ["y"], name="fc", transB=1)]
+    inits = [init("W", r.normal(size=(16, 3, 3, 3)) * 0.3), init("B", r.normal(size=16) * 0.1),
+             init("Wf", r.normal(size=(10, 16))), init("Bf", r.normal(size=10) * 0.1)]
+    m = make(nodes, inits, [vi("x", ["N", 3, 7, 7])], [vi("y", ["N", 10])])
+    fused, summary = fuse(m)
+    assert ops(fused).get("AveragePool", 0) == 0 and ops(fused)["GlobalAveragePool"] == 1
+    assert any("GlobalAveragePool" in f.what for f in summary.fused)
+    q = qtool.quantize(fused, [{"x": r.normal(size=(8, 3, 7, 7)).astype(np.float32)} for _ in range(2)])
+    x = r.normal(size=(16, 3, 7, 7)).astype(np.float32)
+    ref = run(m, {"x": x})[0]
+    out = run(q.model, {"x": x})[0]
+    assert np.abs(out).max() > 0.1 and np.std(out) > 0.1
+    cos = float((out * ref).sum() / (np.linalg.norm(out) * np.linalg.norm(ref)))
+    assert cos > 0.99 and (np.argmax(out, 1) == np.argmax(ref, 1)).mean() >= 0.85
+    qo = qtool.quantize(fused, [{"x": r.normal(size=(8, 3, 7, 7)).astype(np.float32)}],
+                        qtool.QuantConfig(format="qoperator")).model
+    assert ops(qo)["QLinearGlobalAveragePool"] == 1
+
+
+# -- shape chains with a symbolic batch ---------------------------------------------------------------
+
+def shape_chain_model(pieces=("n1", "m1"), allowzero=0, index=0):
+    """x[N, 3, 2, 2] -> Reshape(x, Concat(pieces)) with n1 = Unsqueeze(Gather(Shape(x), index)), m1 = [-1];
+    plus c = Gather(Shape(x), 1) (a static dim) added to the output."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "i"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"], name="unsqueeze"),
+             helper.make_node("Concat", list(pieces), ["shp"], name="concat", axis=0),
+             helper.make_node("Reshape", ["x", "shp"], ["r"], name="reshape", allowzero=allowzero),
+             helper.make_node("Gather", ["s", "i1"], ["c"], name="gather_c", axis=0),
+             helper.make_node("Cast", ["c"], ["cf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["r", "cf"], ["y"], name="add")]
+    inits = [numpy_helper.from_array(np.array(index, np.int64), "i"), numpy_helper.from_array(np.array(1, np.int64), "i1"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"), numpy_helper.from_array(np.array([-1], np.int64), "m1")]
+    return make(nodes, inits, [vi("x", ["N", 3, 2, 2])], [vi("y", None)])
+
+
+def test_shape_chains_fold_with_a_symbolic_batch():
+    m = shape_chain_model()
+    out, res, p = apply(passes.FoldShapeChainsPass(), m)
+    assert res.modified, p.refusals
+    out = to_proto(passes.RemoveUnusedNodesPass()(to_ir(out)).model)
+    assert ops(out) == {"Reshape": 1, "Cast": 1, "Add": 1}, ops(out)  # Shape / Gather / Unsqueeze / Concat gone
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    shape = next(t for t in out.graph.initializer if t.name == reshape.input[1])
+    assert numpy_helper.to_array(shape).tolist() == [0, -1]  # 0: copy the batch
+    onnx.checker.check_model(out, full_check=True)
+    for n in (1, 5):  # the batch really is free
+        assert_same(m, out, {"x": RNG.normal(size=(n, 3, 2, 2)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(pieces=("m1", "n1")), "entry 1 is dim N of another tensor"),  # [-1, N]: N is not the data's dim 1
+    (dict(allowzero=1), "allowzero=1"),
+])
+def test_shape_chain_refusals(kw, reason):
+    m = shape_chain_model(**kw)
+    out, res, p = apply(passes.FoldShapeChainsPass(), m)
+    assert "Reshape" in ops(out) and "Concat" in ops(out) and "Shape" in ops(out)
+    assert any(reason in r.reason and r.node == "reshape" for r in p.refusals), p.refusals
+    feeds = {"x": RNG.normal(size=(4, 3, 2, 2)).astype(np.float32)}
+    assert_same(m, out, feeds)  # the static Gather (dim 1 = 3) may fold; the numbers stay

@@ -66,6 +66,16 @@ def conv_bn_model(var=None):
     return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
 
 
+def ir3(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as an IR-3 file writes it: every initializer listed in graph.input too."""
+    model.ir_version = 3
+    names = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in names:
+            model.graph.input.append(oh.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return model
+
+
 def single_op_model(node, in_shape, out_shape, opset=17, ir_version=8, inits=(), extra_opsets=()):
     g = oh.make_graph([node], "t", [oh.make_tensor_value_info("x", TP.FLOAT, in_shape)],
                       [oh.make_tensor_value_info("y", TP.FLOAT, out_shape)], list(inits))
@@ -441,6 +451,8 @@ def ort_run(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
     ("unnamed-dims", lambda: conv_model(batch=None)),
     ("fixed-batch-4", lambda: conv_model(batch=4)),
     ("old-opset-9-upgraded", lambda: conv_model(opset=9, ir_version=4)),
+    ("ir3-initializers-in-inputs", lambda: ir3(conv_model(opset=9))),
+    ("ir3-opset-13", lambda: ir3(conv_model(opset=13))),
 ])
 def test_fuse_and_quantize_work(name, factory, tmp_path, capsys):
     src = save(factory(), tmp_path / "m.onnx")
@@ -457,7 +469,70 @@ def test_fuse_and_quantize_work(name, factory, tmp_path, capsys):
     assert out.shape == ref.shape == (batch, 10) and np.isfinite(out).all()
     if name == "old-opset-9-upgraded":
         assert next(i.version for i in q.opset_import if i.domain in ("", "ai.onnx")) >= 13
+    if name.startswith("ir3"):  # upgraded: the weights are constants again, the only input is x
+        f = onnx.load(str(tmp_path / "f.onnx"))
+        assert f.ir_version >= 4 and [i.name for i in f.graph.input] == ["x"]
+        if name == "ir3-opset-13":  # (opset 9's Gemm wants a C input: onnxruntime runs only the upgraded one)
+            np.testing.assert_allclose(ref, ort_run(src, x), rtol=1e-4, atol=1e-5)  # fusing kept the numbers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx", "m.onnx", "q.onnx"]  # no temp files left
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_upgrade_ir_version_drops_initializer_inputs():
+    from qtool.io import upgrade_ir_version
+
+    old = ir3(conv_model(opset=17))
+    before = old.SerializeToString()
+    with pytest.raises(onnx.checker.ValidationError):  # why: onnx refuses an IR-3 graph with a fresh initializer
+        bad = onnx.ModelProto()
+        bad.CopyFrom(old)
+        bad.graph.initializer.append(nh.from_array(np.zeros(1, np.float32), "extra"))
+        onnx.checker.check_model(bad)
+    new = upgrade_ir_version(old)
+    assert old.SerializeToString() == before  # the caller's proto is untouched
+    assert new.ir_version == 8 and [i.name for i in new.graph.input] == ["x"]
+    assert {t.name for t in new.graph.initializer} == {"W", "B", "Wfc"}
+    onnx.checker.check_model(new, full_check=True)
+    x = RNG.random((2, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(ort_run(old, x), ort_run(new, x))
+    cur = conv_model()
+    assert upgrade_ir_version(cur) is cur  # IR >= 4: nothing to do (listed initializers stay overridable)
+
+
+def _light_squeezenet() -> Path:
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    if not path.is_file():
+        pytest.skip("the onnx wheel ships no light_squeezenet.onnx")
+    return path
+
+
+def test_old_ir3_zoo_model_fuses_quantizes_and_runs(tmp_path):
+    """SqueezeNet 1.0 from the onnx wheel: IR 3, opset 9, weights as ConstantOfShape (all 0.02), every
+    initializer also a graph input. Before the upgrade, fuse ended in exit 1 (checker: "in initializer
+    but not in graph input"). Its weights are constant, so the biases are randomized here (they are
+    plain initializers) to give the classes distinct logits to compare."""
+    m = onnx.load(str(_light_squeezenet()))
+    assert m.ir_version == 3 and len(m.graph.input) > 1
+    r = np.random.default_rng(0)
+    for t in m.graph.initializer:
+        if t.data_type == TP.FLOAT:
+            t.CopyFrom(nh.from_array(r.normal(size=tuple(t.dims)).astype(np.float32), t.name))
+    src = save(m, tmp_path / "sq.onnx")
+    loaded = qtool.load_model(src)
+    assert loaded.ir_version >= 8 and [i.name for i in loaded.graph.input] == ["data_0"]
+    fused = qtool.fuse(loaded).model
+    onnx.checker.check_model(fused, full_check=True)
+    x = r.normal(size=(1, 3, 224, 224)).astype(np.float32)
+    ref = ort_run(m, x)  # onnxruntime still runs the original IR-3 file
+    np.testing.assert_allclose(ort_run(fused, x), ref, rtol=1e-4, atol=1e-6)
+    q = qtool.quantize(fused, [{"data_0": r.normal(size=(1, 3, 224, 224)).astype(np.float32)}])
+    assert sum(n.op_type == "QuantizeLinear" for n in q.model.graph.node) >= 20
+    out = ort_run(q.model, x)
+    assert np.argmax(out) == np.argmax(ref) and cosine(out, ref) > 0.98
 
 
 def test_fuse_leaves_an_unsupported_op_alone(tmp_path, capsys):
