@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qtool.lift import run_op
+from qtool.lift_ops import run_op
 from qtool.plan import TensorQuant
 
 __all__ = ["ExactConv", "ExactAdd", "ExactGlobalAveragePool", "install_exact_eval"]

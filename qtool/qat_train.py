@@ -71,7 +71,8 @@ from passes.units import ANCHOR_OPS, unit_activation
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.errors import QtoolError
 from qtool.fakequant import BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant
-from qtool.lift import LiftedModule, lift, run_op
+from qtool.lift import LiftedModule, lift
+from qtool.lift_ops import run_op
 from qtool.ortexact import install_exact_eval
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess

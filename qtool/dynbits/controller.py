@@ -55,7 +55,8 @@ from onnx import numpy_helper
 import passes
 from qtool.errors import QtoolError
 from qtool.fakequant import LSQFakeQuant
-from qtool.lift import lift, run_op
+from qtool.lift import lift
+from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
 from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant, tensor_quant
 from qtool.ptq import QuantConfig, activation_quant
