@@ -70,14 +70,14 @@ from passes.qdq import ABSORBED_ACTS
 from passes.units import ANCHOR_OPS, unit_activation
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.errors import QtoolError
-from qtool.fakequant import BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant
+from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant
 from qtool.lift import LiftedModule, lift
 from qtool.lift_ops import run_op
 from qtool.ortexact import install_exact_eval
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
-from qtool.qat_quantizers import (BiasFakeQuant, DoReFaWeightFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
+from qtool.qat_quantizers import (BiasFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
 from qtool.ptq import QuantConfig, activation_quant, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
 from exporters.qdq import apply_plan
