@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     table = {n: {f"{lr:g}": float(np.mean([c["acc"] for c in cells if c["config"] == n and c["lr"] == lr]))
                  for lr in sorted({c["lr"] for c in cells})} for n in names}
     payload = {"model": src.name, "data": spec, "steps": a.steps, "batch_size": 128, "seeds": a.seeds,
-               "val_images": int(len(data.val_labels)), "cells": cells, "mean_acc": table,
+               "val_images": int(len(data.val)), "cells": cells, "mean_acc": table,
                "note": "QATEvaluator fine-tune from the FP32 weights (the search benchmark's), per learning rate; "
                        "lr 0 = calibration + BN re-calibration only"}
     print(f"wrote {write_result(a.name, payload)}")

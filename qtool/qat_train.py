@@ -81,7 +81,7 @@ from qtool.qat_quantizers import (BiasFakeQuant, LSQAffineFakeQuant, SharedFakeQ
 from qtool.ptq import QuantConfig, activation_quant, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
 from exporters.qdq import apply_plan
-from qtool.training import EpochMeter, sgd_step
+from qtool.trainloop import EpochMeter, split_decay, supervised, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -610,9 +610,7 @@ def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDatase
     pool = torch.randperm(n_all, generator=gen)[:config.train_limit] if config.train_limit else torch.arange(n_all)
     c, h = train_data.shape[0], train_data.shape[1]
     augment = config.augment and c == 3 and h >= 16
-    decay, no_decay = [], []
-    for p in lifted.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)  # no decay on biases, BN, scales, alphas
+    decay, no_decay = split_decay(lifted.parameters())  # no decay on biases, BN, scales, alphas
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     lr = config.learning_rate
     opt = (torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
@@ -624,11 +622,10 @@ def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDatase
     with progress(disable=config.quiet) as bar:
         task = bar.add_task(f"qat {config.algo}", total=config.epochs * steps_per_epoch, info="")
         for epoch in range(config.epochs):
-            lifted.train()
             meter = EpochMeter()
-            for xb, yb in epoch_batches(train_data, pool, config.batch_size, pre, gen, augment):
-                sgd_step(lifted, xb.to(device), yb.to(device), loss_fn, opt, sched, meter)
-                bar.update(task, advance=1, info=meter.info(epoch, config.epochs))
+            train_loop(lifted, epoch_batches(train_data, pool, config.batch_size, pre, gen, augment),
+                       supervised(lifted, loss_fn), [opt], sched, device=device, meter=meter,
+                       on_step=lambda i, loss: bar.update(task, advance=1, info=meter.info(epoch, config.epochs)))
             val_acc = _evaluate(lifted, val_data, pre, device)[0]
             history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
                             "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})

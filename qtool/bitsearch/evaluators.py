@@ -48,23 +48,23 @@ import torch.nn.functional as F
 
 from qtool.device import resolve_device
 from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
-from qtool.data import augment_cifar, load_dataset, model_image_input, check_input_matches, SPLIT_SEED
+from qtool.data import ImageDataset, check_input_matches, load_dataset, model_image_input, step_batches, SPLIT_SEED
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.bitsearch.space import Candidate, SearchSpace
 from qtool.bitsearch.supernet import QuantNet
+from qtool.trainloop import train_loop
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchData:
-    """uint8 images of the train / val / calibration sets, preprocessed per batch."""
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
+    """The search's data: the train and val splits (`qtool.data.ImageDataset`, the one data set type),
+    the calibration images and the model's preprocessing (applied per batch)."""
+    train: ImageDataset
+    val: ImageDataset
     calib_images: np.ndarray
     pre: Preprocess
     augment: bool
@@ -89,8 +89,7 @@ class SearchData:
         # (on ResNet-20, single-class batches cost uniform W8A8 over 10 points of supernet accuracy).
         calib = train.images[np.random.default_rng(SPLIT_SEED + 3).permutation(len(train))[:calib_size]]
         c, h = train.shape[0], train.shape[1]
-        return cls(train.images, train.labels, val.images, val.labels, calib, resolve_preprocess(model),
-                   augment=(c == 3 and h >= 16))
+        return cls(train, val, calib, resolve_preprocess(model), augment=(c == 3 and h >= 16))
 
     def x(self, images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.pre.apply(images))
@@ -108,8 +107,9 @@ def correct_images(net: nn.Module, data: SearchData, batch_size: int = 500) -> n
     if next(net.parameters()).device.type != "cpu":
         net = copy.deepcopy(net).cpu()
     net.eval()
-    return np.concatenate([net(data.x(data.val_images[i:i + batch_size])).argmax(1).numpy()
-                           == data.val_labels[i:i + batch_size] for i in range(0, len(data.val_labels), batch_size)])
+    val = data.val
+    return np.concatenate([net(data.x(val.images[i:i + batch_size])).argmax(1).numpy()
+                           == val.labels[i:i + batch_size] for i in range(0, len(val), batch_size)])
 
 
 def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
@@ -139,22 +139,11 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     device = qnet.device
     teacher = teacher.to(device).eval() if teacher is not None and teacher_weight else None
-    n = len(data.train_labels)
-    perm, pos = torch.randperm(n, generator=gen), 0
-    qnet.train()
-    for step in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + batch_size].numpy()
-        pos += batch_size
-        x = data.x(data.train_images[np.sort(idx)])
-        y = torch.from_numpy(data.train_labels[np.sort(idx)])
-        if data.augment:
-            x = augment_cifar(x, gen)
-        x, y = x.to(device), y.to(device)
+
+    def loss_fn(x, y):
+        # One backward per configuration (each graph freed before the next runs), one optimizer step.
         cands = sample(rng)
         cands = [cands] if isinstance(cands, Candidate) else list(cands)
-        opt.zero_grad(set_to_none=True)
         target, total = None, 0.0
         soft = soft_labels(teacher, x) if teacher is not None else None
         for c in cands:
@@ -168,10 +157,10 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
                 loss = F.cross_entropy(out, target)  # soft targets: KL up to the teacher's entropy
             (loss / len(cands)).backward()
             total += float(loss.detach()) / len(cands)
-        opt.step()
-        sched.step()
-        if on_step is not None:
-            on_step(step, total)
+        return None, total
+
+    train_loop(qnet, step_batches(data.train, steps, batch_size, data.pre, gen, data.augment), loss_fn, [opt], sched,
+               device=device, on_step=on_step, backward=False)
     qnet.eval()
 
 
@@ -319,7 +308,7 @@ class SupernetEvaluator(Evaluator):
     def n_steps(self) -> int:
         if self.steps is not None:
             return self.steps
-        return max(1, round(self.epochs * len(self.data.train_labels) / self.batch_size))
+        return max(1, round(self.epochs * len(self.data.train) / self.batch_size))
 
     def sampler(self, space: SearchSpace) -> Callable[[np.random.Generator], list[Candidate]]:
         """Each step's configurations: [largest, smallest] + n_random random ones (sandwich rule), or
