@@ -77,6 +77,7 @@ from qtool.ortexact import install_exact_eval
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
+from qtool.quant_points import QuantPoints, from_marks, quant_points
 from qtool.qat_quantizers import (BiasFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
 from qtool.ptq import QuantConfig, activation_quant, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
@@ -88,6 +89,7 @@ log = logging.getLogger(__name__)
 __all__ = ["qat", "QATConfig", "QATResult", "resolve_bits", "qat_file"]
 
 _EVAL_BATCH = 256
+_QUANTIZED = ("weight", "activation")  # the quantization points with parameters of their own (not biases)
 _CALIB_SEED = 20151211
 
 
@@ -141,13 +143,13 @@ class TensorSpec:
     uniform: bool = True  # bits from the uniform setting (not the first/last policy, a rule or a plan)
 
 
-def _node_tensors(graph, marks) -> list[tuple[object, dict[str, list[str]]]]:
-    """(node, {weight|input|output: [marked tensor names]}) for every node touching the placement."""
+def _node_tensors(graph, points: QuantPoints) -> list[tuple[object, dict[str, list[str]]]]:
+    """(node, {weight|input|output: [quantized tensor names]}) for every node touching the placement."""
     out = []
     for node in graph:
-        ins = [v.name for v in node.inputs if v is not None and v.name in marks.tensors]
-        weight = [n for n in ins if marks.tensors[n].kind == "weight"]
-        inputs = [n for n in ins if marks.tensors[n].kind == "activation"]
+        ins = [v.name for v in node.inputs if v is not None]
+        weight = [n for n in ins if points.kind(n) == "weight"]
+        inputs = [n for n in ins if points.kind(n) == "activation"]
         act = unit_activation(node) if node.op_type in ANCHOR_OPS + ("Add", "Mul") else None
         if node.op_type in ANCHOR_OPS:
             o = (act or node).outputs[0]
@@ -155,7 +157,7 @@ def _node_tensors(graph, marks) -> list[tuple[object, dict[str, list[str]]]]:
             o = act.outputs[0]
         else:
             o = node.outputs[0]
-        outputs = [o.name] if o is not None and o.name in marks.tensors else []
+        outputs = [o.name] if o is not None and points.kind(o.name) in _QUANTIZED else []
         if weight or inputs or outputs:
             out.append((node, {"weight": weight, "input": inputs, "output": outputs}))
     return out
@@ -182,19 +184,20 @@ def _rule_nodes(rule: QuantRule, index: int, entries) -> list:
 def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorSpec]:
     """Bits and start step of every tensor the QDQ placement quantizes (left-out tensors stay float)."""
     m = passes.to_ir(fused)
-    marks = passes.mark_tensors(m.graph)
+    points = from_marks(passes.mark_tensors(m.graph))
+    tensors = [p for p in points if p.kind in _QUANTIZED]  # biases follow their input and weight
     groups: dict[str, list[str]] = defaultdict(list)  # root -> tensors sharing its QDQ parameters
-    for t, role in marks.tensors.items():
-        groups[marks.root(t) if role.kind == "activation" else t].append(t)
+    for p in tensors:
+        groups[p.root].append(p.tensor)
 
     def group(t: str) -> list[str]:
-        return groups[marks.root(t) if marks.tensors[t].kind == "activation" else t]
+        return groups[points.root(t)]
 
     spec: dict[str, TensorSpec] = {}
     if config.plan_bits:
         given: dict[str, int] = {}
         for name, b in config.plan_bits:
-            if name not in marks.tensors:
+            if points.kind(name) not in _QUANTIZED:
                 raise QtoolError(f"plan tensor {name!r} is not a quantization point of the fused graph "
                                  "(not an input, weight or output of a quantized op)")
             for t in group(name):
@@ -202,14 +205,14 @@ def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorS
                     raise QtoolError(f"plan gives {name!r} {b} bits but {t!r}, which must share its "
                                      f"parameters, {given[t]} bits")
         for t, b in given.items():
-            spec[t] = TensorSpec(marks.tensors[t].kind, b, config.quant_delay, uniform=False)
-        _check_float_weights(m.graph, marks, spec)
+            spec[t] = TensorSpec(points[t].kind, b, config.quant_delay, uniform=False)
+        _check_float_weights(m.graph, points, spec)
         return spec
 
-    for t, role in marks.tensors.items():
-        spec[t] = TensorSpec(role.kind, config.weight_bits if role.kind == "weight" else config.act_bits,
-                             config.quant_delay)
-    entries = _node_tensors(m.graph, marks)
+    for p in tensors:
+        spec[p.tensor] = TensorSpec(p.kind, config.weight_bits if p.kind == "weight" else config.act_bits,
+                                    config.quant_delay)
+    entries = _node_tensors(m.graph, points)
 
     def assign(t: str, bits: int | None = None, delay: int | None = None) -> None:
         for u in group(t):
@@ -233,11 +236,11 @@ def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorS
                             spec.pop(u, None)
                     else:
                         assign(t, rule.bits_for(qt), rule.quant_start_step)
-    _check_float_weights(m.graph, marks, spec)
+    _check_float_weights(m.graph, points, spec)
     return spec
 
 
-def _check_float_weights(graph, marks, spec: dict[str, TensorSpec]) -> None:
+def _check_float_weights(graph, points: QuantPoints, spec: dict[str, TensorSpec]) -> None:
     """onnxruntime quantizes a float Conv/ConvTranspose/Gemm weight itself (int8 per-tensor, its
     WeightBiasQuantization transformer) when the input comes from a DequantizeLinear: the exported
     model would then compute something the fake-quant model did not. Refuse that combination."""
@@ -245,7 +248,7 @@ def _check_float_weights(graph, marks, spec: dict[str, TensorSpec]) -> None:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
-        if w is not None and w.name in marks.tensors and w.name not in spec and x is not None and x.name in spec:
+        if w is not None and points.kind(w.name) in _QUANTIZED and w.name not in spec and x is not None and x.name in spec:
             raise QtoolError(f"weight {w.name!r} of {node.op_type} {node.name!r} is left float while its input is "
                              "quantized; onnxruntime would quantize it itself (int8 per-tensor): leave the input "
                              "float too (quant_types: [weight, input]) or quantize the weight")
@@ -481,12 +484,12 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
     spec = resolve_bits(fused, config)
     if not spec:
         raise QtoolError("nothing to quantize: the configuration leaves every tensor float")
-    marks = passes.mark_tensors(passes.to_ir(fused).graph)
+    points = quant_points(fused)
 
     # PTQ calibration (minmax) of every activation root: the plan skeleton and the initial ranges.
     from qtool.calibrate import collect_stats
 
-    roots = list(dict.fromkeys(marks.root(t) for t, s in spec.items() if s.kind == "activation"))
+    roots = list(dict.fromkeys(points.root(t) for t, s in spec.items() if s.kind == "activation"))
     stats = collect_stats(fused, _calib_batches(fused, train_data, pre, config.calib_size), roots)
     skeleton = build_plan(fused, QuantConfig(calib="minmax"), stats)  # PTQ's placement, axes, granularity
     missing = [t for t in spec if t not in skeleton.tensors]
@@ -512,13 +515,13 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
     # One quantizer per plan tensor; pass-through tensors share their root's.
     quantizers: dict[str, nn.Module] = {}
     for t, s in spec.items():
-        if s.kind == "activation" and marks.root(t) == t:
+        if s.kind == "activation" and points.root(t) == t:
             rmin, rmax = stats[t].range("minmax", signed=False)
             quantizers[t] = _act_quantizer(config.algo, s.bits, rmin, rmax, s.quant_delay, config.ema_decay,
                                            notes, t)
     for t, s in spec.items():
-        if s.kind == "activation" and marks.root(t) != t:
-            quantizers[t] = SharedFakeQuant(quantizers[marks.root(t)])
+        if s.kind == "activation" and points.root(t) != t:
+            quantizers[t] = SharedFakeQuant(quantizers[points.root(t)])
         elif s.kind == "weight":
             w = torch.from_numpy(np.array(fused_inits[t], copy=True))
             quantizers[t] = _weight_quantizer(config.algo, s, w, skeleton.tensors[t].axis)
@@ -536,7 +539,7 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
         else:
             lifted.set_weight_quantizer(names[t], quantizers[t])
     bias_fqs: dict[str, BiasFakeQuant] = {}
-    for b, (inp, w) in marks.biases.items():
+    for b, (inp, w) in points.biases().items():
         if inp in quantizers and w in quantizers:
             bias_fqs[b] = BiasFakeQuant(quantizers[inp], quantizers[w])
             if w in pair_of_weight:

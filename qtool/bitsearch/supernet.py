@@ -35,10 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-import passes
 from qtool.fakequant import EMAFakeQuant, LSQFakeQuant
 from qtool.lift import lift
 from qtool.plan import QuantPlan, TensorQuant
+from qtool.quant_points import quant_points
 from qtool.bitsearch.space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class QuantNet(nn.Module):
             self.aq[f"a{j}"] = SwitchQuant({b: LSQFakeQuant(b, signed=False) if nonneg else EMAFakeQuant(b, signed=False)
                                             for b in options[root]})
             self._aq_key[root] = f"a{j}"
-        biases = {w: b for b, (_, w) in passes.mark_tensors(passes.to_ir(fused).graph).biases.items()}
+        biases = {w: b for b, (_, w) in quant_points(fused).biases().items()}
         node_bias = {n.name: (n.input[2] if len(n.input) > 2 and n.input[2] else None) for n in fused.graph.node}
         hooks: dict[str, list[nn.Module]] = {}
         weight_hooks: dict[str, nn.Module] = {}

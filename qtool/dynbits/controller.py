@@ -16,7 +16,7 @@ layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers o
   (unsigned, zp 0 for tensors the FP32 graph never makes negative; the calibrated zp held fixed for
   the others: every activation is uint8, the U8S8 path of onnxruntime).
 - An activation is one tensor with one QDQ pair in the exported graph, so a group of tensors that
-  share parameters (`passes.mark_tensors` roots) read by several layers takes, per sample, the
+  share parameters (`qtool.quant_points` roots) read by several layers takes, per sample, the
   widest of their choices (as the static search does). With one-hots g_r over sorted bits this is
   `C = prod_r cumsum(g_r)`, onehot(max) = C - shift(C): exact for hard one-hots and differentiable
   for the straight-through gradient. Groups read by a static layer, or by none (residual sums, the
@@ -52,12 +52,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-import passes
 from qtool.errors import QtoolError
 from qtool.fakequant import LSQFakeQuant
 from qtool.lift import lift
 from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
+from qtool.quant_points import quant_points
 from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant, tensor_quant
 from qtool.ptq import QuantConfig, activation_quant
 from qtool.bitsearch.space import SearchSpace
@@ -240,7 +240,7 @@ class DynamicNet(nn.Module):
         space = SearchSpace.from_model(fused, self.choices, fix_first=stem_bits, fix_last=None, other_bits=stem_bits)
         self.space, self.stem_bits, self.tau = space, stem_bits, tau
         k = len(self.choices)
-        marks = passes.mark_tensors(passes.to_ir(fused).graph)
+        points = quant_points(fused)
         for w, readers in space.weight_readers.items():
             if len(readers) > 1:
                 raise QtoolError(f"weight {w!r} is shared by {len(readers)} layers: dynamic bit-widths need one "
@@ -253,7 +253,7 @@ class DynamicNet(nn.Module):
         for i, l in enumerate(space.layers):
             dyn = i >= controller_layers and l.op in DYNAMIC_OPS
             bits = mid if 0 < i < controller_layers and l.op in DYNAMIC_OPS else stem_bits
-            infos.append(LayerInfo(l.node, l.op, l.weight, marks.root(l.input), l.macs, n_dyn if dyn else None, bits))
+            infos.append(LayerInfo(l.node, l.op, l.weight, points.root(l.input), l.macs, n_dyn if dyn else None, bits))
             n_dyn += dyn
         if n_dyn == 0:
             raise QtoolError(f"no Conv/Gemm layer after the first {controller_layers}: nothing for a controller to choose")
@@ -303,7 +303,7 @@ class DynamicNet(nn.Module):
                 wqs.append(q)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             mod = _Layer(l.op, self.net.node_attrs(l.node), wqs, self.group(l.input_root),
-                         bias is not None and bias in marks.biases, l.dynamic, self.ctx)
+                         bias is not None and points.kind(bias) == "bias", l.dynamic, self.ctx)
             self.layer_mods.append(mod)
             self.net.replace_nodes([l.node], mod, list(node.input), list(node.output)[:1])
         for root, members in space.groups.items():
