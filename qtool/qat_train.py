@@ -68,7 +68,8 @@ from onnx import numpy_helper
 import passes
 from passes.qdq import ABSORBED_ACTS
 from passes.units import ANCHOR_OPS, unit_activation
-from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
+from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input, step_batches
+from qtool.distill import distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
 from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant
 from qtool.lift import LiftedModule, lift
@@ -86,7 +87,8 @@ from qtool.trainloop import EpochMeter, split_decay, supervised, train_loop
 
 log = logging.getLogger(__name__)
 
-__all__ = ["qat", "QATConfig", "QATResult", "resolve_bits", "qat_file"]
+__all__ = ["qat", "qat_finetune", "QATConfig", "QATResult", "QATModel", "build_qat_model", "train_qat",
+           "calibrate_activations", "resolve_bits", "qat_file"]
 
 _EVAL_BATCH = 256
 _QUANTIZED = ("weight", "activation")  # the quantization points with parameters of their own (not biases)
@@ -464,20 +466,84 @@ def _ort_logits(model: onnx.ModelProto, ds: ImageDataset, pre: Preprocess) -> np
 
 
 
-def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset, config: QATConfig = QATConfig(),
-        preprocess: Preprocess | None = None) -> QATResult:
-    """Quantization-aware training of an ONNX model; see the module docstring."""
-    if not isinstance(config, QATConfig):
-        raise QtoolError(f"config must be a QATConfig, got {type(config).__name__}")
-    t0 = time.perf_counter()
-    notes: list[str] = []
-    device = _device(config)
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    pre = preprocess or resolve_preprocess(model)
-    name, dims = model_image_input(model)
-    check_input_matches(dims, train_data, name)
+def calibrate_activations(fused: onnx.ModelProto, train_data: ImageDataset, pre: Preprocess,
+                          calib_size: int, roots: list[str] | None = None) -> dict:
+    """PTQ's minmax statistics of every activation root of the fused graph on onnxruntime (`calib_size`
+    images of `train_data`, a fixed sample): the plan skeleton and the quantizers' initial ranges.
+    They depend on the FP32 graph only, so a caller training many bit configurations of one graph (the
+    search's `--eval qat`) computes them once and passes them to `build_qat_model`."""
+    from qtool.calibrate import collect_stats
 
+    if roots is None:  # every activation root of the graph
+        roots = quant_points(fused).activation_roots()
+    return collect_stats(fused, _calib_batches(fused, train_data, pre, calib_size), roots)
+
+
+@dataclass
+class QATModel:
+    """One QAT run's fake-quant model: the lifted graph with a quantizer at every quantization point
+    the configuration quantizes (`build_qat_model`), trained by `train_qat`, read back by `to_plan`."""
+    lifted: LiftedModule
+    fused: onnx.ModelProto  # the fused graph the plan refers to
+    spec: dict[str, TensorSpec]
+    quantizers: dict[str, nn.Module]  # plan tensor -> its quantizer (pass-through tensors: SharedFakeQuant)
+    pairs: dict[str, _FoldPair]  # Conv node -> the Conv->BN pair trained unfolded (bn_fold)
+    total_steps: int
+    notes: list[str]
+
+    def _fold_of(self, weight: str) -> _ConvBNFold:
+        return next(m for m in self.lifted.replaced.values() if isinstance(m, _ConvBNFold)
+                    and m.weight_fq is self.quantizers[weight])
+
+    def to_plan(self, meta: dict) -> tuple[onnx.ModelProto, QuantPlan]:
+        """(the fused graph with every weight replaced by its fake-quantized value, the QuantPlan of the
+        trained quantizers' qparams): `apply_plan` of the two is the exported QDQ model."""
+        lifted, fused, quantizers = self.lifted, self.fused, self.quantizers
+        lifted.eval()
+        fused_inits = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
+        fused_nodes = {n.name: n for n in fused.graph.node}
+        pair_weights = {fused_nodes[c].input[1] for c in self.pairs}
+        plan = QuantPlan(meta=meta)
+        tuned = copy.deepcopy(fused)
+        inits = {t.name: t for t in tuned.graph.initializer}
+        state = lifted.export_weights()
+        for n in inits:
+            if n in state:
+                inits[n].CopyFrom(numpy_helper.from_array(state[n].astype(fused_inits[n].dtype), n))
+        with torch.no_grad():
+            for c, p in self.pairs.items():
+                fold = self._fold_of(fused_nodes[c].input[1])
+                vals = [lifted.tensor(x) if x else None for x in p.inputs[1:]]
+                w_fold, b_fold = fold.folded(*vals)
+                fq_w = fold.weight_fq(w_fold)
+                wn, bn_ = fused_nodes[c].input[1], fused_nodes[c].input[2]
+                inits[wn].CopyFrom(numpy_helper.from_array(fq_w.cpu().numpy().astype(np.float32), wn))
+                inits[bn_].CopyFrom(numpy_helper.from_array(b_fold.cpu().numpy().astype(np.float32), bn_))
+            for t, s in self.spec.items():
+                if s.kind == "weight" and t not in pair_weights:
+                    inits[t].CopyFrom(numpy_helper.from_array(
+                        quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
+        for t, s in self.spec.items():
+            plan.tensors[t] = tensor_quant(s.kind, root_quantizer(quantizers[t]))
+        return tuned, plan
+
+    def install_exact_eval(self) -> list[str]:
+        """Move the module to the CPU and make its eval mode compute onnxruntime's integer kernels
+        (qtool.ortexact): cuDNN rounds float convolutions its own way (qtool.device)."""
+        self.lifted.cpu()
+        return _install_exact_eval(self.lifted)
+
+
+def _total_steps(config: QATConfig, train_data: ImageDataset) -> int:
+    if config.steps is not None:
+        return config.steps
+    return config.epochs * math.ceil(min(len(train_data), config.train_limit or len(train_data)) / config.batch_size)
+
+
+def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess,
+                    device: torch.device, notes: list[str], stats: dict | None = None) -> QATModel:
+    """Fuse, resolve the bits, calibrate (unless `stats` are given, see `calibrate_activations`), lift
+    and put one quantizer per plan tensor (the module docstring's flow up to training)."""
     original = model
     fused = model if is_fused(model) else fuse(model)[0]
     fused = untie_biases(fused)
@@ -487,10 +553,9 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
     points = quant_points(fused)
 
     # PTQ calibration (minmax) of every activation root: the plan skeleton and the initial ranges.
-    from qtool.calibrate import collect_stats
-
-    roots = list(dict.fromkeys(points.root(t) for t, s in spec.items() if s.kind == "activation"))
-    stats = collect_stats(fused, _calib_batches(fused, train_data, pre, config.calib_size), roots)
+    if stats is None:
+        roots = list(dict.fromkeys(points.root(t) for t, s in spec.items() if s.kind == "activation"))
+        stats = calibrate_activations(fused, train_data, pre, config.calib_size, roots)
     skeleton = build_plan(fused, QuantConfig(calib="minmax"), stats)  # PTQ's placement, axes, granularity
     missing = [t for t in spec if t not in skeleton.tensors]
     if missing:
@@ -508,8 +573,7 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
     fused_nodes = {n.name: n for n in fused.graph.node}
     pair_of_weight = {fused_nodes[c].input[1]: p for c, p in pairs.items()}
 
-    total_steps = config.epochs * math.ceil(min(len(train_data), config.train_limit or len(train_data))
-                                            / config.batch_size)
+    total_steps = _total_steps(config, train_data)
     freeze = config.freeze_bn if config.freeze_bn is not None else total_steps // 2
 
     # One quantizer per plan tensor; pass-through tensors share their root's.
@@ -554,39 +618,52 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
     if pairs:
         notes.append(f"bn_fold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
                      f"BN statistics frozen after step {freeze}")
+    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes)
+
+
+def _start(config: QATConfig) -> tuple[torch.device, torch.Generator]:
+    """The run's device and batch generator; torch's global seed is set too (quantizer inits, dropout)."""
+    if not isinstance(config, QATConfig):
+        raise QtoolError(f"config must be a QATConfig, got {type(config).__name__}")
+    device = _device(config)
+    torch.manual_seed(config.seed)
+    return device, torch.Generator().manual_seed(config.seed)
+
+
+def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset, config: QATConfig = QATConfig(),
+        preprocess: Preprocess | None = None) -> QATResult:
+    """Quantization-aware training of an ONNX model; see the module docstring."""
+    if not isinstance(config, QATConfig):
+        raise QtoolError(f"config must be a QATConfig, got {type(config).__name__}")
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    device, gen = _start(config)
+    pre = preprocess or resolve_preprocess(model)
+    name, dims = model_image_input(model)
+    check_input_matches(dims, train_data, name)
+
+    qm = build_qat_model(model, train_data, config, pre, device, notes)
+    lifted, fused = qm.lifted, qm.fused
+    teacher = fp32_teacher(fused) if config.distill else None
 
     history = [{"epoch": 0, "val_acc": _evaluate(lifted, val_data, pre, device)[0], "loss": None}]
-    _train(lifted, train_data, val_data, pre, config, device, gen, total_steps, history)
+    t_train = time.perf_counter()
+
+    def on_epoch(epoch: int, meter: EpochMeter, bar) -> None:
+        val_acc = _evaluate(lifted, val_data, pre, device)[0]
+        history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
+                        "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t_train, 1)})
+        if not config.quiet:
+            bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} "
+                              f"val (fake-quant) {val_acc:.4f}")
+
+    train_qat(qm, train_data, pre, config, device, gen, teacher=teacher, on_epoch=on_epoch)
 
     # Export: qparams -> plan; fake-quantized weights -> the fused graph -> QDQ.
-    lifted.eval()
-    plan = QuantPlan(meta={"producer": "qtool.qat", "algo": config.algo, "epochs": config.epochs,
-                           "bn_fold": bool(pairs), **config.meta})
-    tuned = copy.deepcopy(fused)
-    inits = {t.name: t for t in tuned.graph.initializer}
-    state = lifted.export_weights()
-    for n in inits:
-        if n in state:
-            inits[n].CopyFrom(numpy_helper.from_array(state[n].astype(fused_inits[n].dtype), n))
-    with torch.no_grad():
-        for c, p in pairs.items():
-            fold = next(m for m in lifted.replaced.values() if isinstance(m, _ConvBNFold)
-                        and m.weight_fq is quantizers[fused_nodes[c].input[1]])
-            vals = [lifted.tensor(x) if x else None for x in p.inputs[1:]]
-            w_fold, b_fold = fold.folded(*vals)
-            fq_w = fold.weight_fq(w_fold)
-            wn, bn_ = fused_nodes[c].input[1], fused_nodes[c].input[2]
-            inits[wn].CopyFrom(numpy_helper.from_array(fq_w.cpu().numpy().astype(np.float32), wn))
-            inits[bn_].CopyFrom(numpy_helper.from_array(b_fold.cpu().numpy().astype(np.float32), bn_))
-        for t, s in spec.items():
-            if s.kind == "weight" and t not in pair_of_weight:
-                inits[t].CopyFrom(numpy_helper.from_array(
-                    quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
-    for t, s in spec.items():
-        plan.tensors[t] = tensor_quant(s.kind, root_quantizer(quantizers[t]))
+    tuned, plan = qm.to_plan({"producer": "qtool.qat", "algo": config.algo, "epochs": config.epochs,
+                              "bn_fold": bool(qm.pairs), **config.meta})
     qmodel = apply_plan(tuned, plan)
-    lifted.cpu()  # the fidelity check runs on the CPU: cuDNN rounds float convolutions its own way (qtool.device)
-    exact = _install_exact_eval(lifted)
+    exact = qm.install_exact_eval()
     notes.append(f"eval mode emulates onnxruntime's integer kernels at {len(exact)} quantized ops (qtool.ortexact)")
 
     # Fidelity on the val split: the fake-quant model vs onnxruntime on the written model.
@@ -601,14 +678,33 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
                 "logit_max_abs": diff, "logit_step": step,
                 "logit_max_steps": diff / step if step else None, "n": len(val_data)}
     plan.meta["fidelity"] = {k: v for k, v in fidelity.items()}
-    return QATResult(qmodel, plan, tuned, history, fidelity, lifted, list(dict.fromkeys(notes)), bool(pairs),
+    return QATResult(qmodel, plan, tuned, history, fidelity, lifted, list(dict.fromkeys(notes)), bool(qm.pairs),
                      str(device), time.perf_counter() - t0)
 
 
-def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDataset, pre: Preprocess,
-           config: QATConfig, device: torch.device, gen: torch.Generator, total_steps: int, history: list) -> None:
+def qat_finetune(fused: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess, *,
+                 stats: dict | None = None, teacher: nn.Module | None = None) -> QATModel:
+    """`qat` without its reporting (no per-epoch validation, no onnxruntime fidelity check): the same
+    build, training loop and quantizers, for callers that tune many configurations of one graph (the
+    search's `--eval qat` evaluator). Returns the trained model, eval mode emulating onnxruntime's
+    kernels as `qat`'s module does; `to_plan` gives the tuned graph and its plan."""
+    device, gen = _start(config)
+    qm = build_qat_model(fused, train_data, config, pre, device, [], stats)
+    if config.distill and teacher is None:
+        teacher = fp32_teacher(qm.fused)
+    train_qat(qm, train_data, pre, config, device, gen, teacher=teacher)
+    qm.install_exact_eval()
+    return qm
+
+
+def train_qat(qm: QATModel, train_data: ImageDataset, pre: Preprocess, config: QATConfig, device: torch.device,
+              gen: torch.Generator, *, teacher: nn.Module | None = None, on_epoch=None) -> None:
+    """Train `qm` with `config`'s optimizer and cosine schedule: `epochs` passes over the (limited) train
+    split, or exactly `steps` optimizer steps; `on_epoch(epoch, meter, bar)` after each epoch (after the
+    steps). With `config.distill` the loss mixes in `teacher`'s soft labels (qtool.distill)."""
     from qtool.progress import progress
 
+    lifted = qm.lifted
     n_all = len(train_data)
     pool = torch.randperm(n_all, generator=gen)[:config.train_limit] if config.train_limit else torch.arange(n_all)
     c, h = train_data.shape[0], train_data.shape[1]
@@ -618,23 +714,31 @@ def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDatase
     lr = config.learning_rate
     opt = (torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
            if config.optimizer == "sgd" else torch.optim.Adam(groups, lr=lr))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
-    loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = math.ceil(len(pool) / config.batch_size)
-    t0 = time.perf_counter()
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(qm.total_steps, 1))
+    if config.distill:
+        teacher = teacher.to(device).eval()
+
+        def loss_fn(x, y):
+            logits = lifted(x)
+            return logits, distill_loss(logits, y, soft_labels(teacher, x), config.distill)
+    else:
+        loss_fn = supervised(lifted, nn.CrossEntropyLoss())
+    if config.steps is not None:
+        ds = train_data.subset(np.sort(pool.numpy())) if config.train_limit else train_data
+        runs = [(0, step_batches(ds, config.steps, config.batch_size, pre, gen, augment))]
+        epochs, total = 1, config.steps
+    else:
+        runs = ((e, epoch_batches(train_data, pool, config.batch_size, pre, gen, augment))
+                for e in range(config.epochs))
+        epochs, total = config.epochs, config.epochs * math.ceil(len(pool) / config.batch_size)
     with progress(disable=config.quiet) as bar:
-        task = bar.add_task(f"qat {config.algo}", total=config.epochs * steps_per_epoch, info="")
-        for epoch in range(config.epochs):
+        task = bar.add_task(f"qat {config.algo}", total=total, info="")
+        for epoch, batches in runs:
             meter = EpochMeter()
-            train_loop(lifted, epoch_batches(train_data, pool, config.batch_size, pre, gen, augment),
-                       supervised(lifted, loss_fn), [opt], sched, device=device, meter=meter,
-                       on_step=lambda i, loss: bar.update(task, advance=1, info=meter.info(epoch, config.epochs)))
-            val_acc = _evaluate(lifted, val_data, pre, device)[0]
-            history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
-                            "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
-            if not config.quiet:
-                bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} "
-                                  f"val (fake-quant) {val_acc:.4f}")
+            train_loop(lifted, batches, loss_fn, [opt], sched, device=device, meter=meter,
+                       on_step=lambda i, loss: bar.update(task, advance=1, info=meter.info(epoch, epochs)))
+            if on_epoch is not None:
+                on_epoch(epoch, meter, bar)
 
 
 # -- files / CLI -------------------------------------------------------------------------------------

@@ -222,6 +222,16 @@ class Evaluator:
 
 
 class QATEvaluator(Evaluator):
+    """Each candidate fine-tuned by `qtool qat`'s own code (`qtool.qat_train.qat_finetune`: the same
+    quantizers, bias rounding, training loop and export as `qtool qat --plan`, with the candidate's
+    per-tensor bits as the plan's bits), `steps` optimizer steps of `batch_size` images at `lr`
+    (SGD + cosine, qat's LSQ). Its eval mode emulates onnxruntime's integer kernels as qat's does, so
+    a candidate's score is the accuracy of its exported QDQ model. The activation statistics qat
+    calibrates its quantizers from depend on the FP32 graph only: computed once in `prepare`.
+
+    With `init_from` (a trained supernet) a candidate instead inherits the supernet's `QuantNet` (its
+    shared weights, learned steps and norms) and is fine-tuned as the supernet trains, by `finetune`
+    (default: `train_steps` on that candidate), then BN re-calibrated."""
     name = "qat"
 
     def __init__(self, *, steps: int = 100, batch_size: int = 64, lr: float = 0.01, finetune=None,
@@ -229,49 +239,85 @@ class QATEvaluator(Evaluator):
         """init_from: None = the FP32 weights with fresh quantizers; or a trained supernet checkpoint
         (`supernet.pt` of a search workdir, same model and space): every candidate inherits its shared
         weights, learned quantizer steps and norms (weight inheritance, as in OFA / BigNAS).
-        distill: weight in [0, 1] of the FP32 model's soft labels in the fine-tune's loss (knowledge
-        distillation; `finetune` then also gets `teacher=` and `teacher_weight=`)."""
+        finetune: with init_from, `finetune(qnet, data, candidate, steps, *, batch_size, lr, seed)` replaces
+        the supernet-style fine-tune. distill: weight in [0, 1] of the FP32 model's soft labels in the
+        fine-tune's loss (knowledge distillation; `finetune` then also gets `teacher=` and `teacher_weight=`)."""
         super().__init__(**kw)
         if steps < 0 or batch_size < 1 or not lr > 0:
             raise QtoolError("qat evaluator: steps must be >= 0, batch size >= 1, lr > 0")
         self.distill = check_weight(distill, "qat evaluator: distill")
         if init_from is not None and not Path(init_from).is_file():
             raise QtoolError(f"qat evaluator: supernet checkpoint not found: {init_from}")
+        if finetune is not None and init_from is None:
+            raise QtoolError("qat evaluator: finetune= applies to candidates inherited from a supernet (init_from); "
+                             "from the FP32 weights the fine-tune is qtool qat's")
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
         self.init_from = None if init_from is None else str(init_from)
         self.finetune = finetune or default_finetune
         self._base: QuantNet | None = None
+        self._stats: dict | None = None  # FP32 activation statistics, qat's calibration (FP32 init only)
         self._teacher: nn.Module | None = None  # lifted once per process, on the first distilled fine-tune
 
     def settings(self) -> dict:
         out = {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                "init": "fp32" if self.init_from is None else "supernet"}
+        if self.init_from is None:  # scores of the QuantNet fine-tune this replaced are not comparable
+            out["finetune"] = "qtool.qat"
         if self.distill:  # only when set: workdirs from before the option still resume
             out["distill"] = self.distill
         return out
 
     def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
-        self._base = QuantNet(fused, space, data.x(data.calib_images))
-        if self.init_from is not None:
-            try:
-                saved = torch.load(self.init_from, map_location="cpu", weights_only=True)  # tensors only
-                self._base.load_state_dict(saved["state"])
-            except Exception as e:
-                raise QtoolError(f"cannot start from the supernet {self.init_from}: {str(e).splitlines()[0]}") from None
+        if self.init_from is None:
+            from qtool.qat_train import calibrate_activations
 
-    def tuned(self, c: Candidate) -> QuantNet:
-        net = copy.deepcopy(self._base).to(resolve_device(self.device))
-        if self.init_from is None:  # FP32 weights, identity norms: quantizer steps start from data
-            net.init_quantizers(self._recal()[0], [c])
+            self._stats = calibrate_activations(fused, data.train, data.pre, self._config(space.uniform(8)).calib_size)
+            return
+        self._base = QuantNet(fused, space, data.x(data.calib_images))
+        try:
+            saved = torch.load(self.init_from, map_location="cpu", weights_only=True)  # tensors only
+            self._base.load_state_dict(saved["state"])
+        except Exception as e:
+            raise QtoolError(f"cannot start from the supernet {self.init_from}: {str(e).splitlines()[0]}") from None
+
+    def _config(self, c: Candidate):
+        from qtool.qat_train import QATConfig
+
+        return QATConfig(plan_bits=tuple(self.space.tensor_bits(c).items()), algo="lsq", steps=self.steps,
+                         batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed), device=self.device,
+                         distill=self.distill, quiet=True, meta={"producer": "qtool.search", "candidate": c.key})
+
+    def _teacher_once(self) -> nn.Module | None:
         if self.distill and self._teacher is None:
             self._teacher = fp32_teacher(self.fused)
-        kd = {"teacher": self._teacher, "teacher_weight": self.distill} if self.distill else {}
+        return self._teacher if self.distill else None
+
+    def _qat(self, c: Candidate):
+        from qtool.qat_train import qat_finetune
+
+        return qat_finetune(self.fused, self.data.train, self._config(c), self.data.pre, stats=self._stats,
+                            teacher=self._teacher_once())
+
+    def tuned(self, c: Candidate) -> nn.Module:
+        if self.init_from is None:
+            return self._qat(c).lifted
+        net = copy.deepcopy(self._base).to(resolve_device(self.device))
+        teacher = self._teacher_once()
+        kd = {"teacher": teacher, "teacher_weight": self.distill} if self.distill else {}
         self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed),
                       **kd)
         net.set_candidate(c)
         net.recalibrate(self._recal())
         return net
+
+    def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, "object", float]:
+        if self.init_from is not None:
+            return super().materialize(c)
+        qm = self._qat(c)
+        acc = accuracy(qm.lifted, self.data)
+        model, plan = qm.to_plan({"producer": "qtool.search", "candidate": c.key, "finetune": "qtool.qat"})
+        return model, plan, acc
 
 
 class SupernetEvaluator(Evaluator):
