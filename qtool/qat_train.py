@@ -11,6 +11,10 @@ one fake-quant per plan tensor (set_quantizer / set_weight_quantizer; a pass-thr
 the quantizer of the tensor it shares parameters with; biases get the int32 rounding that the
 exported DequantizeLinear applies) -> train -> read every quantizer's qparams() into a QuantPlan
 -> write the weights back, each replaced by its fake-quantized value -> apply_plan.
+In code: `build_qat_model` (up to the quantizers) -> `train_qat` (qtool.trainloop's loop; `epochs`, or
+exactly `steps` steps) -> `QATModel.to_plan` (tuned graph + plan) -> `QATModel.install_exact_eval`.
+`qat` adds the per-epoch validation and the onnxruntime fidelity check; `qat_finetune` is the same
+run without them, which the search's `--eval qat` evaluator calls per candidate.
 
 Fidelity (DESIGN.md). Every exported weight is the fake-quant output `code * scale` (float32), so
 the QDQ insertion recovers exactly the codes the torch model used, whatever the algorithm (DoReFa
@@ -79,7 +83,8 @@ from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
 from qtool.quant_points import QuantPoints, from_marks, quant_points
-from qtool.qat_quantizers import (BiasFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
+from qtool.qat_quantizers import (BiasFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, tensor_quant)
+from qtool.quant_slots import active_quantizer, plan_of
 from qtool.ptq import QuantConfig, activation_quant, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
 from exporters.qdq import apply_plan
@@ -436,7 +441,7 @@ def _install_exact_eval(lifted: LiftedModule) -> list[str]:
         if fq is None or isinstance(fq, BiasFakeQuant):
             return None
         kind = "weight" if t in weights else "activation"
-        return tensor_quant(kind, root_quantizer(fq))
+        return tensor_quant(kind, active_quantizer(fq))
 
     def weight_quant_of(fold: nn.Module) -> TensorQuant | None:
         return tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
@@ -503,7 +508,6 @@ class QATModel:
         fused_inits = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
         fused_nodes = {n.name: n for n in fused.graph.node}
         pair_weights = {fused_nodes[c].input[1] for c in self.pairs}
-        plan = QuantPlan(meta=meta)
         tuned = copy.deepcopy(fused)
         inits = {t.name: t for t in tuned.graph.initializer}
         state = lifted.export_weights()
@@ -523,9 +527,7 @@ class QATModel:
                 if s.kind == "weight" and t not in pair_weights:
                     inits[t].CopyFrom(numpy_helper.from_array(
                         quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
-        for t, s in self.spec.items():
-            plan.tensors[t] = tensor_quant(s.kind, root_quantizer(quantizers[t]))
-        return tuned, plan
+        return tuned, plan_of({t: (s.kind, quantizers[t]) for t, s in self.spec.items()}, meta)
 
     def install_exact_eval(self) -> list[str]:
         """Move the module to the CPU and make its eval mode compute onnxruntime's integer kernels

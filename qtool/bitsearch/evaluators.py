@@ -3,8 +3,9 @@
 An evaluator is prepared once in the main process (`prepare`: load data, train the supernet), then
 pickled to the executor's workers, where `evaluate(candidate)` runs. Two are provided:
 
-- `QATEvaluator` ("qat"): a short QAT fine-tune of each candidate from the FP32 weights
-  (`steps` x `batch_size` images, SGD + cosine), BN re-calibration, validation. Costly, faithful.
+- `QATEvaluator` ("qat"): a short QAT fine-tune of each candidate from the FP32 weights by `qtool qat`'s
+  own code (`qtool.qat_train.qat_finetune`, the candidate's bits as plan bits; `steps` x `batch_size`
+  images, SGD + cosine), validation. Costly, faithful.
 - `SupernetEvaluator` ("supernet"): ONE shared-weight multi-bit QAT model trained once, then each
   candidate costs a BN re-calibration (a few calibration batches in train mode, see
   `qtool.bitsearch.supernet`) and one validation pass: seconds. Training uses the sandwich rule
@@ -23,11 +24,12 @@ pickled to the executor's workers, where `evaluate(candidate)` runs. Two are pro
   `sandwich_low=4` (the small end all-4-bit; 2 bits still come up in the random draws) scores
   W8A8 87.3% > W4A8 87.1% > W2A8 84.5%, W4A4 85.1% > W2A2 65.5% (benchmarks/search.py).
 
-Both train through `qtool.lift` + `qtool.fakequant` (`QuantNet`), so their accuracy is the accuracy
-of the exported QDQ model on onnxruntime up to float rounding (the search checks it on the front).
-`QATEvaluator(finetune=...)` takes any `finetune(qnet, data, steps, seed)` to swap the QAT loop
-(e.g. `qtool.qat`) without touching the rest. `rank_correlation` reports Kendall's tau between
-two evaluators on a sample of candidates (is the supernet ranking the QAT ranking?).
+Both train a lifted graph (`qtool.lift`) with fake-quant at the points of `qtool.quant_points`, stepped
+by `qtool.trainloop.train_loop`; their accuracy is the accuracy of the exported QDQ model on
+onnxruntime (the supernet's up to float rounding; the search checks it on the front).
+`QATEvaluator(init_from=..., finetune=...)` starts each candidate from a trained supernet instead and
+takes any `finetune(qnet, data, candidate, steps, ...)` for it. `rank_correlation` reports Kendall's
+tau between two evaluators on a sample of candidates (is the supernet ranking the QAT ranking?).
 """
 from __future__ import annotations
 

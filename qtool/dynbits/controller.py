@@ -58,7 +58,8 @@ from qtool.lift import lift
 from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
 from qtool.quant_points import quant_points
-from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant, tensor_quant
+from qtool.quant_slots import plan_of
+from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant
 from qtool.ptq import QuantConfig, activation_quant
 from qtool.bitsearch.space import SearchSpace
 
@@ -432,20 +433,19 @@ class DynamicNet(nn.Module):
         cfg = [int(c) for c in cfg]
         model = self.net.write_back(self.fused)
         inits = {t.name: t for t in model.graph.initializer}
-        plan = QuantPlan(meta={"producer": "qtool.dynamic", "bits": self.config_bits(cfg)})
+        slots: dict[str, tuple[str, nn.Module]] = {}  # the configuration's quantizer at every point
         for l, mod in zip(self.layers, self.layer_mods):
             q = mod.wq[cfg[l.dynamic] if l.dynamic is not None else 0]
             w = self.net.tensor(l.weight)
             inits[l.weight].CopyFrom(numpy_helper.from_array(q(w).cpu().numpy().astype(np.float32), l.weight))
-            plan.tensors[l.weight] = tensor_quant("weight", q)
+            slots[l.weight] = ("weight", q)
         _, groups = self.config_onehots(cfg)
         for root, members in self.space.groups.items():
             gq = self.group(root)
             q = gq.q[int(groups[root][0].argmax())] if root in groups else gq.q[0]
-            tq = tensor_quant("activation", q)
             for t in members:
-                plan.tensors[t] = tq
-        return model, plan
+                slots[t] = ("activation", q)
+        return model, plan_of(slots, {"producer": "qtool.dynamic", "bits": self.config_bits(cfg)})
 
     def copy_for_static(self) -> "DynamicNet":
         return copy.deepcopy(self)
