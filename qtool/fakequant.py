@@ -316,7 +316,8 @@ class LSQFakeQuant(FakeQuant):
         self.register_buffer("initialized", torch.tensor(init_scale is not None))
 
     @torch.no_grad()
-    def _init_from(self, x: torch.Tensor) -> None:
+    def init_from(self, x: torch.Tensor) -> None:
+        """Set the step from `x` (the paper's 2 mean|x| / sqrt(qmax), per channel on `axis`)."""
         a = x.detach().float().abs()
         mean_abs = a.mean() if self.axis is None else a.mean(dim=_reduce_dims(a, self.axis))
         self.scale.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(_MIN_LEARNED))
@@ -324,7 +325,7 @@ class LSQFakeQuant(FakeQuant):
 
     def _observe(self, x: torch.Tensor) -> None:
         if not bool(self.initialized):
-            self._init_from(x)
+            self.init_from(x)
 
     def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(self.initialized):

@@ -10,8 +10,29 @@ from qtool.errors import QtoolError
 from qtool.fakequant import FakeQuant, LSQFakeQuant, QParams, fake_quant
 from qtool.plan import TensorQuant
 
-__all__ = ["WeightMinMaxFakeQuant", "LSQAffineFakeQuant", "SharedFakeQuant", "BiasFakeQuant",
+__all__ = ["lsq_weight", "lsq_activation", "WeightMinMaxFakeQuant", "LSQAffineFakeQuant", "SharedFakeQuant", "BiasFakeQuant",
            "in_quant_delay", "root_quantizer", "tensor_quant"]
+
+
+def lsq_weight(bits: int, w: torch.Tensor, axis: int | None, quant_delay: int = 0) -> LSQFakeQuant:
+    """LSQ weights (symmetric narrow range, zp 0; per channel on `axis`) at the LSQ paper's initial step
+    2 mean|w| / sqrt(qmax) of the weight `w`: `qtool qat --algo lsq` and the dynamic trainer."""
+    fq = LSQFakeQuant(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay,
+                      num_channels=None if axis is None else w.shape[axis])
+    fq.init_from(w)
+    return fq
+
+
+def lsq_activation(bits: int, rmin: float, rmax: float, quant_delay: int = 0) -> FakeQuant:
+    """LSQ activations starting from PTQ's calibrated parameters at `bits` (uint8 as PTQ): zp 0 where
+    the calibrated range gives it, else the calibrated zero point held fixed (`LSQAffineFakeQuant`), so
+    signedness and QDQ types stay PTQ's. `qtool qat --algo lsq` and the dynamic trainer."""
+    from qtool.ptq import QuantConfig, activation_quant
+
+    tq = activation_quant(rmin, rmax, QuantConfig(act_bits=bits))
+    if tq.zero_point == 0:
+        return LSQFakeQuant(bits, signed=False, quant_delay=quant_delay, init_scale=float(tq.scale))
+    return LSQAffineFakeQuant(bits, int(tq.zero_point), float(tq.scale), quant_delay)
 
 
 class WeightMinMaxFakeQuant(FakeQuant):

@@ -75,7 +75,7 @@ from passes.units import ANCHOR_OPS, unit_activation
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input, step_batches
 from qtool.distill import distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
-from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant
+from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, MinMaxFakeQuant, PACTFakeQuant
 from qtool.lift import LiftedModule, lift
 from qtool.lift_ops import run_op
 from qtool.ortexact import install_exact_eval
@@ -83,9 +83,10 @@ from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
 from qtool.quant_points import QuantPoints, from_marks, quant_points
-from qtool.qat_quantizers import (BiasFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, tensor_quant)
+from qtool.qat_quantizers import (BiasFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, lsq_activation, lsq_weight,
+                                  tensor_quant)
 from qtool.quant_slots import active_quantizer, plan_of
-from qtool.ptq import QuantConfig, activation_quant, build_plan
+from qtool.ptq import QuantConfig, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
 from exporters.qdq import apply_plan
 from qtool.trainloop import EpochMeter, split_decay, supervised, train_loop
@@ -315,14 +316,11 @@ def _calib_batches(fused: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, n:
 
 def _act_quantizer(algo: str, bits: int, rmin: float, rmax: float, delay: int, decay: float,
                    notes: list[str], name: str) -> FakeQuant:
-    tq = activation_quant(rmin, rmax, QuantConfig(act_bits=bits))  # PTQ's parameters at these bits
     nonneg = rmin >= 0.0
     if algo in ("pact", "dorefa") and not nonneg:
         notes.append(f"{algo}: {name} has negative values; quantized with the ema observer")
     if algo == "lsq":
-        if tq.zero_point == 0:
-            return LSQFakeQuant(bits, signed=False, quant_delay=delay, init_scale=float(tq.scale))
-        return LSQAffineFakeQuant(bits, int(tq.zero_point), float(tq.scale), delay)
+        return lsq_activation(bits, rmin, rmax, delay)
     if algo in ("pact", "dorefa") and nonneg:
         return PACTFakeQuant(bits, alpha=max(rmax, 1e-6), quant_delay=delay, learn_alpha=algo == "pact")
     fq = (MinMaxFakeQuant(bits, signed=False, quant_delay=delay) if algo == "minmax"
@@ -340,12 +338,7 @@ def _weight_quantizer(algo: str, s: TensorSpec, w: torch.Tensor, axis: int | Non
     dims = list(range(w.dim())) if axis is None else [d for d in range(w.dim()) if d != axis]
     a = w.detach().float().abs()
     if algo == "lsq":
-        fq = LSQFakeQuant(bits, signed=True, axis=axis, narrow_range=True, quant_delay=delay,
-                          num_channels=None if axis is None else w.shape[axis])
-        with torch.no_grad():  # the LSQ paper's init, 2 mean|w| / sqrt(qmax), per channel
-            fq.scale.copy_((2 * a.mean(dim=dims) / math.sqrt(fq.qmax)).clamp_min(1e-8))
-            fq.initialized.fill_(True)
-        return fq
+        return lsq_weight(bits, w, axis, delay)  # the LSQ paper's init, 2 mean|w| / sqrt(qmax), per channel
     return DoReFaWeightFakeQuant(bits, a.amax(dim=dims), axis, delay)  # pact / dorefa
 
 

@@ -59,8 +59,7 @@ from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
 from qtool.quant_points import quant_points
 from qtool.quant_slots import plan_of
-from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant
-from qtool.ptq import QuantConfig, activation_quant
+from qtool.qat_quantizers import BiasFakeQuant, lsq_activation, lsq_weight
 from qtool.bitsearch.space import SearchSpace
 
 DYNAMIC_OPS = ("Conv", "Gemm")
@@ -276,18 +275,13 @@ class DynamicNet(nn.Module):
 
         self.ctx = _Ctx()
         self.net = lift(fused)
-        nonneg = {r: act_ranges[r][0] >= 0.0 for r in space.groups}
         self.groups = nn.ModuleDict()
         self._group_key: dict[str, str] = {}
         for j, (root, members) in enumerate(space.groups.items()):
             dyn = root in self.group_readers
             opts = self.choices if dyn else (self.static_bits_of(root),)
             rmin, rmax = act_ranges[root]
-            qs = []
-            for b in opts:
-                tq = activation_quant(rmin, rmax, QuantConfig(act_bits=b))
-                qs.append(LSQFakeQuant(b, signed=False, init_scale=tq.scale) if nonneg[root] and tq.zero_point == 0
-                          else LSQAffineFakeQuant(b, tq.zero_point, tq.scale))
+            qs = [lsq_activation(b, rmin, rmax) for b in opts]
             self.groups[f"a{j}"] = GroupQuant(root, qs, self.ctx if dyn else None)
             self._group_key[root] = f"a{j}"
         self.layer_mods = nn.ModuleList()
@@ -296,12 +290,7 @@ class DynamicNet(nn.Module):
             node = nodes[l.node]
             w = self.net.tensor(l.weight).detach()
             axis = space.weights[l.weight]
-            wqs = []
-            for b in (self.choices if l.dynamic is not None else (l.bits,)):
-                q = LSQFakeQuant(b, signed=True, axis=axis, narrow_range=True,
-                                 num_channels=w.shape[axis] if axis is not None else None)
-                q._init_from(w)
-                wqs.append(q)
+            wqs = [lsq_weight(b, w, axis) for b in (self.choices if l.dynamic is not None else (l.bits,))]
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             mod = _Layer(l.op, self.net.node_attrs(l.node), wqs, self.group(l.input_root),
                          bias is not None and points.kind(bias) == "bias", l.dynamic, self.ctx)
