@@ -4,7 +4,7 @@ An evaluator is prepared once in the main process (`prepare`: load data, train t
 pickled to the executor's workers, where `evaluate(candidate)` runs. Two are provided:
 
 - `QATEvaluator` ("qat"): a short QAT fine-tune of each candidate from the FP32 weights by `qtool qat`'s
-  own code (`qtool.qat_train.qat_finetune`, the candidate's bits as plan bits; `steps` x `batch_size`
+  own code (`qtool.qat_model.qat_finetune`, the candidate's bits as plan bits; `steps` x `batch_size`
   images, SGD + cosine), validation. Costly, faithful.
 - `SupernetEvaluator` ("supernet"): ONE shared-weight multi-bit QAT model trained once, then each
   candidate costs a BN re-calibration (a few calibration batches in train mode, see
@@ -224,7 +224,7 @@ class Evaluator:
 
 
 class QATEvaluator(Evaluator):
-    """Each candidate fine-tuned by `qtool qat`'s own code (`qtool.qat_train.qat_finetune`: the same
+    """Each candidate fine-tuned by `qtool qat`'s own code (`qtool.qat_model.qat_finetune`: the same
     quantizers, bias rounding, training loop and export as `qtool qat --plan`, with the candidate's
     per-tensor bits as the plan's bits), `steps` optimizer steps of `batch_size` images at `lr`
     (SGD + cosine, qat's LSQ). Its eval mode emulates onnxruntime's integer kernels as qat's does, so
@@ -272,7 +272,7 @@ class QATEvaluator(Evaluator):
     def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
         if self.init_from is None:
-            from qtool.qat_train import calibrate_activations
+            from qtool.qat_model import calibrate_activations
 
             self._stats = calibrate_activations(fused, data.train, data.pre, self._config(space.uniform(8)).calib_size)
             return
@@ -284,7 +284,7 @@ class QATEvaluator(Evaluator):
             raise QtoolError(f"cannot start from the supernet {self.init_from}: {str(e).splitlines()[0]}") from None
 
     def _config(self, c: Candidate):
-        from qtool.qat_train import QATConfig
+        from qtool.qat_config import QATConfig
 
         return QATConfig(plan_bits=tuple(self.space.tensor_bits(c).items()), algo="lsq", steps=self.steps,
                          batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed), device=self.device,
@@ -296,7 +296,7 @@ class QATEvaluator(Evaluator):
         return self._teacher if self.distill else None
 
     def _qat(self, c: Candidate):
-        from qtool.qat_train import qat_finetune
+        from qtool.qat_model import qat_finetune
 
         return qat_finetune(self.fused, self.data.train, self._config(c), self.data.pre, stats=self._stats,
                             teacher=self._teacher_once())

@@ -20,7 +20,7 @@ fused graph gets W * a, b * a + c and the plan the step sizes x |a| (`export`). 
 per-tensor, so MatMul outputs get no ChannelNorm.
 
 The `--eval qat` evaluator's candidates inherited from a trained supernet (`init_from`) are this class
-too; from the FP32 weights they are `qtool qat`'s model (qtool.qat_train.qat_finetune). Quantization
+too; from the FP32 weights they are `qtool qat`'s model (qtool.qat_model.qat_finetune). Quantization
 points come from `qtool.quant_points` (via SearchSpace), the switchable quantizer and the activation
 plan entries from `qtool.quant_slots`.
 """
