@@ -127,7 +127,7 @@ def _search_stage(a, problem, wd: Path, pop: int, gens: int, epochs: float) -> d
     return {
         "settings": {"pop": pop, "gens": gens, "supernet": ev.settings(), "supernet_steps": ev.n_steps(),
                      "initial_population": "random" if a.random_init else "uniform (w, a) pairs + random",
-                     "val_images": int(len(problem.data.val_labels)), "train_images": int(len(problem.data.train_labels)),
+                     "val_images": int(len(problem.data.val)), "train_images": int(len(problem.data.train)),
                      "workers": a.workers, "seed": a.seed},
         "search": {"wall_s": search_wall, "supernet_train_s": res.supernet_train_s, "evaluations": n_evals,
                    "front": [{"key": m["key"], "acc": m["acc"], "bitops": m["objectives"]["bitops"]} for m in res.front],
@@ -224,7 +224,7 @@ def _finetune_stage(a, problem, spec: str, train_limit, ft_steps: int, stage: di
 
         tau = float(kendalltau([x["supernet_acc"] for x in v], [x["finetuned_acc"] for x in v]).statistic)
     return {"wall_s": time.perf_counter() - t2, "candidates": list(fine.values()), "comparisons": comparisons,
-            "kendall_tau_supernet_vs_finetuned": tau, "val_images": int(len(ft_data.val_labels))}
+            "kendall_tau_supernet_vs_finetuned": tau, "val_images": int(len(ft_data.val))}
 
 
 def plot_finetune(fine: dict, path: Path, title: str) -> None:

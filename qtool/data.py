@@ -432,6 +432,24 @@ def epoch_batches(ds: ImageDataset, pool, batch_size: int, pre: Preprocess, gene
         yield (augment_cifar(xb, generator) if augment else xb), yb
 
 
+def step_batches(ds: ImageDataset, steps: int, batch_size: int, pre: Preprocess, generator, augment: bool):
+    """`steps` batches (x, y) drawn without replacement from a shuffled `ds`, reshuffled whenever the
+    next batch would run past its end (so every batch is full): the search's supernet and fine-tunes
+    count optimizer steps, not epochs. CIFAR-augmented when `augment`."""
+    import torch
+
+    n = len(ds)
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        idx = np.sort(perm[pos:pos + batch_size].numpy())
+        pos += batch_size
+        x = torch.from_numpy(pre.apply(ds.images[idx]))
+        y = torch.from_numpy(ds.labels[idx])
+        yield (augment_cifar(x, generator) if augment else x), y
+
+
 def augment_cifar(x, generator=None):
     """Standard CIFAR augmentation on a float torch batch: 4-pixel pad + random crop, h-flip."""
     import torch

@@ -316,7 +316,8 @@ class LSQFakeQuant(FakeQuant):
         self.register_buffer("initialized", torch.tensor(init_scale is not None))
 
     @torch.no_grad()
-    def _init_from(self, x: torch.Tensor) -> None:
+    def init_from(self, x: torch.Tensor) -> None:
+        """Set the step from `x` (the paper's 2 mean|x| / sqrt(qmax), per channel on `axis`)."""
         a = x.detach().float().abs()
         mean_abs = a.mean() if self.axis is None else a.mean(dim=_reduce_dims(a, self.axis))
         self.scale.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(_MIN_LEARNED))
@@ -324,7 +325,7 @@ class LSQFakeQuant(FakeQuant):
 
     def _observe(self, x: torch.Tensor) -> None:
         if not bool(self.initialized):
-            self._init_from(x)
+            self.init_from(x)
 
     def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(self.initialized):
@@ -365,19 +366,38 @@ class PACTFakeQuant(FakeQuant):
 
 
 class DoReFaWeightFakeQuant(FakeQuant):
-    """DoReFa weights on a zero-including symmetric grid (see the module docstring)."""
+    """DoReFa weights on a zero-including symmetric grid (see the module docstring).
 
-    def __init__(self, bits: int = 4, quant_delay: int = 0):
-        super().__init__(bits, signed=True, axis=None, narrow_range=True, quant_delay=quant_delay)
+    Without `magnitude`: the paper's form, per tensor, u = tanh(w) / max|tanh(w)| in [-1, 1],
+    scale 1/qmax. With `magnitude` (one value, or one per channel of `axis`): u is normalized per
+    channel and multiplied by that fixed magnitude (scale = magnitude / qmax), which `qtool qat`
+    uses with the channel's initial max|w|: with BN folded there is no BatchNormalization left to
+    absorb DoReFa's [-1, 1] weight range. An all-zero magnitude falls back to qmax (scale 1).
+    """
+
+    def __init__(self, bits: int = 4, magnitude: torch.Tensor | None = None, axis: int | None = None,
+                 quant_delay: int = 0):
+        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
+        if magnitude is None:
+            if axis is not None:
+                raise ValueError("per-channel DoReFa needs the channels' magnitude")
+            self.register_buffer("magnitude", torch.tensor(1.0))
+        else:
+            m = magnitude.detach().float()
+            self.register_buffer("magnitude", torch.where(m > 0, m, torch.full_like(m, float(self.qmax))))
 
     def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(1.0 / self.qmax, dtype=torch.float32), torch.zeros(())
+        s = self.magnitude / float(self.qmax)
+        return s, torch.zeros_like(s)
 
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
         t = torch.tanh(w)
-        u = t / t.abs().max().clamp_min(_MIN_LEARNED)
-        scale, zp = self._scale_zp()
-        return fake_quant(u, scale.to(w.device), zp.to(w.device), self.qmin, self.qmax)
+        dims = list(range(w.dim())) if self.axis is None else [d for d in range(w.dim()) if d != self.axis]
+        norm = t.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)  # an all-zero weight: 0 / eps = 0
+        mag = self.magnitude if self.axis is None else self.magnitude.reshape(
+            [-1 if d == self.axis else 1 for d in range(w.dim())])
+        s, zp = self._scale_zp()
+        return fake_quant(t / norm * mag, s, zp, self.qmin, self.qmax, self.axis)
 
 
 class BNNWeightFakeQuant(FakeQuant):

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qtool.lift import conv_window, run_op
+from qtool.lift_ops import conv_window, run_op
 from qtool.ortkernels import (INT16_MAX, PAIRS, PAIRS_CHW, PAIRS_HWC, accumulation, pair_saturation,
                               saturable_pairs)
 from qtool.plan import TensorQuant

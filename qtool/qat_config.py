@@ -164,6 +164,7 @@ class QATConfig:
     bn_fold: bool = True  # train Conv->BN of an unfused model with BN kept (folded fake-quant weight)
     freeze_bn: int | None = None  # step at which BN statistics freeze; None: half of the steps
     epochs: int = 1
+    steps: int | None = None  # train exactly this many optimizer steps instead of `epochs` (0: no training)
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
@@ -174,6 +175,7 @@ class QATConfig:
     calib_size: int = 512
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
+    distill: float = 0.0  # weight in [0, 1] of the FP32 model's soft labels in the loss (qtool.distill)
     quiet: bool = False
     meta: dict = field(default_factory=dict, compare=False, hash=False)  # free-form provenance for the plan
 
@@ -197,6 +199,11 @@ class QATConfig:
             lo = 0 if k in ("quant_delay", "seed") else 1
             if not _is_int(v) or v < lo:
                 raise QtoolError(f"{k} must be an integer >= {lo}, got {v!r}")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 0):
+            raise QtoolError(f"steps must be an integer >= 0 or None, got {self.steps!r}")
+        from qtool.distill import check_weight
+
+        check_weight(self.distill, "distill")
         for k in ("freeze_bn", "train_limit"):
             v = getattr(self, k)
             if v is not None and (not _is_int(v) or v < (0 if k == "freeze_bn" else 1)):

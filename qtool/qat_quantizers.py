@@ -1,5 +1,5 @@
 """The quantizers `qtool.qat` (and `qtool.dynamic`) need beyond `qtool.fakequant`: weight observers
-(minmax, DoReFa), LSQ with a fixed calibrated zero point, pass-through sharing, the int32 bias
+(minmax), LSQ with a fixed calibrated zero point, pass-through sharing, the int32 bias
 rounding the exported DequantizeLinear applies, and the plan entry of a trained quantizer."""
 from __future__ import annotations
 
@@ -10,8 +10,29 @@ from qtool.errors import QtoolError
 from qtool.fakequant import FakeQuant, LSQFakeQuant, QParams, fake_quant
 from qtool.plan import TensorQuant
 
-__all__ = ["WeightMinMaxFakeQuant", "DoReFaWeightFakeQuant", "LSQAffineFakeQuant", "SharedFakeQuant", "BiasFakeQuant",
+__all__ = ["lsq_weight", "lsq_activation", "WeightMinMaxFakeQuant", "LSQAffineFakeQuant", "SharedFakeQuant", "BiasFakeQuant",
            "in_quant_delay", "root_quantizer", "tensor_quant"]
+
+
+def lsq_weight(bits: int, w: torch.Tensor, axis: int | None, quant_delay: int = 0) -> LSQFakeQuant:
+    """LSQ weights (symmetric narrow range, zp 0; per channel on `axis`) at the LSQ paper's initial step
+    2 mean|w| / sqrt(qmax) of the weight `w`: `qtool qat --algo lsq` and the dynamic trainer."""
+    fq = LSQFakeQuant(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay,
+                      num_channels=None if axis is None else w.shape[axis])
+    fq.init_from(w)
+    return fq
+
+
+def lsq_activation(bits: int, rmin: float, rmax: float, quant_delay: int = 0) -> FakeQuant:
+    """LSQ activations starting from PTQ's calibrated parameters at `bits` (uint8 as PTQ): zp 0 where
+    the calibrated range gives it, else the calibrated zero point held fixed (`LSQAffineFakeQuant`), so
+    signedness and QDQ types stay PTQ's. `qtool qat --algo lsq` and the dynamic trainer."""
+    from qtool.ptq import QuantConfig, activation_quant
+
+    tq = activation_quant(rmin, rmax, QuantConfig(act_bits=bits))
+    if tq.zero_point == 0:
+        return LSQFakeQuant(bits, signed=False, quant_delay=quant_delay, init_scale=float(tq.scale))
+    return LSQAffineFakeQuant(bits, int(tq.zero_point), float(tq.scale), quant_delay)
 
 
 class WeightMinMaxFakeQuant(FakeQuant):
@@ -37,29 +58,6 @@ class WeightMinMaxFakeQuant(FakeQuant):
         # An all-zero channel quantizes to 0 with any scale; 1.0 keeps the plan valid (as PTQ does).
         self.last_scale = torch.where(amax > 0, amax / float(self.qmax), torch.ones_like(amax)).float()
         return fake_quant(w, self.last_scale, torch.zeros_like(self.last_scale), self.qmin, self.qmax, self.axis)
-
-
-class DoReFaWeightFakeQuant(FakeQuant):
-    """DoReFa weights per output channel: tanh(w) / max|tanh(w)| on the grid k / qmax, k in
-    [-qmax, qmax], times the channel's initial max|w| (fixed), so scale = magnitude / qmax."""
-
-    def __init__(self, bits: int, magnitude: torch.Tensor, axis: int | None, quant_delay: int = 0):
-        super().__init__(bits, signed=True, axis=axis, narrow_range=True, quant_delay=quant_delay)
-        m = magnitude.detach().float()
-        self.register_buffer("magnitude", torch.where(m > 0, m, torch.full_like(m, float(self.qmax))))
-
-    def _scale_zp(self):
-        s = self.magnitude / float(self.qmax)
-        return s, torch.zeros_like(s)
-
-    def _quantize(self, w):
-        t = torch.tanh(w)
-        dims = list(range(w.dim())) if self.axis is None else [d for d in range(w.dim()) if d != self.axis]
-        norm = t.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
-        mag = self.magnitude if self.axis is None else self.magnitude.reshape(
-            [-1 if d == self.axis else 1 for d in range(w.dim())])
-        s, zp = self._scale_zp()
-        return fake_quant(t / norm * mag, s, zp, self.qmin, self.qmax, self.axis)
 
 
 class LSQAffineFakeQuant(LSQFakeQuant):

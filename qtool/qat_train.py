@@ -11,6 +11,11 @@ one fake-quant per plan tensor (set_quantizer / set_weight_quantizer; a pass-thr
 the quantizer of the tensor it shares parameters with; biases get the int32 rounding that the
 exported DequantizeLinear applies) -> train -> read every quantizer's qparams() into a QuantPlan
 -> write the weights back, each replaced by its fake-quantized value -> apply_plan.
+In code (qtool.qat_model; the bits come from qtool.qat_bits.resolve_bits): `build_qat_model` (up to
+the quantizers) -> `train_qat` (qtool.trainloop's loop; `epochs`, or exactly `steps` steps) ->
+`QATModel.to_plan` (tuned graph + plan) -> `QATModel.install_exact_eval`.
+`qat` adds the per-epoch validation and the onnxruntime fidelity check; `qat_finetune` is the same
+run without them, which the search's `--eval qat` evaluator calls per candidate.
 
 Fidelity (docs/DESIGN.md). Every exported weight is the fake-quant output `code * scale` (float32), so
 the QDQ insertion recovers exactly the codes the torch model used, whatever the algorithm (DoReFa
@@ -50,11 +55,8 @@ runs on the fused graph and a note says so.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,195 +64,24 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from onnx import numpy_helper
 
-import passes
-from passes.qdq import ABSORBED_ACTS
-from passes.units import ANCHOR_OPS, unit_activation
-from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
-from qtool.errors import QtoolError
-from qtool.fakequant import BNNWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant, MinMaxFakeQuant, PACTFakeQuant
-from qtool.lift import LiftedModule, lift, run_op
-from qtool.ortexact import install_exact_eval
-from qtool.plan import QuantPlan, TensorQuant
-from qtool.preprocess import Preprocess, resolve_preprocess
-from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
-from qtool.qat_quantizers import (BiasFakeQuant, DoReFaWeightFakeQuant, LSQAffineFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, root_quantizer, tensor_quant)
-from qtool.ptq import QuantConfig, activation_quant, build_plan
-from qtool.fusion import is_fused, fuse, untie_biases
 from exporters.qdq import apply_plan
-from qtool.training import EpochMeter, sgd_step
+from qtool.data import ImageDataset, check_input_matches, model_image_input
+from qtool.distill import fp32_teacher
+from qtool.errors import QtoolError
+from qtool.plan import QuantPlan
+from qtool.preprocess import Preprocess, resolve_preprocess
+from qtool.qat_bits import TensorSpec, resolve_bits  # part of this module's API (tests, callers of qtool qat)
+from qtool.qat_config import QATConfig
+from qtool.qat_model import build_qat_model, start_run, train_qat
+from qtool.trainloop import EpochMeter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["qat", "QATConfig", "QATResult", "resolve_bits"]
+__all__ = ["qat", "QATConfig", "QATResult", "TensorSpec", "resolve_bits"]
 
 _EVAL_BATCH = 256
-_CALIB_SEED = 20151211
 
-
-class _ConvBNFold(nn.Module):
-    """Conv -> BatchNormalization trained with the fake-quant on the folded weight (module docstring)."""
-
-    def __init__(self, conv_attrs: dict, eps: float, momentum: float, weight_fq: nn.Module, freeze_step: int):
-        super().__init__()
-        self.conv_attrs, self.eps, self.momentum = conv_attrs, eps, momentum  # momentum: torch's (1 - ONNX's)
-        self.weight_fq = weight_fq
-        self.bias_fq: BiasFakeQuant | None = None
-        self.exact: nn.Module | None = None  # eval-mode onnxruntime kernel emulation (qtool.ortexact)
-        self.freeze_step = freeze_step
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-
-    def folded(self, w, b, gamma, beta, mean, var):
-        std = torch.sqrt(var + self.eps)
-        s = gamma / std
-        w_fold = w * s.reshape((-1,) + (1,) * (w.dim() - 1))
-        b0 = b if b is not None else torch.zeros_like(mean)
-        return w_fold, beta + (b0 - mean) * s
-
-    def forward(self, x, w, b, gamma, beta, mean, var):
-        w_fold, b_fold = self.folded(w, b, gamma, beta, mean, var)
-        wq = self.weight_fq(w_fold)
-        if self.training:
-            self.step += 1
-        if self.training and int(self.step) <= self.freeze_step:
-            # Undo the fold factor on the quantized conv and normalize with batch statistics (which
-            # updates the running ones): PyTorch's ConvBn QAT approximation, one conv per step.
-            s = gamma / torch.sqrt(var + self.eps)
-            s = torch.where(s.abs() > 1e-12, s, torch.full_like(s, 1e-12))  # gamma 0: avoid 0 / 0
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = run_op("Conv", self.conv_attrs, True, x, wq, None) / s.reshape(shape)
-            if b is not None:
-                y = y + b.reshape(shape)
-            return F.batch_norm(y, mean, var, gamma, beta, True, self.momentum, self.eps)
-        bias = self.bias_fq(b_fold) if self.bias_fq is not None else b_fold
-        if self.exact is not None and not self.training:
-            return self.exact(x, wq, bias)
-        return run_op("Conv", self.conv_attrs, self.training, x, wq, bias)
-
-
-# -- which tensors get which bits --------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TensorSpec:
-    kind: str  # activation | weight
-    bits: int
-    quant_delay: int
-    uniform: bool = True  # bits from the uniform setting (not the first/last policy, a rule or a plan)
-
-
-def _node_tensors(graph, marks) -> list[tuple[object, dict[str, list[str]]]]:
-    """(node, {weight|input|output: [marked tensor names]}) for every node touching the placement."""
-    out = []
-    for node in graph:
-        ins = [v.name for v in node.inputs if v is not None and v.name in marks.tensors]
-        weight = [n for n in ins if marks.tensors[n].kind == "weight"]
-        inputs = [n for n in ins if marks.tensors[n].kind == "activation"]
-        act = unit_activation(node) if node.op_type in ANCHOR_OPS + ("Add", "Mul") else None
-        if node.op_type in ANCHOR_OPS:
-            o = (act or node).outputs[0]
-        elif act is not None and act.op_type in ABSORBED_ACTS:
-            o = act.outputs[0]
-        else:
-            o = node.outputs[0]
-        outputs = [o.name] if o is not None and o.name in marks.tensors else []
-        if weight or inputs or outputs:
-            out.append((node, {"weight": weight, "input": inputs, "output": outputs}))
-    return out
-
-
-def _rule_nodes(rule: QuantRule, index: int, entries) -> list:
-    types = set()
-    for t in rule.op_types:
-        expanded = OP_TYPE_ALIASES.get(t, (t,))
-        if not any(n.op_type in expanded for n, _ in entries):
-            raise QtoolError(f"config rule {index}: op type {t!r} is not a quantized op of the graph")
-        types.update(expanded)
-    hits = []
-    for name in rule.op_names:
-        found = [n for n, tens in entries if n.name == name or any(
-            w == name or w == name + ".weight" for w in tens["weight"])]
-        if not found:
-            raise QtoolError(f"config rule {index}: op name {name!r} is not in the graph "
-                             "(use a node name of the fused graph or its weight's name without '.weight')")
-        hits += found
-    return [n for n, _ in entries if n.op_type in types or any(n is h for h in hits)]
-
-
-def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorSpec]:
-    """Bits and start step of every tensor the QDQ placement quantizes (left-out tensors stay float)."""
-    m = passes.to_ir(fused)
-    marks = passes.mark_tensors(m.graph)
-    groups: dict[str, list[str]] = defaultdict(list)  # root -> tensors sharing its QDQ parameters
-    for t, role in marks.tensors.items():
-        groups[marks.root(t) if role.kind == "activation" else t].append(t)
-
-    def group(t: str) -> list[str]:
-        return groups[marks.root(t) if marks.tensors[t].kind == "activation" else t]
-
-    spec: dict[str, TensorSpec] = {}
-    if config.plan_bits:
-        given: dict[str, int] = {}
-        for name, b in config.plan_bits:
-            if name not in marks.tensors:
-                raise QtoolError(f"plan tensor {name!r} is not a quantization point of the fused graph "
-                                 "(not an input, weight or output of a quantized op)")
-            for t in group(name):
-                if given.setdefault(t, b) != b:
-                    raise QtoolError(f"plan gives {name!r} {b} bits but {t!r}, which must share its "
-                                     f"parameters, {given[t]} bits")
-        for t, b in given.items():
-            spec[t] = TensorSpec(marks.tensors[t].kind, b, config.quant_delay, uniform=False)
-        _check_float_weights(m.graph, marks, spec)
-        return spec
-
-    for t, role in marks.tensors.items():
-        spec[t] = TensorSpec(role.kind, config.weight_bits if role.kind == "weight" else config.act_bits,
-                             config.quant_delay)
-    entries = _node_tensors(m.graph, marks)
-
-    def assign(t: str, bits: int | None = None, delay: int | None = None) -> None:
-        for u in group(t):
-            if u in spec:
-                s = spec[u]
-                spec[u] = TensorSpec(s.kind, bits if bits is not None else s.bits,
-                                     delay if delay is not None else s.quant_delay, s.uniform and bits is None)
-
-    anchors = [(n, t) for n, t in entries if n.op_type in ANCHOR_OPS and t["weight"]]
-    if config.first_last_bits is not None and anchors:
-        (_, tf), (_, tl) = anchors[0], anchors[-1]
-        for t in tf["weight"] + tf["input"] + tl["weight"] + tl["input"] + tl["output"]:
-            assign(t, config.first_last_bits)
-    for i, rule in enumerate(config.rules):
-        tensors = dict(entries)
-        for node in _rule_nodes(rule, i, entries):
-            for qt in rule.quant_types:
-                for t in tensors[node][qt]:
-                    if rule.exclude:
-                        for u in group(t):
-                            spec.pop(u, None)
-                    else:
-                        assign(t, rule.bits_for(qt), rule.quant_start_step)
-    _check_float_weights(m.graph, marks, spec)
-    return spec
-
-
-def _check_float_weights(graph, marks, spec: dict[str, TensorSpec]) -> None:
-    """onnxruntime quantizes a float Conv/ConvTranspose/Gemm weight itself (int8 per-tensor, its
-    WeightBiasQuantization transformer) when the input comes from a DequantizeLinear: the exported
-    model would then compute something the fake-quant model did not. Refuse that combination."""
-    for node in graph:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
-            continue
-        x, w = node.inputs[0], node.inputs[1]
-        if w is not None and w.name in marks.tensors and w.name not in spec and x is not None and x.name in spec:
-            raise QtoolError(f"weight {w.name!r} of {node.op_type} {node.name!r} is left float while its input is "
-                             "quantized; onnxruntime would quantize it itself (int8 per-tensor): leave the input "
-                             "float too (quant_types: [weight, input]) or quantize the weight")
-
-
-# -- result ------------------------------------------------------------------------------------------
 
 @dataclass
 class QATResult:
@@ -288,163 +119,6 @@ class QATResult:
 
 # -- the QAT run -------------------------------------------------------------------------------------
 
-def _device(config: QATConfig) -> torch.device:
-    from qtool.device import resolve_device
-
-    return resolve_device(config.device, option="device")
-
-
-def _calib_batches(fused: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, n: int, bs: int = 64):
-    name, dims = model_image_input(fused)
-    idx = np.sort(np.random.default_rng(_CALIB_SEED).permutation(len(ds))[:n])
-    fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
-    bs = fixed or bs
-    out = []
-    for i in range(0, len(idx), bs):
-        x = pre.apply(ds.images[idx[i:i + bs]])
-        if fixed is None or len(x) == fixed:
-            out.append({name: x})
-    if not out:
-        raise QtoolError(f"model has a fixed batch of {fixed}: calibration needs at least that many images")
-    return out
-
-
-def _act_quantizer(algo: str, bits: int, rmin: float, rmax: float, delay: int, decay: float,
-                   notes: list[str], name: str) -> FakeQuant:
-    tq = activation_quant(rmin, rmax, QuantConfig(act_bits=bits))  # PTQ's parameters at these bits
-    nonneg = rmin >= 0.0
-    if algo in ("pact", "dorefa") and not nonneg:
-        notes.append(f"{algo}: {name} has negative values; quantized with the ema observer")
-    if algo == "lsq":
-        if tq.zero_point == 0:
-            return LSQFakeQuant(bits, signed=False, quant_delay=delay, init_scale=float(tq.scale))
-        return LSQAffineFakeQuant(bits, int(tq.zero_point), float(tq.scale), delay)
-    if algo in ("pact", "dorefa") and nonneg:
-        return PACTFakeQuant(bits, alpha=max(rmax, 1e-6), quant_delay=delay, learn_alpha=algo == "pact")
-    fq = (MinMaxFakeQuant(bits, signed=False, quant_delay=delay) if algo == "minmax"
-          else EMAFakeQuant(bits, signed=False, quant_delay=delay, decay=decay))
-    fq.min_val, fq.max_val = torch.tensor(float(rmin)), torch.tensor(float(rmax))
-    return fq
-
-
-def _weight_quantizer(algo: str, s: TensorSpec, w: torch.Tensor, axis: int | None) -> FakeQuant:
-    bits, delay = s.bits, s.quant_delay
-    if algo == "bnn" and s.uniform:
-        return BNNWeightFakeQuant(axis=axis, quant_delay=delay)
-    if algo in ("minmax", "ema", "bnn"):  # bnn: weights given their own bits (first/last, rules, plans)
-        return WeightMinMaxFakeQuant(bits, axis, delay)
-    dims = list(range(w.dim())) if axis is None else [d for d in range(w.dim()) if d != axis]
-    a = w.detach().float().abs()
-    if algo == "lsq":
-        fq = LSQFakeQuant(bits, signed=True, axis=axis, narrow_range=True, quant_delay=delay,
-                          num_channels=None if axis is None else w.shape[axis])
-        with torch.no_grad():  # the LSQ paper's init, 2 mean|w| / sqrt(qmax), per channel
-            fq.scale.copy_((2 * a.mean(dim=dims) / math.sqrt(fq.qmax)).clamp_min(1e-8))
-            fq.initialized.fill_(True)
-        return fq
-    return DoReFaWeightFakeQuant(bits, a.amax(dim=dims), axis, delay)  # pact / dorefa
-
-
-@dataclass
-class _FoldPair:
-    conv: str  # node name (same in both graphs)
-    bn_out: str
-    inputs: list[str]  # lifted-graph inputs: x, w, b, gamma, beta, mean, var
-    eps: float
-    momentum: float
-
-
-def _bn_fold_map(original: onnx.ModelProto, fused: onnx.ModelProto, spec: dict[str, TensorSpec],
-                 notes: list[str]) -> tuple[LiftedModule, dict[str, _FoldPair], dict[str, str]] | None:
-    """Lift the unfused graph and map the fused graph's quantized tensors onto it, or None (with a
-    note) when it does not map one to one."""
-    g = original.graph
-    readers = defaultdict(list)
-    for n in g.node:
-        for i, t in enumerate(n.input):
-            readers[t].append((n, i))
-    outputs = {o.name for o in g.output}
-    fused_nodes = {n.name: n for n in fused.graph.node}
-    pairs: dict[str, _FoldPair] = {}
-    for n in g.node:
-        if n.op_type != "Conv" or n.name not in fused_nodes or fused_nodes[n.name].op_type != "Conv":
-            continue
-        r = readers.get(n.output[0], [])
-        if len(r) != 1 or r[0][0].op_type != "BatchNormalization" or r[0][1] != 0 or n.output[0] in outputs:
-            continue
-        bn = r[0][0]
-        if any(o for o in bn.output[1:]) or len(bn.input) != 5 or not bn.name or not n.name:
-            continue
-        if fused_nodes[n.name].input[1] != n.input[1]:
-            notes.append(f"bn_fold off: fused Conv {n.name!r} reads another weight; trained on the fused graph")
-            return None
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
-        pairs[n.name] = _FoldPair(n.name, bn.output[0],
-                                  [n.input[0], n.input[1], n.input[2] if len(n.input) > 2 else ""] + list(bn.input[1:]),
-                                  float(attrs.get("epsilon", 1e-5)), 1.0 - float(attrs.get("momentum", 0.9)))
-    if not pairs:
-        return None
-    try:
-        lifted = lift(original)
-    except QtoolError as e:
-        notes.append(f"bn_fold off: the unfused graph does not lift ({e}); trained on the fused graph")
-        return None
-
-    def off(why: str):
-        notes.append(f"bn_fold off: {why}; trained on the fused graph")
-        return None
-
-    pair_inits = {fused_nodes[c].input[i] for c in pairs for i in (1, 2) if len(fused_nodes[c].input) > i}
-    orig_state = lifted.export_weights()
-    for t in fused.graph.initializer:
-        # New names are constants the simplifier folded; a trainable source would be caught below.
-        if t.name in pair_inits or t.name not in orig_state:
-            continue
-        if not np.array_equal(orig_state[t.name], numpy_helper.to_array(t)):
-            return off(f"fused initializer {t.name!r} differs from the unfused graph's")
-    fused_init_names = {t.name for t in fused.graph.initializer}
-    used_by_pairs = {t for p in pairs.values() for t in p.inputs[1:5] if t}
-    for name in lifted.trainable_initializers():
-        if name not in used_by_pairs and name not in fused_init_names:
-            return off(f"trainable initializer {name!r} of the unfused graph is folded away")
-    # Activation names: a pair conv's fused output is the BN output in the unfused graph.
-    fused_producer = {o: n for n in fused.graph.node for o in n.output}
-    orig_producer = {o: n for n in g.node for o in n.output}
-    graph_inputs = {i.name for i in g.input}
-    conv_out = {fused_nodes[c].output[0]: p.bn_out for c, p in pairs.items()}
-    names: dict[str, str] = {}
-    for t, s in spec.items():
-        if s.kind == "weight":
-            names[t] = t
-        elif t in conv_out:
-            names[t] = conv_out[t]
-        elif t in graph_inputs:
-            names[t] = t
-        else:
-            fp, op = fused_producer.get(t), orig_producer.get(t)
-            if fp is None or op is None or fp.name != op.name or fp.op_type != op.op_type:
-                return off(f"tensor {t!r} of the fused graph has no counterpart in the unfused graph")
-            names[t] = t
-    return lifted, pairs, names
-
-
-def _install_exact_eval(lifted: LiftedModule) -> list[str]:
-    """Snapshot the trained quantization parameters into qtool.ortexact's eval-mode kernels."""
-    weights = set(lifted.trainable_initializers())
-
-    def quant_of(t: str) -> TensorQuant | None:
-        fq = lifted.quantizer(t)
-        if fq is None or isinstance(fq, BiasFakeQuant):
-            return None
-        kind = "weight" if t in weights else "activation"
-        return tensor_quant(kind, root_quantizer(fq))
-
-    def weight_quant_of(fold: nn.Module) -> TensorQuant | None:
-        return tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
-
-    return install_exact_eval(lifted, quant_of, weight_quant_of)
-
-
 def _evaluate(module: nn.Module, ds: ImageDataset, pre: Preprocess, device: torch.device) -> tuple[float, np.ndarray]:
     module.eval()
     outs = []
@@ -474,122 +148,33 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
         raise QtoolError(f"config must be a QATConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
     notes: list[str] = []
-    device = _device(config)
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    device, gen = start_run(config)
     pre = preprocess or resolve_preprocess(model)
     name, dims = model_image_input(model)
     check_input_matches(dims, train_data, name)
 
-    original = model
-    fused = model if is_fused(model) else fuse(model)[0]
-    fused = untie_biases(fused)
-    spec = resolve_bits(fused, config)
-    if not spec:
-        raise QtoolError("nothing to quantize: the configuration leaves every tensor float")
-    marks = passes.mark_tensors(passes.to_ir(fused).graph)
-
-    # PTQ calibration (minmax) of every activation root: the plan skeleton and the initial ranges.
-    from qtool.calibrate import collect_stats
-
-    roots = list(dict.fromkeys(marks.root(t) for t, s in spec.items() if s.kind == "activation"))
-    stats = collect_stats(fused, _calib_batches(fused, train_data, pre, config.calib_size), roots)
-    skeleton = build_plan(fused, QuantConfig(calib="minmax"), stats)  # PTQ's placement, axes, granularity
-    missing = [t for t in spec if t not in skeleton.tensors]
-    if missing:
-        raise QtoolError(f"tensors without calibration data (not reached by the input?): {missing[:5]}")
-
-    # Lift: the unfused graph with Conv->BN kept when it maps onto the fused one, else the fused graph.
-    mapped = None
-    if config.bn_fold and original is not fused and not is_fused(original):
-        mapped = _bn_fold_map(original, fused, spec, notes)
-    if mapped is not None:
-        lifted, pairs, names = mapped
-    else:
-        lifted, pairs, names = lift(fused), {}, {t: t for t in spec}
-    fused_inits = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
-    fused_nodes = {n.name: n for n in fused.graph.node}
-    pair_of_weight = {fused_nodes[c].input[1]: p for c, p in pairs.items()}
-
-    total_steps = config.epochs * math.ceil(min(len(train_data), config.train_limit or len(train_data))
-                                            / config.batch_size)
-    freeze = config.freeze_bn if config.freeze_bn is not None else total_steps // 2
-
-    # One quantizer per plan tensor; pass-through tensors share their root's.
-    quantizers: dict[str, nn.Module] = {}
-    for t, s in spec.items():
-        if s.kind == "activation" and marks.root(t) == t:
-            rmin, rmax = stats[t].range("minmax", signed=False)
-            quantizers[t] = _act_quantizer(config.algo, s.bits, rmin, rmax, s.quant_delay, config.ema_decay,
-                                           notes, t)
-    for t, s in spec.items():
-        if s.kind == "activation" and marks.root(t) != t:
-            quantizers[t] = SharedFakeQuant(quantizers[marks.root(t)])
-        elif s.kind == "weight":
-            w = torch.from_numpy(np.array(fused_inits[t], copy=True))
-            quantizers[t] = _weight_quantizer(config.algo, s, w, skeleton.tensors[t].axis)
-    if config.algo == "bnn":
-        notes.append("bnn: binary weights where the uniform bits apply (others: per-channel minmax at their "
-                     "bits); activations at their bits with the ema observer")
-    for t, s in spec.items():  # weights first: bias quantizers read the weight scale of this step
-        if s.kind != "weight":
-            continue
-        if t in pair_of_weight:
-            p = pair_of_weight[t]
-            fold = _ConvBNFold(lifted.node_attrs(p.conv), p.eps, p.momentum, quantizers[t], freeze)
-            orig_bn = next(n.name for n in original.graph.node if p.bn_out in n.output)
-            lifted.replace_nodes([p.conv, orig_bn], fold, p.inputs, [p.bn_out])
-        else:
-            lifted.set_weight_quantizer(names[t], quantizers[t])
-    bias_fqs: dict[str, BiasFakeQuant] = {}
-    for b, (inp, w) in marks.biases.items():
-        if inp in quantizers and w in quantizers:
-            bias_fqs[b] = BiasFakeQuant(quantizers[inp], quantizers[w])
-            if w in pair_of_weight:
-                lifted.replaced[next(k for k, m in lifted.replaced.items()
-                                     if isinstance(m, _ConvBNFold) and m.weight_fq is quantizers[w])].bias_fq = bias_fqs[b]
-            else:
-                lifted.set_quantizer(b, bias_fqs[b])
-    for t, s in spec.items():
-        if s.kind == "activation":
-            lifted.set_quantizer(names[t], quantizers[t])
-    lifted.to(device)
-    if pairs:
-        notes.append(f"bn_fold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
-                     f"BN statistics frozen after step {freeze}")
+    qm = build_qat_model(model, train_data, config, pre, device, notes)
+    lifted, fused = qm.lifted, qm.fused
+    teacher = fp32_teacher(fused) if config.distill else None
 
     history = [{"epoch": 0, "val_acc": _evaluate(lifted, val_data, pre, device)[0], "loss": None}]
-    _train(lifted, train_data, val_data, pre, config, device, gen, total_steps, history)
+    t_train = time.perf_counter()
+
+    def on_epoch(epoch: int, meter: EpochMeter, bar) -> None:
+        val_acc = _evaluate(lifted, val_data, pre, device)[0]
+        history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
+                        "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t_train, 1)})
+        if not config.quiet:
+            bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} "
+                              f"val (fake-quant) {val_acc:.4f}")
+
+    train_qat(qm, train_data, pre, config, device, gen, teacher=teacher, on_epoch=on_epoch)
 
     # Export: qparams -> plan; fake-quantized weights -> the fused graph -> QDQ.
-    lifted.eval()
-    plan = QuantPlan(meta={"producer": "qtool.qat", "algo": config.algo, "epochs": config.epochs,
-                           "bn_fold": bool(pairs), **config.meta})
-    tuned = copy.deepcopy(fused)
-    inits = {t.name: t for t in tuned.graph.initializer}
-    state = lifted.export_weights()
-    for n in inits:
-        if n in state:
-            inits[n].CopyFrom(numpy_helper.from_array(state[n].astype(fused_inits[n].dtype), n))
-    with torch.no_grad():
-        for c, p in pairs.items():
-            fold = next(m for m in lifted.replaced.values() if isinstance(m, _ConvBNFold)
-                        and m.weight_fq is quantizers[fused_nodes[c].input[1]])
-            vals = [lifted.tensor(x) if x else None for x in p.inputs[1:]]
-            w_fold, b_fold = fold.folded(*vals)
-            fq_w = fold.weight_fq(w_fold)
-            wn, bn_ = fused_nodes[c].input[1], fused_nodes[c].input[2]
-            inits[wn].CopyFrom(numpy_helper.from_array(fq_w.cpu().numpy().astype(np.float32), wn))
-            inits[bn_].CopyFrom(numpy_helper.from_array(b_fold.cpu().numpy().astype(np.float32), bn_))
-        for t, s in spec.items():
-            if s.kind == "weight" and t not in pair_of_weight:
-                inits[t].CopyFrom(numpy_helper.from_array(
-                    quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
-    for t, s in spec.items():
-        plan.tensors[t] = tensor_quant(s.kind, root_quantizer(quantizers[t]))
+    tuned, plan = qm.to_plan({"producer": "qtool.qat", "algo": config.algo, "epochs": config.epochs,
+                              "bn_fold": bool(qm.pairs), **config.meta})
     qmodel = apply_plan(tuned, plan)
-    lifted.cpu()  # the fidelity check runs on the CPU: cuDNN rounds float convolutions its own way (qtool.device)
-    exact = _install_exact_eval(lifted)
+    exact = qm.install_exact_eval()
     notes.append(f"eval mode emulates onnxruntime's integer kernels at {len(exact)} quantized ops (qtool.ortexact)")
 
     # Fidelity on the val split: the fake-quant model vs onnxruntime on the written model.
@@ -604,40 +189,5 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
                 "logit_max_abs": diff, "logit_step": step,
                 "logit_max_steps": diff / step if step else None, "n": len(val_data)}
     plan.meta["fidelity"] = {k: v for k, v in fidelity.items()}
-    return QATResult(qmodel, plan, tuned, history, fidelity, lifted, list(dict.fromkeys(notes)), bool(pairs),
+    return QATResult(qmodel, plan, tuned, history, fidelity, lifted, list(dict.fromkeys(notes)), bool(qm.pairs),
                      str(device), time.perf_counter() - t0)
-
-
-def _train(lifted: LiftedModule, train_data: ImageDataset, val_data: ImageDataset, pre: Preprocess,
-           config: QATConfig, device: torch.device, gen: torch.Generator, total_steps: int, history: list) -> None:
-    from qtool.progress import progress
-
-    n_all = len(train_data)
-    pool = torch.randperm(n_all, generator=gen)[:config.train_limit] if config.train_limit else torch.arange(n_all)
-    c, h = train_data.shape[0], train_data.shape[1]
-    augment = config.augment and c == 3 and h >= 16
-    decay, no_decay = [], []
-    for p in lifted.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)  # no decay on biases, BN, scales, alphas
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    lr = config.learning_rate
-    opt = (torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
-           if config.optimizer == "sgd" else torch.optim.Adam(groups, lr=lr))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
-    loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = math.ceil(len(pool) / config.batch_size)
-    t0 = time.perf_counter()
-    with progress(disable=config.quiet) as bar:
-        task = bar.add_task(f"qat {config.algo}", total=config.epochs * steps_per_epoch, info="")
-        for epoch in range(config.epochs):
-            lifted.train()
-            meter = EpochMeter()
-            for xb, yb in epoch_batches(train_data, pool, config.batch_size, pre, gen, augment):
-                sgd_step(lifted, xb.to(device), yb.to(device), loss_fn, opt, sched, meter)
-                bar.update(task, advance=1, info=meter.info(epoch, config.epochs))
-            val_acc = _evaluate(lifted, val_data, pre, device)[0]
-            history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
-                            "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
-            if not config.quiet:
-                bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} "
-                                  f"val (fake-quant) {val_acc:.4f}")

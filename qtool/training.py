@@ -23,6 +23,7 @@ from qtool.io import atomic_write_bytes, check_output_path, save_model
 from qtool.models import build_model
 from qtool.preprocess import Preprocess, write_preprocess
 from qtool.progress import progress
+from qtool.trainloop import EpochMeter, split_decay, supervised, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -62,41 +63,6 @@ class TrainResult:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
-
-
-class EpochMeter:
-    """Running loss / top-1 of one training epoch: what the progress bar and the history show."""
-
-    def __init__(self) -> None:
-        self.n = self.correct = 0
-        self.loss_sum = 0.0
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        self.n += len(labels)
-        self.correct += int((logits.argmax(1) == labels).sum())
-        self.loss_sum += loss.item() * len(labels)
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.n, 1)
-
-    @property
-    def acc(self) -> float:
-        return self.correct / max(self.n, 1)
-
-    def info(self, epoch: int, epochs: int) -> str:
-        return f"epoch {epoch + 1}/{epochs} loss {self.loss:.3f} acc {self.acc:.3f}"
-
-
-def sgd_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_fn, opt, sched, meter: EpochMeter) -> None:
-    """One optimizer step on a batch (shared by FP32 training and QAT)."""
-    logits = model(xb)
-    loss = loss_fn(logits, yb)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    meter.update(logits, yb, loss)
 
 
 def evaluate_torch(model: nn.Module, ds: ImageDataset, pre: Preprocess, batch_size: int = 500) -> float:
@@ -140,9 +106,7 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
     x_all = torch.from_numpy(pre.apply(train_ds.images))
     y_all = torch.from_numpy(train_ds.labels)
     steps_per_epoch = (len(train_ds) + cfg.batch_size - 1) // cfg.batch_size
-    decay, no_decay = [], []
-    for n_, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
+    decay, no_decay = split_decay(model.parameters())  # no weight decay on BN and biases
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
@@ -153,16 +117,20 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
     with progress(disable=quiet) as bar:
         task = bar.add_task(f"train {cfg.model}", total=cfg.epochs * steps_per_epoch, info="")
         for epoch in range(cfg.epochs):
-            model.train()
-            perm = torch.randperm(len(train_ds), generator=gen)
             meter = EpochMeter()
-            for s in range(steps_per_epoch):
-                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                xb, yb = x_all[idx], y_all[idx]
-                if cfg.augment and xb.shape[-1] >= 16 and c == 3:
-                    xb = augment_cifar(xb, gen)
-                sgd_step(model, xb, yb, loss_fn, opt, sched, meter)
-                bar.update(task, advance=1, info=meter.info(epoch, cfg.epochs))
+
+            def batches():
+                # The whole set is preprocessed once (x_all); a batch is a slice of this epoch's permutation.
+                perm = torch.randperm(len(train_ds), generator=gen)
+                for s in range(steps_per_epoch):
+                    idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                    xb, yb = x_all[idx], y_all[idx]
+                    if cfg.augment and xb.shape[-1] >= 16 and c == 3:
+                        xb = augment_cifar(xb, gen)
+                    yield xb, yb
+
+            train_loop(model, batches(), supervised(model, loss_fn), [opt], sched, meter=meter,
+                       on_step=lambda i, loss: bar.update(task, advance=1, info=meter.info(epoch, cfg.epochs)))
             val_acc = evaluate_torch(model, val_ds, pre)
             history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
                             "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})

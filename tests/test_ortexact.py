@@ -120,7 +120,7 @@ def test_conv_full_range_codes_match_qlinearconv(case):
     x = ((rng.integers(lo, hi + 1, (2, cin) + (8,) * len(kernel)) - zx) * sx).astype(f32)
     x_t, w_t = torch.from_numpy(x), torch.from_numpy(wq.astype(f32) * sw.reshape(-1, *(1,) * (len(kernel) + 1)))
     b_t = torch.from_numpy(bq.astype(f32) * (sx * sw).astype(f32))
-    from qtool.lift import run_op
+    from qtool.lift_ops import run_op
 
     sy = f32(run_op("Conv", attrs, False, x_t, w_t, b_t).std() / 40)  # outputs mostly inside the code range
     zy = 0 if signed else 128

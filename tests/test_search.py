@@ -2,7 +2,7 @@
 the exported front on onnxruntime, resume after a crash, executors, bad input."""
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import math
 
@@ -148,7 +148,7 @@ def test_search_front_plans_and_fidelity(problem, tmp_path):
             assert plan.tensors[layer.weight].bits == b["w"] and plan.tensors[layer.input].bits == b["a"]
         apply_plan(fused, plan)  # the plan is consumable as is
         # The score the search used is what the exported QDQ model gets on onnxruntime.
-        assert abs(m["acc_ort"] - m["acc"]) <= 1.0 / len(problem.data.val_labels) + 1e-9
+        assert abs(m["acc_ort"] - m["acc"]) <= 1.0 / len(problem.data.val) + 1e-9
     names = {b["name"] for b in res.baselines}
     assert names == {"w8a8", "w4a4", "w2a2"}
     d = json.loads((tmp_path / "w" / "front.json").read_text())
@@ -194,8 +194,8 @@ def test_qat_evaluator_inherits_the_supernet(problem, tmp_path):
 def test_qat_evaluator_distill_learns_from_the_fp32_model(problem):
     """distill=1: the fine-tune's loss is the FP32 model's soft labels alone, so scrambled training
     labels tune the very same weights; distill=0 does not. The setting is recorded only when set."""
-    scrambled = copy.copy(problem.data)
-    scrambled.train_labels = np.roll(problem.data.train_labels, 1)
+    train = problem.data.train
+    scrambled = dataclasses.replace(problem.data, train=dataclasses.replace(train, labels=np.roll(train.labels, 1)))
     c = problem.space.uniform(4)
     tuned = {}
     for d in (1.0, 0.0):
@@ -254,11 +254,11 @@ def test_qat_evaluator_export_and_kendall(problem, prepared):
     assert rc["n"] == 4 and (math.isnan(rc["tau"]) or -1 <= rc["tau"] <= 1)
     assert qat.evaluate(cands[2]) == qat.evaluate(cands[2])  # per-candidate seed: deterministic
     ok = qat.correct(cands[2])  # per-image answers, for paired comparisons
-    assert ok.dtype == bool and ok.shape == problem.data.val_labels.shape and ok.mean() == qat.evaluate(cands[2])
+    assert ok.dtype == bool and ok.shape == problem.data.val.labels.shape and ok.mean() == qat.evaluate(cands[2])
     model, plan, acc = qat.materialize(cands[2])
     from qtool.bitsearch.report import ort_accuracy
 
-    assert abs(ort_accuracy(apply_plan(model, plan), problem.data) - acc) <= 1.0 / len(problem.data.val_labels) + 1e-9
+    assert abs(ort_accuracy(apply_plan(model, plan), problem.data) - acc) <= 1.0 / len(problem.data.val) + 1e-9
 
 
 def test_paired_difference_bootstraps_over_images():
@@ -484,7 +484,7 @@ def test_calibration_batches_mix_classes_of_a_class_sorted_training_set(problem,
     still give calibration batches holding many classes (label written into pixel 0 to check)."""
     from qtool.bitsearch import SearchData
 
-    shape = problem.data.train_images.shape[1:]
+    shape = problem.data.train.images.shape[1:]
     labels = np.repeat(np.arange(10), 120)  # sorted by class, like CIFAR read from class folders
     x = np.random.default_rng(0).integers(0, 255, size=(len(labels), *shape)).astype(np.uint8)
     x.reshape(len(x), -1)[:, 0] = labels

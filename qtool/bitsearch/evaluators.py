@@ -3,8 +3,9 @@
 An evaluator is prepared once in the main process (`prepare`: load data, train the supernet), then
 pickled to the executor's workers, where `evaluate(candidate)` runs. Two are provided:
 
-- `QATEvaluator` ("qat"): a short QAT fine-tune of each candidate from the FP32 weights
-  (`steps` x `batch_size` images, SGD + cosine), BN re-calibration, validation. Costly, faithful.
+- `QATEvaluator` ("qat"): a short QAT fine-tune of each candidate from the FP32 weights by `qtool qat`'s
+  own code (`qtool.qat_model.qat_finetune`, the candidate's bits as plan bits; `steps` x `batch_size`
+  images, SGD + cosine), validation. Costly, faithful.
 - `SupernetEvaluator` ("supernet"): ONE shared-weight multi-bit QAT model trained once, then each
   candidate costs a BN re-calibration (a few calibration batches in train mode, see
   `qtool.bitsearch.supernet`) and one validation pass: seconds. Training uses the sandwich rule
@@ -23,11 +24,12 @@ pickled to the executor's workers, where `evaluate(candidate)` runs. Two are pro
   `sandwich_low=4` (the small end all-4-bit; 2 bits still come up in the random draws) scores
   W8A8 87.3% > W4A8 87.1% > W2A8 84.5%, W4A4 85.1% > W2A2 65.5% (benchmarks/search.py).
 
-Both train through `qtool.lift` + `qtool.fakequant` (`QuantNet`), so their accuracy is the accuracy
-of the exported QDQ model on onnxruntime up to float rounding (the search checks it on the front).
-`QATEvaluator(finetune=...)` takes any `finetune(qnet, data, steps, seed)` to swap the QAT loop
-(e.g. `qtool.qat`) without touching the rest. `rank_correlation` reports Kendall's tau between
-two evaluators on a sample of candidates (is the supernet ranking the QAT ranking?).
+Both train a lifted graph (`qtool.lift`) with fake-quant at the points of `qtool.quant_points`, stepped
+by `qtool.trainloop.train_loop`; their accuracy is the accuracy of the exported QDQ model on
+onnxruntime (the supernet's up to float rounding; the search checks it on the front).
+`QATEvaluator(init_from=..., finetune=...)` starts each candidate from a trained supernet instead and
+takes any `finetune(qnet, data, candidate, steps, ...)` for it. `rank_correlation` reports Kendall's
+tau between two evaluators on a sample of candidates (is the supernet ranking the QAT ranking?).
 """
 from __future__ import annotations
 
@@ -48,23 +50,23 @@ import torch.nn.functional as F
 
 from qtool.device import check_device, resolve_device
 from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
-from qtool.data import augment_cifar, load_dataset, model_image_input, check_input_matches, SPLIT_SEED
+from qtool.data import ImageDataset, check_input_matches, load_dataset, model_image_input, step_batches, SPLIT_SEED
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.bitsearch.space import Candidate, SearchSpace
 from qtool.bitsearch.supernet import QuantNet
+from qtool.trainloop import train_loop
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchData:
-    """uint8 images of the train / val / calibration sets, preprocessed per batch."""
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
+    """The search's data: the train and val splits (`qtool.data.ImageDataset`, the one data set type),
+    the calibration images and the model's preprocessing (applied per batch)."""
+    train: ImageDataset
+    val: ImageDataset
     calib_images: np.ndarray
     pre: Preprocess
     augment: bool
@@ -89,8 +91,7 @@ class SearchData:
         # (on ResNet-20, single-class batches cost uniform W8A8 over 10 points of supernet accuracy).
         calib = train.images[np.random.default_rng(SPLIT_SEED + 3).permutation(len(train))[:calib_size]]
         c, h = train.shape[0], train.shape[1]
-        return cls(train.images, train.labels, val.images, val.labels, calib, resolve_preprocess(model),
-                   augment=(c == 3 and h >= 16))
+        return cls(train, val, calib, resolve_preprocess(model), augment=(c == 3 and h >= 16))
 
     def x(self, images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.pre.apply(images))
@@ -108,8 +109,9 @@ def correct_images(net: nn.Module, data: SearchData, batch_size: int = 500) -> n
     if next(net.parameters()).device.type != "cpu":
         net = copy.deepcopy(net).cpu()
     net.eval()
-    return np.concatenate([net(data.x(data.val_images[i:i + batch_size])).argmax(1).numpy()
-                           == data.val_labels[i:i + batch_size] for i in range(0, len(data.val_labels), batch_size)])
+    val = data.val
+    return np.concatenate([net(data.x(val.images[i:i + batch_size])).argmax(1).numpy()
+                           == val.labels[i:i + batch_size] for i in range(0, len(val), batch_size)])
 
 
 def accuracy(net: nn.Module, data: SearchData, batch_size: int = 500) -> float:
@@ -139,22 +141,11 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     device = qnet.device
     teacher = teacher.to(device).eval() if teacher is not None and teacher_weight else None
-    n = len(data.train_labels)
-    perm, pos = torch.randperm(n, generator=gen), 0
-    qnet.train()
-    for step in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + batch_size].numpy()
-        pos += batch_size
-        x = data.x(data.train_images[np.sort(idx)])
-        y = torch.from_numpy(data.train_labels[np.sort(idx)])
-        if data.augment:
-            x = augment_cifar(x, gen)
-        x, y = x.to(device), y.to(device)
+
+    def loss_fn(x, y):
+        # One backward per configuration (each graph freed before the next runs), one optimizer step.
         cands = sample(rng)
         cands = [cands] if isinstance(cands, Candidate) else list(cands)
-        opt.zero_grad(set_to_none=True)
         target, total = None, 0.0
         soft = soft_labels(teacher, x) if teacher is not None else None
         for c in cands:
@@ -168,10 +159,10 @@ def train_steps(qnet: QuantNet, data: SearchData, steps: int, *, batch_size: int
                 loss = F.cross_entropy(out, target)  # soft targets: KL up to the teacher's entropy
             (loss / len(cands)).backward()
             total += float(loss.detach()) / len(cands)
-        opt.step()
-        sched.step()
-        if on_step is not None:
-            on_step(step, total)
+        return None, total
+
+    train_loop(qnet, step_batches(data.train, steps, batch_size, data.pre, gen, data.augment), loss_fn, [opt], sched,
+               device=device, on_step=on_step, backward=False)
     qnet.eval()
 
 
@@ -233,6 +224,16 @@ class Evaluator:
 
 
 class QATEvaluator(Evaluator):
+    """Each candidate fine-tuned by `qtool qat`'s own code (`qtool.qat_model.qat_finetune`: the same
+    quantizers, bias rounding, training loop and export as `qtool qat --plan`, with the candidate's
+    per-tensor bits as the plan's bits), `steps` optimizer steps of `batch_size` images at `lr`
+    (SGD + cosine, qat's LSQ). Its eval mode emulates onnxruntime's integer kernels as qat's does, so
+    a candidate's score is the accuracy of its exported QDQ model. The activation statistics qat
+    calibrates its quantizers from depend on the FP32 graph only: computed once in `prepare`.
+
+    With `init_from` (a trained supernet) a candidate instead inherits the supernet's `QuantNet` (its
+    shared weights, learned steps and norms) and is fine-tuned as the supernet trains, by `finetune`
+    (default: `train_steps` on that candidate), then BN re-calibrated."""
     name = "qat"
 
     def __init__(self, *, steps: int = 100, batch_size: int = 64, lr: float = 0.01, finetune=None,
@@ -240,49 +241,85 @@ class QATEvaluator(Evaluator):
         """init_from: None = the FP32 weights with fresh quantizers; or a trained supernet checkpoint
         (`supernet.pt` of a search workdir, same model and space): every candidate inherits its shared
         weights, learned quantizer steps and norms (weight inheritance, as in OFA / BigNAS).
-        distill: weight in [0, 1] of the FP32 model's soft labels in the fine-tune's loss (knowledge
-        distillation; `finetune` then also gets `teacher=` and `teacher_weight=`)."""
+        finetune: with init_from, `finetune(qnet, data, candidate, steps, *, batch_size, lr, seed)` replaces
+        the supernet-style fine-tune. distill: weight in [0, 1] of the FP32 model's soft labels in the
+        fine-tune's loss (knowledge distillation; `finetune` then also gets `teacher=` and `teacher_weight=`)."""
         super().__init__(**kw)
         if steps < 0 or batch_size < 1 or not lr > 0:
             raise QtoolError("qat evaluator: steps must be >= 0, batch size >= 1, lr > 0")
         self.distill = check_weight(distill, "qat evaluator: distill")
         if init_from is not None and not Path(init_from).is_file():
             raise QtoolError(f"qat evaluator: supernet checkpoint not found: {init_from}")
+        if finetune is not None and init_from is None:
+            raise QtoolError("qat evaluator: finetune= applies to candidates inherited from a supernet (init_from); "
+                             "from the FP32 weights the fine-tune is qtool qat's")
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
         self.init_from = None if init_from is None else str(init_from)
         self.finetune = finetune or default_finetune
         self._base: QuantNet | None = None
+        self._stats: dict | None = None  # FP32 activation statistics, qat's calibration (FP32 init only)
         self._teacher: nn.Module | None = None  # lifted once per process, on the first distilled fine-tune
 
     def settings(self) -> dict:
         out = {**super().settings(), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                "init": "fp32" if self.init_from is None else "supernet"}
+        if self.init_from is None:  # scores of the QuantNet fine-tune this replaced are not comparable
+            out["finetune"] = "qtool.qat"
         if self.distill:  # only when set: workdirs from before the option still resume
             out["distill"] = self.distill
         return out
 
     def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
-        self._base = QuantNet(fused, space, data.x(data.calib_images))
-        if self.init_from is not None:
-            try:
-                saved = torch.load(self.init_from, map_location="cpu", weights_only=True)  # tensors only
-                self._base.load_state_dict(saved["state"])
-            except Exception as e:
-                raise QtoolError(f"cannot start from the supernet {self.init_from}: {str(e).splitlines()[0]}") from None
+        if self.init_from is None:
+            from qtool.qat_model import calibrate_activations
 
-    def tuned(self, c: Candidate) -> QuantNet:
-        net = copy.deepcopy(self._base).to(resolve_device(self.device))
-        if self.init_from is None:  # FP32 weights, identity norms: quantizer steps start from data
-            net.init_quantizers(self._recal()[0], [c])
+            self._stats = calibrate_activations(fused, data.train, data.pre, self._config(space.uniform(8)).calib_size)
+            return
+        self._base = QuantNet(fused, space, data.x(data.calib_images))
+        try:
+            saved = torch.load(self.init_from, map_location="cpu", weights_only=True)  # tensors only
+            self._base.load_state_dict(saved["state"])
+        except Exception as e:
+            raise QtoolError(f"cannot start from the supernet {self.init_from}: {str(e).splitlines()[0]}") from None
+
+    def _config(self, c: Candidate):
+        from qtool.qat_config import QATConfig
+
+        return QATConfig(plan_bits=tuple(self.space.tensor_bits(c).items()), algo="lsq", steps=self.steps,
+                         batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed), device=self.device,
+                         distill=self.distill, quiet=True, meta={"producer": "qtool.search", "candidate": c.key})
+
+    def _teacher_once(self) -> nn.Module | None:
         if self.distill and self._teacher is None:
             self._teacher = fp32_teacher(self.fused)
-        kd = {"teacher": self._teacher, "teacher_weight": self.distill} if self.distill else {}
+        return self._teacher if self.distill else None
+
+    def _qat(self, c: Candidate):
+        from qtool.qat_model import qat_finetune
+
+        return qat_finetune(self.fused, self.data.train, self._config(c), self.data.pre, stats=self._stats,
+                            teacher=self._teacher_once())
+
+    def tuned(self, c: Candidate) -> nn.Module:
+        if self.init_from is None:
+            return self._qat(c).lifted
+        net = copy.deepcopy(self._base).to(resolve_device(self.device))
+        teacher = self._teacher_once()
+        kd = {"teacher": teacher, "teacher_weight": self.distill} if self.distill else {}
         self.finetune(net, self.data, c, self.steps, batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed),
                       **kd)
         net.set_candidate(c)
         net.recalibrate(self._recal())
         return net
+
+    def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, "object", float]:
+        if self.init_from is not None:
+            return super().materialize(c)
+        qm = self._qat(c)
+        acc = accuracy(qm.lifted, self.data)
+        model, plan = qm.to_plan({"producer": "qtool.search", "candidate": c.key, "finetune": "qtool.qat"})
+        return model, plan, acc
 
 
 class SupernetEvaluator(Evaluator):
@@ -319,7 +356,7 @@ class SupernetEvaluator(Evaluator):
     def n_steps(self) -> int:
         if self.steps is not None:
             return self.steps
-        return max(1, round(self.epochs * len(self.data.train_labels) / self.batch_size))
+        return max(1, round(self.epochs * len(self.data.train) / self.batch_size))
 
     def sampler(self, space: SearchSpace) -> Callable[[np.random.Generator], list[Candidate]]:
         """Each step's configurations: [largest, smallest] + n_random random ones (sandwich rule), or

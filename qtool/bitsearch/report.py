@@ -21,10 +21,10 @@ def ort_accuracy(model, data) -> float:
     sess = make_session(model)
     name = sess.get_inputs()[0].name
     correct = 0
-    for i in range(0, len(data.val_labels), 256):
-        out = sess.run(None, {name: data.pre.apply(data.val_images[i:i + 256])})[0]
-        correct += int((out.argmax(1) == data.val_labels[i:i + 256]).sum())
-    return correct / len(data.val_labels)
+    for i in range(0, len(data.val), 256):
+        out = sess.run(None, {name: data.pre.apply(data.val.images[i:i + 256])})[0]
+        correct += int((out.argmax(1) == data.val.labels[i:i + 256]).sum())
+    return correct / len(data.val)
 
 
 def export_member(workdir: Path, problem, evaluator, member: dict) -> None:

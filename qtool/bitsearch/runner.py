@@ -243,8 +243,8 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
     workdir.mkdir(exist_ok=True)
     sp = problem.space
     config = {"model": problem.model_hash(), "space": sp.describe(), "evaluator": evaluator.settings(),
-              "seed": algorithm.seed, "seed_uniform": algorithm.seed_uniform, "val_images": int(len(problem.data.val_labels)),
-              "train_images": int(len(problem.data.train_labels))}
+              "seed": algorithm.seed, "seed_uniform": algorithm.seed_uniform, "val_images": int(len(problem.data.val)),
+              "train_images": int(len(problem.data.train))}
     check_config(workdir, config, resume)
     elog = EvaluationLog(workdir)
     executor = executor or LocalExecutor(1)

@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-import passes
 from qtool.errors import QtoolError
+from qtool.quant_points import quant_points
 
 ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -135,8 +135,7 @@ class SearchSpace:
                         ("other activation bits", other_bits)):
             if v is not None and not 2 <= v <= 8:
                 raise QtoolError(f"{what} must be in 2..8, got {v}")
-        g = passes.to_ir(fused).graph
-        marks = passes.mark_tensors(g)
+        points = quant_points(fused)
         shapes = shape_map(fused)
         inits = {t.name: list(t.dims) for t in fused.graph.initializer}
         layers: list[Layer] = []
@@ -144,10 +143,9 @@ class SearchSpace:
             if node.op_type not in ANCHORS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
                 continue
             w = node.input[1]
-            role = marks.tensors.get(w)
-            if role is None or role.kind != "weight" or node.input[0] not in marks.tensors:
+            if points.kind(w) != "weight" or points.kind(node.input[0]) not in ("weight", "activation"):
                 continue  # left float by mark_tensors (non-constant weight, transA, ...): not searchable
-            layers.append(Layer(node.name, node.op_type, node.input[0], w, role.axis, node.output[0],
+            layers.append(Layer(node.name, node.op_type, node.input[0], w, points[w].axis, node.output[0],
                                 layer_macs(node, shapes, inits[w])))
         if not layers:
             raise QtoolError("the model has no quantizable Conv/Gemm/MatMul layer to search")
@@ -162,15 +160,11 @@ class SearchSpace:
         weight_readers: dict[str, list[int]] = {}
         for i, l in enumerate(layers):
             weight_readers.setdefault(l.weight, []).append(i)
-        groups: dict[str, list[str]] = {}
-        for name in marks.activations():
-            groups.setdefault(marks.root(name), []).append(name)
-        for root, members in groups.items():
-            members.sort(key=lambda n: n != root)
+        groups = points.groups()
         group_readers: dict[str, list[int]] = {}
         for i, l in enumerate(layers):
-            group_readers.setdefault(marks.root(l.input), []).append(i)
-        weights = {n: r.axis for n, r in marks.tensors.items() if r.kind == "weight"}
+            group_readers.setdefault(points.root(l.input), []).append(i)
+        weights = points.weights()
         return cls(layers, choices, fixed, weight_readers, groups, group_readers, other_bits, weights)
 
     # -- encoding --------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ quantization, quantize-then-scale equals scale-then-quantize (codes unchanged, s
 fused graph gets W * a, b * a + c and the plan the step sizes x |a| (`export`). MatMul weights are
 per-tensor, so MatMul outputs get no ChannelNorm.
 
-A QAT candidate model is the same class with one bit-width per tensor: `qat` and `supernet` share
-every line of quantization and export code.
+The `--eval qat` evaluator's candidates inherited from a trained supernet (`init_from`) are this class
+too; from the FP32 weights they are `qtool qat`'s model (qtool.qat_model.qat_finetune). Quantization
+points come from `qtool.quant_points` (via SearchSpace), the switchable quantizer and the activation
+plan entries from `qtool.quant_slots`.
 """
 from __future__ import annotations
 
@@ -35,32 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-import passes
 from qtool.fakequant import EMAFakeQuant, LSQFakeQuant
 from qtool.lift import lift
 from qtool.plan import QuantPlan, TensorQuant
+from qtool.quant_points import quant_points
+from qtool.quant_slots import SwitchQuant, plan_of
 from qtool.bitsearch.space import Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
-
-
-class SwitchQuant(nn.Module):
-    """One fake-quant per bit-width; `active` picks the one forward uses."""
-
-    def __init__(self, quants: dict[int, nn.Module]):
-        super().__init__()
-        self.q = nn.ModuleDict({str(b): q for b, q in quants.items()})
-        self.active = max(quants)
-
-    @property
-    def bits(self) -> tuple[int, ...]:
-        return tuple(sorted(int(b) for b in self.q))
-
-    def current(self) -> nn.Module:
-        return self.q[str(self.active)]
-
-    def forward(self, x):
-        return self.q[str(self.active)](x)
 
 
 class ChannelNorm(nn.Module):
@@ -247,7 +231,7 @@ class QuantNet(nn.Module):
             self.aq[f"a{j}"] = SwitchQuant({b: LSQFakeQuant(b, signed=False) if nonneg else EMAFakeQuant(b, signed=False)
                                             for b in options[root]})
             self._aq_key[root] = f"a{j}"
-        biases = {w: b for b, (_, w) in passes.mark_tensors(passes.to_ir(fused).graph).biases.items()}
+        biases = {w: b for b, (_, w) in quant_points(fused).biases().items()}
         node_bias = {n.name: (n.input[2] if len(n.input) > 2 and n.input[2] else None) for n in fused.graph.node}
         hooks: dict[str, list[nn.Module]] = {}
         weight_hooks: dict[str, nn.Module] = {}
@@ -374,10 +358,7 @@ class QuantNet(nn.Module):
             else:
                 plan.tensors[w] = TensorQuant("weight", q.bits, True, "per_channel", qp.axis,
                                               tuple(float(v) for v in s), (0,) * len(s), True)
-        for root, key in self._aq_key.items():
-            q = self.aq[key].current()
-            qp = q.qparams()
-            tq = TensorQuant("activation", q.bits, False, scale=float(np.float32(qp.scale)), zero_point=int(qp.zero_point))
-            for t in self.space.groups[root]:
-                plan.tensors[t] = tq
+        # Activations: the active bit-width's quantizer, shared by the root's group (quant_slots.plan_of).
+        plan.tensors.update(plan_of({t: ("activation", self.aq[key]) for root, key in self._aq_key.items()
+                                     for t in self.space.groups[root]}).tensors)
         return model, plan

@@ -16,7 +16,7 @@ layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers o
   (unsigned, zp 0 for tensors the FP32 graph never makes negative; the calibrated zp held fixed for
   the others: every activation is uint8, the U8S8 path of onnxruntime).
 - An activation is one tensor with one QDQ pair in the exported graph, so a group of tensors that
-  share parameters (`passes.mark_tensors` roots) read by several layers takes, per sample, the
+  share parameters (`qtool.quant_points` roots) read by several layers takes, per sample, the
   widest of their choices (as the static search does). With one-hots g_r over sorted bits this is
   `C = prod_r cumsum(g_r)`, onehot(max) = C - shift(C): exact for hard one-hots and differentiable
   for the straight-through gradient. Groups read by a static layer, or by none (residual sums, the
@@ -52,13 +52,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-import passes
 from qtool.errors import QtoolError
 from qtool.fakequant import LSQFakeQuant
-from qtool.lift import lift, run_op
+from qtool.lift import lift
+from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
-from qtool.qat_quantizers import BiasFakeQuant, LSQAffineFakeQuant, tensor_quant
-from qtool.ptq import QuantConfig, activation_quant
+from qtool.quant_points import quant_points
+from qtool.quant_slots import plan_of
+from qtool.qat_quantizers import BiasFakeQuant, lsq_activation, lsq_weight
 from qtool.bitsearch.space import SearchSpace
 
 DYNAMIC_OPS = ("Conv", "Gemm")
@@ -239,7 +240,7 @@ class DynamicNet(nn.Module):
         space = SearchSpace.from_model(fused, self.choices, fix_first=stem_bits, fix_last=None, other_bits=stem_bits)
         self.space, self.stem_bits, self.tau = space, stem_bits, tau
         k = len(self.choices)
-        marks = passes.mark_tensors(passes.to_ir(fused).graph)
+        points = quant_points(fused)
         for w, readers in space.weight_readers.items():
             if len(readers) > 1:
                 raise QtoolError(f"weight {w!r} is shared by {len(readers)} layers: dynamic bit-widths need one "
@@ -252,7 +253,7 @@ class DynamicNet(nn.Module):
         for i, l in enumerate(space.layers):
             dyn = i >= controller_layers and l.op in DYNAMIC_OPS
             bits = mid if 0 < i < controller_layers and l.op in DYNAMIC_OPS else stem_bits
-            infos.append(LayerInfo(l.node, l.op, l.weight, marks.root(l.input), l.macs, n_dyn if dyn else None, bits))
+            infos.append(LayerInfo(l.node, l.op, l.weight, points.root(l.input), l.macs, n_dyn if dyn else None, bits))
             n_dyn += dyn
         if n_dyn == 0:
             raise QtoolError(f"no Conv/Gemm layer after the first {controller_layers}: nothing for a controller to choose")
@@ -274,18 +275,13 @@ class DynamicNet(nn.Module):
 
         self.ctx = _Ctx()
         self.net = lift(fused)
-        nonneg = {r: act_ranges[r][0] >= 0.0 for r in space.groups}
         self.groups = nn.ModuleDict()
         self._group_key: dict[str, str] = {}
         for j, (root, members) in enumerate(space.groups.items()):
             dyn = root in self.group_readers
             opts = self.choices if dyn else (self.static_bits_of(root),)
             rmin, rmax = act_ranges[root]
-            qs = []
-            for b in opts:
-                tq = activation_quant(rmin, rmax, QuantConfig(act_bits=b))
-                qs.append(LSQFakeQuant(b, signed=False, init_scale=tq.scale) if nonneg[root] and tq.zero_point == 0
-                          else LSQAffineFakeQuant(b, tq.zero_point, tq.scale))
+            qs = [lsq_activation(b, rmin, rmax) for b in opts]
             self.groups[f"a{j}"] = GroupQuant(root, qs, self.ctx if dyn else None)
             self._group_key[root] = f"a{j}"
         self.layer_mods = nn.ModuleList()
@@ -294,15 +290,10 @@ class DynamicNet(nn.Module):
             node = nodes[l.node]
             w = self.net.tensor(l.weight).detach()
             axis = space.weights[l.weight]
-            wqs = []
-            for b in (self.choices if l.dynamic is not None else (l.bits,)):
-                q = LSQFakeQuant(b, signed=True, axis=axis, narrow_range=True,
-                                 num_channels=w.shape[axis] if axis is not None else None)
-                q._init_from(w)
-                wqs.append(q)
+            wqs = [lsq_weight(b, w, axis) for b in (self.choices if l.dynamic is not None else (l.bits,))]
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             mod = _Layer(l.op, self.net.node_attrs(l.node), wqs, self.group(l.input_root),
-                         bias is not None and bias in marks.biases, l.dynamic, self.ctx)
+                         bias is not None and points.kind(bias) == "bias", l.dynamic, self.ctx)
             self.layer_mods.append(mod)
             self.net.replace_nodes([l.node], mod, list(node.input), list(node.output)[:1])
         for root, members in space.groups.items():
@@ -431,20 +422,19 @@ class DynamicNet(nn.Module):
         cfg = [int(c) for c in cfg]
         model = self.net.write_back(self.fused)
         inits = {t.name: t for t in model.graph.initializer}
-        plan = QuantPlan(meta={"producer": "qtool.dynamic", "bits": self.config_bits(cfg)})
+        slots: dict[str, tuple[str, nn.Module]] = {}  # the configuration's quantizer at every point
         for l, mod in zip(self.layers, self.layer_mods):
             q = mod.wq[cfg[l.dynamic] if l.dynamic is not None else 0]
             w = self.net.tensor(l.weight)
             inits[l.weight].CopyFrom(numpy_helper.from_array(q(w).cpu().numpy().astype(np.float32), l.weight))
-            plan.tensors[l.weight] = tensor_quant("weight", q)
+            slots[l.weight] = ("weight", q)
         _, groups = self.config_onehots(cfg)
         for root, members in self.space.groups.items():
             gq = self.group(root)
             q = gq.q[int(groups[root][0].argmax())] if root in groups else gq.q[0]
-            tq = tensor_quant("activation", q)
             for t in members:
-                plan.tensors[t] = tq
-        return model, plan
+                slots[t] = ("activation", q)
+        return model, plan_of(slots, {"producer": "qtool.dynamic", "bits": self.config_bits(cfg)})
 
     def copy_for_static(self) -> "DynamicNet":
         return copy.deepcopy(self)

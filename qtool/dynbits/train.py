@@ -60,7 +60,7 @@ from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_i
 from qtool.device import check_device, resolve_device
 from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
-from qtool.training import EpochMeter
+from qtool.trainloop import EpochMeter, train_loop
 from qtool.dynbits.controller import DynamicNet
 from qtool.dynbits.routing import correctness, routing_analysis
 from qtool.preprocess import Preprocess, resolve_preprocess
@@ -239,40 +239,38 @@ def train(net: DynamicNet, ds: ImageDataset, pre: Preprocess, config: DynamicCon
     expected = dynamic and config.estimator == "expected"
     costs = torch.tensor([net.config_bitflops(net.uniform(b)) for b in net.choices], device=device) if expected else None
     hist = []
+
+    def loss_fn(xb, yb):
+        soft = soft_labels(teacher, xb) if d else None
+        if expected:
+            logits, loss, bf, mean_bits = _expected_step(net, xb, yb, soft, d, costs)
+        else:
+            logits = net(xb)
+            loss = distill_loss(logits, yb, soft, d)
+            if dynamic:
+                bf = net.bitflops(net.last_choice, net.last_groups)
+                mean_bits = net.mean_bits(net.last_choice)
+        if dynamic:
+            excess = (bf - target) / net.total_macs if config.penalty == "bitflops" else mean_bits - target_bits
+            pen = F.relu(excess.mean()) if config.budget == "batch" else F.relu(excess).mean()
+            loss = loss + config.alpha * pen
+            totals["bitflops"] += float(bf.detach().sum())
+        return logits, loss
+
+    # The controller's Adam steps only while it is trained (gumbel mode); a fixed configuration trains
+    # the network alone.
+    optimizers = [opt, opt_c] if dynamic else [opt]
     with progress(disable=config.quiet) as bar:
         task = bar.add_task(label, total=config.epochs * steps, info="")
         for epoch in range(config.epochs):
-            net.train()
             t0 = time.perf_counter()
             meter = EpochMeter()
-            bf_sum = 0.0
-            for xb, yb in epoch_batches(ds, pool, config.batch_size, pre, gen, augment):
-                xb, yb = xb.to(device), yb.to(device)
-                soft = soft_labels(teacher, xb) if d else None
-                if expected:
-                    logits, loss, bf, mean_bits = _expected_step(net, xb, yb, soft, d, costs)
-                else:
-                    logits = net(xb)
-                    loss = distill_loss(logits, yb, soft, d)
-                    if dynamic:
-                        bf = net.bitflops(net.last_choice, net.last_groups)
-                        mean_bits = net.mean_bits(net.last_choice)
-                if dynamic:
-                    excess = (bf - target) / net.total_macs if config.penalty == "bitflops" else mean_bits - target_bits
-                    pen = F.relu(excess.mean()) if config.budget == "batch" else F.relu(excess).mean()
-                    loss = loss + config.alpha * pen
-                    bf_sum += float(bf.detach().sum())
-                opt.zero_grad(set_to_none=True)
-                opt_c.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if dynamic:
-                    opt_c.step()
-                sched.step()
-                meter.update(logits, yb, loss)
-                bar.update(task, advance=1, info=meter.info(epoch, config.epochs))
+            totals = {"bitflops": 0.0}
+            train_loop(net, epoch_batches(ds, pool, config.batch_size, pre, gen, augment), loss_fn, optimizers,
+                       sched, device=device, meter=meter,
+                       on_step=lambda i, loss: bar.update(task, advance=1, info=meter.info(epoch, config.epochs)))
             hist.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
-                         "train_avg_bitflops": bf_sum / meter.n if dynamic else None,
+                         "train_avg_bitflops": totals["bitflops"] / meter.n if dynamic else None,
                          "seconds": round(time.perf_counter() - t0, 2)})
     net.eval()
     return hist

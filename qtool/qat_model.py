@@ -1,0 +1,450 @@
+"""The torch core of `qtool qat` (see `qtool.qat_train` for the method, the algorithms and the fidelity
+argument): calibration, the fake-quant model with one quantizer per plan tensor (`build_qat_model`),
+its training (`train_qat`), its plan (`QATModel.to_plan`) and onnxruntime-exact eval mode.
+`qat_finetune` runs them without qat's reporting; the search's `--eval qat` evaluator calls it."""
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from qtool.data import ImageDataset, epoch_batches, model_image_input, step_batches
+from qtool.distill import distill_loss, fp32_teacher, soft_labels
+from qtool.errors import QtoolError
+from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, MinMaxFakeQuant, PACTFakeQuant
+from qtool.lift import LiftedModule, lift
+from qtool.lift_ops import run_op
+from qtool.ortexact import install_exact_eval
+from qtool.plan import QuantPlan, TensorQuant
+from qtool.preprocess import Preprocess
+from qtool.qat_bits import TensorSpec, resolve_bits
+from qtool.qat_config import QATConfig
+from qtool.qat_quantizers import (BiasFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, lsq_activation, lsq_weight,
+                                  tensor_quant)
+from qtool.quant_points import quant_points
+from qtool.quant_slots import active_quantizer, plan_of
+from qtool.ptq import QuantConfig, build_plan
+from qtool.fusion import is_fused, fuse, untie_biases
+from qtool.trainloop import EpochMeter, split_decay, supervised, train_loop
+
+__all__ = ["QATModel", "build_qat_model", "train_qat", "qat_finetune", "calibrate_activations", "start_run"]
+
+_CALIB_SEED = 20151211
+
+
+class _ConvBNFold(nn.Module):
+    """Conv -> BatchNormalization trained with the fake-quant on the folded weight (`bn_fold`, see qtool.qat_train)."""
+
+    def __init__(self, conv_attrs: dict, eps: float, momentum: float, weight_fq: nn.Module, freeze_step: int):
+        super().__init__()
+        self.conv_attrs, self.eps, self.momentum = conv_attrs, eps, momentum  # momentum: torch's (1 - ONNX's)
+        self.weight_fq = weight_fq
+        self.bias_fq: BiasFakeQuant | None = None
+        self.exact: nn.Module | None = None  # eval-mode onnxruntime kernel emulation (qtool.ortexact)
+        self.freeze_step = freeze_step
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def folded(self, w, b, gamma, beta, mean, var):
+        std = torch.sqrt(var + self.eps)
+        s = gamma / std
+        w_fold = w * s.reshape((-1,) + (1,) * (w.dim() - 1))
+        b0 = b if b is not None else torch.zeros_like(mean)
+        return w_fold, beta + (b0 - mean) * s
+
+    def forward(self, x, w, b, gamma, beta, mean, var):
+        w_fold, b_fold = self.folded(w, b, gamma, beta, mean, var)
+        wq = self.weight_fq(w_fold)
+        if self.training:
+            self.step += 1
+        if self.training and int(self.step) <= self.freeze_step:
+            # Undo the fold factor on the quantized conv and normalize with batch statistics (which
+            # updates the running ones): PyTorch's ConvBn QAT approximation, one conv per step.
+            s = gamma / torch.sqrt(var + self.eps)
+            s = torch.where(s.abs() > 1e-12, s, torch.full_like(s, 1e-12))  # gamma 0: avoid 0 / 0
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = run_op("Conv", self.conv_attrs, True, x, wq, None) / s.reshape(shape)
+            if b is not None:
+                y = y + b.reshape(shape)
+            return F.batch_norm(y, mean, var, gamma, beta, True, self.momentum, self.eps)
+        bias = self.bias_fq(b_fold) if self.bias_fq is not None else b_fold
+        if self.exact is not None and not self.training:
+            return self.exact(x, wq, bias)
+        return run_op("Conv", self.conv_attrs, self.training, x, wq, bias)
+
+
+
+def _device(config: QATConfig) -> torch.device:
+    from qtool.device import resolve_device
+
+    return resolve_device(config.device, option="device")
+
+
+def _calib_batches(fused: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, n: int, bs: int = 64):
+    name, dims = model_image_input(fused)
+    idx = np.sort(np.random.default_rng(_CALIB_SEED).permutation(len(ds))[:n])
+    fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    bs = fixed or bs
+    out = []
+    for i in range(0, len(idx), bs):
+        x = pre.apply(ds.images[idx[i:i + bs]])
+        if fixed is None or len(x) == fixed:
+            out.append({name: x})
+    if not out:
+        raise QtoolError(f"model has a fixed batch of {fixed}: calibration needs at least that many images")
+    return out
+
+
+def _act_quantizer(algo: str, bits: int, rmin: float, rmax: float, delay: int, decay: float,
+                   notes: list[str], name: str) -> FakeQuant:
+    nonneg = rmin >= 0.0
+    if algo in ("pact", "dorefa") and not nonneg:
+        notes.append(f"{algo}: {name} has negative values; quantized with the ema observer")
+    if algo == "lsq":
+        return lsq_activation(bits, rmin, rmax, delay)
+    if algo in ("pact", "dorefa") and nonneg:
+        return PACTFakeQuant(bits, alpha=max(rmax, 1e-6), quant_delay=delay, learn_alpha=algo == "pact")
+    fq = (MinMaxFakeQuant(bits, signed=False, quant_delay=delay) if algo == "minmax"
+          else EMAFakeQuant(bits, signed=False, quant_delay=delay, decay=decay))
+    fq.min_val, fq.max_val = torch.tensor(float(rmin)), torch.tensor(float(rmax))
+    return fq
+
+
+def _weight_quantizer(algo: str, s: TensorSpec, w: torch.Tensor, axis: int | None) -> FakeQuant:
+    bits, delay = s.bits, s.quant_delay
+    if algo == "bnn" and s.uniform:
+        return BNNWeightFakeQuant(axis=axis, quant_delay=delay)
+    if algo in ("minmax", "ema", "bnn"):  # bnn: weights given their own bits (first/last, rules, plans)
+        return WeightMinMaxFakeQuant(bits, axis, delay)
+    dims = list(range(w.dim())) if axis is None else [d for d in range(w.dim()) if d != axis]
+    a = w.detach().float().abs()
+    if algo == "lsq":
+        return lsq_weight(bits, w, axis, delay)  # the LSQ paper's init, 2 mean|w| / sqrt(qmax), per channel
+    return DoReFaWeightFakeQuant(bits, a.amax(dim=dims), axis, delay)  # pact / dorefa
+
+
+@dataclass
+class _FoldPair:
+    conv: str  # node name (same in both graphs)
+    bn_out: str
+    inputs: list[str]  # lifted-graph inputs: x, w, b, gamma, beta, mean, var
+    eps: float
+    momentum: float
+
+
+def _bn_fold_map(original: onnx.ModelProto, fused: onnx.ModelProto, spec: dict[str, TensorSpec],
+                 notes: list[str]) -> tuple[LiftedModule, dict[str, _FoldPair], dict[str, str]] | None:
+    """Lift the unfused graph and map the fused graph's quantized tensors onto it, or None (with a
+    note) when it does not map one to one."""
+    g = original.graph
+    readers = defaultdict(list)
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            readers[t].append((n, i))
+    outputs = {o.name for o in g.output}
+    fused_nodes = {n.name: n for n in fused.graph.node}
+    pairs: dict[str, _FoldPair] = {}
+    for n in g.node:
+        if n.op_type != "Conv" or n.name not in fused_nodes or fused_nodes[n.name].op_type != "Conv":
+            continue
+        r = readers.get(n.output[0], [])
+        if len(r) != 1 or r[0][0].op_type != "BatchNormalization" or r[0][1] != 0 or n.output[0] in outputs:
+            continue
+        bn = r[0][0]
+        if any(o for o in bn.output[1:]) or len(bn.input) != 5 or not bn.name or not n.name:
+            continue
+        if fused_nodes[n.name].input[1] != n.input[1]:
+            notes.append(f"bn_fold off: fused Conv {n.name!r} reads another weight; trained on the fused graph")
+            return None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        pairs[n.name] = _FoldPair(n.name, bn.output[0],
+                                  [n.input[0], n.input[1], n.input[2] if len(n.input) > 2 else ""] + list(bn.input[1:]),
+                                  float(attrs.get("epsilon", 1e-5)), 1.0 - float(attrs.get("momentum", 0.9)))
+    if not pairs:
+        return None
+    try:
+        lifted = lift(original)
+    except QtoolError as e:
+        notes.append(f"bn_fold off: the unfused graph does not lift ({e}); trained on the fused graph")
+        return None
+
+    def off(why: str):
+        notes.append(f"bn_fold off: {why}; trained on the fused graph")
+        return None
+
+    pair_inits = {fused_nodes[c].input[i] for c in pairs for i in (1, 2) if len(fused_nodes[c].input) > i}
+    orig_state = lifted.export_weights()
+    for t in fused.graph.initializer:
+        # New names are constants the simplifier folded; a trainable source would be caught below.
+        if t.name in pair_inits or t.name not in orig_state:
+            continue
+        if not np.array_equal(orig_state[t.name], numpy_helper.to_array(t)):
+            return off(f"fused initializer {t.name!r} differs from the unfused graph's")
+    fused_init_names = {t.name for t in fused.graph.initializer}
+    used_by_pairs = {t for p in pairs.values() for t in p.inputs[1:5] if t}
+    for name in lifted.trainable_initializers():
+        if name not in used_by_pairs and name not in fused_init_names:
+            return off(f"trainable initializer {name!r} of the unfused graph is folded away")
+    # Activation names: a pair conv's fused output is the BN output in the unfused graph.
+    fused_producer = {o: n for n in fused.graph.node for o in n.output}
+    orig_producer = {o: n for n in g.node for o in n.output}
+    graph_inputs = {i.name for i in g.input}
+    conv_out = {fused_nodes[c].output[0]: p.bn_out for c, p in pairs.items()}
+    names: dict[str, str] = {}
+    for t, s in spec.items():
+        if s.kind == "weight":
+            names[t] = t
+        elif t in conv_out:
+            names[t] = conv_out[t]
+        elif t in graph_inputs:
+            names[t] = t
+        else:
+            fp, op = fused_producer.get(t), orig_producer.get(t)
+            if fp is None or op is None or fp.name != op.name or fp.op_type != op.op_type:
+                return off(f"tensor {t!r} of the fused graph has no counterpart in the unfused graph")
+            names[t] = t
+    return lifted, pairs, names
+
+
+def _install_exact_eval(lifted: LiftedModule) -> list[str]:
+    """Snapshot the trained quantization parameters into qtool.ortexact's eval-mode kernels."""
+    weights = set(lifted.trainable_initializers())
+
+    def quant_of(t: str) -> TensorQuant | None:
+        fq = lifted.quantizer(t)
+        if fq is None or isinstance(fq, BiasFakeQuant):
+            return None
+        kind = "weight" if t in weights else "activation"
+        return tensor_quant(kind, active_quantizer(fq))
+
+    def weight_quant_of(fold: nn.Module) -> TensorQuant | None:
+        return tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
+
+    return install_exact_eval(lifted, quant_of, weight_quant_of)
+
+
+def calibrate_activations(fused: onnx.ModelProto, train_data: ImageDataset, pre: Preprocess,
+                          calib_size: int, roots: list[str] | None = None) -> dict:
+    """PTQ's minmax statistics of every activation root of the fused graph on onnxruntime (`calib_size`
+    images of `train_data`, a fixed sample): the plan skeleton and the quantizers' initial ranges.
+    They depend on the FP32 graph only, so a caller training many bit configurations of one graph (the
+    search's `--eval qat`) computes them once and passes them to `build_qat_model`."""
+    from qtool.calibrate import collect_stats
+
+    if roots is None:  # every activation root of the graph
+        roots = quant_points(fused).activation_roots()
+    return collect_stats(fused, _calib_batches(fused, train_data, pre, calib_size), roots)
+
+
+@dataclass
+class QATModel:
+    """One QAT run's fake-quant model: the lifted graph with a quantizer at every quantization point
+    the configuration quantizes (`build_qat_model`), trained by `train_qat`, read back by `to_plan`."""
+    lifted: LiftedModule
+    fused: onnx.ModelProto  # the fused graph the plan refers to
+    spec: dict[str, TensorSpec]
+    quantizers: dict[str, nn.Module]  # plan tensor -> its quantizer (pass-through tensors: SharedFakeQuant)
+    pairs: dict[str, _FoldPair]  # Conv node -> the Conv->BN pair trained unfolded (bn_fold)
+    total_steps: int
+    notes: list[str]
+
+    def _fold_of(self, weight: str) -> _ConvBNFold:
+        return next(m for m in self.lifted.replaced.values() if isinstance(m, _ConvBNFold)
+                    and m.weight_fq is self.quantizers[weight])
+
+    def to_plan(self, meta: dict) -> tuple[onnx.ModelProto, QuantPlan]:
+        """(the fused graph with every weight replaced by its fake-quantized value, the QuantPlan of the
+        trained quantizers' qparams): `apply_plan` of the two is the exported QDQ model."""
+        lifted, fused, quantizers = self.lifted, self.fused, self.quantizers
+        lifted.eval()
+        fused_inits = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
+        fused_nodes = {n.name: n for n in fused.graph.node}
+        pair_weights = {fused_nodes[c].input[1] for c in self.pairs}
+        tuned = copy.deepcopy(fused)
+        inits = {t.name: t for t in tuned.graph.initializer}
+        state = lifted.export_weights()
+        for n in inits:
+            if n in state:
+                inits[n].CopyFrom(numpy_helper.from_array(state[n].astype(fused_inits[n].dtype), n))
+        with torch.no_grad():
+            for c, p in self.pairs.items():
+                fold = self._fold_of(fused_nodes[c].input[1])
+                vals = [lifted.tensor(x) if x else None for x in p.inputs[1:]]
+                w_fold, b_fold = fold.folded(*vals)
+                fq_w = fold.weight_fq(w_fold)
+                wn, bn_ = fused_nodes[c].input[1], fused_nodes[c].input[2]
+                inits[wn].CopyFrom(numpy_helper.from_array(fq_w.cpu().numpy().astype(np.float32), wn))
+                inits[bn_].CopyFrom(numpy_helper.from_array(b_fold.cpu().numpy().astype(np.float32), bn_))
+            for t, s in self.spec.items():
+                if s.kind == "weight" and t not in pair_weights:
+                    inits[t].CopyFrom(numpy_helper.from_array(
+                        quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
+        return tuned, plan_of({t: (s.kind, quantizers[t]) for t, s in self.spec.items()}, meta)
+
+    def install_exact_eval(self) -> list[str]:
+        """Move the module to the CPU and make its eval mode compute onnxruntime's integer kernels
+        (qtool.ortexact): cuDNN rounds float convolutions its own way (qtool.device)."""
+        self.lifted.cpu()
+        return _install_exact_eval(self.lifted)
+
+
+def _total_steps(config: QATConfig, train_data: ImageDataset) -> int:
+    if config.steps is not None:
+        return config.steps
+    return config.epochs * math.ceil(min(len(train_data), config.train_limit or len(train_data)) / config.batch_size)
+
+
+def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess,
+                    device: torch.device, notes: list[str], stats: dict | None = None) -> QATModel:
+    """Fuse, resolve the bits, calibrate (unless `stats` are given, see `calibrate_activations`), lift
+    and put one quantizer per plan tensor (the module docstring's flow up to training)."""
+    original = model
+    fused = model if is_fused(model) else fuse(model)[0]
+    fused = untie_biases(fused)
+    spec = resolve_bits(fused, config)
+    if not spec:
+        raise QtoolError("nothing to quantize: the configuration leaves every tensor float")
+    points = quant_points(fused)
+
+    # PTQ calibration (minmax) of every activation root: the plan skeleton and the initial ranges.
+    if stats is None:
+        roots = list(dict.fromkeys(points.root(t) for t, s in spec.items() if s.kind == "activation"))
+        stats = calibrate_activations(fused, train_data, pre, config.calib_size, roots)
+    skeleton = build_plan(fused, QuantConfig(calib="minmax"), stats)  # PTQ's placement, axes, granularity
+    missing = [t for t in spec if t not in skeleton.tensors]
+    if missing:
+        raise QtoolError(f"tensors without calibration data (not reached by the input?): {missing[:5]}")
+
+    # Lift: the unfused graph with Conv->BN kept when it maps onto the fused one, else the fused graph.
+    mapped = None
+    if config.bn_fold and original is not fused and not is_fused(original):
+        mapped = _bn_fold_map(original, fused, spec, notes)
+    if mapped is not None:
+        lifted, pairs, names = mapped
+    else:
+        lifted, pairs, names = lift(fused), {}, {t: t for t in spec}
+    fused_inits = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
+    fused_nodes = {n.name: n for n in fused.graph.node}
+    pair_of_weight = {fused_nodes[c].input[1]: p for c, p in pairs.items()}
+
+    total_steps = _total_steps(config, train_data)
+    freeze = config.freeze_bn if config.freeze_bn is not None else total_steps // 2
+
+    # One quantizer per plan tensor; pass-through tensors share their root's.
+    quantizers: dict[str, nn.Module] = {}
+    for t, s in spec.items():
+        if s.kind == "activation" and points.root(t) == t:
+            rmin, rmax = stats[t].range("minmax", signed=False)
+            quantizers[t] = _act_quantizer(config.algo, s.bits, rmin, rmax, s.quant_delay, config.ema_decay,
+                                           notes, t)
+    for t, s in spec.items():
+        if s.kind == "activation" and points.root(t) != t:
+            quantizers[t] = SharedFakeQuant(quantizers[points.root(t)])
+        elif s.kind == "weight":
+            w = torch.from_numpy(np.array(fused_inits[t], copy=True))
+            quantizers[t] = _weight_quantizer(config.algo, s, w, skeleton.tensors[t].axis)
+    if config.algo == "bnn":
+        notes.append("bnn: binary weights where the uniform bits apply (others: per-channel minmax at their "
+                     "bits); activations at their bits with the ema observer")
+    for t, s in spec.items():  # weights first: bias quantizers read the weight scale of this step
+        if s.kind != "weight":
+            continue
+        if t in pair_of_weight:
+            p = pair_of_weight[t]
+            fold = _ConvBNFold(lifted.node_attrs(p.conv), p.eps, p.momentum, quantizers[t], freeze)
+            orig_bn = next(n.name for n in original.graph.node if p.bn_out in n.output)
+            lifted.replace_nodes([p.conv, orig_bn], fold, p.inputs, [p.bn_out])
+        else:
+            lifted.set_weight_quantizer(names[t], quantizers[t])
+    bias_fqs: dict[str, BiasFakeQuant] = {}
+    for b, (inp, w) in points.biases().items():
+        if inp in quantizers and w in quantizers:
+            bias_fqs[b] = BiasFakeQuant(quantizers[inp], quantizers[w])
+            if w in pair_of_weight:
+                lifted.replaced[next(k for k, m in lifted.replaced.items()
+                                     if isinstance(m, _ConvBNFold) and m.weight_fq is quantizers[w])].bias_fq = bias_fqs[b]
+            else:
+                lifted.set_quantizer(b, bias_fqs[b])
+    for t, s in spec.items():
+        if s.kind == "activation":
+            lifted.set_quantizer(names[t], quantizers[t])
+    lifted.to(device)
+    if pairs:
+        notes.append(f"bn_fold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
+                     f"BN statistics frozen after step {freeze}")
+    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes)
+
+
+def start_run(config: QATConfig) -> tuple[torch.device, torch.Generator]:
+    """The run's device and batch generator; torch's global seed is set too (quantizer inits, dropout)."""
+    if not isinstance(config, QATConfig):
+        raise QtoolError(f"config must be a QATConfig, got {type(config).__name__}")
+    device = _device(config)
+    torch.manual_seed(config.seed)
+    return device, torch.Generator().manual_seed(config.seed)
+
+
+def qat_finetune(fused: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess, *,
+                 stats: dict | None = None, teacher: nn.Module | None = None) -> QATModel:
+    """`qat` without its reporting (no per-epoch validation, no onnxruntime fidelity check): the same
+    build, training loop and quantizers, for callers that tune many configurations of one graph (the
+    search's `--eval qat` evaluator). Returns the trained model, eval mode emulating onnxruntime's
+    kernels as `qat`'s module does; `to_plan` gives the tuned graph and its plan."""
+    device, gen = start_run(config)
+    qm = build_qat_model(fused, train_data, config, pre, device, [], stats)
+    if config.distill and teacher is None:
+        teacher = fp32_teacher(qm.fused)
+    train_qat(qm, train_data, pre, config, device, gen, teacher=teacher)
+    qm.install_exact_eval()
+    return qm
+
+
+def train_qat(qm: QATModel, train_data: ImageDataset, pre: Preprocess, config: QATConfig, device: torch.device,
+              gen: torch.Generator, *, teacher: nn.Module | None = None, on_epoch=None) -> None:
+    """Train `qm` with `config`'s optimizer and cosine schedule: `epochs` passes over the (limited) train
+    split, or exactly `steps` optimizer steps; `on_epoch(epoch, meter, bar)` after each epoch (after the
+    steps). With `config.distill` the loss mixes in `teacher`'s soft labels (qtool.distill)."""
+    from qtool.progress import progress
+
+    lifted = qm.lifted
+    n_all = len(train_data)
+    pool = torch.randperm(n_all, generator=gen)[:config.train_limit] if config.train_limit else torch.arange(n_all)
+    c, h = train_data.shape[0], train_data.shape[1]
+    augment = config.augment and c == 3 and h >= 16
+    decay, no_decay = split_decay(lifted.parameters())  # no decay on biases, BN, scales, alphas
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = config.learning_rate
+    opt = (torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
+           if config.optimizer == "sgd" else torch.optim.Adam(groups, lr=lr))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(qm.total_steps, 1))
+    if config.distill:
+        teacher = teacher.to(device).eval()
+
+        def loss_fn(x, y):
+            logits = lifted(x)
+            return logits, distill_loss(logits, y, soft_labels(teacher, x), config.distill)
+    else:
+        loss_fn = supervised(lifted, nn.CrossEntropyLoss())
+    if config.steps is not None:
+        ds = train_data.subset(np.sort(pool.numpy())) if config.train_limit else train_data
+        runs = [(0, step_batches(ds, config.steps, config.batch_size, pre, gen, augment))]
+        epochs, total = 1, config.steps
+    else:
+        runs = ((e, epoch_batches(train_data, pool, config.batch_size, pre, gen, augment))
+                for e in range(config.epochs))
+        epochs, total = config.epochs, config.epochs * math.ceil(len(pool) / config.batch_size)
+    with progress(disable=config.quiet) as bar:
+        task = bar.add_task(f"qat {config.algo}", total=total, info="")
+        for epoch, batches in runs:
+            meter = EpochMeter()
+            train_loop(lifted, batches, loss_fn, [opt], sched, device=device, meter=meter,
+                       on_step=lambda i, loss: bar.update(task, advance=1, info=meter.info(epoch, epochs)))
+            if on_epoch is not None:
+                on_epoch(epoch, meter, bar)
