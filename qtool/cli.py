@@ -119,7 +119,7 @@ def checked_outputs(inputs: tuple, *outputs) -> None:
 
 
 @cli.command()
-@click.option("--model", "model_name", default="resnet20", show_default=True, help="zoo model: resnet20/32/44/56, mobilenetv2, lenet5, vgg_small, resnet18")
+@click.option("--model", "model_name", default="resnet20", show_default=True, help="zoo model: resnet20/32/44/56, mobilenetv2, lenet5, digitnet, vgg_small, resnet18")
 @click.option("--data", default="digits", show_default=True, help=DATA_HELP)
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)

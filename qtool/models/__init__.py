@@ -6,6 +6,7 @@ from typing import Callable
 import torch.nn as nn
 
 from qtool.errors import QtoolError
+from qtool.models.digitnet import DigitNet
 from qtool.models.lenet import LeNet5
 from qtool.models.mobilenetv2 import MobileNetV2Cifar
 from qtool.models.resnet_cifar import ResNetCifar
@@ -19,6 +20,7 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet56": lambda **kw: ResNetCifar(depth=56, **kw),
     "mobilenetv2": MobileNetV2Cifar,
     "lenet5": LeNet5,
+    "digitnet": DigitNet,
     "vgg_small": VGGSmall,
     "resnet18": ResNet18,
 }
