@@ -90,12 +90,13 @@ class TensorStats:
             self.fine[n // 4:n // 4 + n // 2] = merged
             self.R *= 2.0
         # Vectorized binning, ~3x faster than np.histogram (which also bisects edge cases): floor of
-        # (x + R) * n / 2R; x == R falls into the last bin as in np.histogram.
+        # (x + R) * n / 2R. No clip pass: |x| <= R, so rounding can only give a tiny negative value (the
+        # cast truncates it to bin 0) or n for x == R, which joins the last bin as in np.histogram.
         idx = x * np.float32(n / (2.0 * self.R))
         idx += np.float32(n / 2)
-        i = idx.astype(np.intp)
-        np.clip(i, 0, n - 1, out=i)
-        self.fine += np.bincount(i, minlength=n)
+        h = np.bincount(idx.astype(np.intp), minlength=n + 1)
+        h[n - 1] += h[n]
+        self.fine += h[:n]
 
     # -- ranges ---------------------------------------------------------------------------------
     def edges(self) -> np.ndarray:
@@ -159,8 +160,16 @@ class TensorStats:
         last = int(nz[-1]) + 1
         if last <= levels:
             return last * width
-        cands, kl = kl_by_threshold(h[:last], levels)
-        return int(cands[int(np.argmin(kl))]) * width
+        # Every `step`-th candidate, then every one around the best: the same optimum unless the KL curve
+        # has a sharper dip between two coarse candidates than around its minimum, at a fraction of the cost.
+        step = max(1, (last - levels) // 512)
+        cands, kl = kl_by_threshold(h[:last], levels, stride=step)
+        best = int(cands[int(np.argmin(kl))])
+        if step > 1:
+            lo, hi = max(levels, best - step + 1), min(last, best + step - 1)
+            cands, kl = kl_by_threshold(h[:last], levels, start=lo, stop=hi)
+            best = int(cands[int(np.argmin(kl))])
+        return best * width
 
     def _mse(self, signed: bool, bits: int) -> tuple[float, float]:
         e = self.edges()
@@ -189,9 +198,11 @@ class TensorStats:
         return best_r
 
 
-def kl_by_threshold(hist: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """KL(P || Q) of TensorRT's entropy calibration for every candidate threshold i (in bins) of the
-    |x| histogram `hist`, i = levels .. len(hist). Returns (candidates, kl); inf where undefined.
+def kl_by_threshold(hist: np.ndarray, levels: int, *, start: int | None = None, stop: int | None = None,
+                    stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) of TensorRT's entropy calibration for candidate thresholds i (in bins) of the |x|
+    histogram `hist`, i = start, start + stride, .. <= stop (default: levels .. len(hist)).
+    Returns (candidates, kl); inf where undefined.
 
     P is hist[:i] with the clipped outliers hist[i:] added to its last bin; Q quantizes hist[:i]
     (without the outliers) into `levels` levels, bin j to level floor(j * levels / i) (an even split;
@@ -203,7 +214,8 @@ def kl_by_threshold(hist: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarr
     """
     h = np.asarray(hist, np.float64)
     n, N = h.size, float(h.sum())
-    cands = np.arange(levels, n + 1)
+    start = levels if start is None else max(start, levels)
+    cands = np.arange(start, (n if stop is None else min(stop, n)) + 1, stride)
     if cands.size == 0 or N <= 0:
         return cands, np.full(cands.size, np.inf)
     C = np.concatenate([[0.0], np.cumsum(h)])
