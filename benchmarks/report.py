@@ -218,8 +218,35 @@ def dynamic_table(d: dict) -> str:
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
+def calibration_table(d: dict) -> str:
+    """benchmarks.calibration: qtool vs onnxruntime quantize_static per calibration method: top-1 and time."""
+    fp = d["fp32_top1"]
+    rows = []
+    for m, r in d["methods"].items():
+        q, o = r["qtool"], r["ort"]
+        rows.append([m, _pct(q["top1"]), _pp((q["top1"] - fp) * 100), _pct(o and o["top1"]),
+                     _pp(o and (o["top1"] - fp) * 100), _pct(q["top1_float_kernels"]),
+                     _pct(o and o["top1_float_kernels"]), f"{q['seconds']:.1f}",
+                     f"{o['seconds']:.1f}" if o else "—", f"{r['qtool_over_ort_time']:.2f}" if o else "—"])
+    lines = [f"Model {d['model']}, W8A8 (U8S8, per-channel weights), {d['calibration_images']} calibration images, "
+             f"top-1 on {d['val_images']} val images; FP32 {_pct(fp)} %. Time: best of {d['repeats']}, the tools "
+             "interleaved.", ""]
+    lines += _table(["method", "qtool top-1", "qtool − FP32 (pp)", "ORT top-1", "ORT − FP32 (pp)",
+                     "qtool float kernels", "ORT float kernels", "qtool s", "ORT s", "qtool / ORT time"], rows)
+    lines += ["", "Float kernels: the same QDQ models with onnxruntime's graph optimizations off (Q/DQ around float "
+              "Conv), free of the U8S8 saturation of CPUs without VNNI."]
+    lines += ["", f"qtool's default ({d['qtool_phases_s'][0]['method']}) vs onnxruntime's default (MinMax): "
+              f"time x{d['default_vs_default_time']:.2f}.", ""]
+    lines += _table(["qtool phase (s)", "fuse", "calibration run", "of which inference + min/max", "plan (range search)",
+                     "insert Q/DQ"],
+                    [[p["method"], *(f"{p[k]:.2f}" for k in ("fuse", "calibration_run", "of_which_inference_and_minmax",
+                                                            "plan_incl_range_search", "insert_qdq"))]
+                     for p in d["qtool_phases_s"]])
+    return "\n".join(lines + ["", _machine(d)]) + "\n"
+
+
 RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
-          "search": search_table, "dynamic": dynamic_table}
+          "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table}
 
 
 def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
@@ -271,6 +298,11 @@ SECTIONS = (
             "QAT models; float fallbacks in ORT's optimized graph. Models other than ResNet-20 have random weights "
             "and are timed only.",
             (("suite", "python -m benchmarks run"), ("suite_quick", "python -m benchmarks run --quick"))),
+    Section("calibration", "Calibration methods: qtool vs onnxruntime quantize_static",
+            "Each calibration method (minmax, percentile, entropy, mse) of qtool and of onnxruntime's `quantize_static` "
+            "on the trained ResNet-20 with the same calibration images: top-1 on onnxruntime and quantize wall time "
+            "(the tools interleaved), and where qtool's time goes.",
+            (("calibration", "python -m benchmarks.calibration"),)),
     Section("train", "ResNet-20 FP32 training",
             "FP32 training of the zoo's ResNet-20 on the shared CIFAR-10 split (45k train / 5k val) and the accuracy "
             "of its ONNX export on onnxruntime; the model is benchmarks/models/resnet20_cifar10.onnx, which the "

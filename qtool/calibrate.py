@@ -33,48 +33,70 @@ DEFAULT_BINS = 2048  # even, so doubling the range merges bin pairs exactly
 
 
 MIN_HIST_RANGE = 1e-8
+# Sub-bins per histogram bin kept internally. percentile / mse read the `bins`-bin histogram (their
+# sums); entropy reads the finer one: TensorRT's KL search needs many histogram bins per quantization
+# level (it uses 2048 bins for 128 levels), else a candidate threshold T whose quantization step is one
+# histogram bin looks lossless to the search and wins. With 2048 x 4 signed bins, |x| over [0, max]
+# gets 2048-4096 bins, as fine as TensorRT's.
+FINE = 4
 
 
 class TensorStats:
-    """Running min/max + symmetric fixed-bin histogram of one tensor."""
+    """Running min/max + symmetric fixed-bin histogram of one tensor (`histogram=False`: min/max only,
+    enough for minmax and far cheaper per batch)."""
 
-    def __init__(self, bins: int = DEFAULT_BINS):
+    def __init__(self, bins: int = DEFAULT_BINS, histogram: bool = True):
         if bins < 16 or bins % 4:
             raise QtoolError(f"histogram bins must be a multiple of 4 and >= 16, got {bins}")
         self.bins = bins
+        self.histogram = histogram
         self.min = np.inf
         self.max = -np.inf
         self.R = 0.0
-        self.hist = np.zeros(bins, np.int64)
+        self.fine = np.zeros(bins * FINE if histogram else 0, np.int64)
         self.count = 0
+
+    @property
+    def hist(self) -> np.ndarray:
+        """The `bins`-bin histogram over [-R, R]."""
+        return self.fine.reshape(self.bins, FINE).sum(axis=1)
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32).ravel()
         if x.size == 0:
             return
-        finite = x[np.isfinite(x)]
-        if finite.size != x.size:
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max: one check suffices
+            finite = x[np.isfinite(x)]
             log.warning("calibration tensor has %d non-finite values; ignored", x.size - finite.size)
             x = finite
             if x.size == 0:
                 return
-        lo, hi = float(x.min()), float(x.max())
+            lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.count += x.size
+        if not self.histogram:
+            return
         amax = max(abs(lo), abs(hi))
         if self.R == 0.0:
-            # A floor keeps the bin width a normal float32 (subnormal ranges break np.histogram);
+            # A floor keeps the bin width a normal float32 (subnormal ranges break the binning);
             # ranges this small quantize to zero anyway.
             self.R = max(amax, MIN_HIST_RANGE)
+        n = self.fine.size
         while amax > self.R:
             # [-2R, 2R]: the old [-R, R] occupies the middle half; each new bin = two old bins.
-            merged = self.hist.reshape(-1, 2).sum(axis=1)
-            self.hist = np.zeros_like(self.hist)
-            q = self.bins // 4
-            self.hist[q:q + self.bins // 2] = merged
+            merged = self.fine.reshape(-1, 2).sum(axis=1)
+            self.fine = np.zeros_like(self.fine)
+            self.fine[n // 4:n // 4 + n // 2] = merged
             self.R *= 2.0
-        h, _ = np.histogram(x, bins=self.bins, range=(-self.R, self.R))
-        self.hist += h
-        self.count += x.size
+        # Vectorized binning, ~3x faster than np.histogram (which also bisects edge cases): floor of
+        # (x + R) * n / 2R. No clip pass: |x| <= R, so rounding can only give a tiny negative value (the
+        # cast truncates it to bin 0) or n for x == R, which joins the last bin as in np.histogram.
+        idx = x * np.float32(n / (2.0 * self.R))
+        idx += np.float32(n / 2)
+        h = np.bincount(idx.astype(np.intp), minlength=n + 1)
+        h[n - 1] += h[n]
+        self.fine += h[:n]
 
     # -- ranges ---------------------------------------------------------------------------------
     def edges(self) -> np.ndarray:
@@ -85,6 +107,9 @@ class TensorStats:
             raise QtoolError("no calibration data reached a watched tensor")
         if method == "minmax":
             return float(self.min), float(self.max)
+        if not self.histogram and method in METHODS:
+            raise QtoolError(f"calibration method {method!r} needs histograms; these statistics were collected "
+                             "with histograms=False (minmax only)")
         if method == "percentile":
             lo, hi = self._percentile(percentile, signed)
         elif method == "entropy":
@@ -119,38 +144,32 @@ class TensorStats:
         return max(float(self.min), float(lo)), min(float(self.max), float(hi))
 
     def _entropy_threshold(self, levels: int) -> float:
-        h, R = self._abs_hist()
-        n = len(h)
-        width = R / n
+        """TensorRT's KL threshold on the fine |x| histogram: the smallest KL(P || Q) over every candidate
+        threshold from `levels` bins up to the last non-empty bin (kl_by_threshold)."""
+        half = self.fine.size // 2
+        h = self.fine[half:] + self.fine[:half][::-1]  # |x| over [0, R]: the symmetric grid folds exactly
+        # The first bin holds the exact zeros of a Relu (often half the tensor). 0 is exact in any range
+        # (activation_quant), yet a level spanning that spike and its neighbours looks like a big loss to
+        # the KL, so every threshold whose step is wider than one bin lost to the smallest candidate
+        # (the old 0.25 x range). TensorRT's calibrator (pytorch-quantization) flattens it the same way.
+        h[0] = h[1]
+        width = self.R / half
         nz = np.nonzero(h)[0]
         if nz.size == 0:
             return float(max(abs(self.min), abs(self.max)))
         last = int(nz[-1]) + 1
         if last <= levels:
             return last * width
-        h = h.astype(np.float64)
-        best, best_i = np.inf, last
-        step = max(1, (last - levels) // 256)  # bounded work per tensor
-        for i in range(levels, last + 1, step):
-            p = h[:i].copy()
-            p[i - 1] += h[i:].sum()  # clipped outliers land in the last bin
-            # Quantize the first i bins of the *unclipped* histogram to `levels` bins, then expand
-            # back spreading each level's mass evenly over its non-empty source bins (TensorRT).
-            src = h[:i]
-            idx = (np.arange(i) * levels) // i
-            mass = np.bincount(idx, weights=src, minlength=levels)
-            nonempty = np.bincount(idx, weights=(src > 0).astype(np.float64), minlength=levels)
-            q = np.where(src > 0, mass[idx] / np.maximum(nonempty[idx], 1), 0.0)
-            ps, qs = p.sum(), q.sum()
-            if qs == 0:
-                continue
-            p, q = p / ps, q / qs
-            m = p > 0
-            # q == 0 where p > 0 (only possible at the outlier bin) is smoothed rather than infinite.
-            kl = float(np.sum(p[m] * np.log(p[m] / np.maximum(q[m], 1e-12))))
-            if kl < best:
-                best, best_i = kl, i
-        return best_i * width
+        # Every `step`-th candidate, then every one around the best: the same optimum unless the KL curve
+        # has a sharper dip between two coarse candidates than around its minimum, at a fraction of the cost.
+        step = max(1, (last - levels) // 512)
+        cands, kl = kl_by_threshold(h[:last], levels, stride=step)
+        best = int(cands[int(np.argmin(kl))])
+        if step > 1:
+            lo, hi = max(levels, best - step + 1), min(last, best + step - 1)
+            cands, kl = kl_by_threshold(h[:last], levels, start=lo, stop=hi)
+            best = int(cands[int(np.argmin(kl))])
+        return best * width
 
     def _mse(self, signed: bool, bits: int) -> tuple[float, float]:
         e = self.edges()
@@ -179,9 +198,56 @@ class TensorStats:
         return best_r
 
 
+def kl_by_threshold(hist: np.ndarray, levels: int, *, start: int | None = None, stop: int | None = None,
+                    stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) of TensorRT's entropy calibration for candidate thresholds i (in bins) of the |x|
+    histogram `hist`, i = start, start + stride, .. <= stop (default: levels .. len(hist)).
+    Returns (candidates, kl); inf where undefined.
+
+    P is hist[:i] with the clipped outliers hist[i:] added to its last bin; Q quantizes hist[:i]
+    (without the outliers) into `levels` levels, bin j to level floor(j * levels / i) (an even split;
+    TensorRT gives the remainder of i / levels to the last level), and expands each level's mass evenly
+    over its bins where P > 0. Both normalized. Computed in closed form from cumulative sums, O(levels)
+    per candidate instead of O(i) Python-level work, so every candidate is tried (TensorRT does too):
+        N * KL = sum_{j<i-1} h_j log h_j - sum_{j<i-1} h_j log q_j + p log p - p log q_last + N log(S/N)
+    with q_j = mass / (non-empty bins) of j's level, p = h_{i-1} + outliers, S = sum(hist[:i]).
+    """
+    h = np.asarray(hist, np.float64)
+    n, N = h.size, float(h.sum())
+    start = levels if start is None else max(start, levels)
+    cands = np.arange(start, (n if stop is None else min(stop, n)) + 1, stride)
+    if cands.size == 0 or N <= 0:
+        return cands, np.full(cands.size, np.inf)
+    C = np.concatenate([[0.0], np.cumsum(h)])
+    Z = np.concatenate([[0.0], np.cumsum(h > 0)])
+    H = np.concatenate([[0.0], np.cumsum(h * np.log(np.where(h > 0, h, 1.0)))])
+    out = np.empty(cands.size)
+    lv = np.arange(levels + 1)
+    for c0 in range(0, cands.size, 512):  # bounded memory: 512 x levels per chunk
+        i = cands[c0:c0 + 512]
+        s = -((-lv[None, :] * i[:, None]) // levels)  # first bin of each level: ceil(l * i / levels)
+        mass = np.diff(C[s], axis=1)
+        ne = np.diff(Z[s], axis=1)
+        hl = h[i - 1]
+        p = N - C[i] + hl  # P's last bin: its own count plus every clipped outlier
+        ne[:, -1] += (hl == 0) & (p > 0)  # the outlier bin counts as non-empty in P
+        q = np.divide(mass, ne, out=np.zeros_like(mass), where=ne > 0)
+        logq = np.log(np.where(q > 0, q, 1.0))
+        rest = (mass[:, :-1] * logq[:, :-1]).sum(axis=1) + (mass[:, -1] - hl) * logq[:, -1]
+        plogp = p * np.log(np.where(p > 0, p, 1.0))
+        S = C[i]
+        kl = (H[i - 1] - rest + plogp - p * logq[:, -1]) / N + np.log(np.where(S > 0, S, 1.0) / N)
+        # P > 0 where Q == 0 (an outlier bin in an otherwise empty last level), or nothing kept: undefined
+        kl[((p > 0) & (q[:, -1] == 0)) | (S <= 0)] = np.inf
+        out[c0:c0 + 512] = kl
+    return cands, out
+
+
 def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], tensors: Sequence[str],
-                  *, bins: int = DEFAULT_BINS, max_batches: int | None = None) -> dict[str, TensorStats]:
-    """Run `batches` through `model` and accumulate statistics of `tensors` (graph inputs allowed)."""
+                  *, bins: int = DEFAULT_BINS, max_batches: int | None = None,
+                  histograms: bool = True) -> dict[str, TensorStats]:
+    """Run `batches` through `model` and accumulate statistics of `tensors` (graph inputs allowed).
+    `histograms=False` keeps only min/max (the minmax method), which costs almost nothing per batch."""
     graph_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     watch = [t for t in dict.fromkeys(tensors) if t not in graph_inputs]
     m = onnx.ModelProto()
@@ -198,7 +264,7 @@ def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray
     except Exception as e:
         raise QtoolError(f"onnxruntime cannot load the model for calibration: {str(e).splitlines()[0]}") from None
     feed_names = [i.name for i in sess.get_inputs()]
-    stats = {t: TensorStats(bins) for t in dict.fromkeys(tensors)}
+    stats = {t: TensorStats(bins, histograms) for t in dict.fromkeys(tensors)}
     n = 0
     for batch in batches:
         if max_batches is not None and n >= max_batches:

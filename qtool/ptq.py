@@ -148,7 +148,9 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
                          "other quantizable op (Add, Concat, pooling)")
     roots = list(dict.fromkeys(marks.root(a) for a in marks.activations()))
-    stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches)
+    # minmax needs no histogram: skipping it makes calibration about one inference pass over the data
+    stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches,
+                          histograms=config.calib != "minmax")
     plan = build_plan(model, config, stats)
     return apply_plan(model, plan), plan
 

@@ -27,6 +27,8 @@ def probe(kind: str, d: dict) -> str:
         return str(d["w4a8_int4_weights"]["int4_packed_bytes"])
     if kind == "search":
         return f"{d['hypervolume']['random']:.3f}"
+    if kind == "calibration":
+        return f"{d['methods']['entropy']['qtool']['top1'] * 100:.2f}"
     if kind == "dynamic":
         return f"{d['dynamic']['acc_ort'] * 100:.2f}"
     raise AssertionError(kind)
