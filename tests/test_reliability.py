@@ -570,7 +570,9 @@ def test_constant_activations_give_positive_finite_scales(calib, pixel, tmp_path
         # Known limit (below): with pixel 0 the bias rounds away and every logit is the same constant,
         # which the collapse check reports instead of writing the model.
         assert main(argv) == 2 and "collapsed against FP32" in capsys.readouterr().err
-        argv.append("--allow-collapse")
+    # The scales are the point here: on this degenerate data the clipping methods may collapse the outputs
+    # (entropy clips the one extreme logit), which the collapse check would report.
+    argv.append("--allow-collapse")
     rc = main(argv)
     assert rc == 0, capsys.readouterr().err
     plan = QuantPlan.load(tmp_path / "plan.json")
