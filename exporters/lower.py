@@ -411,7 +411,7 @@ class _Lowering:
             elif not self.be.allow_float and o.name not in self.graph_inputs:
                 raise QtoolError(f"integer export: graph output {o.name!r} is not quantized by the plan")
         if self.preprocess:
-            self.notes.append(f"input preprocessing kept in float before the input QuantizeLinear: "
+            self.notes.append("input preprocessing kept in float before the input QuantizeLinear: "
                               + ", ".join(self.preprocess))
         if self.float_nodes:
             self.notes.append(f"{len(self.float_nodes)} node(s) left in float: " + ", ".join(self.float_nodes[:8]))

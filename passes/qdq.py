@@ -191,17 +191,23 @@ def _pool(node: ir.Node, m: _Marker) -> None:
     m.output(node)
 
 
-def mark_tensors(graph: ir.Graph) -> Marks:
-    """Which tensors a QDQ graph quantizes, by role; the plan builder and insert_qdq both use it."""
+def mark_tensors(graph: ir.Graph, exclude: Callable[[ir.Node], bool] | None = None) -> Marks:
+    """Which tensors a QDQ graph quantizes, by role; the plan builder and insert_qdq both use it.
+
+    `exclude(node)` true: the node asks for nothing (its weights stay float); it then runs in float on
+    whatever its neighbours quantize (a DQ before it, a Q after it)."""
     m = _Marker(graph)
     nodes = list(graph)
+    excluded = {id(n) for n in nodes if exclude is not None and exclude(n)}
     for node in nodes:
         h = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if h is not None:
+        if id(node) in excluded:
+            m.marks.skipped.append(f"{node.name}: excluded; left float")
+        elif h is not None:
             h(node, m)
     # Pass-through ops second: their inputs and outputs may have been marked by either neighbour.
     for node in nodes:
-        if node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx") or id(node) in excluded:
             continue
         x, y = node.inputs[0], node.outputs[0]
         if x is None or not (x.name in m.marks.tensors or y.name in m.marks.tensors):

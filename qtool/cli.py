@@ -169,17 +169,20 @@ def fuse(model, output, no_onnxsim, verbose):
 @click.option("--plan-out", default=None, help="also write the QuantPlan JSON here")
 @click.option("--report", "report_out", default=None, metavar="FILE",
               help="per-tensor SQNR vs FP32 on calibration samples, worst first: JSON here and a printed table")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="keep nodes in float: a node-name glob or an op type (repeatable), e.g. --exclude '/head/*'")
 @click.option("--allow-collapse", is_flag=True,
               help="write the model even if its outputs collapse against FP32 (constant, NaN, SQNR < 1 dB)")
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
-             plan_out, report_out, allow_collapse):
+             plan_out, report_out, exclude, allow_collapse):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
     import qtool
 
     w, a = parse_bits(bits)
     config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
-                               calib_size=calib_size, format=fmt, check_collapse=not allow_collapse)
+                               calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
+                               exclude=tuple(exclude))
     d = make_data(data, mean, std, input_shapes)
     checked_outputs((model,), output, plan_out, report_out)
     r = qtool.quantize(model, d, config)

@@ -13,6 +13,7 @@ weights with narrow range.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -46,6 +47,8 @@ class QuantConfig:
     format: str = "qdq"  # qdq | qoperator (the same plan lowered by the exporter)
     # Outputs that collapse against FP32 on the calibration data (constant, NaN, SQNR < 1 dB) are an error.
     check_collapse: bool = True
+    # Nodes kept in float: node-name glob patterns (fnmatch) or op types, e.g. ("/head/*", "Softmax").
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
         for k in ("weight_bits", "act_bits"):
@@ -64,6 +67,8 @@ class QuantConfig:
             raise QtoolError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if not isinstance(self.bins, int) or self.bins < 16 or self.bins % 4:
             raise QtoolError(f"bins must be a multiple of 4 and >= 16, got {self.bins!r}")
+        if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) and p for p in self.exclude):
+            raise QtoolError(f"exclude must be a tuple of node-name patterns or op types, got {self.exclude!r}")
         if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 1:
             raise QtoolError(f"calib_size must be an integer >= 1, got {self.calib_size!r}")
         if self.format not in ("qdq", "qoperator"):
@@ -109,11 +114,26 @@ def activation_quant(rmin: float, rmax: float, config: QuantConfig) -> TensorQua
     return TensorQuant("activation", bits, signed, scale=s, zero_point=zp)
 
 
+def excluder(model: onnx.ModelProto, patterns: tuple[str, ...]):
+    """The node predicate of `QuantConfig.exclude` (None when empty); a pattern matching no node is an
+    error, since it is almost always a typo that would silently quantize what was meant to stay float."""
+    if not patterns:
+        return None
+
+    def hit(pattern: str, name: str, op_type: str) -> bool:
+        return op_type == pattern or fnmatch.fnmatchcase(name, pattern)
+
+    for p in patterns:
+        if not any(hit(p, n.name, n.op_type) for n in model.graph.node):
+            raise QtoolError(f"exclude pattern {p!r} matches no node (node-name globs or op types)")
+    return lambda node: any(hit(p, node.name or "", node.op_type) for p in patterns)
+
+
 def build_plan(model: onnx.ModelProto, config: QuantConfig,
                stats: dict[str, TensorStats] | None = None) -> QuantPlan:
     """Plan for a fused model: weights from their values, activations from `stats` (None: uncalibrated)."""
     m = passes.to_ir(model)
-    marks = passes.mark_tensors(m.graph)
+    marks = passes.mark_tensors(m.graph, excluder(model, config.exclude))
     plan = QuantPlan(meta={"producer": "qtool.quantize", "config": asdict(config)})
     for name, role in marks.tensors.items():
         if role.kind == "weight":
@@ -143,7 +163,7 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
     if not isinstance(config, QuantConfig):
         raise QtoolError(f"config must be a QuantConfig, got {type(config).__name__}")
     model = fuse(model)[0] if not is_fused(model) else untie_biases(model)
-    marks = passes.mark_tensors(passes.to_ir(model).graph)
+    marks = passes.mark_tensors(passes.to_ir(model).graph, excluder(model, config.exclude))
     if not marks.tensors:
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
                          "other quantizable op (Add, Concat, pooling)")

@@ -261,3 +261,31 @@ def test_quantize_cli_qoperator_format(tmp_path):
             for f in ("qqdq.onnx", "qqoperator.onnx")]
     assert np.array_equal(outs[0].argmax(1), outs[1].argmax(1))
     np.testing.assert_allclose(outs[0], outs[1], atol=2 * np.abs(outs[0]).max() / 127)
+
+
+def test_exclude_keeps_chosen_nodes_in_float(tmp_path, capsys):
+    """--exclude by node-name glob or op type: the node's weights stay float and onnxruntime runs it in
+    float, the rest stays integer; a pattern that matches nothing is exit 2 (a typo would quantize it)."""
+    from qtool.ortgraph import integer_kernel_report
+
+    feeds, fp32 = batches((8, 8)), mlp()  # mlp() draws new weights each call
+    full = qtool.quantize(fp32, feeds, QuantConfig())
+    part = qtool.quantize(fp32, feeds, QuantConfig(exclude=("fc2",)))
+    assert "W2" in full.plan.tensors and "W2" not in part.plan.tensors and "W1" in part.plan.tensors
+    assert integer_kernel_report(full.model).integer_compute == 2
+    r = integer_kernel_report(part.model)
+    assert r.integer_compute == 1 and r.float_compute == 1
+    x = {"x": np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)}
+    ref = run(fp32, x)[0]
+    assert np.square(run(part.model, x)[0] - ref).mean() < np.square(run(full.model, x)[0] - ref).mean()
+    glob = qtool.quantize(fp32, feeds, QuantConfig(exclude=("*1",))).plan.tensors  # fc1 only
+    assert "W1" not in glob and "W2" in glob
+    with pytest.raises(QtoolError, match="nothing to quantize"):
+        qtool.quantize(fp32, feeds, QuantConfig(exclude=("Gemm",)))
+    src = tmp_path / "m.onnx"
+    onnx.save(fp32, src)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+    argv = ["quantize", str(src), "--data", f"npz:{tmp_path / 'd.npz'}", "-o", str(tmp_path / "q.onnx")]
+    assert cli_main(argv + ["--exclude", "fc3"]) == 2
+    assert "exclude pattern 'fc3' matches no node" in capsys.readouterr().err and not (tmp_path / "q.onnx").exists()
+    assert cli_main(argv + ["--exclude", "fc2"]) == 0
