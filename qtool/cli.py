@@ -147,12 +147,12 @@ def fuse(model, output, no_onnxsim, verbose):
     import qtool
 
     checked_outputs((model,), output)
+    if verbose:  # the passes log what they did and why they refused at DEBUG, while they run
+        logging.getLogger().setLevel(logging.DEBUG)
     r = qtool.fuse(model, qtool.FuseConfig(use_onnxsim=not no_onnxsim))
     r.save(output)
     for line in r.summary.lines():
         echo(line)
-    if verbose:  # the refusals are in the summary; --verbose also logs what each pass did
-        logging.getLogger().setLevel(logging.DEBUG)
     echo(f"wrote {output}")
 
 

@@ -78,10 +78,10 @@ def error_report(fused: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPla
     dq_out = {n.name.removesuffix("_DequantizeLinear"): n.output[0] for n in qmodel.graph.node
               if n.op_type == "DequantizeLinear" and n.name.endswith("_DequantizeLinear")}
     acts = [t for t, q in plan.tensors.items() if q.kind == "activation" and t in dq_out]
-    ref_sess = _session_all_outputs(fused, acts)
+    ref_sess = _session_all_outputs(fused, acts)  # also the FP32 outputs: the reference needs no optimized run
     q_sess = _session_all_outputs(qmodel, [dq_out[t] for t in acts])
-    ref_run, q_run = make_session(fused), make_session(qmodel)
-    out_names = [o.name for o in ref_run.get_outputs()]
+    q_run = make_session(qmodel)  # the outputs as onnxruntime deploys the QDQ model (integer kernels)
+    out_names = [o.name for o in fused.graph.output]
     ref_vals: dict[str, list] = {t: [] for t in acts}
     q_vals: dict[str, list] = {t: [] for t in acts}
     outs: dict[str, tuple[list, list]] = {k: ([], []) for k in out_names}
@@ -93,8 +93,8 @@ def error_report(fused: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPla
         for t in acts:
             ref_vals[t].append(r[t])
             q_vals[t].append(q[dq_out[t]])
-        for k, ro, qo in zip(out_names, ref_run.run(None, feed), q_run.run(None, feed)):
-            outs[k][0].append(ro)
+        for k, qo in zip([o.name for o in q_run.get_outputs()], q_run.run(None, feed)):
+            outs[k][0].append(r[k])
             outs[k][1].append(qo)
         n += len(next(iter(feed.values())))
     if n == 0:

@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qtool.data import IMAGE_EXTS
 from qtool.errors import QtoolError
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 MAX_IMAGES = 100_000
 
 
@@ -174,15 +174,15 @@ def _image_size(inp: InputSpec, shapes: dict[str, tuple]) -> tuple[int, int, int
     return c, h, w
 
 
-def read_image_folder(path: Path, c: int, h: int, w: int) -> np.ndarray:
-    """uint8 N x C x H x W: each file resized on its shorter side to cover H x W, then center-cropped."""
+def read_image_folder(path: Path, c: int, h: int, w: int, limit: int | None = None) -> np.ndarray:
+    """uint8 N x C x H x W of the first `limit` files (sorted): each resized on its shorter side to cover
+    H x W, then center-cropped. Only those files are decoded."""
     from PIL import Image
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise QtoolError(f"images:{path}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
-    if len(files) > MAX_IMAGES:
-        files = files[:MAX_IMAGES]
+    files = files[:min(limit or MAX_IMAGES, MAX_IMAGES)]
     out = np.empty((len(files), c, h, w), np.uint8)
     for i, f in enumerate(files):
         try:
@@ -218,9 +218,7 @@ def feeds_for(model: onnx.ModelProto, data, split: str = "train", *, input_shape
     inp = inputs[0]
     pre = resolve_preprocess(model, d.mean, d.std)
     if kind == "images":
-        x = read_image_folder(path, *_image_size(inp, shapes))
-        if limit:
-            x = x[:limit]
+        x = read_image_folder(path, *_image_size(inp, shapes), limit=limit)
         return FeedSet({inp.name: pre.apply(x)}, None)
     ds = load_dataset(d.spec, split)
     if limit:
@@ -254,8 +252,15 @@ def calibration_feeds(model: onnx.ModelProto, data, n: int, batch_size: int = 64
 
     d = resolve_data(model, data)
     kind, path = parse_spec(d.spec)
-    if kind == "images" or (kind == "npz" and npz_feeds(path, model_inputs(model)) is not None):
+    fs = None
+    if kind == "images":
         fs = feeds_for(model, d, "train", limit=n)
+    elif kind == "npz":
+        inputs = model_inputs(model)
+        parse_input_shapes(dict(d.input_shapes), inputs)  # bad --input-shape entries fail here too
+        fs = npz_feeds(path, inputs)  # None: an npz of images and labels
+    if fs is not None:
+        fs = fs.head(n)
         fixed = [s.dims[0] for s in model_inputs(model) if s.dims and s.dims[0] is not None]
         bs = fixed[0] if fixed else batch_size
         return (b for b in fs.batches(bs) if len(next(iter(b.values()))) == bs or not fixed)

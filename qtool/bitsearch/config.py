@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qtool.bitsearch.objectives import OBJECTIVE_NAMES
+from qtool.bitsearch.objectives import make_objectives
 from qtool.errors import QtoolError
 
 EVALUATORS = ("supernet", "qat")
@@ -40,9 +40,7 @@ class SearchConfig:
         for k in ("objectives", "bits"):
             if not isinstance(getattr(self, k), tuple):
                 raise QtoolError(f"{k} must be a tuple, got {getattr(self, k)!r}")
-        bad = [o for o in self.objectives if o not in OBJECTIVE_NAMES]
-        if bad:
-            raise QtoolError(f"unknown objective {bad[0]!r}; choose from {', '.join(OBJECTIVE_NAMES)}")
+        make_objectives(list(self.objectives))  # names, repeats, at least two: its checks, before any work
         if not self.bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in self.bits):
             raise QtoolError(f"bits must be integers in 2..8, got {self.bits}")
         if self.evaluator not in EVALUATORS:
