@@ -13,7 +13,6 @@ from collections import Counter
 
 import onnx
 import onnx_ir as ir
-import onnxsim
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
 
 from passes.core import PassResult, QPass, to_ir, to_proto
@@ -37,6 +36,7 @@ class OnnxSimPass(QPass):
         proto = to_proto(model)
         before = _structure(proto)
         meta = dict(model.metadata_props)
+        import onnxsim  # here, not at the top: onnxsim imports torch (its ppq integration), seconds per CLI call
         try:
             simplified, ok = onnxsim.simplify(proto, check_n=0, skip_fuse_bn=True)
         except Exception as e:
