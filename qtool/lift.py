@@ -9,8 +9,9 @@ a dict of tensors by ONNX name. Nothing is renamed: weights stay keyed by initia
 `export_weights()` / `write_back(model)` put fine-tuned values straight back into the same graph.
 
 State:
-- float initializers that are weights/biases of Conv, ConvTranspose, Gemm, MatMul and the
-  scale/bias of BatchNormalization become nn.Parameters; BN running mean/var and everything else
+- float initializers that are weights/biases of Conv, ConvTranspose, Gemm, MatMul, the
+  scale/bias of Batch/Layer/Instance/GroupNormalization, PRelu slopes and Gather tables
+  (embeddings) become nn.Parameters; BN running mean/var and everything else
   (reshape targets, Add/Mul constants, int tensors) become buffers. BN in train mode uses batch
   statistics and updates its running stats in place, like torch (momentum = 1 - ONNX momentum).
 - `Identity(initializer)` outputs are untied into tensors of their own: torch.onnx.export
@@ -50,7 +51,8 @@ __all__ = ["lift", "LiftedModule"]
 
 _PARAM_INPUTS = {  # op -> input indices whose float initializers are trainable
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
-    "BatchNormalization": (1, 2),
+    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2), "Gather": (0,), "PRelu": (1,),  # Gather: an embedding table
 }
 _BN_RUNNING_INPUTS = (3, 4)
 
