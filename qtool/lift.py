@@ -223,6 +223,13 @@ class LiftedModule(nn.Module):
             raise QtoolError(f"no initializer named {name!r} in the lifted graph") from None
         return self.params[key] if kind == "param" else self.state._buffers[key]
 
+    def constant(self, name: str) -> torch.Tensor | None:
+        """The value of initializer / alias / Constant-node output `name`; None for a computed tensor."""
+        if name in self._state_key:
+            return self.tensor(name)
+        key = self._const_key.get(name)
+        return None if key is None else self.consts._buffers[key]
+
     def trainable_initializers(self) -> dict[str, nn.Parameter]:
         """Initializer name -> Parameter (the parameter <-> initializer mapping)."""
         return {n: self.params[k] for n, (kind, k) in self._state_key.items() if kind == "param"}
