@@ -25,10 +25,14 @@ produced (graph input, node output or initializer); `set_weight_quantizer(init_n
 the same for a weight, after reading the parameter. One hook per tensor = one QDQ pair per tensor,
 which is how the exporter places them.
 
-Limits (raise QtoolError naming op and node at lift time): ops outside `qtool.lift_ops.supported_ops()`,
-BatchNormalization with training outputs in use, MaxPool's Indices output, ConvTranspose with
-auto_pad/output_shape, Resize modes other than nearest(asymmetric/floor, half_pixel/
-round_prefer_ceil), linear/cubic with half_pixel, pytorch_half_pixel or align_corners, antialias.
+Limits (raise QtoolError naming op and node at lift time): ops outside `qtool.lift_ops.supported_ops()`
+(non-default domains such as com.microsoft included), BatchNormalization with training outputs in use,
+MaxPool's Indices output, ConvTranspose with auto_pad SAME_*/output_shape, Resize with antialias,
+ScatterND with mul/max/min reduction.
+
+Inputs: `forward(*positional, **named)`, positional in graph-input order (initializer-backed inputs
+excluded), any dtype the graph takes (int64 ids and masks included); gradients flow through the float
+paths (the integer ones — Shape, Gather indices, masks — carry none).
 """
 from __future__ import annotations
 

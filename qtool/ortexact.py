@@ -26,7 +26,9 @@ Each override returns the dequantized output `(y_q - z_y) s_y`, which the layer'
 maps back to exactly `y_q` (and narrows to its b-bit range, as the exported Clip does). Training is
 untouched: overrides run only when the module is in eval mode. A group onnxruntime would not fuse
 (an output that is not quantized, a Relu before a Q with a zero point above the container minimum,
-other activations) keeps the float fake-quant path. The overrides snapshot the scales and zero points
+a Clip (ReLU6) whose range does not hold the Q's whole range, other activations) keeps the float
+fake-quant path; so do QLinearMul / QLinearSigmoid (not emulated: their float rounding ties can
+differ by one code, e.g. in EfficientNet's SiLU and squeeze-excite gating). The overrides snapshot the scales and zero points
 at install time (qtool.qat installs them once training is over); after training a module further,
 install them again.
 """
