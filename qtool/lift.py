@@ -9,8 +9,9 @@ a dict of tensors by ONNX name. Nothing is renamed: weights stay keyed by initia
 `export_weights()` / `write_back(model)` put fine-tuned values straight back into the same graph.
 
 State:
-- float initializers that are weights/biases of Conv, ConvTranspose, Gemm, MatMul and the
-  scale/bias of BatchNormalization become nn.Parameters; BN running mean/var and everything else
+- float initializers that are weights/biases of Conv, ConvTranspose, Gemm, MatMul, the
+  scale/bias of Batch/Layer/Instance/GroupNormalization, PRelu slopes and Gather tables
+  (embeddings) become nn.Parameters; BN running mean/var and everything else
   (reshape targets, Add/Mul constants, int tensors) become buffers. BN in train mode uses batch
   statistics and updates its running stats in place, like torch (momentum = 1 - ONNX momentum).
 - `Identity(initializer)` outputs are untied into tensors of their own: torch.onnx.export
@@ -24,10 +25,14 @@ produced (graph input, node output or initializer); `set_weight_quantizer(init_n
 the same for a weight, after reading the parameter. One hook per tensor = one QDQ pair per tensor,
 which is how the exporter places them.
 
-Limits (raise QtoolError naming op and node at lift time): ops outside `qtool.lift_ops.supported_ops()`,
-BatchNormalization with training outputs in use, MaxPool's Indices output, ConvTranspose with
-auto_pad/output_shape, Resize modes other than nearest(asymmetric/floor, half_pixel/
-round_prefer_ceil), linear/cubic with half_pixel, pytorch_half_pixel or align_corners, antialias.
+Limits (raise QtoolError naming op and node at lift time): ops outside `qtool.lift_ops.supported_ops()`
+(non-default domains such as com.microsoft included), BatchNormalization with training outputs in use,
+MaxPool's Indices output, ConvTranspose with auto_pad SAME_*/output_shape, Resize with antialias,
+ScatterND with mul/max/min reduction.
+
+Inputs: `forward(*positional, **named)`, positional in graph-input order (initializer-backed inputs
+excluded), any dtype the graph takes (int64 ids and masks included); gradients flow through the float
+paths (the integer ones — Shape, Gather indices, masks — carry none).
 """
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ __all__ = ["lift", "LiftedModule"]
 
 _PARAM_INPUTS = {  # op -> input indices whose float initializers are trainable
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
-    "BatchNormalization": (1, 2),
+    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2), "Gather": (0,), "PRelu": (1,),  # Gather: an embedding table
 }
 _BN_RUNNING_INPUTS = (3, 4)
 
@@ -220,6 +226,13 @@ class LiftedModule(nn.Module):
         except KeyError:
             raise QtoolError(f"no initializer named {name!r} in the lifted graph") from None
         return self.params[key] if kind == "param" else self.state._buffers[key]
+
+    def constant(self, name: str) -> torch.Tensor | None:
+        """The value of initializer / alias / Constant-node output `name`; None for a computed tensor."""
+        if name in self._state_key:
+            return self.tensor(name)
+        key = self._const_key.get(name)
+        return None if key is None else self.consts._buffers[key]
 
     def trainable_initializers(self) -> dict[str, nn.Parameter]:
         """Initializer name -> Parameter (the parameter <-> initializer mapping)."""

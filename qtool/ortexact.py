@@ -26,7 +26,9 @@ Each override returns the dequantized output `(y_q - z_y) s_y`, which the layer'
 maps back to exactly `y_q` (and narrows to its b-bit range, as the exported Clip does). Training is
 untouched: overrides run only when the module is in eval mode. A group onnxruntime would not fuse
 (an output that is not quantized, a Relu before a Q with a zero point above the container minimum,
-other activations) keeps the float fake-quant path. The overrides snapshot the scales and zero points
+a Clip (ReLU6) whose range does not hold the Q's whole range, other activations) keeps the float
+fake-quant path; so do QLinearMul / QLinearSigmoid (not emulated: their float rounding ties can
+differ by one code, e.g. in EfficientNet's SiLU and squeeze-excite gating). The overrides snapshot the scales and zero points
 at install time (qtool.qat installs them once training is over); after training a module further,
 install them again.
 """
@@ -277,6 +279,21 @@ def _absorbs(tq: TensorQuant) -> bool:
     return tq.zero_point == _CONTAINER[tq.signed][0]
 
 
+def _clip_absorbed(tq: TensorQuant, lo: torch.Tensor | None, hi: torch.Tensor | None) -> bool:
+    """onnxruntime drops a Clip before a Q (ClipQuantFusion) when the Clip's range holds the Q's whole
+    container range [s (q_min - z), s (q_max - z)], within float32 epsilon (float32 arithmetic)."""
+    f32 = np.float32
+    if np.asarray(tq.scale).size != 1:
+        return False
+    q_min, q_max = _CONTAINER[tq.signed]
+    s, z = f32(tq.scale), tq.zero_point
+    lower, upper = s * f32(q_min - z), s * f32(q_max - z)
+    mn = f32(lo.reshape(-1)[0].item()) if lo is not None else f32(-np.inf)
+    mx = f32(hi.reshape(-1)[0].item()) if hi is not None else f32(np.inf)
+    eps = np.finfo(np.float32).eps
+    return not (eps < mn - lower or eps < upper - mx)
+
+
 def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
                        weight_quant_of: Callable[[nn.Module], TensorQuant | None]) -> list[str]:
     """Give the quantized Conv/Gemm/Add/GlobalAveragePool steps of `lifted` their exact eval path.
@@ -296,9 +313,18 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
         if tq is not None:
             return tq
         r = readers.get(y, [])
-        if len(r) == 1 and r[0][0] == "Relu" and y not in lifted.output_names:
-            tq = quant_of(r[0][2][0])
+        if len(r) != 1 or y in lifted.output_names:
+            return None
+        op, r_ins, r_outs = r[0]
+        if op == "Relu":
+            tq = quant_of(r_outs[0])
             return tq if tq is not None and _absorbs(tq) else None
+        if op == "Clip" and r_ins[0] == y:  # ReLU6: the kernel's saturation does the clipping
+            tq = quant_of(r_outs[0])
+            bounds = [lifted.constant(t) if t else None for t in (list(r_ins[1:]) + ["", ""])[:2]]
+            if tq is not None and all(b is not None for b, t in zip(bounds, r_ins[1:3]) if t) \
+                    and _clip_absorbed(tq, *bounds):
+                return tq
         return None
 
     done = []

@@ -298,3 +298,68 @@ def test_overrides_only_run_in_eval_mode():
     with pytest.raises(QtoolError, match="no step produces"):
         lifted.set_eval_override("nope", Zero())
     onnx.checker.check_model(m)
+
+
+class _Fixed(torch.nn.Module):
+    """A fake-quant with fixed scale (per tensor or per output channel) and zero point."""
+
+    def __init__(self, s, z, qmin, qmax, axis=None):
+        super().__init__()
+        self.s, self.z, self.qmin, self.qmax, self.axis = torch.tensor(s), torch.tensor(z), qmin, qmax, axis
+
+    def forward(self, x):
+        return fake_quant(x, self.s, self.z, self.qmin, self.qmax, self.axis)
+
+
+@pytest.mark.parametrize("hi,absorbed", [(6.0, True), (5.0, False), (None, True)])
+def test_conv_relu6_clip_runs_as_qlinearconv_when_onnxruntime_drops_the_clip(hi, absorbed):
+    """Conv -> Clip(0, 6) -> Q: ORT removes the Clip when its range holds the Q's whole range and runs
+    QLinearConv; the emulation then covers the conv. A narrower Clip stays a float op in both."""
+    from qtool.lift import lift
+    from qtool.ortexact import install_exact_eval
+    from qtool.ortgraph import integer_kernel_report
+
+    rng = np.random.default_rng(5)
+    cin, cout = 8, 6
+    sx, sy = f32(0.05), f32(6.0 / 255)
+    sw = rng.uniform(0.002, 0.01, cout).astype(f32)
+    wq = rng.integers(-127, 128, (cout, cin, 3, 3)).astype(np.int8)
+    bq = rng.integers(-3000, 3000, cout).astype(np.int32)
+    x = (rng.integers(0, 256, (4, cin, 9, 9)) * sx).astype(f32)
+    clip_in = ["c", "lo", "hi"] if hi is not None else ["c", "lo"]
+    inits = {"w": (wq.astype(f32) * sw[:, None, None, None]), "b": (bq * (sx * sw)).astype(f32), "lo": f32(0.0)}
+    if hi is not None:
+        inits["hi"] = f32(hi)
+    float_graph = h.make_model(h.make_graph(
+        [h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), h.make_node("Clip", clip_in, ["y"])], "g",
+        [h.make_tensor_value_info("x", T.FLOAT, list(x.shape))], [h.make_tensor_value_info("y", T.FLOAT, None)],
+        [nh.from_array(np.asarray(v), k) for k, v in inits.items()]), opset_imports=[h.make_opsetid("", 17)])
+    # The QDQ graph the exporter writes for it.
+    qinits = {"sx": sx, "zx": np.uint8(0), "sw": sw, "zw": np.zeros(cout, np.int8), "wq": wq, "bq": bq,
+              "sb": (sx * sw).astype(f32), "zb": np.zeros(cout, np.int32), "sy": sy, "zy": np.uint8(0),
+              "lo": f32(0.0), **({"hi": f32(hi)} if hi is not None else {})}
+    nodes = _qdq("x", "sx", "zx") + [
+        h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w_d"], axis=0),
+        h.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["b_d"], axis=0),
+        h.make_node("Conv", ["x_d", "w_d", "b_d"], ["c"], pads=[1, 1, 1, 1]),
+        h.make_node("Clip", ["c"] + clip_in[1:], ["cl"]),
+        h.make_node("QuantizeLinear", ["cl", "sy", "zy"], ["yq"]), h.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, list(x.shape))],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(np.asarray(v), k) for k, v in qinits.items()])
+    qdq = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    qdq.ir_version = 8
+    assert ("QLinearConv" in str(integer_kernel_report(qdq).op_histogram)) == absorbed
+    ref = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    lifted = lift(float_graph)
+    tq = {"x": _act(sx, 0), "y": _act(sy, 0),
+          "w": _per_channel(sw)}
+    lifted.set_quantizer("x", _Fixed(sx, 0.0, 0, 255))
+    lifted.set_quantizer("w", _Fixed(sw, np.zeros(cout, f32), -128, 127, axis=0))
+    lifted.set_quantizer("b", _Fixed((sx * sw).astype(f32), np.zeros(cout, f32), -2**31, 2**31 - 1, axis=0))
+    lifted.set_quantizer("y", _Fixed(sy, 0.0, 0, 255))
+    done = install_exact_eval(lifted, tq.get, lambda m: None)
+    assert done == (["c"] if absorbed else [])
+    with torch.no_grad():
+        y = lifted.eval()(torch.from_numpy(x)).numpy()
+    assert np.array_equal(_codes(y, sy, 0), _codes(ref, sy, 0))
