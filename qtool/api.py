@@ -137,12 +137,22 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         m, fsum = run_fuse(m)
     if data is None or isinstance(data, (str, Data)):
         feeds = calibration_feeds(m, data, config.calib_size)
-        report_feeds = calibration_feeds(m, data, min(config.calib_size, REPORT_SAMPLES))
     else:
-        feeds = report_feeds = list(data)  # iterated twice: calibration, then the error report
-    qdq, plan = run(m, feeds, config)
-    report = error_report(m, qdq, plan, report_feeds)
+        feeds = data
+    # The error report runs on the first calibration batches (up to REPORT_SAMPLES samples), with the
+    # FP32 outputs calibration computed for them as its reference.
+    report_feeds, reference = [], []
+
+    def keep(feed, outputs):
+        if sum(len(next(iter(f.values()))) for f in report_feeds) < REPORT_SAMPLES:
+            report_feeds.append(feed)
+            reference.append(outputs)
+
+    qdq, plan = run(m, feeds, config, on_outputs=keep)
+    report = error_report(m, qdq, plan, report_feeds, per_tensor=config.per_tensor_report, reference=reference)
     if config.check_collapse:
+        if report.collapsed() and not report.tensors:  # name the worst tensor in the error
+            report = error_report(m, qdq, plan, report_feeds, per_tensor=True)
         check_not_collapsed(report)
     qmodel = qdq
     if config.format != "qdq":  # the same plan, lowered by the exporter (QLinearConv / QGemm / ...)

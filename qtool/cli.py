@@ -182,7 +182,7 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
     config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
-                               exclude=tuple(exclude))
+                               exclude=tuple(exclude), per_tensor_report=report_out is not None)
     d = make_data(data, mean, std, input_shapes)
     checked_outputs((model,), output, plan_out, report_out)
     r = qtool.quantize(model, d, config)

@@ -49,6 +49,9 @@ class QuantConfig:
     check_collapse: bool = True
     # Nodes kept in float: node-name glob patterns (fnmatch) or op types, e.g. ("/head/*", "Softmax").
     exclude: tuple[str, ...] = ()
+    # Per-tensor rows of the error report (two extra unoptimized runs per report sample); the outputs
+    # are compared against FP32 either way.
+    per_tensor_report: bool = False
 
     def __post_init__(self):
         for k in ("weight_bits", "act_bits"):
@@ -57,7 +60,7 @@ class QuantConfig:
                 raise QtoolError(f"{k} must be an integer in 2..8, got {v!r}")
         if self.calib not in METHODS:
             raise QtoolError(f"calib must be one of {', '.join(METHODS)}, got {self.calib!r}")
-        for k in ("per_channel", "act_signed", "act_symmetric", "check_collapse"):
+        for k in ("per_channel", "act_signed", "act_symmetric", "check_collapse", "per_tensor_report"):
             if not isinstance(getattr(self, k), bool):
                 raise QtoolError(f"{k} must be true or false, got {getattr(self, k)!r}")
         if self.act_symmetric and not self.act_signed:
@@ -130,10 +133,11 @@ def excluder(model: onnx.ModelProto, patterns: tuple[str, ...]):
 
 
 def build_plan(model: onnx.ModelProto, config: QuantConfig,
-               stats: dict[str, TensorStats] | None = None) -> QuantPlan:
-    """Plan for a fused model: weights from their values, activations from `stats` (None: uncalibrated)."""
+               stats: dict[str, TensorStats] | None = None, exclude=None) -> QuantPlan:
+    """Plan for a fused model: weights from their values, activations from `stats` (None: uncalibrated).
+    `exclude`: the node predicate (default: `excluder` of `config.exclude`)."""
     m = passes.to_ir(model)
-    marks = passes.mark_tensors(m.graph, excluder(model, config.exclude))
+    marks = passes.mark_tensors(m.graph, exclude or excluder(model, config.exclude))
     plan = QuantPlan(meta={"producer": "qtool.quantize", "config": asdict(config)})
     for name, role in marks.tensors.items():
         if role.kind == "weight":
@@ -159,20 +163,40 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
 
 
 def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]],
-             config: QuantConfig = QuantConfig()) -> tuple[onnx.ModelProto, QuantPlan]:
+             config: QuantConfig = QuantConfig(), on_outputs=None) -> tuple[onnx.ModelProto, QuantPlan]:
+    """`on_outputs(feed, outputs)`: see calibrate.collect_stats."""
     if not isinstance(config, QuantConfig):
         raise QtoolError(f"config must be a QuantConfig, got {type(config).__name__}")
     model = fuse(model)[0] if not is_fused(model) else untie_biases(model)
-    marks = passes.mark_tensors(passes.to_ir(model).graph, excluder(model, config.exclude))
+    exclude = excluder(model, config.exclude)
+    marks = passes.mark_tensors(passes.to_ir(model).graph, exclude)
     if not marks.tensors:
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
                          "other quantizable op (Add, Concat, pooling)")
     roots = list(dict.fromkeys(marks.root(a) for a in marks.activations()))
     # minmax needs no histogram: skipping it makes calibration about one inference pass over the data
     stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches,
-                          histograms=config.calib != "minmax")
-    plan = build_plan(model, config, stats)
+                          histograms=config.calib != "minmax", on_outputs=on_outputs)
+    plan = build_plan(model, config, stats, nonfinite_excluder(stats, exclude))
     return apply_plan(model, plan), plan
+
+
+def nonfinite_excluder(stats: dict[str, TensorStats], exclude=None):
+    """`exclude` extended to every node that reads or writes a tensor which held inf / NaN in calibration.
+
+    An attention mask is typically Where(mask, 0, -inf) added to the scores: its finite values are all
+    0, so a Q of it maps -inf to code 0 and the mask vanishes without a trace (measured on a transformers
+    BERT export). Such a node runs in float on its neighbours' DQ outputs instead."""
+    bad = {t for t, s in stats.items() if not s.finite}
+    if not bad:
+        return exclude
+    for t in sorted(bad):
+        log.info("tensor %s holds inf/NaN in calibration (%d values): its nodes stay float", t, stats[t].nonfinite)
+
+    def hit(node) -> bool:
+        names = {v.name for v in (*node.inputs, *node.outputs) if v is not None}
+        return bool(names & bad) or (exclude is not None and exclude(node))
+    return hit
 
 
 @dataclass
