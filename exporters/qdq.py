@@ -115,3 +115,23 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     out = passes.to_proto(m)
     check_model(out, "quantized")
     return out
+
+
+def apply_dynamic_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """The dynamically quantized model of a weights-only plan: each planned MatMul / Gemm weight int8,
+    its input quantized at run time (passes.DynamicQuantPass)."""
+    plan.validate(model)
+    if not plan.calibrated:
+        missing = [k for k, t in plan.tensors.items() if not t.calibrated][:5]
+        raise QtoolError(f"plan has tensors without scale/zero_point: {missing}")
+    acts = [k for k, t in plan.tensors.items() if t.kind != "weight"][:5]
+    if acts:
+        raise QtoolError(f"a dynamic plan holds weights only; it names activations {acts}")
+    m = passes.to_ir(model)
+    try:
+        passes.DynamicQuantPass(plan)(m)
+    except Exception as e:
+        raise RuntimeError(f"dynamic quantization failed: {e}") from e
+    out = passes.to_proto(m)
+    check_model(out, "quantized")
+    return out

@@ -101,20 +101,18 @@ def sole_consumer(value: ir.Value) -> ir.Node | None:
     return node
 
 
-def new_initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
-    """Register a fresh initializer, suffixing the name until it is unique in the graph."""
-    taken = _names(graph)
-    base, k = name, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
+def new_initializer(graph: ir.Graph, array: np.ndarray, name: str, taken: set[str] | None = None) -> ir.Value:
+    """Register a fresh initializer, suffixing the name until it is unique in the graph.
+    `taken`: the graph's names, kept by a caller that adds many (each call would rescan the graph)."""
+    name = unique_name(graph, name, taken)
     v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                  const_value=ir.tensor(array, name=name))
     graph.register_initializer(v)
     return v
 
 
-def _names(graph: ir.Graph) -> set[str]:
+def names_in(graph: ir.Graph) -> set[str]:
+    """Every value name of the graph (initializers, inputs, node outputs)."""
     names = set(graph.initializers)
     names.update(v.name for v in graph.inputs if v.name)
     for node in graph:
@@ -122,12 +120,15 @@ def _names(graph: ir.Graph) -> set[str]:
     return names
 
 
-def unique_name(graph: ir.Graph, name: str) -> str:
-    taken = _names(graph)
+def unique_name(graph: ir.Graph, name: str, taken: set[str] | None = None) -> str:
+    """`name`, suffixed until no value of the graph has it; added to `taken` when given (see new_initializer)."""
+    names = names_in(graph) if taken is None else taken
     base, k = name, 0
-    while name in taken:
+    while name in names:
         k += 1
         name = f"{base}_{k}"
+    if taken is not None:
+        taken.add(name)
     return name
 
 

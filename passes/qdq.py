@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from passes.core import PassResult, QPass, new_initializer, unique_name
+from passes.core import PassResult, QPass, names_in, new_initializer, unique_name
 from passes.units import ANCHOR_OPS, unit_activation
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ class InsertQDQPass(QPass):
         uncal = [n for n, t in self.plan.tensors.items() if not t.calibrated]
         if uncal:
             raise ValueError(f"plan tensors without scale/zero_point: {uncal[:5]}")
+        self.taken = names_in(g)  # one scan: thousands of new names on a transformer
         marks = mark_tensors(g)
         for name, (inp, w) in marks.biases.items():
             self._bias(g, values[name], inp, w)
@@ -260,12 +261,18 @@ class InsertQDQPass(QPass):
         g.sort()
         return PassResult(model, True)
 
+    def _init(self, g: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+        return new_initializer(g, array, name, self.taken)
+
+    def _unique(self, g: ir.Graph, name: str) -> str:
+        return unique_name(g, name, self.taken)
+
     def _params(self, g: ir.Graph, base: str, tq, dtype) -> tuple[ir.Value, ir.Value]:
         per_channel = tq.granularity == "per_channel"
         s = np.asarray(tq.scale, np.float32) if per_channel else np.float32(tq.scale)
         z = np.asarray(tq.zero_point, dtype) if per_channel else np.asarray(tq.zero_point, dtype).reshape(())
-        return (new_initializer(g, np.asarray(s, np.float32), f"{base}_scale"),
-                new_initializer(g, z, f"{base}_zero_point"))
+        return (self._init(g, np.asarray(s, np.float32), f"{base}_scale"),
+                self._init(g, z, f"{base}_zero_point"))
 
     def _weight(self, g: ir.Graph, w: ir.Value, tq) -> None:
         dtype = np.int8 if tq.signed else np.uint8
@@ -276,12 +283,11 @@ class InsertQDQPass(QPass):
         self._replace_with_dq(g, w, q, *self._params(g, name, tq, dtype), axis)
         self.fire(f"weight {name}: {tq.bits}-bit {tq.granularity}")
 
-    @staticmethod
-    def _replace_with_dq(g: ir.Graph, const: ir.Value, codes: np.ndarray, scale: ir.Value, zero_point: ir.Value,
+    def _replace_with_dq(self, g: ir.Graph, const: ir.Value, codes: np.ndarray, scale: ir.Value, zero_point: ir.Value,
                          axis: int | None) -> None:
         """Swap a float initializer for DequantizeLinear(codes): readers keep the tensor's name."""
         name = const.name
-        q_v = new_initializer(g, codes, f"{name}_quantized")
+        q_v = self._init(g, codes, f"{name}_quantized")
         attrs = {"axis": axis} if axis is not None else {}
         dq = ir.node("DequantizeLinear", [q_v, scale, zero_point], attributes=attrs, name=f"{name}_DequantizeLinear")
         out = dq.outputs[0]
@@ -304,8 +310,8 @@ class InsertQDQPass(QPass):
         q = np.clip(np.rint(bias / (s.astype(np.float64) if per_channel else float(s))),
                     -(2**31), 2**31 - 1).astype(np.int32)
         name = b.name
-        s_v = new_initializer(g, s, f"{name}_scale")
-        z_v = new_initializer(g, np.zeros(s.shape, np.int32), f"{name}_zero_point")
+        s_v = self._init(g, s, f"{name}_scale")
+        z_v = self._init(g, np.zeros(s.shape, np.int32), f"{name}_zero_point")
         self._replace_with_dq(g, b, q, s_v, z_v, 0 if per_channel else None)
         self.fire(f"bias {name}: int32")
 
@@ -318,18 +324,18 @@ class InsertQDQPass(QPass):
         qmin, qmax = tq.qrange
         cmin, cmax = (-128, 127) if tq.signed else (0, 255)
         q = ir.node("QuantizeLinear", [t, s_v, z_v], name=f"{name}_QuantizeLinear")
-        q.outputs[0].name = unique_name(g, f"{name}_quantized")
+        q.outputs[0].name = self._unique(g, f"{name}_quantized")
         new_nodes.append(q)
         codes = q.outputs[0]
         if (qmin, qmax) != (cmin, cmax):
             # Narrow the codes with an integer Clip after the container Q: onnxruntime still fuses the
             # producer into an integer kernel (a float Clip before the Q would block that).
-            lo = new_initializer(g, np.array(qmin, dtype), f"{name}_code_min")
-            hi = new_initializer(g, np.array(qmax, dtype), f"{name}_code_max")
+            lo = self._init(g, np.array(qmin, dtype), f"{name}_code_min")
+            hi = self._init(g, np.array(qmax, dtype), f"{name}_code_max")
             clip = ir.node("Clip", [codes, lo, hi], name=f"{name}_Clip")
             new_nodes.append(clip)
             codes = clip.outputs[0]
-            codes.name = unique_name(g, f"{name}_quantized_narrow")
+            codes.name = self._unique(g, f"{name}_quantized_narrow")
         dq = ir.node("DequantizeLinear", [codes, s_v, z_v], name=f"{name}_DequantizeLinear")
         out = dq.outputs[0]
         out.type, out.shape = t.type, t.shape
@@ -343,12 +349,12 @@ class InsertQDQPass(QPass):
             n.replace_input_with(i, out)
         if t.is_graph_output():
             idx = [i for i, o in enumerate(g.outputs) if o is t]
-            t.name = unique_name(g, f"{name}_float")
+            t.name = self._unique(g, f"{name}_float")
             out.name = name
             for i in idx:
                 g.outputs[i] = out
         else:
-            out.name = unique_name(g, f"{name}_dequantized")
+            out.name = self._unique(g, f"{name}_dequantized")
         self.fire(f"activation {name}: {'s' if tq.signed else 'u'}{tq.bits}")
 
 

@@ -124,31 +124,69 @@ class QuantizeResult:
 def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] | None = None,
              config: QuantConfig = QuantConfig()) -> QuantizeResult:
     """Post-training quantization: calibrate on `data` (a SPEC / Data: `config.calib_size` images of its
-    train split; or any iterable of `{input_name: array}` feeds) and insert Q/DQ from the plan."""
+    train split; or any iterable of `{input_name: array}` feeds) and insert Q/DQ from the plan.
+
+    With `QuantConfig(activations="dynamic")` nothing is calibrated and `data` may be None; given, it
+    feeds the error report and the collapse check."""
     from qtool.fusion import fuse as run_fuse
     from qtool.fusion import op_counts
     from qtool.ptq import quantize as run
+    from qtool.ptq import quantize_dynamic
 
     config = _config(config, QuantConfig)
     m = _model(model)
     check_finite_weights(m)
     fsum = None
     if not is_fused(m):
-        m, fsum = run_fuse(m)
+        # onnxsim turns a 3-D MatMul + Add into Reshape -> Gemm -> Reshape: right for static QGemm, but
+        # for dynamic products it adds 27 Reshapes to BERT-small and blocks half of onnxruntime's
+        # SkipLayerNormalization fusions.
+        m, fsum = run_fuse(m, use_onnxsim=config.activations == "static")
+    if config.activations == "dynamic":
+        qdq, plan = quantize_dynamic(m, config)
+        report = ErrorReport([], {}, 0)
+        if data is not None:
+            feeds = calibration_feeds(m, data, min(config.calib_size, REPORT_SAMPLES)) \
+                if isinstance(data, (str, Data)) else data
+            report = error_report(m, qdq, plan, _head(feeds, REPORT_SAMPLES), per_tensor=False)
+            if config.check_collapse:
+                check_not_collapsed(report)
+        summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qdq), fsum)
+        return QuantizeResult(qdq, plan, m, summary, report)
     if data is None or isinstance(data, (str, Data)):
         feeds = calibration_feeds(m, data, config.calib_size)
-        report_feeds = calibration_feeds(m, data, min(config.calib_size, REPORT_SAMPLES))
     else:
-        feeds = report_feeds = list(data)  # iterated twice: calibration, then the error report
-    qdq, plan = run(m, feeds, config)
-    report = error_report(m, qdq, plan, report_feeds)
+        feeds = data
+    # The error report runs on the first calibration batches (up to REPORT_SAMPLES samples), with the
+    # FP32 outputs calibration computed for them as its reference.
+    report_feeds, reference = [], []
+
+    def keep(feed, outputs):
+        if sum(len(next(iter(f.values()))) for f in report_feeds) < REPORT_SAMPLES:
+            report_feeds.append(feed)
+            reference.append(outputs)
+
+    qdq, plan = run(m, feeds, config, on_outputs=keep)
+    report = error_report(m, qdq, plan, report_feeds, per_tensor=config.per_tensor_report, reference=reference)
     if config.check_collapse:
+        if report.collapsed() and not report.tensors:  # name the worst tensor in the error
+            report = error_report(m, qdq, plan, report_feeds, per_tensor=True)
         check_not_collapsed(report)
     qmodel = qdq
     if config.format != "qdq":  # the same plan, lowered by the exporter (QLinearConv / QGemm / ...)
         qmodel = export_model(m, plan, ExportConfig(format=config.format)).model
     summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qmodel), fsum)
     return QuantizeResult(qmodel, plan, m, summary, report)
+
+
+def _head(batches: Iterable[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    """The first batches of `batches` holding `n` samples or more in all."""
+    out: list[dict[str, np.ndarray]] = []
+    for b in batches:
+        if sum(len(next(iter(f.values()))) for f in out) >= n:
+            break
+        out.append(b)
+    return out
 
 
 # -- qat ---------------------------------------------------------------------------------------------

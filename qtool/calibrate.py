@@ -18,7 +18,7 @@ Range methods (`TensorStats.range(method, ...)`):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -55,6 +55,13 @@ class TensorStats:
         self.R = 0.0
         self.fine = np.zeros(bins * FINE if histogram else 0, np.int64)
         self.count = 0
+        self.nonfinite = 0  # inf / NaN values seen (left out of the statistics; see `finite`)
+
+    @property
+    def finite(self) -> bool:
+        """False when the tensor held inf / NaN (an attention mask's -inf): Q(-inf) saturates to the
+        lowest code, so quantizing it would silently change what the graph computes."""
+        return self.nonfinite == 0
 
     @property
     def hist(self) -> np.ndarray:
@@ -68,7 +75,7 @@ class TensorStats:
         lo, hi = float(x.min()), float(x.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max: one check suffices
             finite = x[np.isfinite(x)]
-            log.warning("calibration tensor has %d non-finite values; ignored", x.size - finite.size)
+            self.nonfinite += x.size - finite.size
             x = finite
             if x.size == 0:
                 return
@@ -245,14 +252,18 @@ def kl_by_threshold(hist: np.ndarray, levels: int, *, start: int | None = None, 
 
 def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], tensors: Sequence[str],
                   *, bins: int = DEFAULT_BINS, max_batches: int | None = None,
-                  histograms: bool = True) -> dict[str, TensorStats]:
+                  histograms: bool = True,
+                  on_outputs: Callable[[dict, dict], None] | None = None) -> dict[str, TensorStats]:
     """Run `batches` through `model` and accumulate statistics of `tensors` (graph inputs allowed).
-    `histograms=False` keeps only min/max (the minmax method), which costs almost nothing per batch."""
+    `histograms=False` keeps only min/max (the minmax method), which costs almost nothing per batch.
+    `on_outputs(feed, outputs)` receives each batch and the model's own outputs of it (by name): the
+    error report reuses them as its FP32 reference instead of running the model again."""
     graph_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     watch = [t for t in dict.fromkeys(tensors) if t not in graph_inputs]
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
+    existing = [o.name for o in m.graph.output]
+    fetch = watch + [o for o in existing if o not in watch] if on_outputs is not None else watch
     for t in watch:
         if t not in existing:
             m.graph.output.append(onnx.ValueInfoProto(name=t))
@@ -276,11 +287,13 @@ def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray
             raise QtoolError(f"calibration batch lacks model inputs {missing}")
         feed = {k: np.asarray(batch[k]) for k in feed_names}
         try:
-            outs = sess.run(watch, feed)
+            outs = dict(zip(fetch, sess.run(fetch, feed)))
         except Exception as e:
             raise QtoolError(f"calibration run failed: {str(e).splitlines()[0]}") from None
-        for t, v in zip(watch, outs):
-            stats[t].update(v)
+        if on_outputs is not None:
+            on_outputs(feed, {k: outs[k] for k in existing})
+        for t in watch:
+            stats[t].update(outs[t])
         for t in stats:
             if t in graph_inputs:
                 stats[t].update(feed[t])

@@ -173,17 +173,25 @@ def fuse(model, output, no_onnxsim, verbose):
               help="keep nodes in float: a node-name glob or an op type (repeatable), e.g. --exclude '/head/*'")
 @click.option("--allow-collapse", is_flag=True,
               help="write the model even if its outputs collapse against FP32 (constant, NaN, SQNR < 1 dB)")
+@click.option("--activations", default="static", show_default=True, type=click.Choice(["static", "dynamic"]),
+              help="static: activation ranges calibrated on --data, Q/DQ in the graph. dynamic: int8 MatMul/Gemm "
+                   "weights, activations quantized at run time by onnxruntime (no calibration, --data optional: "
+                   "then only the FP32 comparison). Not `qtool dynamic`, which trains per-input bit-widths.")
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
-             plan_out, report_out, exclude, allow_collapse):
-    """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
+             plan_out, report_out, exclude, allow_collapse, activations):
+    """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan);
+    --activations dynamic needs no data (activations are quantized at run time)."""
     import qtool
 
     w, a = parse_bits(bits)
     config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
-                               exclude=tuple(exclude))
+                               exclude=tuple(exclude), per_tensor_report=report_out is not None,
+                               activations=activations)
     d = make_data(data, mean, std, input_shapes)
+    if activations == "dynamic" and report_out and d is None:
+        raise QtoolError("--report compares against FP32 on data: give --data (--activations dynamic needs none otherwise)")
     checked_outputs((model,), output, plan_out, report_out)
     r = qtool.quantize(model, d, config)
     r.save(output, plan_out)

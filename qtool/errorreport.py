@@ -72,41 +72,86 @@ def _session_all_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     return make_session(m, optimize=False)
 
 
+class _Running:
+    """SQNR / cosine / max abs error of one tensor, accumulated batch by batch (no values kept)."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = self.dot = self.qq = self.max_abs = 0.0
+        self.nan = False
+
+    def update(self, r: np.ndarray, q: np.ndarray) -> None:
+        r = np.asarray(r, np.float64).ravel()
+        q = np.asarray(q, np.float64).ravel()
+        if not np.isfinite(q).all():
+            self.nan = True
+            return
+        d = r - q
+        self.signal += float(r @ r)
+        self.noise += float(d @ d)
+        self.dot += float(r @ q)
+        self.qq += float(q @ q)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
+
+    def result(self) -> tuple[float, float, float]:
+        if self.nan:
+            return float("-inf"), float("nan"), float("inf")
+        sqnr = float("inf") if self.noise == 0 else (
+            10 * np.log10(self.signal / self.noise) if self.signal > 0 else float("-inf"))
+        denom = np.sqrt(self.signal * self.qq)
+        cosine = self.dot / denom if denom > 0 else float(self.noise == 0)
+        return sqnr, float(cosine), self.max_abs
+
+
 def error_report(fused: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan,
-                 batches: Iterable[dict[str, np.ndarray]]) -> ErrorReport:
-    """Run `batches` through the FP32 fused graph and its QDQ model; see the module docstring."""
+                 batches: Iterable[dict[str, np.ndarray]], per_tensor: bool = True,
+                 reference: list[dict[str, np.ndarray]] | None = None) -> ErrorReport:
+    """Run `batches` through the FP32 fused graph and its quantized model; see the module docstring.
+
+    `per_tensor=False` compares the outputs only (both models optimized: two fast runs per batch); the
+    per-tensor rows need both models unoptimized with every planned tensor as an output, i.e. two more,
+    slower runs per batch, so they are computed on request (`quantize --report`) or to name the worst
+    tensor of a collapse. `reference`: the FP32 outputs of each batch, already computed (calibration
+    returns them), so that without per-tensor rows the FP32 model is not run again."""
     dq_out = {n.name.removesuffix("_DequantizeLinear"): n.output[0] for n in qmodel.graph.node
               if n.op_type == "DequantizeLinear" and n.name.endswith("_DequantizeLinear")}
-    acts = [t for t, q in plan.tensors.items() if q.kind == "activation" and t in dq_out]
-    ref_sess = _session_all_outputs(fused, acts)  # also the FP32 outputs: the reference needs no optimized run
-    q_sess = _session_all_outputs(qmodel, [dq_out[t] for t in acts])
-    q_run = make_session(qmodel)  # the outputs as onnxruntime deploys the QDQ model (integer kernels)
+    acts = [t for t, q in plan.tensors.items() if q.kind == "activation" and t in dq_out] if per_tensor else []
+    # With the per-tensor rows, the unoptimized reference run also gives the FP32 outputs.
+    if per_tensor or reference is None:
+        ref_sess = _session_all_outputs(fused, acts) if per_tensor else make_session(fused)
+        ref_run = lambda feed: dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feed)))  # noqa: E731
+    else:
+        ref_run = None
+    q_sess = _session_all_outputs(qmodel, [dq_out[t] for t in acts]) if per_tensor else None
+    q_run = make_session(qmodel)  # the outputs as onnxruntime deploys the quantized model (integer kernels)
     out_names = [o.name for o in fused.graph.output]
-    ref_vals: dict[str, list] = {t: [] for t in acts}
-    q_vals: dict[str, list] = {t: [] for t in acts}
+    running = {t: _Running() for t in acts}
     outs: dict[str, tuple[list, list]] = {k: ([], []) for k in out_names}
     n = 0
-    for batch in batches:
-        feed = {i.name: batch[i.name] for i in ref_sess.get_inputs()}
-        r = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feed)))
-        q = dict(zip([o.name for o in q_sess.get_outputs()], q_sess.run(None, feed)))
-        for t in acts:
-            ref_vals[t].append(r[t])
-            q_vals[t].append(q[dq_out[t]])
+    in_names = [i.name for i in q_run.get_inputs()]
+    for b, batch in enumerate(batches):
+        feed = {k: batch[k] for k in in_names}
+        r = ref_run(feed) if ref_run is not None else reference[b]
+        if q_sess is not None:
+            q = dict(zip([o.name for o in q_sess.get_outputs()], q_sess.run(None, feed)))
+            for t in acts:
+                running[t].update(r[t], q[dq_out[t]])
         for k, qo in zip([o.name for o in q_run.get_outputs()], q_run.run(None, feed)):
             outs[k][0].append(r[k])
             outs[k][1].append(qo)
         n += len(next(iter(feed.values())))
     if n == 0:
         raise QtoolError("the error report got no data")
-    rows = []
-    for t in acts:
-        m = compare_outputs(np.concatenate([v.reshape(len(v), -1) for v in ref_vals[t]]),
-                            np.concatenate([v.reshape(len(v), -1) for v in q_vals[t]]))
-        rows.append(TensorError(t, plan.tensors[t].bits, m.sqnr_db, m.cosine, m.max_abs))
+    rows = [TensorError(t, plan.tensors[t].bits, *running[t].result()) for t in acts]
     rows.sort(key=lambda e: (e.sqnr_db, e.tensor))
-    outputs = {k: compare_outputs(np.concatenate(r), np.concatenate(q)) for k, (r, q) in outs.items()}
+    outputs = {k: compare_outputs(_cat(r), _cat(q)) for k, (r, q) in outs.items()}
     return ErrorReport(rows, outputs, n)
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    """Samples on axis 0; batches whose other dims differ (sequence lengths) are flattened per batch."""
+    if len({a.shape[1:] for a in arrays}) == 1:
+        return np.concatenate(arrays)
+    return np.concatenate([a.reshape(-1) for a in arrays])[:, None]
 
 
 def check_not_collapsed(report: ErrorReport) -> None:
