@@ -163,6 +163,9 @@ def fuse(model, output, no_onnxsim, verbose):
 @click.option("--bits", default="w8a8", show_default=True, help="weight/activation bits, e.g. w8a8")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scale granularity")
 @click.option("--symmetric-activations", is_flag=True, help="int8 symmetric activations (S8S8; slower than the default U8S8 on x86 CPUs)")
+@click.option("--weight-range", default="auto", show_default=True, type=click.Choice(["auto", "full", "pair-safe"]),
+              help="weight scales: pair-safe keeps onnxruntime's int16-saturating kernels (x86 without VNNI) exact; "
+                   "auto does so where this CPU's kernels saturate; full: plain max scaling")
 @click.option("--format", "fmt", default="qdq", show_default=True, type=click.Choice(["qdq", "qoperator"]))
 @click.option("--calib-size", default=512, show_default=True, type=int, help="number of calibration images")
 @click.option("-o", "--output", required=True)
@@ -177,8 +180,8 @@ def fuse(model, output, no_onnxsim, verbose):
               help="static: activation ranges calibrated on --data, Q/DQ in the graph. dynamic: int8 MatMul/Gemm "
                    "weights, activations quantized at run time by onnxruntime (no calibration, --data optional: "
                    "then only the FP32 comparison). Not `qtool dynamic`, which trains per-input bit-widths.")
-def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
-             plan_out, report_out, exclude, allow_collapse, activations):
+def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, weight_range, fmt,
+             calib_size, output, plan_out, report_out, exclude, allow_collapse, activations):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan);
     --activations dynamic needs no data (activations are quantized at run time)."""
     import qtool
@@ -188,7 +191,7 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
                                exclude=tuple(exclude), per_tensor_report=report_out is not None,
-                               activations=activations)
+                               activations=activations, weight_range=weight_range)
     d = make_data(data, mean, std, input_shapes)
     if activations == "dynamic" and report_out and d is None:
         raise QtoolError("--report compares against FP32 on data: give --data (--activations dynamic needs none otherwise)")

@@ -119,6 +119,21 @@ def saturable_pairs(w: np.ndarray, group: int, order: str, u_max: int) -> tuple[
     return out, rp[out, j, 0], rp[out, j, 1], wp[out, j, 0], wp[out, j, 1]
 
 
+def pair_sums(w: np.ndarray, order: str) -> np.ndarray:
+    """Per output channel, the largest |w_a| + |w_b| over the K-adjacent pairs `order` sums together.
+
+    `w` is a conv weight (M, C / group, *kernel) or a GEMM weight (N, K) with `order` PAIRS; float or
+    integer. A kernel that saturates those pair sums in int16 is exact on a weight whose codes keep
+    this below 32767 // u_max (`qtool.ptq.weight_quant`)."""
+    w = np.abs(np.asarray(w, np.float64))
+    cout, cg = w.shape[:2]
+    kk = int(np.prod(w.shape[2:]))
+    wk = np.swapaxes(w.reshape(cout, cg, kk), 1, 2).reshape(cout, -1) if order == PAIRS_HWC else w.reshape(cout, -1)
+    if wk.shape[1] % 2:
+        wk = np.concatenate([wk, np.zeros((cout, 1))], 1)
+    return wk.reshape(cout, -1, 2).sum(-1).max(axis=1)
+
+
 def _model(nodes, inits: dict, x_name: str, x_shape: list, x_type: int, y_type: int) -> bytes:
     g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(x_name, x_type, x_shape)],
                           [helper.make_tensor_value_info("y", y_type, None)],
