@@ -398,7 +398,7 @@ SECTIONS = (
             "--against -> bench` (exit codes) and onnxruntime's `quantize_static` with and without "
             "`quant_pre_process`: integer-kernel coverage, worst-output SQNR vs FP32 on held-out feeds, batch-1 "
             "latency, quantize wall time; text / audio models also with dynamic activations vs `quantize_dynamic`.",
-            (("zoo", "python -m benchmarks zoo"), ("zoo_quick", "python -m benchmarks zoo --quick"))),
+            (("zoo", "python -m benchmarks zoo"),)),
     Section("calibration", "Calibration methods: qtool vs onnxruntime quantize_static",
             "Each calibration method (minmax, percentile, entropy, mse) of qtool and of onnxruntime's `quantize_static` "
             "on the trained ResNet-20 with the same calibration images: top-1 on onnxruntime and quantize wall time "

@@ -53,7 +53,7 @@ import onnx
 from benchmarks.common import RESULTS, write_result
 
 REPO = Path(__file__).resolve().parent.parent
-STEP_TIMEOUT_S = 900
+STEP_TIMEOUT_S = 600
 TARGETS = {"coverage": ">= ORT", "sqnr": ">= ORT", "latency_ratio": "<= 1.0", "latency_geomean": "<= 0.95",
            "quantize_time_ratio": "<= 1.5"}
 NOT_AVAILABLE = "n/a (not available)"
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks zoo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="32 calibration / 32 test samples, 20 timed runs")
+    ap.add_argument("--quick", action="store_true", help="16 calibration / 16 test samples, 10 timed runs (a smoke run)")
     ap.add_argument("--models", default=",".join(zoo_models.SPECS), help="subset, comma-separated")
     ap.add_argument("--workdir", default=None, help="keep every model's files here (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown models: {', '.join(unknown)} (known: {', '.join(zoo_models.SPECS)})", file=sys.stderr)
         return 2
-    n_cal, n_test, runs = (32, 32, 20) if args.quick else (64, 64, 100)
+    n_cal, n_test, runs = (16, 16, 10) if args.quick else (32, 32, 50)
     t0 = time.perf_counter()
     out: dict = {"models": {}}
     with tempfile.TemporaryDirectory(prefix="qtool-zoo-") as tmp:

@@ -10,6 +10,7 @@ Exit 0 on success; otherwise exit 1 with the first line of the error on stderr.
 """
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,9 +26,12 @@ def main(argv: list[str]) -> int:
 
     mode, src, dst, *rest = argv
     pre = "--pre" in rest
-    rest = [a for a in rest if a != "--pre"]
+    rest = [str(Path(a).resolve()) for a in rest if a != "--pre"]
+    src, dst = str(Path(src).resolve()), str(Path(dst).resolve())
+    here = os.getcwd()
     try:
         with tempfile.TemporaryDirectory() as d:
+            os.chdir(d)  # quant_pre_process leaves sym_shape_infer_temp.onnx and *.data files in the cwd
             if pre:
                 p = str(Path(d) / "pre.onnx")
                 try:
@@ -59,6 +63,8 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         print(f"{type(e).__name__}: {_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        os.chdir(here)
     return 0
 
 
