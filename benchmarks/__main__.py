@@ -1,8 +1,10 @@
 """python -m benchmarks run [--quick]: the benchmark suite (benchmarks/suite.py);
+python -m benchmarks zoo [--quick]: the model zoo vs onnxruntime's tools (benchmarks/zoo.py);
 python -m benchmarks results: benchmarks/RESULTS.md from the JSON results (benchmarks/report.py)."""
 import sys
 
 USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
+         "       python -m benchmarks zoo [--quick] [--models a,b] [--workdir DIR]\n"
          "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]")
 
 cmd = sys.argv[1] if len(sys.argv) > 1 else None
@@ -10,6 +12,10 @@ if cmd == "run":
     from benchmarks import suite
 
     sys.exit(suite.main(sys.argv[2:]))
+if cmd == "zoo":
+    from benchmarks import zoo
+
+    sys.exit(zoo.main(sys.argv[2:]))
 if cmd == "results":
     from benchmarks import report
 

@@ -245,8 +245,102 @@ def calibration_table(d: dict) -> str:
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
+def _zoo_cov(v: dict | None) -> str:
+    c = (v or {}).get("coverage")
+    return "—" if not c else f"{c['integer']}/{c['compute']}"
+
+
+def _zoo_db(v: dict | None) -> str:
+    s = (v or {}).get("sqnr")
+    return "—" if not s else f"{s['min_sqnr_db']:.1f}"
+
+
+def _zoo_ms(v: dict | None, fp32_ms: float | None) -> str:
+    ms = (v or {}).get("latency_ms")
+    if ms is None:
+        return "—"
+    return f"{ms:.2f} ({ms / fp32_ms:.2f}x)" if fp32_ms else f"{ms:.2f}"
+
+
+def _zoo_failed(step: dict | None) -> str:
+    if step is None:
+        return "not run"
+    if step.get("status"):
+        return step["status"]
+    return "failed: " + (step.get("error") or f"exit {step.get('rc')}").replace("|", "/")[:90]
+
+
+def _zoo_mark(t: bool | None) -> str:
+    return "—" if t is None else ("yes" if t else "**no**")
+
+
+def zoo_table(d: dict) -> str:
+    """benchmarks.zoo: qtool's CLI vs onnxruntime quantize_static (and quantize_dynamic) on the zoo."""
+    rows, dyn_rows = [], []
+    for key, m in d["models"].items():
+        if "build_error" in m:
+            rows.append([key, "build failed: " + m["build_error"][:80], *[""] * 10])
+            continue
+        st, v, t = m["steps"], m["variants"], m["targets"]
+        ref = m["ort_reference"]
+        fp = v["fp32"].get("latency_ms")
+        codes = "/".join("—" if st.get(s) is None else str(st[s]["rc"]) for s in ("fuse", "quantize", "eval", "bench"))
+        q = v.get("qtool")
+        qcell = lambda f: f(q) if q else _zoo_failed(st.get("quantize"))
+        ocell = lambda f: f(v[ref]) if ref else "ORT failed"
+        nopre = v.get("ort_nopre")
+        pre_note = "" if st["ort"]["rc"] == 0 else f" (pre_process {_zoo_failed(st['ort'])}; ref = without)"
+        nopre_cell = (f"{_zoo_cov(nopre)}, {_zoo_db(nopre)} dB, {_zoo_ms(nopre, fp)}" if nopre
+                      else _zoo_failed(st["ort_nopre"]))
+        lr, tr = t.get("latency_qtool_over_ort"), t.get("quantize_qtool_over_ort")
+        qs = m["quantize_s"]
+        qt = qs["qtool_fuse"] + (qs["qtool_quantize"] or 0)
+        held = [name for name, k in (("cov", "coverage"), ("SQNR", "sqnr"), ("lat", "latency_ratio"),
+                                     ("time", "quantize_time_ratio")) if t.get(k) is False]
+        rows.append([key, codes, f"{qcell(_zoo_cov)} vs {ocell(_zoo_cov)}", f"{qcell(_zoo_db)} vs {ocell(_zoo_db)}",
+                     f"{fp:.2f}" if fp else "—", qcell(lambda x: _zoo_ms(x, fp)),
+                     (ocell(lambda x: _zoo_ms(x, fp)) + pre_note), "—" if lr is None else f"{lr:.2f}",
+                     f"{qt:.1f} vs {st[ref]['seconds']:.1f}" if ref else f"{qt:.1f} vs —",
+                     "—" if tr is None else f"{tr:.2f}", nopre_cell,
+                     ("all" if not held and t.get("coverage") is not None else
+                      ("missed: " + ", ".join(held) if held else "— (no ORT)"))
+                     + ("" if t.get("pipeline_exit_0") else "; pipeline exit != 0")])
+        if "qtool_dynamic" in st:
+            qd, od = v.get("qtool_dynamic"), v.get("ort_dynamic")
+            r = (qd["latency_ms"] / od["latency_ms"]) if qd and od and qd.get("latency_ms") and od.get("latency_ms") \
+                else None
+            dyn_rows.append([key, _zoo_ms(qd, fp) if qd else _zoo_failed(st["qtool_dynamic"]),
+                             _zoo_db(qd) if qd else "—",
+                             _zoo_ms(od, fp) if od else _zoo_failed(st.get("ort_dynamic")), _zoo_db(od) if od else "—",
+                             "—" if r is None else f"{r:.2f}"])
+    s, sm = d["settings"], d["summary"]
+    g = sm.get("latency_geomean_qtool_over_ort")
+    held, cmp_ = sm["targets_held"], sm["targets_compared"]
+    lines = [f"{sm['models']} models, batch 1, {s['threads']} threads, {s['runs']} timed runs (medians, one `qtool "
+             f"bench` run per model); {s['calibration_samples']} calibration and {s['test_samples']} held-out test "
+             "samples per model. ORT = onnxruntime `quantize_static` (QDQ, its defaults) after `quant_pre_process` "
+             "(without it where pre-processing fails). Exit codes: fuse / quantize / eval / bench.", ""]
+    lines += _table(["model", "exit codes", "int kernels qtool vs ORT", "SQNR dB qtool vs ORT (worst output)",
+                     "FP32 ms", "qtool ms (x FP32)", "ORT ms (x FP32)", "qtool / ORT latency",
+                     "quantize s qtool vs ORT", "time ratio", "ORT without pre_process: kernels, SQNR, ms",
+                     "targets"], rows)
+    lines += ["", f"Geometric mean of qtool / ORT latency: {'—' if g is None else f'{g:.3f}'} (target <= 0.95: "
+                  f"{_zoo_mark(sm.get('latency_geomean_target_held'))}). Targets held (of models compared): "
+                  + ", ".join(f"{name} {held[k]}/{cmp_[k]}" for name, k in
+                              (("pipeline exit 0", "pipeline_exit_0"), ("coverage >= ORT", "coverage"),
+                               ("SQNR >= ORT", "sqnr"), ("latency <= ORT", "latency_ratio"),
+                               ("quantize time <= 1.5x", "quantize_time_ratio"))) + "."]
+    if dyn_rows:
+        dg = sm.get("dynamic_latency_geomean_qtool_over_ort")
+        lines += ["", *_table(["model (dynamic activations)", "qtool --activations dynamic ms (x FP32)", "SQNR dB",
+                               "ORT quantize_dynamic ms (x FP32)", "SQNR dB", "qtool / ORT latency"], dyn_rows),
+                  "", f"Geometric mean qtool / ORT (dynamic): {'—' if dg is None else f'{dg:.3f}'}."]
+    lines += ["", f"{'Quick' if s['quick'] else 'Full'} run, {s['wall_s'] / 60:.1f} min in all. " + _machine(d)]
+    return "\n".join(lines) + "\n"
+
+
 RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
-          "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table}
+          "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table, "zoo": zoo_table}
 
 
 def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
@@ -298,6 +392,13 @@ SECTIONS = (
             "QAT models; float fallbacks in ORT's optimized graph. Models other than ResNet-20 have random weights "
             "and are timed only.",
             (("suite", "python -m benchmarks run"), ("suite_quick", "python -m benchmarks run --quick"))),
+    Section("zoo", "Model zoo: qtool's CLI vs onnxruntime's quantization tools",
+            "12 architectures built from transformers configs (random weights, BatchNorm statistics re-estimated) "
+            "and trained third-party ONNX files from PyPI wheels, each through `qtool fuse -> quantize -> eval "
+            "--against -> bench` (exit codes) and onnxruntime's `quantize_static` with and without "
+            "`quant_pre_process`: integer-kernel coverage, worst-output SQNR vs FP32 on held-out feeds, batch-1 "
+            "latency, quantize wall time; text / audio models also with dynamic activations vs `quantize_dynamic`.",
+            (("zoo", "python -m benchmarks zoo"),)),
     Section("calibration", "Calibration methods: qtool vs onnxruntime quantize_static",
             "Each calibration method (minmax, percentile, entropy, mse) of qtool and of onnxruntime's `quantize_static` "
             "on the trained ResNet-20 with the same calibration images: top-1 on onnxruntime and quantize wall time "

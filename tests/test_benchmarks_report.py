@@ -31,6 +31,8 @@ def probe(kind: str, d: dict) -> str:
         return f"{d['methods']['entropy']['qtool']['top1'] * 100:.2f}"
     if kind == "dynamic":
         return f"{d['dynamic']['acc_ort'] * 100:.2f}"
+    if kind == "zoo":
+        return f"{d['summary']['latency_geomean_qtool_over_ort']:.3f}"
     raise AssertionError(kind)
 
 
