@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qtool.bitsearch.config import SearchConfig
 from qtool.data import Data, ImageDataset, load_dataset
-from qtool.dynbits.train import DynamicConfig, DynamicResult
 from qtool.errorreport import ErrorReport, check_not_collapsed, error_report
 from qtool.errors import QtoolError
 from qtool.evaluation import EvalConfig, EvalResult, evaluate_model
@@ -36,7 +34,6 @@ from qtool.latency import BenchConfig, BenchReport
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.ptq import QuantConfig, QuantizeSummary
 from qtool.qat_config import QATConfig
-from qtool.training import TrainConfig, TrainResult
 
 __all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "search", "dynamic",
            "TrainConfig", "FuseConfig", "QuantConfig", "QATConfig", "ExportConfig", "EvalConfig", "BenchConfig",
@@ -46,6 +43,22 @@ __all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "s
 ModelLike = onnx.ModelProto | str | os.PathLike
 REPORT_SAMPLES = 256  # calibration samples the per-tensor error report (and the collapse check) runs on
 DataLike = str | Data | tuple[ImageDataset, ImageDataset]
+
+
+# Configs of the torch stages load on first use (PEP 562), so that quantize / export / eval / bench
+# never import torch: about 3 s of every CLI call.
+_LAZY = {"SearchConfig": "qtool.bitsearch.config", "DynamicConfig": "qtool.dynbits.train",
+         "DynamicResult": "qtool.dynbits.train", "TrainConfig": "qtool.training", "TrainResult": "qtool.training"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'qtool.api' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 
 def _model(model: ModelLike) -> onnx.ModelProto:
@@ -75,7 +88,7 @@ def _splits(model: onnx.ModelProto, data: DataLike | None) -> tuple[ImageDataset
 def train(config: TrainConfig, output: str | os.PathLike, *, quiet: bool = False) -> TrainResult:
     """FP32 training of a zoo model; writes `output` (ONNX, preprocessing in its metadata) and a .pt
     checkpoint beside it (the checkpoint is what a resumed or re-exported run needs)."""
-    from qtool.training import train as run
+    from qtool.training import TrainConfig, train as run
 
     return run(_config(config, TrainConfig), output, quiet=quiet)
 
@@ -233,22 +246,24 @@ def bench(models: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig
 
 # -- search / dynamic --------------------------------------------------------------------------------
 
-def search(model: ModelLike, data: str | Data | None = None, config: SearchConfig = SearchConfig(), *,
+def search(model: ModelLike, data: str | Data | None = None, config: SearchConfig | None = None, *,
            workdir: str | os.PathLike, progress: bool = True):
     """NSGA-III search over per-layer bit-widths; returns a SearchResult (front, baselines) and writes
     the log, checkpoints, front.json/csv and plots under `workdir` (`config.resume` continues one)."""
+    from qtool.bitsearch.config import SearchConfig
     from qtool.bitsearch.runner import run_search
 
     m = _model(model)
-    return run_search(m, resolve_data(m, data).spec, _config(config, SearchConfig), Path(workdir), progress=progress)
+    config = SearchConfig() if config is None else _config(config, SearchConfig)
+    return run_search(m, resolve_data(m, data).spec, config, Path(workdir), progress=progress)
 
 
-def dynamic(model: ModelLike, data: DataLike | None = None, config: DynamicConfig = DynamicConfig(), *,
+def dynamic(model: ModelLike, data: DataLike | None = None, config: DynamicConfig | None = None, *,
             output_dir: str | os.PathLike) -> DynamicResult:
     """Per-image bit-widths (DQNet): a bit controller + routed QDQ models, deployed under `output_dir`."""
-    from qtool.dynbits.train import dynamic as run
+    from qtool.dynbits.train import DynamicConfig, dynamic as run
 
-    config = _config(config, DynamicConfig)
+    config = DynamicConfig() if config is None else _config(config, DynamicConfig)
     o = Path(output_dir)
     if o.exists() and not o.is_dir():
         raise QtoolError(f"output path exists and is not a directory: {o}")

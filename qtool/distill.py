@@ -6,7 +6,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from qtool.errors import QtoolError
+from qtool.qat_config import check_weight  # torch-free, so configs validate without torch
 
 
 def fp32_teacher(fused: onnx.ModelProto) -> torch.nn.Module:
@@ -30,8 +30,3 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor 
     return loss
 
 
-def check_weight(weight, name: str) -> float:
-    """The distillation weight as a float in [0, 1], or a QtoolError naming `name`."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-        raise QtoolError(f"{name} must be a number in [0, 1], got {weight!r}")
-    return float(weight)

@@ -51,6 +51,13 @@ def _check_bits(v: Any, what: str) -> None:
         raise QtoolError(f"{what} must be an integer in 2..8, got {v!r}")
 
 
+def check_weight(weight, name: str) -> float:
+    """The distillation weight as a float in [0, 1], or a QtoolError naming `name`."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise QtoolError(f"{name} must be a number in [0, 1], got {weight!r}")
+    return float(weight)
+
+
 @dataclass(frozen=True)
 class QuantRule:
     """One `config_list` entry. Empty op_types and op_names match nothing (as in NNI)."""
@@ -201,8 +208,6 @@ class QATConfig:
                 raise QtoolError(f"{k} must be an integer >= {lo}, got {v!r}")
         if self.steps is not None and (not _is_int(self.steps) or self.steps < 0):
             raise QtoolError(f"steps must be an integer >= 0 or None, got {self.steps!r}")
-        from qtool.distill import check_weight
-
         check_weight(self.distill, "distill")
         for k in ("freeze_bn", "train_limit"):
             v = getattr(self, k)

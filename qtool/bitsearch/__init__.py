@@ -9,14 +9,43 @@ Parts: `space` (encoding, candidate -> tensor bits), `objectives` (what is minim
 CPU kernels really reward), `evaluators` (qat | supernet), `supernet` (the multi-bit fake-quant
 model both evaluators train), `executors` (local | ray), `checkpoint` (log + resume), `report`.
 """
-from qtool.bitsearch.config import SearchConfig
-from qtool.bitsearch.evaluators import (Evaluator, QATEvaluator, SearchData, SupernetEvaluator, make_evaluator, rank_correlation)
-from qtool.bitsearch.executors import LocalExecutor, RayExecutor, make_executor
-from qtool.bitsearch.objectives import Metrics, Objective, make_objectives
-from qtool.bitsearch.runner import NSGA3Config, SearchProblem, SearchResult, non_dominated, run_search, search
-from qtool.bitsearch.space import Candidate, SearchSpace
+# Names load on first use (PEP 562): importing qtool.bitsearch.config (SearchConfig) for the API must not
+# pull in the evaluators and torch.
+_WHERE = {
+    'SearchConfig': 'qtool.bitsearch.config',
+    'Evaluator': 'qtool.bitsearch.evaluators',
+    'QATEvaluator': 'qtool.bitsearch.evaluators',
+    'SearchData': 'qtool.bitsearch.evaluators',
+    'SupernetEvaluator': 'qtool.bitsearch.evaluators',
+    'make_evaluator': 'qtool.bitsearch.evaluators',
+    'rank_correlation': 'qtool.bitsearch.evaluators',
+    'LocalExecutor': 'qtool.bitsearch.executors',
+    'RayExecutor': 'qtool.bitsearch.executors',
+    'make_executor': 'qtool.bitsearch.executors',
+    'Metrics': 'qtool.bitsearch.objectives',
+    'Objective': 'qtool.bitsearch.objectives',
+    'make_objectives': 'qtool.bitsearch.objectives',
+    'NSGA3Config': 'qtool.bitsearch.runner',
+    'SearchProblem': 'qtool.bitsearch.runner',
+    'SearchResult': 'qtool.bitsearch.runner',
+    'non_dominated': 'qtool.bitsearch.runner',
+    'run_search': 'qtool.bitsearch.runner',
+    'search': 'qtool.bitsearch.runner',
+    'Candidate': 'qtool.bitsearch.space',
+    'SearchSpace': 'qtool.bitsearch.space',
+}
 
 __all__ = ["Candidate", "Evaluator", "LocalExecutor", "Metrics", "NSGA3Config", "Objective", "QATEvaluator",
            "RayExecutor", "SearchData", "SearchProblem", "SearchResult", "SearchSpace", "SupernetEvaluator",
            "make_evaluator", "make_executor", "make_objectives", "non_dominated", "rank_correlation", "run_search",
            "search", "SearchConfig"]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'qtool.bitsearch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
