@@ -171,3 +171,15 @@ def test_importing_the_api_loads_neither_click_nor_the_cli():
             "qtool.evaluate, qtool.bench, qtool.QuantPlan, qtool.QtoolError; "
             "assert 'click' not in sys.modules, 'click'; assert 'qtool.cli' not in sys.modules, 'cli'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_onnx_only_stages_do_not_import_torch():
+    """quantize / export / eval / bench and every config run without torch: importing it costs seconds on
+    each CLI call. The planted import shows the check can fail."""
+    base = ("import sys, qtool; qtool.fuse, qtool.quantize, qtool.export, qtool.evaluate, qtool.bench; "
+            "qtool.QuantConfig(), qtool.QATConfig(), qtool.ExportConfig(), qtool.EvalConfig(), qtool.FuseConfig(); "
+            "import qtool.cli; {plant}assert 'torch' not in sys.modules, 'torch'")
+    subprocess.run([sys.executable, "-c", base.format(plant="")], check=True, cwd=ROOT)
+    planted = subprocess.run([sys.executable, "-c", base.format(plant="qtool.DynamicConfig; ")], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert planted.returncode != 0 and "AssertionError: torch" in planted.stderr
