@@ -98,7 +98,7 @@ def test_w8a8_lsq_fidelity_and_accuracy(lenet, digits):
 
 def test_fused_graph_training_without_bn_fold(lenet, digits):
     tr, val = digits
-    r = qat(lenet, tr, val, _cfg(weight_bits=4, act_bits=4, bn_fold=False))
+    r = qat(lenet, tr, val, _cfg(weight_bits=4, act_bits=4, bn="fold"))
     assert not r.bn_fold
     _check_fidelity(r, val)
     # Node names of the fused graph are kept; the tuned weights are in it.
