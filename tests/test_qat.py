@@ -222,6 +222,8 @@ def test_activation_outside_the_unit_is_faithful_and_integer(act):
     (dict(device="tpu"), "device must be cpu or cuda"),
     (dict(plan_bits=(("a", 4),), rules=(QuantRule(op_types=("Conv",)),)), "either as a plan or as a config"),
     (dict(plan_bits=(("a", 12),)), "plan bits of 'a'"),
+    (dict(bn="renorm"), "bn must be one of unfold, fold for qat"),  # the supernet's strategy, not qat's
+    (dict(bn=True), "bn must be one of"),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(QtoolError) as ei:
