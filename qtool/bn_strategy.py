@@ -131,7 +131,7 @@ def unfold_map(original: onnx.ModelProto, fused: onnx.ModelProto, tensors, notes
         if any(o for o in bn.output[1:]) or len(bn.input) != 5 or not bn.name or not n.name:
             continue
         if fused_nodes[n.name].input[1] != n.input[1]:
-            notes.append(f"bn_fold off: fused Conv {n.name!r} reads another weight; trained on the fused graph")
+            notes.append(f"bn unfold off: fused Conv {n.name!r} reads another weight; trained on the fused graph")
             return None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
         pairs[n.name] = FoldPair(n.name, bn.output[0],
@@ -142,11 +142,11 @@ def unfold_map(original: onnx.ModelProto, fused: onnx.ModelProto, tensors, notes
     try:
         lifted = lift(original)
     except QtoolError as e:
-        notes.append(f"bn_fold off: the unfused graph does not lift ({e}); trained on the fused graph")
+        notes.append(f"bn unfold off: the unfused graph does not lift ({e}); trained on the fused graph")
         return None
 
     def off(why: str):
-        notes.append(f"bn_fold off: {why}; trained on the fused graph")
+        notes.append(f"bn unfold off: {why}; trained on the fused graph")
         return None
 
     pair_inits = {fused_nodes[c].input[i] for c in pairs for i in (1, 2) if len(fused_nodes[c].input) > i}

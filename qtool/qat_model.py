@@ -127,7 +127,7 @@ class QATModel:
     fused: onnx.ModelProto  # the fused graph the plan refers to
     spec: dict[str, TensorSpec]
     quantizers: dict[str, nn.Module]  # plan tensor -> its quantizer (pass-through tensors: SharedFakeQuant)
-    pairs: dict[str, FoldPair]  # Conv node -> the Conv->BN pair trained unfolded (bn_fold)
+    pairs: dict[str, FoldPair]  # Conv node -> the Conv->BN pair trained unfolded (bn "unfold")
     total_steps: int
     notes: list[str]
     device: torch.device | None = None  # where it trains
@@ -254,7 +254,7 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
             lifted.set_quantizer(names[t], quantizers[t])
     lifted.to(device)
     if pairs:
-        notes.append(f"bn_fold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
+        notes.append(f"bn unfold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
                      f"BN statistics frozen after step {freeze}")
     return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes, device)
 

@@ -92,7 +92,7 @@ class QATResult:
     fidelity: dict  # fake-quant vs onnxruntime on the val split
     module: nn.Module | None = None  # the trained fake-quant PyTorch model (eval mode, CPU)
     notes: list[str] = field(default_factory=list)  # fallbacks and choices a user should know about
-    bn_fold: bool = False
+    bn_fold: bool = False  # Conv->BN pairs trained unfolded (QATConfig.bn "unfold" and a graph it applies to)
     device: str = "cpu"
     wall_time_s: float = 0.0
 
