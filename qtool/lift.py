@@ -342,6 +342,24 @@ class LiftedModule(nn.Module):
     def quantized_tensors(self) -> dict[str, nn.Module]:
         return {n: self.quantizers[k] for n, k in self._quant_key.items()}
 
+    def to_plan(self, points, meta: dict | None = None):
+        """The QuantPlan of this module's quantizer slots: one entry per weight / activation point of
+        `points` (a `qtool.quant_points.QuantPoints`) whose tensor holds a slot, or whose root does (a
+        pass-through output takes its root's parameters), from the slot's active single-bit
+        quantizer (`qtool.quant_slots.plan_of`). Biases take no entry (their scale is s_in * s_w)."""
+        from qtool.quant_slots import plan_of
+
+        slots = {}
+        for p in points:
+            if p.kind not in ("weight", "activation"):
+                continue
+            q = self.quantizer(p.tensor)
+            if q is None and p.kind == "activation":
+                q = self.quantizer(p.root)
+            if q is not None:
+                slots[p.tensor] = (p.kind, q)
+        return plan_of(slots, meta)
+
     # -- execution -------------------------------------------------------------------------------
     def forward(self, *args: torch.Tensor, **named: torch.Tensor):
         if len(args) > len(self.input_names):

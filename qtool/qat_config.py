@@ -168,7 +168,8 @@ class QATConfig:
     algo: str = "lsq"
     quant_delay: int = 0  # training steps before fake-quant turns on (observers still watch)
     ema_decay: float = 0.99
-    bn_fold: bool = True  # train Conv->BN of an unfused model with BN kept (folded fake-quant weight)
+    bn: str = "unfold"  # BN strategy (qtool.bn_strategy): unfold = Conv->BN of an unfused model trained with
+    # BN kept (fake-quant on the folded weight); fold = train the fused graph
     freeze_bn: int | None = None  # step at which BN statistics freeze; None: half of the steps
     epochs: int = 1
     steps: int | None = None  # train exactly this many optimizer steps instead of `epochs` (0: no training)
@@ -223,7 +224,10 @@ class QATConfig:
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
                 or not 0 <= self.weight_decay < 1:
             raise QtoolError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
-        for k in ("bn_fold", "augment", "quiet"):
+        from qtool.bn_strategy import check_bn
+
+        check_bn(self.bn, "qat")
+        for k in ("augment", "quiet"):
             if not isinstance(getattr(self, k), bool):
                 raise QtoolError(f"{k} must be true or false, got {getattr(self, k)!r}")
         if self.device is not None:

@@ -1,27 +1,27 @@
 """The torch core of `qtool qat` (see `qtool.qat_train` for the method, the algorithms and the fidelity
-argument): calibration, the fake-quant model with one quantizer per plan tensor (`build_qat_model`),
-its training (`train_qat`), its plan (`QATModel.to_plan`) and onnxruntime-exact eval mode.
-`qat_finetune` runs them without qat's reporting; the search's `--eval qat` evaluator calls it."""
+argument): calibration, the fake-quant model with one quantizer per plan tensor in the lifted
+graph's slots (`build_qat_model`; BatchNormalization per `QATConfig.bn`, `qtool.bn_strategy`), its
+training (`train_qat`), its plan (`QATModel.to_plan`) and onnxruntime-exact eval mode. `run_qat` is
+the one run both `qtool qat` and the search's `--eval qat` evaluator (through `qat_finetune`, which
+leaves out qat's reporting) go through."""
 from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from onnx import numpy_helper
 
 from qtool.data import ImageDataset, epoch_batches, model_image_input, step_batches
 from qtool.distill import distill_loss, fp32_teacher, soft_labels
 from qtool.errors import QtoolError
 from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, MinMaxFakeQuant, PACTFakeQuant
+from qtool.bn_strategy import ConvBNFold, FoldPair, resolve_bn, unfold_map
 from qtool.lift import LiftedModule, lift
-from qtool.lift_ops import run_op
 from qtool.ortexact import install_exact_eval
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.preprocess import Preprocess
@@ -35,50 +35,9 @@ from qtool.ptq import QuantConfig, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
 from qtool.trainloop import EpochMeter, split_decay, supervised, train_loop
 
-__all__ = ["QATModel", "build_qat_model", "train_qat", "qat_finetune", "calibrate_activations", "start_run"]
+__all__ = ["QATModel", "build_qat_model", "train_qat", "run_qat", "qat_finetune", "calibrate_activations", "start_run"]
 
 _CALIB_SEED = 20151211
-
-
-class _ConvBNFold(nn.Module):
-    """Conv -> BatchNormalization trained with the fake-quant on the folded weight (`bn_fold`, see qtool.qat_train)."""
-
-    def __init__(self, conv_attrs: dict, eps: float, momentum: float, weight_fq: nn.Module, freeze_step: int):
-        super().__init__()
-        self.conv_attrs, self.eps, self.momentum = conv_attrs, eps, momentum  # momentum: torch's (1 - ONNX's)
-        self.weight_fq = weight_fq
-        self.bias_fq: BiasFakeQuant | None = None
-        self.exact: nn.Module | None = None  # eval-mode onnxruntime kernel emulation (qtool.ortexact)
-        self.freeze_step = freeze_step
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-
-    def folded(self, w, b, gamma, beta, mean, var):
-        std = torch.sqrt(var + self.eps)
-        s = gamma / std
-        w_fold = w * s.reshape((-1,) + (1,) * (w.dim() - 1))
-        b0 = b if b is not None else torch.zeros_like(mean)
-        return w_fold, beta + (b0 - mean) * s
-
-    def forward(self, x, w, b, gamma, beta, mean, var):
-        w_fold, b_fold = self.folded(w, b, gamma, beta, mean, var)
-        wq = self.weight_fq(w_fold)
-        if self.training:
-            self.step += 1
-        if self.training and int(self.step) <= self.freeze_step:
-            # Undo the fold factor on the quantized conv and normalize with batch statistics (which
-            # updates the running ones): PyTorch's ConvBn QAT approximation, one conv per step.
-            s = gamma / torch.sqrt(var + self.eps)
-            s = torch.where(s.abs() > 1e-12, s, torch.full_like(s, 1e-12))  # gamma 0: avoid 0 / 0
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = run_op("Conv", self.conv_attrs, True, x, wq, None) / s.reshape(shape)
-            if b is not None:
-                y = y + b.reshape(shape)
-            return F.batch_norm(y, mean, var, gamma, beta, True, self.momentum, self.eps)
-        bias = self.bias_fq(b_fold) if self.bias_fq is not None else b_fold
-        if self.exact is not None and not self.training:
-            return self.exact(x, wq, bias)
-        return run_op("Conv", self.conv_attrs, self.training, x, wq, bias)
-
 
 
 def _device(config: QATConfig) -> torch.device:
@@ -130,89 +89,6 @@ def _weight_quantizer(algo: str, s: TensorSpec, w: torch.Tensor, axis: int | Non
     return DoReFaWeightFakeQuant(bits, a.amax(dim=dims), axis, delay)  # pact / dorefa
 
 
-@dataclass
-class _FoldPair:
-    conv: str  # node name (same in both graphs)
-    bn_out: str
-    inputs: list[str]  # lifted-graph inputs: x, w, b, gamma, beta, mean, var
-    eps: float
-    momentum: float
-
-
-def _bn_fold_map(original: onnx.ModelProto, fused: onnx.ModelProto, spec: dict[str, TensorSpec],
-                 notes: list[str]) -> tuple[LiftedModule, dict[str, _FoldPair], dict[str, str]] | None:
-    """Lift the unfused graph and map the fused graph's quantized tensors onto it, or None (with a
-    note) when it does not map one to one."""
-    g = original.graph
-    readers = defaultdict(list)
-    for n in g.node:
-        for i, t in enumerate(n.input):
-            readers[t].append((n, i))
-    outputs = {o.name for o in g.output}
-    fused_nodes = {n.name: n for n in fused.graph.node}
-    pairs: dict[str, _FoldPair] = {}
-    for n in g.node:
-        if n.op_type != "Conv" or n.name not in fused_nodes or fused_nodes[n.name].op_type != "Conv":
-            continue
-        r = readers.get(n.output[0], [])
-        if len(r) != 1 or r[0][0].op_type != "BatchNormalization" or r[0][1] != 0 or n.output[0] in outputs:
-            continue
-        bn = r[0][0]
-        if any(o for o in bn.output[1:]) or len(bn.input) != 5 or not bn.name or not n.name:
-            continue
-        if fused_nodes[n.name].input[1] != n.input[1]:
-            notes.append(f"bn_fold off: fused Conv {n.name!r} reads another weight; trained on the fused graph")
-            return None
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
-        pairs[n.name] = _FoldPair(n.name, bn.output[0],
-                                  [n.input[0], n.input[1], n.input[2] if len(n.input) > 2 else ""] + list(bn.input[1:]),
-                                  float(attrs.get("epsilon", 1e-5)), 1.0 - float(attrs.get("momentum", 0.9)))
-    if not pairs:
-        return None
-    try:
-        lifted = lift(original)
-    except QtoolError as e:
-        notes.append(f"bn_fold off: the unfused graph does not lift ({e}); trained on the fused graph")
-        return None
-
-    def off(why: str):
-        notes.append(f"bn_fold off: {why}; trained on the fused graph")
-        return None
-
-    pair_inits = {fused_nodes[c].input[i] for c in pairs for i in (1, 2) if len(fused_nodes[c].input) > i}
-    orig_state = lifted.export_weights()
-    for t in fused.graph.initializer:
-        # New names are constants the simplifier folded; a trainable source would be caught below.
-        if t.name in pair_inits or t.name not in orig_state:
-            continue
-        if not np.array_equal(orig_state[t.name], numpy_helper.to_array(t)):
-            return off(f"fused initializer {t.name!r} differs from the unfused graph's")
-    fused_init_names = {t.name for t in fused.graph.initializer}
-    used_by_pairs = {t for p in pairs.values() for t in p.inputs[1:5] if t}
-    for name in lifted.trainable_initializers():
-        if name not in used_by_pairs and name not in fused_init_names:
-            return off(f"trainable initializer {name!r} of the unfused graph is folded away")
-    # Activation names: a pair conv's fused output is the BN output in the unfused graph.
-    fused_producer = {o: n for n in fused.graph.node for o in n.output}
-    orig_producer = {o: n for n in g.node for o in n.output}
-    graph_inputs = {i.name for i in g.input}
-    conv_out = {fused_nodes[c].output[0]: p.bn_out for c, p in pairs.items()}
-    names: dict[str, str] = {}
-    for t, s in spec.items():
-        if s.kind == "weight":
-            names[t] = t
-        elif t in conv_out:
-            names[t] = conv_out[t]
-        elif t in graph_inputs:
-            names[t] = t
-        else:
-            fp, op = fused_producer.get(t), orig_producer.get(t)
-            if fp is None or op is None or fp.name != op.name or fp.op_type != op.op_type:
-                return off(f"tensor {t!r} of the fused graph has no counterpart in the unfused graph")
-            names[t] = t
-    return lifted, pairs, names
-
-
 def _install_exact_eval(lifted: LiftedModule) -> list[str]:
     """Snapshot the trained quantization parameters into qtool.ortexact's eval-mode kernels."""
     weights = set(lifted.trainable_initializers())
@@ -225,7 +101,7 @@ def _install_exact_eval(lifted: LiftedModule) -> list[str]:
         return tensor_quant(kind, active_quantizer(fq))
 
     def weight_quant_of(fold: nn.Module) -> TensorQuant | None:
-        return tensor_quant("weight", fold.weight_fq) if isinstance(fold, _ConvBNFold) else None
+        return tensor_quant("weight", fold.weight_fq) if isinstance(fold, ConvBNFold) else None
 
     return install_exact_eval(lifted, quant_of, weight_quant_of)
 
@@ -251,12 +127,13 @@ class QATModel:
     fused: onnx.ModelProto  # the fused graph the plan refers to
     spec: dict[str, TensorSpec]
     quantizers: dict[str, nn.Module]  # plan tensor -> its quantizer (pass-through tensors: SharedFakeQuant)
-    pairs: dict[str, _FoldPair]  # Conv node -> the Conv->BN pair trained unfolded (bn_fold)
+    pairs: dict[str, FoldPair]  # Conv node -> the Conv->BN pair trained unfolded (bn "unfold")
     total_steps: int
     notes: list[str]
+    device: torch.device | None = None  # where it trains
 
-    def _fold_of(self, weight: str) -> _ConvBNFold:
-        return next(m for m in self.lifted.replaced.values() if isinstance(m, _ConvBNFold)
+    def _fold_of(self, weight: str) -> ConvBNFold:
+        return next(m for m in self.lifted.replaced.values() if isinstance(m, ConvBNFold)
                     and m.weight_fq is self.quantizers[weight])
 
     def to_plan(self, meta: dict) -> tuple[onnx.ModelProto, QuantPlan]:
@@ -324,8 +201,8 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
 
     # Lift: the unfused graph with Conv->BN kept when it maps onto the fused one, else the fused graph.
     mapped = None
-    if config.bn_fold and original is not fused and not is_fused(original):
-        mapped = _bn_fold_map(original, fused, spec, notes)
+    if resolve_bn("qat", config.bn, unfused_available=original is not fused and not is_fused(original)) == "unfold":
+        mapped = unfold_map(original, fused, spec, notes)
     if mapped is not None:
         lifted, pairs, names = mapped
     else:
@@ -358,7 +235,7 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
             continue
         if t in pair_of_weight:
             p = pair_of_weight[t]
-            fold = _ConvBNFold(lifted.node_attrs(p.conv), p.eps, p.momentum, quantizers[t], freeze)
+            fold = ConvBNFold(lifted.node_attrs(p.conv), p.eps, p.momentum, quantizers[t], freeze)
             orig_bn = next(n.name for n in original.graph.node if p.bn_out in n.output)
             lifted.replace_nodes([p.conv, orig_bn], fold, p.inputs, [p.bn_out])
         else:
@@ -369,7 +246,7 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
             bias_fqs[b] = BiasFakeQuant(quantizers[inp], quantizers[w])
             if w in pair_of_weight:
                 lifted.replaced[next(k for k, m in lifted.replaced.items()
-                                     if isinstance(m, _ConvBNFold) and m.weight_fq is quantizers[w])].bias_fq = bias_fqs[b]
+                                     if isinstance(m, ConvBNFold) and m.weight_fq is quantizers[w])].bias_fq = bias_fqs[b]
             else:
                 lifted.set_quantizer(b, bias_fqs[b])
     for t, s in spec.items():
@@ -377,9 +254,9 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
             lifted.set_quantizer(names[t], quantizers[t])
     lifted.to(device)
     if pairs:
-        notes.append(f"bn_fold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
+        notes.append(f"bn unfold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
                      f"BN statistics frozen after step {freeze}")
-    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes)
+    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes, device)
 
 
 def start_run(config: QATConfig) -> tuple[torch.device, torch.Generator]:
@@ -391,17 +268,30 @@ def start_run(config: QATConfig) -> tuple[torch.device, torch.Generator]:
     return device, torch.Generator().manual_seed(config.seed)
 
 
-def qat_finetune(fused: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess, *,
-                 stats: dict | None = None, teacher: nn.Module | None = None) -> QATModel:
-    """`qat` without its reporting (no per-epoch validation, no onnxruntime fidelity check): the same
-    build, training loop and quantizers, for callers that tune many configurations of one graph (the
-    search's `--eval qat` evaluator). Returns the trained model, eval mode emulating onnxruntime's
-    kernels as `qat`'s module does; `to_plan` gives the tuned graph and its plan."""
+def run_qat(model: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess, *,
+            notes: list[str] | None = None, stats: dict | None = None, teacher: nn.Module | None = None,
+            before_training=None, on_epoch=None) -> QATModel:
+    """One QAT run, the one code path of `qtool qat` and of the search's `--eval qat` evaluator: the
+    run's seed and device (`start_run`), `build_qat_model`, the FP32 teacher when `config.distill`
+    (unless given), `before_training(qm)` (qat's epoch-0 validation), `train_qat` with `on_epoch`.
+    Returns the trained model in train mode; `to_plan` / `install_exact_eval` follow."""
     device, gen = start_run(config)
-    qm = build_qat_model(fused, train_data, config, pre, device, [], stats)
+    qm = build_qat_model(model, train_data, config, pre, device, [] if notes is None else notes, stats)
     if config.distill and teacher is None:
         teacher = fp32_teacher(qm.fused)
-    train_qat(qm, train_data, pre, config, device, gen, teacher=teacher)
+    if before_training is not None:
+        before_training(qm)
+    train_qat(qm, train_data, pre, config, device, gen, teacher=teacher, on_epoch=on_epoch)
+    return qm
+
+
+def qat_finetune(fused: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess, *,
+                 stats: dict | None = None, teacher: nn.Module | None = None) -> QATModel:
+    """`run_qat` without qat's reporting (no per-epoch validation, no onnxruntime fidelity check), for
+    callers that tune many configurations of one graph (the search's `--eval qat` evaluator, which
+    passes the FP32 statistics and the teacher it computes once). Returns the trained model, eval mode
+    emulating onnxruntime's kernels as `qat`'s module does; `to_plan` gives the tuned graph and its plan."""
+    qm = run_qat(fused, train_data, config, pre, stats=stats, teacher=teacher)
     qm.install_exact_eval()
     return qm
 

@@ -11,8 +11,8 @@ one fake-quant per plan tensor (set_quantizer / set_weight_quantizer; a pass-thr
 the quantizer of the tensor it shares parameters with; biases get the int32 rounding that the
 exported DequantizeLinear applies) -> train -> read every quantizer's qparams() into a QuantPlan
 -> write the weights back, each replaced by its fake-quantized value -> apply_plan.
-In code (qtool.qat_model; the bits come from qtool.qat_bits.resolve_bits): `build_qat_model` (up to
-the quantizers) -> `train_qat` (qtool.trainloop's loop; `epochs`, or exactly `steps` steps) ->
+In code (qtool.qat_model; the bits come from qtool.qat_bits.resolve_bits): `run_qat` = `build_qat_model`
+(up to the quantizers) -> `train_qat` (qtool.trainloop's loop; `epochs`, or exactly `steps` steps) ->
 `QATModel.to_plan` (tuned graph + plan) -> `QATModel.install_exact_eval`.
 `qat` adds the per-epoch validation and the onnxruntime fidelity check; `qat_finetune` is the same
 run without them, which the search's `--eval qat` evaluator calls per candidate.
@@ -44,8 +44,9 @@ branches) use the ema observer instead; `result.notes` lists them.
 DoReFa weights here are per output channel and rescaled by the channel's initial max|w|: with BN
 folded there is no BatchNormalization left to absorb DoReFa's [-1, 1] weight range.
 
-BatchNormalization (`bn_fold`). Given an unfused model, a Conv whose output only a BN reads trains
-as Conv->BN, with the fake-quant on the folded weight w * gamma / sqrt(running_var + eps): until
+BatchNormalization (`bn`, the BN strategy of qtool.bn_strategy: "unfold", the default, or "fold":
+train the fused graph). With "unfold", given an unfused model, a Conv whose output only a BN reads
+trains as Conv->BN, with the fake-quant on the folded weight w * gamma / sqrt(running_var + eps): until
 `freeze_bn` steps the quantized conv's output is divided by the fold factor and normalized with
 batch statistics, which also update the running ones (PyTorch's ConvBn QAT; MindSpore's
 Conv2dBnFoldQuant gets the same batch statistics from a second, float conv); afterwards and in
@@ -67,13 +68,12 @@ import torch.nn as nn
 
 from exporters.qdq import apply_plan
 from qtool.data import ImageDataset, check_input_matches, model_image_input
-from qtool.distill import fp32_teacher
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.qat_bits import TensorSpec, resolve_bits  # part of this module's API (tests, callers of qtool qat)
 from qtool.qat_config import QATConfig
-from qtool.qat_model import build_qat_model, start_run, train_qat
+from qtool.qat_model import run_qat
 from qtool.trainloop import EpochMeter
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class QATResult:
     fidelity: dict  # fake-quant vs onnxruntime on the val split
     module: nn.Module | None = None  # the trained fake-quant PyTorch model (eval mode, CPU)
     notes: list[str] = field(default_factory=list)  # fallbacks and choices a user should know about
-    bn_fold: bool = False
+    bn_fold: bool = False  # Conv->BN pairs trained unfolded (QATConfig.bn "unfold" and a graph it applies to)
     device: str = "cpu"
     wall_time_s: float = 0.0
 
@@ -148,27 +148,27 @@ def qat(model: onnx.ModelProto, train_data: ImageDataset, val_data: ImageDataset
         raise QtoolError(f"config must be a QATConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
     notes: list[str] = []
-    device, gen = start_run(config)
     pre = preprocess or resolve_preprocess(model)
     name, dims = model_image_input(model)
     check_input_matches(dims, train_data, name)
+    history: list[dict] = []
+    run: dict = {}  # the model being trained and when its training started
 
-    qm = build_qat_model(model, train_data, config, pre, device, notes)
-    lifted, fused = qm.lifted, qm.fused
-    teacher = fp32_teacher(fused) if config.distill else None
-
-    history = [{"epoch": 0, "val_acc": _evaluate(lifted, val_data, pre, device)[0], "loss": None}]
-    t_train = time.perf_counter()
+    def before_training(qm) -> None:  # epoch 0: calibrated, not trained yet
+        history.append({"epoch": 0, "val_acc": _evaluate(qm.lifted, val_data, pre, qm.device)[0], "loss": None})
+        run.update(qm=qm, t=time.perf_counter())
 
     def on_epoch(epoch: int, meter: EpochMeter, bar) -> None:
-        val_acc = _evaluate(lifted, val_data, pre, device)[0]
+        val_acc = _evaluate(run["qm"].lifted, val_data, pre, run["qm"].device)[0]
         history.append({"epoch": epoch + 1, "loss": meter.loss, "train_acc": meter.acc,
-                        "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t_train, 1)})
+                        "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - run["t"], 1)})
         if not config.quiet:
             bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} "
                               f"val (fake-quant) {val_acc:.4f}")
 
-    train_qat(qm, train_data, pre, config, device, gen, teacher=teacher, on_epoch=on_epoch)
+    # The same run as the search's --eval qat (qtool.qat_model.run_qat), with validation after each epoch.
+    qm = run_qat(model, train_data, config, pre, notes=notes, before_training=before_training, on_epoch=on_epoch)
+    lifted, fused, device = qm.lifted, qm.fused, qm.device
 
     # Export: qparams -> plan; fake-quantized weights -> the fused graph -> QDQ.
     tuned, plan = qm.to_plan({"producer": "qtool.qat", "algo": config.algo, "epochs": config.epochs,

@@ -471,3 +471,39 @@ def test_variadic_elementwise_ops_match_ort(op):
     ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     out = lift(m)(*(torch.from_numpy(feeds[n]) for n in "abc"))
     np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_to_plan_reads_the_slots_and_shares_roots():
+    from qtool.fakequant import LSQFakeQuant
+    from qtool.qat_quantizers import tensor_quant
+    from qtool.quant_points import quant_points
+    from qtool.quant_slots import SwitchQuant
+
+    rng = np.random.default_rng(5)
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,8,8] x) => (float[2,4,4,4] y) {
+            c1 = Conv <pads = [1, 1, 1, 1]> (x, W1)
+            r1 = Relu (c1)
+            p1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)
+            y = Conv (p1, W2) }""")
+    model.graph.initializer.extend([
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32), "W2")])
+    points = quant_points(model)
+    assert points.root("p1") == "r1"  # MaxPool's output shares r1's parameters
+    lifted = lift(model)
+    fq_x = MinMaxFakeQuant(8, signed=False)
+    fq_r1 = SwitchQuant({4: MinMaxFakeQuant(4, signed=False), 8: MinMaxFakeQuant(8, signed=False)})
+    fq_w1 = LSQFakeQuant(4, signed=True, axis=0, narrow_range=True, num_channels=8)
+    lifted.set_quantizer("x", fq_x)
+    lifted.set_quantizer("r1", torch.nn.Sequential(torch.nn.Identity(), fq_r1))  # a chain: the last quantizes
+    lifted.set_weight_quantizer("W1", fq_w1)  # W2 gets no slot: no plan entry
+    fq_r1.active = 4
+    lifted.train()
+    lifted(torch.from_numpy(rng.standard_normal((4, 3, 8, 8)).astype(np.float32)))
+    plan = lifted.to_plan(points, {"producer": "test"})
+    assert set(plan.tensors) == {"x", "W1", "r1", "p1"}
+    assert plan.tensors["x"] == tensor_quant("activation", fq_x)
+    assert plan.tensors["W1"] == tensor_quant("weight", fq_w1) and plan.tensors["W1"].axis == 0
+    assert plan.tensors["r1"] == plan.tensors["p1"] == tensor_quant("activation", fq_r1.q["4"])
+    assert plan.tensors["r1"].bits == 4 and plan.meta["producer"] == "test"

@@ -98,7 +98,7 @@ def test_w8a8_lsq_fidelity_and_accuracy(lenet, digits):
 
 def test_fused_graph_training_without_bn_fold(lenet, digits):
     tr, val = digits
-    r = qat(lenet, tr, val, _cfg(weight_bits=4, act_bits=4, bn_fold=False))
+    r = qat(lenet, tr, val, _cfg(weight_bits=4, act_bits=4, bn="fold"))
     assert not r.bn_fold
     _check_fidelity(r, val)
     # Node names of the fused graph are kept; the tuned weights are in it.
@@ -222,6 +222,8 @@ def test_activation_outside_the_unit_is_faithful_and_integer(act):
     (dict(device="tpu"), "device must be cpu or cuda"),
     (dict(plan_bits=(("a", 4),), rules=(QuantRule(op_types=("Conv",)),)), "either as a plan or as a config"),
     (dict(plan_bits=(("a", 12),)), "plan bits of 'a'"),
+    (dict(bn="renorm"), "bn must be one of unfold, fold for qat"),  # the supernet's strategy, not qat's
+    (dict(bn=True), "bn must be one of"),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(QtoolError) as ei:

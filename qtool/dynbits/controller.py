@@ -1,8 +1,13 @@
 """The K-way quantized network and its bit controller (DQNet, instance-aware bit-widths).
 
-`DynamicNet(fused, bits, ...)` lifts the fused graph (`qtool.lift`) and replaces every quantizable
-layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight, the layers of
-`qtool.bitsearch.SearchSpace`) by a `_Layer` module:
+`DynamicNet(fused, bits, ...)` lifts the fused graph (`qtool.lift`; BN strategy "fold",
+`qtool.bn_strategy`: the BatchNormalizations stay folded) and puts per-sample quantizers at the
+points of `qtool.quant_points`: every activation group's `GroupQuant` sits in the lifted module's
+quantizer slot (`set_quantizer`; the controller's input tensor's slot, `_Tap`, runs the controller
+first). A weight slot yields one weight for the whole batch, while here each sample takes its own
+bit-width, so every quantizable layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight,
+the layers of `qtool.bitsearch.SearchSpace`) is instead replaced (`replace_nodes`) by a `_Layer`
+module that mixes its K weight branches per sample:
 
 - The first layer (the stem) is static at `stem_bits` (8) and the controller reads its output, so its
   bits cannot depend on the controller's decision. With `controller_layers=N` the controller reads the
@@ -52,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from qtool.bn_strategy import resolve_bn
 from qtool.errors import QtoolError
 from qtool.fakequant import LSQFakeQuant
 from qtool.lift import lift
@@ -274,6 +280,7 @@ class DynamicNet(nn.Module):
                              "--controller-layers")
 
         self.ctx = _Ctx()
+        self.bn = resolve_bn("dynamic")  # fold: the fused graph trains as it is (qtool.dynbits.train on the lr)
         self.net = lift(fused)
         self.groups = nn.ModuleDict()
         self._group_key: dict[str, str] = {}

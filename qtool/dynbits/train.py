@@ -11,11 +11,11 @@ on the batch mean (`budget="batch"`, default): the target is an *average* budget
 may spend more than the target when easy ones spend less; `budget="sample"` puts it on every sample
 (mean of max(BitFLOPs(sample) - target, 0)), which penalizes exactly that spread.
 
-Learning rate: the network trained here is the *fused* graph (BatchNormalization folded into the
-Conv weights, no normalization left), not Conv -> BN with batch statistics as in `qtool.qat`'s
-bn_fold. Without BN nothing renormalizes a layer whose gain grew in one step, and the residual sums
-compound it: SGD (momentum 0.9) at qtool.qat's lr 0.01 diverges within 3 steps on ResNet-20 / CIFAR-10
-at every bit-width, 8 included (loss 0.4 -> 3+, chance accuracy), while the quantized net right after
+Learning rate: the network trained here is the *fused* graph (BN strategy "fold", qtool.bn_strategy:
+BatchNormalization folded into the Conv weights, no normalization left), not Conv -> BN with batch
+statistics as in `qtool.qat`'s "unfold". Without BN nothing renormalizes a layer whose gain grew in
+one step, and the residual sums compound it: SGD (momentum 0.9) at qtool.qat's lr 0.01 diverges
+within 3 steps on ResNet-20 / CIFAR-10 at every bit-width, 8 included (loss 0.4 -> 3+, chance accuracy), while the quantized net right after
 initialisation is fine (uniform 4 bits: 84% of 86%). Hence the default lr 1e-3 (1e-3 and 3e-3
 measured stable); a run whose training ends near chance accuracy gets a note in the report. The
 controller (Adam, from zero logits) gets 1e-2: at 1e-3 its logits hardly move in a short run (40 steps
