@@ -6,7 +6,6 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from qtool.qat_config import check_weight  # torch-free, so configs validate without torch
 
 
 def fp32_teacher(fused: onnx.ModelProto) -> torch.nn.Module:

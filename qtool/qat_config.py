@@ -224,7 +224,7 @@ class QATConfig:
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
                 or not 0 <= self.weight_decay < 1:
             raise QtoolError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
-        from qtool.bn_strategy import check_bn
+        from qtool.bn_modes import check_bn
 
         check_bn(self.bn, "qat")
         for k in ("augment", "quiet"):

@@ -49,7 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qtool.device import check_device, resolve_device
-from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
+from qtool.distill import distill_loss, fp32_teacher, soft_labels
+from qtool.qat_config import check_weight
 from qtool.data import ImageDataset, check_input_matches, load_dataset, model_image_input, step_batches, SPLIT_SEED
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes

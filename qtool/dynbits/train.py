@@ -58,7 +58,8 @@ import torch.nn.functional as F
 
 from qtool.data import ImageDataset, check_input_matches, epoch_batches, model_image_input
 from qtool.device import check_device, resolve_device
-from qtool.distill import check_weight, distill_loss, fp32_teacher, soft_labels
+from qtool.distill import distill_loss, fp32_teacher, soft_labels
+from qtool.qat_config import check_weight
 from qtool.errors import QtoolError
 from qtool.trainloop import EpochMeter, train_loop
 from qtool.dynbits.controller import DynamicNet
