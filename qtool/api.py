@@ -108,7 +108,7 @@ def fuse(model: ModelLike, config: FuseConfig = FuseConfig()) -> FuseResult:
 class QuantizeResult:
     model: onnx.ModelProto  # QDQ, or QOperator with config.format == "qoperator"
     plan: QuantPlan
-    fused: onnx.ModelProto  # the fused float graph the plan names
+    fused: onnx.ModelProto  # the fused float graph the plan names (refined weights with algo / bias_correction)
     summary: QuantizeSummary
     report: ErrorReport  # per-tensor SQNR vs FP32 on calibration samples, worst first
 
@@ -118,7 +118,7 @@ class QuantizeResult:
             self.plan.save(plan_path)
 
     def lines(self) -> list[str]:
-        return self.summary.lines()
+        return self.summary.lines() + list(self.plan.meta.get("refine", {}).get("lines", []))
 
 
 def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] | None = None,
@@ -127,7 +127,8 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
     train split; or any iterable of `{input_name: array}` feeds) and insert Q/DQ from the plan."""
     from qtool.fusion import fuse as run_fuse
     from qtool.fusion import op_counts
-    from qtool.ptq import quantize as run
+    from exporters.qdq import apply_plan
+    from qtool.ptq import quantize_plan
 
     config = _config(config, QuantConfig)
     m = _model(model)
@@ -140,15 +141,16 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         report_feeds = calibration_feeds(m, data, min(config.calib_size, REPORT_SAMPLES))
     else:
         feeds = report_feeds = list(data)  # iterated twice: calibration, then the error report
-    qdq, plan = run(m, feeds, config)
-    report = error_report(m, qdq, plan, report_feeds)
+    tuned, plan = quantize_plan(m, feeds, config)  # tuned: m with refined weights (algo, bias_correction)
+    qdq = apply_plan(tuned, plan)
+    report = error_report(m, qdq, plan, report_feeds)  # against the FP32 weights
     if config.check_collapse:
         check_not_collapsed(report)
     qmodel = qdq
     if config.format != "qdq":  # the same plan, lowered by the exporter (QLinearConv / QGemm / ...)
-        qmodel = export_model(m, plan, ExportConfig(format=config.format)).model
+        qmodel = export_model(tuned, plan, ExportConfig(format=config.format)).model
     summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qmodel), fsum)
-    return QuantizeResult(qmodel, plan, m, summary, report)
+    return QuantizeResult(qmodel, plan, tuned, summary, report)
 
 
 # -- qat ---------------------------------------------------------------------------------------------

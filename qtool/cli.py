@@ -156,6 +156,25 @@ def fuse(model, output, no_onnxsim, verbose):
     echo(f"wrote {output}")
 
 
+def refine_options(f):
+    """quantize's post-training refinements (QuantConfig.algo, adaround_*, bias_correction, time_budget_s, seed)."""
+    opts = [
+        click.option("--algo", default="none", show_default=True, type=click.Choice(["none", "adaround"]),
+                     help="adaround: learned up/down rounding of the weights, layer by layer, on the calibration data"),
+        click.option("--adaround-iters", default=500, show_default=True, type=int, help="optimization steps per layer"),
+        click.option("--adaround-samples", default=256, show_default=True, type=int,
+                     help="calibration samples the layers are reconstructed on (adaround, bias correction)"),
+        click.option("--bias-correction", is_flag=True,
+                     help="empirical bias correction: each quantized Conv/Gemm's output mean per channel = FP32's"),
+        click.option("--time-budget", "time_budget_s", default=None, type=float, metavar="SECONDS",
+                     help="bound on the refinements' wall time; layers left when it runs out keep nearest rounding"),
+        click.option("--seed", default=0, show_default=True, type=int, help="seed of the refinements' sampling"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @cli.command()
 @click.argument("model")
 @data_options
@@ -173,8 +192,9 @@ def fuse(model, output, no_onnxsim, verbose):
               help="keep nodes in float: a node-name glob or an op type (repeatable), e.g. --exclude '/head/*'")
 @click.option("--allow-collapse", is_flag=True,
               help="write the model even if its outputs collapse against FP32 (constant, NaN, SQNR < 1 dB)")
+@refine_options
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, fmt, calib_size, output,
-             plan_out, report_out, exclude, allow_collapse):
+             plan_out, report_out, exclude, allow_collapse, **refine):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan)."""
     import qtool
 
@@ -182,7 +202,7 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
     config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
-                               exclude=tuple(exclude))
+                               exclude=tuple(exclude), **refine)
     d = make_data(data, mean, std, input_shapes)
     checked_outputs((model,), output, plan_out, report_out)
     r = qtool.quantize(model, d, config)

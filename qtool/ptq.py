@@ -27,6 +27,7 @@ from qtool.calibrate import DEFAULT_BINS, METHODS, TensorStats, collect_stats
 from qtool.errors import QtoolError
 from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
 from qtool.plan import QuantPlan, TensorQuant
+from qtool.refine_config import check_refine_config, needs_refine
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,13 @@ class QuantConfig:
     check_collapse: bool = True
     # Nodes kept in float: node-name glob patterns (fnmatch) or op types, e.g. ("/head/*", "Softmax").
     exclude: tuple[str, ...] = ()
+    # Post-training refinements (qtool.adaround, qtool.biascorr), after calibration, on the calibration data.
+    algo: str = "none"  # none | adaround (learned weight rounding)
+    adaround_iters: int = 500  # optimization steps per layer
+    adaround_samples: int = 256  # calibration samples the layers are reconstructed on
+    bias_correction: bool = False  # empirical: each quantized Conv/Gemm's output mean per channel = FP32's
+    time_budget_s: float | None = None  # bound on the refinements' wall time (None: no bound)
+    seed: int = 0
 
     def __post_init__(self):
         for k in ("weight_bits", "act_bits"):
@@ -75,6 +83,7 @@ class QuantConfig:
             raise QtoolError(f"format must be qdq or qoperator, got {self.format!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
             raise QtoolError(f"max_batches must be a positive integer or None, got {self.max_batches!r}")
+        check_refine_config(self)
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -160,6 +169,13 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
 
 def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]],
              config: QuantConfig = QuantConfig()) -> tuple[onnx.ModelProto, QuantPlan]:
+    tuned, plan = quantize_plan(model, calib_batches, config)
+    return apply_plan(tuned, plan), plan
+
+
+def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]],
+                  config: QuantConfig = QuantConfig()) -> tuple[onnx.ModelProto, QuantPlan]:
+    """The fused model (with the refined weights / biases of config.algo / bias_correction) and its plan."""
     if not isinstance(config, QuantConfig):
         raise QtoolError(f"config must be a QuantConfig, got {type(config).__name__}")
     model = fuse(model)[0] if not is_fused(model) else untie_biases(model)
@@ -168,11 +184,17 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
                          "other quantizable op (Add, Concat, pooling)")
     roots = list(dict.fromkeys(marks.root(a) for a in marks.activations()))
+    if needs_refine(config):
+        calib_batches = list(calib_batches)  # read again by the refinement
     # minmax needs no histogram: skipping it makes calibration about one inference pass over the data
     stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches,
                           histograms=config.calib != "minmax")
     plan = build_plan(model, config, stats)
-    return apply_plan(model, plan), plan
+    if needs_refine(config):
+        from qtool.refine import refine  # torch: imported only when asked for
+
+        model = refine(model, plan, calib_batches, config)
+    return model, plan
 
 
 @dataclass
