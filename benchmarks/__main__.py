@@ -3,13 +3,18 @@ python -m benchmarks results: benchmarks/RESULTS.md from the JSON results (bench
 import sys
 
 USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
-         "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]")
+         "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]\n"
+         "       python -m benchmarks lowbit [--quick] [--iters N]")
 
 cmd = sys.argv[1] if len(sys.argv) > 1 else None
 if cmd == "run":
     from benchmarks import suite
 
     sys.exit(suite.main(sys.argv[2:]))
+if cmd == "lowbit":
+    from benchmarks import lowbit
+
+    sys.exit(lowbit.main(sys.argv[2:]))
 if cmd == "results":
     from benchmarks import report
 
