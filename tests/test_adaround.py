@@ -175,3 +175,14 @@ def test_cli_invalid_options_exit_2(tmp_path, capsys, args, msg):
     assert cli_main(["quantize", str(src), "--data", f"npz:{tmp_path / 'calib.npz'}", "-o", str(out), *args]) == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_qoperator_format_exports_the_learned_weights(results):
+    m, _, ada = results
+    qop = qtool.quantize(m, feeds(4, 0), QuantConfig(algo="adaround", format="qoperator", **W4)).model
+    assert any(n.op_type == "QLinearConv" for n in qop.graph.node)
+    x = np.concatenate([f["x"] for f in feeds(2, 99)])
+    ref = run(m, x)
+    # the QOperator lowering of the same plan and refined weights: the QDQ model's numbers, not nearest rounding's
+    assert sqnr(run(ada.model, x), run(qop, x)) > 40
+    assert sqnr(ref, run(qop, x)) > sqnr(ref, run(ada.model, x)) - 0.1
