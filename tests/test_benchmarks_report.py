@@ -31,6 +31,8 @@ def probe(kind: str, d: dict) -> str:
         return f"{d['methods']['entropy']['qtool']['top1'] * 100:.2f}"
     if kind == "dynamic":
         return f"{d['dynamic']['acc_ort'] * 100:.2f}"
+    if kind == "lowbit":
+        return f"{d['bits']['W4A8']['qtool adaround']['top1'] * 100:.2f}"
     raise AssertionError(kind)
 
 
