@@ -5,7 +5,8 @@ import sys
 
 USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
          "       python -m benchmarks zoo [--quick] [--models a,b] [--workdir DIR]\n"
-         "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]")
+         "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]\n"
+         "       python -m benchmarks lowbit [--quick] [--iters N]")
 
 cmd = sys.argv[1] if len(sys.argv) > 1 else None
 if cmd == "run":
@@ -16,6 +17,10 @@ if cmd == "zoo":
     from benchmarks import zoo
 
     sys.exit(zoo.main(sys.argv[2:]))
+if cmd == "lowbit":
+    from benchmarks import lowbit
+
+    sys.exit(lowbit.main(sys.argv[2:]))
 if cmd == "results":
     from benchmarks import report
 

@@ -339,8 +339,28 @@ def zoo_table(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lowbit_table(d: dict) -> str:
+    """benchmarks.lowbit: qtool mse / AdaRound / + bias correction vs AIMET QuantSim / AdaRound at W4A8, W4A4."""
+    fp = d["fp32_top1"]
+    lines = [f"Model {d['model']} (BN folded), {d['calibration_images']} calibration images, AdaRound on "
+             f"{d['adaround_samples']} of them at {d['adaround_iterations']} iterations per layer (both tools); "
+             f"top-1 on onnxruntime on {d['val_images']} val images; FP32 {_pct(fp)} %.", ""]
+    rows = []
+    for bits, tools in d["bits"].items():
+        for tool, r in tools.items():
+            if "error" in r:
+                rows.append([bits, tool, "failed: " + " ".join(r["error"])[:80], "—", "—"])
+                continue
+            rows.append([bits, tool, _pct(r["top1"]), _pp((r["top1"] - fp) * 100), f"{r['seconds']:.1f}"])
+    lines += _table(["bits", "tool", "top-1", "− FP32 (pp)", "wall s"], rows)
+    if not d.get("aimet_available", True):
+        lines += ["", "AIMET rows absent: no AIMET interpreter on this machine."]
+    return "\n".join(lines + ["", _machine(d)]) + "\n"
+
+
 RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
-          "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table, "zoo": zoo_table}
+          "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table, "zoo": zoo_table,
+          "lowbit": lowbit_table}
 
 
 def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
@@ -404,6 +424,11 @@ SECTIONS = (
             "on the trained ResNet-20 with the same calibration images: top-1 on onnxruntime and quantize wall time "
             "(the tools interleaved), and where qtool's time goes.",
             (("calibration", "python -m benchmarks.calibration"),)),
+    Section("lowbit", "Low-bit PTQ: qtool AdaRound / bias correction vs AIMET",
+            "W4A8 and W4A4 post-training quantization of the trained ResNet-20: qtool's mse calibration, learned "
+            "rounding (`--algo adaround`) and bias correction against AIMET's QuantSim (min_max, tf_enhanced) and "
+            "AdaRound with the same calibration images and iterations: top-1 on onnxruntime and wall time.",
+            (("lowbit", "python -m benchmarks lowbit"),)),
     Section("train", "ResNet-20 FP32 training",
             "FP32 training of the zoo's ResNet-20 on the shared CIFAR-10 split (45k train / 5k val) and the accuracy "
             "of its ONNX export on onnxruntime; the model is benchmarks/models/resnet20_cifar10.onnx, which the "

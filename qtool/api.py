@@ -121,7 +121,7 @@ def fuse(model: ModelLike, config: FuseConfig = FuseConfig()) -> FuseResult:
 class QuantizeResult:
     model: onnx.ModelProto  # QDQ, or QOperator with config.format == "qoperator"
     plan: QuantPlan
-    fused: onnx.ModelProto  # the fused float graph the plan names
+    fused: onnx.ModelProto  # the fused float graph the plan names (refined weights with algo / bias_correction)
     summary: QuantizeSummary
     report: ErrorReport  # per-tensor SQNR vs FP32 on calibration samples, worst first
 
@@ -131,7 +131,7 @@ class QuantizeResult:
             self.plan.save(plan_path)
 
     def lines(self) -> list[str]:
-        return self.summary.lines()
+        return self.summary.lines() + list(self.plan.meta.get("refine", {}).get("lines", []))
 
 
 def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] | None = None,
@@ -143,8 +143,8 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
     feeds the error report and the collapse check."""
     from qtool.fusion import fuse as run_fuse
     from qtool.fusion import op_counts
-    from qtool.ptq import quantize as run
-    from qtool.ptq import quantize_dynamic
+    from exporters.qdq import apply_plan
+    from qtool.ptq import quantize_dynamic, quantize_plan
 
     config = _config(config, QuantConfig)
     m = _model(model)
@@ -171,7 +171,8 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
     else:
         feeds = data
     # The error report runs on the first calibration batches (up to REPORT_SAMPLES samples), with the
-    # FP32 outputs calibration computed for them as its reference.
+    # FP32 outputs calibration computed for them as its reference (against the FP32 weights, before any
+    # refinement).
     report_feeds, reference = [], []
 
     def keep(feed, outputs):
@@ -179,7 +180,8 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
             report_feeds.append(feed)
             reference.append(outputs)
 
-    qdq, plan = run(m, feeds, config, on_outputs=keep)
+    tuned, plan = quantize_plan(m, feeds, config, on_outputs=keep)  # tuned: m with refined weights
+    qdq = apply_plan(tuned, plan)
     report = error_report(m, qdq, plan, report_feeds, per_tensor=config.per_tensor_report, reference=reference)
     if config.check_collapse:
         if report.collapsed() and not report.tensors:  # name the worst tensor in the error
@@ -187,9 +189,9 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         check_not_collapsed(report)
     qmodel = qdq
     if config.format != "qdq":  # the same plan, lowered by the exporter (QLinearConv / QGemm / ...)
-        qmodel = export_model(m, plan, ExportConfig(format=config.format)).model
+        qmodel = export_model(tuned, plan, ExportConfig(format=config.format)).model
     summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qmodel), fsum)
-    return QuantizeResult(qmodel, plan, m, summary, report)
+    return QuantizeResult(qmodel, plan, tuned, summary, report)
 
 
 def _head(batches: Iterable[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:

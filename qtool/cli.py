@@ -156,6 +156,25 @@ def fuse(model, output, no_onnxsim, verbose):
     echo(f"wrote {output}")
 
 
+def refine_options(f):
+    """quantize's post-training refinements (QuantConfig.algo, adaround_*, bias_correction, time_budget_s, seed)."""
+    opts = [
+        click.option("--algo", default="none", show_default=True, type=click.Choice(["none", "adaround"]),
+                     help="adaround: learned up/down rounding of the weights, layer by layer, on the calibration data"),
+        click.option("--adaround-iters", default=500, show_default=True, type=int, help="optimization steps per layer"),
+        click.option("--adaround-samples", default=256, show_default=True, type=int,
+                     help="calibration samples the layers are reconstructed on (adaround, bias correction)"),
+        click.option("--bias-correction", is_flag=True,
+                     help="empirical bias correction: each quantized Conv/Gemm's output mean per channel = FP32's"),
+        click.option("--time-budget", "time_budget_s", default=None, type=float, metavar="SECONDS",
+                     help="bound on the refinements' wall time; layers left when it runs out keep nearest rounding"),
+        click.option("--seed", default=0, show_default=True, type=int, help="seed of the refinements' sampling"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @cli.command()
 @click.argument("model")
 @data_options
@@ -180,8 +199,9 @@ def fuse(model, output, no_onnxsim, verbose):
               help="static: activation ranges calibrated on --data, Q/DQ in the graph. dynamic: int8 MatMul/Gemm "
                    "weights, activations quantized at run time by onnxruntime (no calibration, --data optional: "
                    "then only the FP32 comparison). Not `qtool dynamic`, which trains per-input bit-widths.")
+@refine_options
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, weight_range, fmt,
-             calib_size, output, plan_out, report_out, exclude, allow_collapse, activations):
+             calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, **refine):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan);
     --activations dynamic needs no data (activations are quantized at run time)."""
     import qtool
@@ -191,7 +211,7 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
                                exclude=tuple(exclude), per_tensor_report=report_out is not None,
-                               activations=activations, weight_range=weight_range)
+                               activations=activations, weight_range=weight_range, **refine)
     d = make_data(data, mean, std, input_shapes)
     if activations == "dynamic" and report_out and d is None:
         raise QtoolError("--report compares against FP32 on data: give --data (--activations dynamic needs none otherwise)")

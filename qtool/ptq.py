@@ -30,6 +30,7 @@ from qtool.errors import QtoolError
 from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
 from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, saturates
 from qtool.plan import QuantPlan, TensorQuant
+from qtool.refine_config import check_refine_config, needs_refine
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,13 @@ class QuantConfig:
     # Weight scales that keep int16-saturating kernels exact: auto (where this CPU's kernels saturate),
     # pair-safe (always: for a model deployed on x86 without VNNI), full (plain max scaling).
     weight_range: str = "auto"
+    # Post-training refinements (qtool.adaround, qtool.biascorr), after calibration, on the calibration data.
+    algo: str = "none"  # none | adaround (learned weight rounding)
+    adaround_iters: int = 500  # optimization steps per layer
+    adaround_samples: int = 256  # calibration samples the layers are reconstructed on
+    bias_correction: bool = False  # empirical: each quantized Conv/Gemm's output mean per channel = FP32's
+    time_budget_s: float | None = None  # bound on the refinements' wall time (None: no bound)
+    seed: int = 0
 
     def __post_init__(self):
         for k in ("weight_bits", "act_bits"):
@@ -102,8 +110,12 @@ class QuantConfig:
                                  f"got weight_bits={self.weight_bits}, act_bits={self.act_bits}")
             if self.format != "qdq":
                 raise QtoolError("activations='dynamic' writes its own integer graph; format must stay qdq")
+            if self.algo != "none" or self.bias_correction:
+                raise QtoolError("algo / bias_correction refine calibrated static quantization; "
+                                 "activations='dynamic' has no calibration to refine")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
             raise QtoolError(f"max_batches must be a positive integer or None, got {self.max_batches!r}")
+        check_refine_config(self)
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -251,6 +263,13 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
 def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]],
              config: QuantConfig = QuantConfig(), on_outputs=None) -> tuple[onnx.ModelProto, QuantPlan]:
     """`on_outputs(feed, outputs)`: see calibrate.collect_stats."""
+    tuned, plan = quantize_plan(model, calib_batches, config, on_outputs)
+    return apply_plan(tuned, plan), plan
+
+
+def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]],
+                  config: QuantConfig = QuantConfig(), on_outputs=None) -> tuple[onnx.ModelProto, QuantPlan]:
+    """The fused model (with the refined weights / biases of config.algo / bias_correction) and its plan."""
     if not isinstance(config, QuantConfig):
         raise QtoolError(f"config must be a QuantConfig, got {type(config).__name__}")
     model = fuse(model)[0] if not is_fused(model) else untie_biases(model)
@@ -260,11 +279,17 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
                          "other quantizable op (Add, Concat, pooling)")
     roots = list(dict.fromkeys(marks.root(a) for a in marks.activations()))
+    if needs_refine(config):
+        calib_batches = list(calib_batches)  # read again by the refinement
     # minmax needs no histogram: skipping it makes calibration about one inference pass over the data
     stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches,
                           histograms=config.calib != "minmax", on_outputs=on_outputs)
     plan = build_plan(model, config, stats, nonfinite_excluder(stats, exclude))
-    return apply_plan(model, plan), plan
+    if needs_refine(config):
+        from qtool.refine import refine  # torch: imported only when asked for
+
+        model = refine(model, plan, calib_batches, config)
+    return model, plan
 
 
 def quantize_dynamic(model: onnx.ModelProto, config: QuantConfig) -> tuple[onnx.ModelProto, QuantPlan]:

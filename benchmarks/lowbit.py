@@ -1,0 +1,134 @@
+"""Low-bit PTQ side by side: qtool (mse, AdaRound, AdaRound + bias correction) vs AIMET (QuantSim min_max /
+tf_enhanced, AdaRound) on the trained ResNet-20, W4A8 and W4A4, the same calibration images for every tool.
+
+    python -m benchmarks lowbit [--quick] [--iters 500] [--aimet-python /work/venvs/aimet/bin/python]
+    # writes benchmarks/results/lowbit[_quick].{json,md}
+
+The model is benchmarks/models/resnet20_cifar10.onnx, BN-folded by `qtool fuse` (both tools quantize that
+graph: aimet-onnx's QuantizationSimModel quantizes the graph it is given). 512 calibration images of the
+train split (`qtool.data.calib_inputs`); the AdaRound of both tools runs on the first 256 of them with the
+same iteration count. Weights per-channel symmetric 4-bit (qtool: narrow range [-7, 7]), activations
+asymmetric (uint8 / uint4; qtool's 4-bit activations are codes clipped to [0, 15] in uint8 containers).
+Top-1 of every exported QDQ model on onnxruntime on the 5k val slice; wall time of each quantization in one
+process (qtool) or measured inside the AIMET driver without its imports (benchmarks/aimet_driver.py, run by
+the AIMET environment's interpreter as a subprocess; aimet-onnx 2.42, torch 2.13.0), on the same machine,
+one after the other. The "adaround + bias correction" row is the AdaRound model of the row above followed
+by qtool.biascorr, which is what `--algo adaround --bias-correction` runs; its time is the sum.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from benchmarks.common import MODELS, cifar_spec, write_result
+from exporters.qdq import apply_plan
+from qtool.biascorr import bias_correct
+from qtool.data import calib_inputs, load_dataset, model_image_input
+from qtool.evaluation import EvalConfig, evaluate_model
+from qtool.fusion import fuse
+from qtool.io import load_model
+from qtool.ptq import QuantConfig, quantize_plan
+
+AIMET_PYTHON = os.environ.get("QTOOL_AIMET_PYTHON", "/work/venvs/aimet/bin/python")
+DRIVER = Path(__file__).resolve().parent / "aimet_driver.py"
+BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
+
+
+def timed(f):
+    t = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t
+
+
+def run_aimet(python: str, fused_path: Path, calib_path: Path, out: Path, w: int, a: int, scheme: str, iters: int,
+              samples: int) -> dict:
+    cmd = [python, str(DRIVER), str(fused_path), str(calib_path), str(out), "--weight-bits", str(w),
+           "--act-bits", str(a), "--scheme", scheme, "--adaround-iters", str(iters), "--adaround-samples", str(samples)]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"], "wall_s": wall}
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"seconds": info["seconds"]["total_excl_import"], "steps_s": info["seconds"], "wall_s_subprocess": wall,
+            "aimet_onnx": info["aimet_onnx"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks lowbit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 20 iterations, 500 val images")
+    ap.add_argument("--iters", type=int, default=None, help="AdaRound iterations per layer, both tools (default 500)")
+    ap.add_argument("--bits", default="W4A8,W4A4", help="comma-separated of W4A8, W4A4")
+    ap.add_argument("--aimet-python", default=AIMET_PYTHON, help="interpreter of the environment with aimet-onnx")
+    args = ap.parse_args(argv)
+    spec = cifar_spec()
+    if spec is None:
+        print("needs the shared CIFAR-10 archive (or QTOOL_CIFAR)", file=sys.stderr)
+        return 2
+    iters = args.iters or (20 if args.quick else 500)
+    n_cal, n_ada, limit = 512, 256, (500 if args.quick else None)
+    name = "lowbit_quick" if args.quick else "lowbit"
+    fp32 = load_model(MODELS / "resnet20_cifar10.onnx")
+    fused = fuse(fp32)[0]
+    calib = list(calib_inputs(fp32, spec, n=n_cal, batch_size=64))
+    ev = EvalConfig(limit=limit)
+    out = {"model": "resnet20_cifar10", "calibration_images": n_cal, "adaround_samples": n_ada,
+           "adaround_iterations": iters, "val_images": limit or len(load_dataset(spec, "val")),
+           "fp32_top1": evaluate_model(fused, spec, ev).accuracy, "aimet_available": Path(args.aimet_python).exists(),
+           "bits": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fused_path, calib_path = tmp / "fused.onnx", tmp / "calib.npz"
+        onnx.save(fused, fused_path)
+        input_name = model_image_input(fused)[0]
+        np.savez(calib_path, x=np.concatenate([b[input_name] for b in calib]), input=np.array(input_name))
+        for key in args.bits.split(","):
+            w, a = BITS[key]
+            rows = out["bits"][key] = {}
+
+            def record(tool, model, seconds, **extra):
+                rows[tool] = {"top1": evaluate_model(model, spec, ev).accuracy, "seconds": seconds, **extra}
+                print(f"[lowbit] {key} {tool}: top-1 {rows[tool]['top1'] * 100:.2f} %, {seconds:.1f} s",
+                      file=sys.stderr, flush=True)
+                write_result(name, out, table="lowbit")
+
+            base = QuantConfig(weight_bits=w, act_bits=a, calib="mse")
+            (m, plan), t = timed(lambda: quantize_plan(fused, calib, base))
+            record("qtool mse", apply_plan(m, plan), t)
+            ada_cfg = QuantConfig(weight_bits=w, act_bits=a, calib="mse", algo="adaround", adaround_iters=iters,
+                                  adaround_samples=n_ada)
+            (tuned, plan), t_ada = timed(lambda: quantize_plan(fused, calib, ada_cfg))
+            qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
+            record("qtool adaround", qdq, t_ada + t_apply, refine=plan.meta["refine"]["adaround"])
+            (bc, rep), t_bc = timed(lambda: bias_correct(fused, tuned, plan, calib, samples=n_ada))
+            qdq, t_apply = timed(lambda: apply_plan(bc, plan))
+            record("qtool adaround + bias correction", qdq, t_ada + t_bc + t_apply)
+            if not out["aimet_available"]:
+                continue
+            for tool, scheme, it in (("AIMET QuantSim min_max", "min_max", 0),
+                                     ("AIMET QuantSim tf_enhanced", "tf_enhanced", 0),
+                                     ("AIMET AdaRound (tf_enhanced)", "tf_enhanced", iters)):
+                q_path = tmp / f"aimet_{key}_{scheme}_{it}.onnx"
+                res = run_aimet(args.aimet_python, fused_path, calib_path, q_path, w, a, scheme, it, n_ada)
+                if "error" in res:
+                    rows[tool] = res
+                    print(f"[lowbit] {key} {tool}: failed: {res['error']}", file=sys.stderr, flush=True)
+                    write_result(name, out, table="lowbit")
+                    continue
+                record(tool, onnx.load(q_path), res.pop("seconds"), **res)
+    write_result(name, out, table="lowbit")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
