@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from qtool.errors import QtoolError
@@ -196,3 +197,26 @@ class QuantPlan:
             key = f"{t.kind}:{'s' if t.signed else 'u'}{t.bits}:{t.granularity}"
             out[key] = out.get(key, 0) + 1
         return out
+
+
+MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def scale_of(x: float) -> float:
+    """A float32 scale; a range so small that range/levels underflows float32 gets the smallest
+    normal float32, never 0 (ORT divides by the scale)."""
+    return max(float(np.float32(x)), MIN_SCALE)
+
+
+def range_quant(rmin: float, rmax: float, bits: int, signed: bool = False, symmetric: bool = False) -> TensorQuant:
+    """An activation's TensorQuant for the calibrated range [rmin, rmax] (0 always representable)."""
+    proto = TensorQuant("activation", bits, signed)
+    qmin, qmax = proto.qrange
+    rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)  # 0 must be exact (padding, Relu)
+    if signed and symmetric:
+        t = max(-rmin, rmax)
+        s = scale_of(t / qmax) if t > 0 else 1.0
+        return TensorQuant("activation", bits, True, scale=s, zero_point=0)
+    s = scale_of((rmax - rmin) / (qmax - qmin)) if rmax > rmin else 1.0
+    zp = int(np.clip(np.rint(qmin - rmin / s), qmin, qmax))
+    return TensorQuant("activation", bits, signed, scale=s, zero_point=zp)

@@ -29,7 +29,7 @@ from qtool.calibrate import DEFAULT_BINS, METHODS, TensorStats, collect_stats
 from qtool.errors import QtoolError
 from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
 from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, saturates
-from qtool.plan import QuantPlan, TensorQuant
+from qtool.plan import QuantPlan, TensorQuant, range_quant, scale_of
 from qtool.refine_config import check_refine_config, needs_refine
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,6 @@ class QuantConfig:
 
 # -- plan ----------------------------------------------------------------------------------------
 
-MIN_SCALE = float(np.finfo(np.float32).tiny)
-
-
-def _scale(x: float) -> float:
-    """A float32 scale; a range so small that range/levels underflows float32 gets the smallest
-    normal float32, never 0 (ORT divides by the scale)."""
-    return max(float(np.float32(x)), MIN_SCALE)
-
-
 def weight_quant(w: np.ndarray, bits: int, axis: int | None, pairs: np.ndarray | None = None) -> TensorQuant:
     """Symmetric, narrow range ([-(2^(b-1)-1), 2^(b-1)-1]), zero point 0.
 
@@ -140,12 +131,12 @@ def weight_quant(w: np.ndarray, bits: int, axis: int | None, pairs: np.ndarray |
         amax = float(np.max(np.abs(w))) if w.size else 0.0
         if pairs is not None:
             amax = max(amax, float(np.max(pairs)) * qmax / PAIR_SCALE_DIVISOR)
-        return TensorQuant("weight", bits, True, "per_tensor", None, _scale(amax / qmax) if amax > 0 else 1.0, 0, True)
+        return TensorQuant("weight", bits, True, "per_tensor", None, scale_of(amax / qmax) if amax > 0 else 1.0, 0, True)
     amax = np.max(np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)), axis=1)
     if pairs is not None:
         amax = np.maximum(amax, np.asarray(pairs, np.float64) * qmax / PAIR_SCALE_DIVISOR)
     # An all-zero channel quantizes to 0 with any scale; 1.0 keeps the plan valid.
-    scales = tuple(_scale(a / qmax) if a > 0 else 1.0 for a in amax)
+    scales = tuple(scale_of(a / qmax) if a > 0 else 1.0 for a in amax)
     return TensorQuant("weight", bits, True, "per_channel", axis, scales, (0,) * len(scales), True)
 
 
@@ -193,24 +184,14 @@ def dynamic_weight_quant(w: np.ndarray, axis: int, per_channel: bool) -> TensorQ
     amax, pmax = kn.max(axis=0), pair.max(axis=0)
     if not per_channel:
         amax, pmax = amax.max(keepdims=True), pmax.max(keepdims=True)
-    scales = tuple(_scale(max(a / 127, p / 128)) if a > 0 else 1.0 for a, p in zip(amax, pmax))
+    scales = tuple(scale_of(max(a / 127, p / 128)) if a > 0 else 1.0 for a, p in zip(amax, pmax))
     if not per_channel:
         return TensorQuant("weight", 8, True, "per_tensor", None, scales[0], 0, True)
     return TensorQuant("weight", 8, True, "per_channel", axis, scales, (0,) * len(scales), True)
 
 
 def activation_quant(rmin: float, rmax: float, config: QuantConfig) -> TensorQuant:
-    bits, signed = config.act_bits, config.act_signed
-    proto = TensorQuant("activation", bits, signed)
-    qmin, qmax = proto.qrange
-    rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)  # 0 must be exact (padding, Relu)
-    if signed and config.act_symmetric:
-        t = max(-rmin, rmax)
-        s = _scale(t / qmax) if t > 0 else 1.0
-        return TensorQuant("activation", bits, True, scale=s, zero_point=0)
-    s = _scale((rmax - rmin) / (qmax - qmin)) if rmax > rmin else 1.0
-    zp = int(np.clip(np.rint(qmin - rmin / s), qmin, qmax))
-    return TensorQuant("activation", bits, signed, scale=s, zero_point=zp)
+    return range_quant(rmin, rmax, config.act_bits, config.act_signed, config.act_symmetric)
 
 
 def excluder(model: onnx.ModelProto, patterns: tuple[str, ...]):

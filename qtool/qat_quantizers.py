@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from qtool.errors import QtoolError
 from qtool.fakequant import FakeQuant, LSQFakeQuant, QParams, fake_quant
-from qtool.plan import TensorQuant
+from qtool.plan import TensorQuant, range_quant
 
 __all__ = ["lsq_weight", "lsq_activation", "WeightMinMaxFakeQuant", "LSQAffineFakeQuant", "SharedFakeQuant", "BiasFakeQuant",
            "in_quant_delay", "root_quantizer", "tensor_quant"]
@@ -27,9 +27,7 @@ def lsq_activation(bits: int, rmin: float, rmax: float, quant_delay: int = 0) ->
     """LSQ activations starting from PTQ's calibrated parameters at `bits` (uint8 as PTQ): zp 0 where
     the calibrated range gives it, else the calibrated zero point held fixed (`LSQAffineFakeQuant`), so
     signedness and QDQ types stay PTQ's. `qtool qat --algo lsq` and the dynamic trainer."""
-    from qtool.ptq import QuantConfig, activation_quant
-
-    tq = activation_quant(rmin, rmax, QuantConfig(act_bits=bits))
+    tq = range_quant(rmin, rmax, bits)
     if tq.zero_point == 0:
         return LSQFakeQuant(bits, signed=False, quant_delay=quant_delay, init_scale=float(tq.scale))
     return LSQAffineFakeQuant(bits, int(tq.zero_point), float(tq.scale), quant_delay)
