@@ -103,15 +103,20 @@ def pack_int4_weights(qdq: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.Model
 def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     """The QDQ model of a calibrated plan: one shared Q/DQ pair per planned tensor of its fused model
     (passes.InsertQDQPass). Every stage that turns a plan into a QDQ graph comes through here."""
+    return _run_plan_pass(model, plan, passes.InsertQDQPass(plan), "QDQ insertion")
+
+
+def _run_plan_pass(model: onnx.ModelProto, plan: QuantPlan, qpass, what: str) -> onnx.ModelProto:
+    """A calibrated plan's pass applied to a copy of `model`, the result checked."""
     plan.validate(model)
     if not plan.calibrated:
         missing = [k for k, t in plan.tensors.items() if not t.calibrated][:5]
         raise QtoolError(f"plan has tensors without scale/zero_point (calibrate first): {missing}")
     m = passes.to_ir(model)
     try:
-        passes.InsertQDQPass(plan)(m)
+        qpass(m)
     except Exception as e:
-        raise RuntimeError(f"QDQ insertion failed: {e}") from e
+        raise RuntimeError(f"{what} failed: {e}") from e
     out = passes.to_proto(m)
     check_model(out, "quantized")
     return out
@@ -120,18 +125,7 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
 def apply_dynamic_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     """The dynamically quantized model of a weights-only plan: each planned MatMul / Gemm weight int8,
     its input quantized at run time (passes.DynamicQuantPass)."""
-    plan.validate(model)
-    if not plan.calibrated:
-        missing = [k for k, t in plan.tensors.items() if not t.calibrated][:5]
-        raise QtoolError(f"plan has tensors without scale/zero_point: {missing}")
     acts = [k for k, t in plan.tensors.items() if t.kind != "weight"][:5]
     if acts:
         raise QtoolError(f"a dynamic plan holds weights only; it names activations {acts}")
-    m = passes.to_ir(model)
-    try:
-        passes.DynamicQuantPass(plan)(m)
-    except Exception as e:
-        raise RuntimeError(f"dynamic quantization failed: {e}") from e
-    out = passes.to_proto(m)
-    check_model(out, "quantized")
-    return out
+    return _run_plan_pass(model, plan, passes.DynamicQuantPass(plan), "dynamic quantization")
