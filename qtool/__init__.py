@@ -8,6 +8,8 @@ Names load on first use, so `import qtool` stays light (no torch, no click) unti
 """
 from __future__ import annotations
 
+from qtool.lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 __all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "search", "dynamic",
@@ -15,15 +17,7 @@ __all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "s
            "SearchConfig", "DynamicConfig", "Data", "QuantPlan", "TensorQuant", "QtoolError", "FuseResult",
            "QuantizeResult", "load_model", "save_model", "load_dataset", "__version__"]
 
-
-def __getattr__(name: str):
-    if name not in __all__:
-        raise AttributeError(f"module 'qtool' has no attribute {name!r}")
-    from qtool import api
-
-    value = getattr(api, name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+__getattr__ = lazy_getattr(__name__, {n: "qtool.api" for n in __all__ if n != "__version__"}, globals())
 
 
 def __dir__() -> list[str]:

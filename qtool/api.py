@@ -31,6 +31,7 @@ from qtool.feeds import calibration_feeds, resolve_data
 from qtool.fusion import FuseConfig, FuseSummary, check_finite_weights, is_fused
 from qtool.io import check_model, load_model, save_model
 from qtool.latency import BenchConfig, BenchReport
+from qtool.lazy import lazy_getattr
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.ptq import QuantConfig, QuantizeSummary
 from qtool.qat_config import QATConfig
@@ -49,16 +50,7 @@ DataLike = str | Data | tuple[ImageDataset, ImageDataset]
 # never import torch: about 3 s of every CLI call.
 _LAZY = {"SearchConfig": "qtool.bitsearch.config", "DynamicConfig": "qtool.dynbits.train",
          "DynamicResult": "qtool.dynbits.train", "TrainConfig": "qtool.training", "TrainResult": "qtool.training"}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'qtool.api' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def _model(model: ModelLike) -> onnx.ModelProto:

@@ -9,6 +9,8 @@ Parts: `space` (encoding, candidate -> tensor bits), `objectives` (what is minim
 CPU kernels really reward), `evaluators` (qat | supernet), `supernet` (the multi-bit fake-quant
 model both evaluators train), `executors` (local | ray), `checkpoint` (log + resume), `report`.
 """
+from qtool.lazy import lazy_getattr
+
 # Names load on first use (PEP 562): importing qtool.bitsearch.config (SearchConfig) for the API must not
 # pull in the evaluators and torch.
 _WHERE = {
@@ -40,12 +42,4 @@ __all__ = ["Candidate", "Evaluator", "LocalExecutor", "Metrics", "NSGA3Config", 
            "make_evaluator", "make_executor", "make_objectives", "non_dominated", "rank_correlation", "run_search",
            "search", "SearchConfig"]
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'qtool.bitsearch' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE, globals())
