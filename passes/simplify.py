@@ -9,6 +9,7 @@ its own `onnxsim.*` metadata keys; the model's metadata is restored as it was so
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 
 import onnx
@@ -29,6 +30,26 @@ def _structure(model: onnx.ModelProto) -> tuple:
     return (tuple(sorted(Counter(n.op_type for n in g.node).items())), len(g.initializer))
 
 
+def _import_onnxsim():
+    """onnxsim, imported without torch where torch is not loaded yet.
+
+    onnxsim 0.8's package __init__ tries `import torch` for its optional PPQ integration (inside a
+    try/except that always fails without PPQ); that import alone is ~3 s of every `qtool fuse`. A None
+    entry in sys.modules makes it fail at once; the entry is removed right after, so a later
+    `import torch` in the same process works as usual. Imported here, not at the top, for the same reason.
+    """
+    if "onnxsim" in sys.modules or "torch" in sys.modules:
+        import onnxsim
+        return onnxsim
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import onnxsim
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return onnxsim
+
+
 class OnnxSimPass(QPass):
     """onnxsim works on protos: the simplified graph replaces the model's graph in place."""
 
@@ -36,7 +57,7 @@ class OnnxSimPass(QPass):
         proto = to_proto(model)
         before = _structure(proto)
         meta = dict(model.metadata_props)
-        import onnxsim  # here, not at the top: onnxsim imports torch (its ppq integration), seconds per CLI call
+        onnxsim = _import_onnxsim()
         try:
             simplified, ok = onnxsim.simplify(proto, check_n=0, skip_fuse_bn=True)
         except Exception as e:

@@ -183,3 +183,16 @@ def test_the_onnx_only_stages_do_not_import_torch():
     planted = subprocess.run([sys.executable, "-c", base.format(plant="qtool.DynamicConfig; ")], cwd=ROOT,
                              capture_output=True, text=True)
     assert planted.returncode != 0 and "AssertionError: torch" in planted.stderr
+
+
+def test_fuse_runs_onnxsim_without_loading_torch():
+    """onnxsim 0.8 tries `import torch` at import (an optional integration); fuse keeps it out, ~3 s per
+    `qtool fuse`, and torch still imports afterwards in the same process."""
+    code = ("import sys, onnx; from onnx import helper as h, TensorProto as T; import qtool; "
+            "x = h.make_tensor_value_info('x', T.FLOAT, [1, 4]); y = h.make_tensor_value_info('y', T.FLOAT, [1, 4]); "
+            "g = h.make_graph([h.make_node('Shape', ['x'], ['s']), h.make_node('Reshape', ['x', 's'], ['y'])], 'g', [x], [y]); "
+            "m = h.make_model(g, opset_imports=[h.make_opsetid('', 17)]); "
+            "out = qtool.fuse(m).model; assert 'onnxsim' in sys.modules, 'onnxsim not run'; "
+            "assert 'Shape' not in [n.op_type for n in out.graph.node], 'not simplified'; "
+            "assert 'torch' not in sys.modules, 'torch'; import torch; torch.zeros(1)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
