@@ -14,8 +14,13 @@ exported DequantizeLinear applies) -> train -> read every quantizer's qparams() 
 In code (qtool.qat_model; the bits come from qtool.qat_bits.resolve_bits): `run_qat` = `build_qat_model`
 (up to the quantizers) -> `train_qat` (qtool.trainloop's loop; `epochs`, or exactly `steps` steps) ->
 `QATModel.to_plan` (tuned graph + plan) -> `QATModel.install_exact_eval`.
-`qat` adds the per-epoch validation and the onnxruntime fidelity check; `qat_finetune` is the same
-run without them, which the search's `--eval qat` evaluator calls per candidate.
+`qat` adds the per-epoch validation and the onnxruntime fidelity check with its gate (`fidelity_failure`:
+> 1 quantization step on an output or < 99 % argmax agreement raises, unless `accept_fidelity`);
+`qat_finetune` is the same run without them, which the search's `--eval qat` evaluator calls per candidate.
+
+Data and loss: an ImageDataset (images + labels) or a FeedSet (any inputs, labels optional; qtool.qat_data).
+`QATConfig.loss` "ce" trains on labels; "distill" trains every output against the FP32 model's (no labels;
+qtool.distill has the per-output KL / MSE rule); "auto" picks ce with labels and one class-score output.
 
 Fidelity (docs/DESIGN.md). Every exported weight is the fake-quant output `code * scale` (float32), so
 the QDQ insertion recovers exactly the codes the torch model used, whatever the algorithm (DoReFa
