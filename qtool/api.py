@@ -200,12 +200,22 @@ def _head(batches: Iterable[dict[str, np.ndarray]], n: int) -> list[dict[str, np
 
 def qat(model: ModelLike, data: DataLike | None = None, config: QATConfig = QATConfig()):
     """Quantization-aware training on the graph lifted to PyTorch; returns a QATResult (.model QDQ,
-    .plan, .fused tuned float graph, .fidelity fake-quant vs onnxruntime)."""
+    .plan, .fused tuned float graph, .fidelity fake-quant vs onnxruntime). `data`: a SPEC / Data, or a
+    (train, val) pair of ImageDatasets or FeedSets. Labels or not: `QATConfig.loss` (ce | distill | auto)."""
     from qtool.preprocess import resolve_preprocess
     from qtool.qat_train import qat as run
 
+    from qtool.feeds import FeedSet, training_feeds
+
     config = _config(config, QATConfig)
     m = _model(model)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, FeedSet) for d in data):
+        return run(m, data[0], data[1], config)
+    # Data that is not an image data set (an npz of named inputs, an images: folder) trains as feeds:
+    # any inputs, labels optional (loss distill), preprocessed (--mean/--std) when read.
+    feeds = training_feeds(m, data) if not isinstance(data, tuple) else None
+    if feeds is not None:
+        return run(m, feeds[0], feeds[1], config)
     train_ds, val_ds, d = _splits(m, data)
     pre = resolve_preprocess(m, d.mean, d.std) if d is not None and (d.mean or d.std) else None
     return run(m, train_ds, val_ds, config, preprocess=pre)

@@ -51,6 +51,22 @@ def parse_names(text: str, what: str) -> tuple[str, ...]:
     return names
 
 
+def parse_weights(text: str | None, what: str) -> tuple[tuple[str, float], ...]:
+    """out1=1,out2=0.5 -> ((out1, 1.0), (out2, 0.5)); each item splits on its last "="."""
+    if text is None:
+        return ()
+    out = []
+    for item in (v.strip() for v in text.split(",")):
+        name, sep, w = item.rpartition("=")
+        try:
+            out.append((name, float(w)))
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise QtoolError(f"{what} must look like out1=1,out2=0.5, got {text!r}")
+    return tuple(out)
+
+
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in text.split(",") if v.strip())
@@ -245,10 +261,16 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--train-limit", default=None, type=int, help="train on N images of the train split")
+@click.option("--loss", default="auto", show_default=True, type=click.Choice(["auto", "ce", "distill"]),
+              help="ce: the labels' cross-entropy; distill: every output against the FP32 model's (KL for class "
+                   "scores, MSE otherwise; no labels needed); auto: ce with labels and one class-score output")
+@click.option("--loss-weights", default=None, metavar="OUT=W,...", help="distill: per-output weights, e.g. boxes=1,scores=0.5")
+@click.option("--accept-fidelity", is_flag=True,
+              help="write the model even if fake-quant and onnxruntime differ by > 1 quantization step or < 99% argmax")
 @click.option("-o", "--output", required=True)
 @click.option("--plan-out", default=None, help="also write the learned QuantPlan JSON here")
-def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit, output,
-        plan_out):
+def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, lr, optimizer, batch_size, train_limit,
+        loss, loss_weights, accept_fidelity, output, plan_out):
     """Quantization-aware training on a PyTorch module lifted from the ONNX graph; writes a QDQ model."""
     import qtool
     from qtool.qat_config import load_config_list, load_plan_bits
@@ -263,7 +285,8 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
     elif config is not None:
         kw["rules"] = load_config_list(config)
     cfg = qtool.QATConfig(algo=algo, epochs=epochs, lr=lr, batch_size=batch_size, train_limit=train_limit,
-                          optimizer=optimizer, **kw)
+                          optimizer=optimizer, loss=loss, loss_weights=parse_weights(loss_weights, "--loss-weights"),
+                          accept_fidelity=accept_fidelity, **kw)
     d = make_data(data, mean, std, input_shapes)
     checked_outputs((model,), output, plan_out)
     result = qtool.qat(model, d, cfg)
@@ -292,6 +315,8 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
 @click.option("--qat-steps", default=100, show_default=True, type=int, help="fine-tune steps per candidate (--eval qat)")
 @click.option("--qat-distill", default=0.0, show_default=True, type=float,
               help="weight in [0, 1] of the FP32 model's soft labels in each fine-tune's loss (--eval qat)")
+@click.option("--qat-loss", default="auto", show_default=True, type=click.Choice(["auto", "ce", "distill"]),
+              help="each fine-tune's loss, as qat --loss (--eval qat)")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=0.002, show_default=True, type=float,
               help="SGD learning rate of the supernet / fine-tunes (from a trained model: 0.01 cost W8A8 2 points in 60 steps)")
@@ -305,7 +330,7 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
               help="bits of the supernet sandwich's small end, trained every step [default: the smallest of --bits]; "
                    "4 stops it over-training the 2-bit paths (random configurations still draw every bit-width)")
 def search(model, data, objectives, bits, pop, gens, evaluator, executor, workers, workdir, resume, seed, train_limit,
-           val_limit, supernet_epochs, qat_steps, qat_distill, batch_size, lr, fixed_bits, max_size, max_latency,
+           val_limit, supernet_epochs, qat_steps, qat_distill, qat_loss, batch_size, lr, fixed_bits, max_size, max_latency,
            random_init, device, sandwich_low):
     """NSGA-III search over per-layer weight/activation bit-widths."""
     import qtool
@@ -314,7 +339,7 @@ def search(model, data, objectives, bits, pop, gens, evaluator, executor, worker
         objectives=parse_names(objectives, "--objectives"), bits=parse_ints(bits, "--bits"), pop=pop, gens=gens,
         seed=seed, seed_uniform=not random_init, evaluator=evaluator, executor=executor, workers=workers,
         resume=resume, train_limit=train_limit, val_limit=val_limit, supernet_epochs=supernet_epochs,
-        qat_steps=qat_steps, qat_distill=qat_distill, batch_size=batch_size, lr=lr, fixed_bits=fixed_bits,
+        qat_steps=qat_steps, qat_distill=qat_distill, qat_loss=qat_loss, batch_size=batch_size, lr=lr, fixed_bits=fixed_bits,
         max_size=max_size, max_latency=max_latency, device=device, sandwich_low=sandwich_low)
     result = qtool.search(model, data, config, workdir=workdir)
     from rich.console import Console

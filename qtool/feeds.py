@@ -85,6 +85,19 @@ class FeedSet:
     def head(self, n: int | None) -> "FeedSet":
         return self if n is None or n >= len(self) else self.subset(np.arange(n))
 
+    def split(self, split: str, val_size: int | None = None) -> "FeedSet":
+        """The train or val part, as `qtool.data.load_dataset` splits images: the val slice is the last
+        `val_size` samples of a fixed-seed permutation (10 %, 5000 from 40000 samples)."""
+        from qtool.data import SPLIT_SEED
+
+        n = len(self)
+        if val_size is None:
+            val_size = 5000 if n >= 40000 else max(1, n // 10)
+        if not 0 < val_size < n:
+            raise QtoolError(f"{n} samples cannot be split into train and val (val size {val_size}): give 2 or more")
+        perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+        return self.subset(perm[-val_size:] if split == "val" else np.sort(perm[:-val_size]))
+
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for i in range(0, len(self), batch_size):
             yield {k: v[i:i + batch_size] for k, v in self.arrays.items()}
@@ -196,6 +209,24 @@ def read_image_folder(path: Path, c: int, h: int, w: int, limit: int | None = No
             raise QtoolError(f"images:{path}: cannot read {f.name}: {e}") from None
         out[i] = a[None] if c == 1 else a.transpose(2, 0, 1)
     return out
+
+
+def training_feeds(model: onnx.ModelProto, data) -> tuple[FeedSet, FeedSet] | None:
+    """(train, val) FeedSets for training on data that is not an image data set (an npz of named
+    inputs, an images: folder); None for image SPECs, which train as `qtool.data.ImageDataset`s."""
+    from qtool.data import parse_spec
+
+    d = resolve_data(model, data)
+    kind, path = parse_spec(d.spec)
+    if kind == "npz":
+        inputs = model_inputs(model)
+        parse_input_shapes(dict(d.input_shapes), inputs)
+        if npz_feeds(path, inputs) is None:
+            return None
+    elif kind != "images":
+        return None
+    fs = feeds_for(model, d, "train")
+    return fs.split("train"), fs.split("val")
 
 
 def feeds_for(model: onnx.ModelProto, data, split: str = "train", *, input_shapes: dict | None = None,

@@ -33,6 +33,7 @@ from qtool.errors import QtoolError
 
 ALGOS = ("minmax", "ema", "lsq", "pact", "dorefa", "bnn")
 OPTIMIZERS = ("sgd", "adam")
+LOSSES = ("auto", "ce", "distill")  # auto: ce with labels and one class-score output, else distill
 QUANT_TYPES = ("weight", "input", "output")
 RULE_KEYS = ("op_types", "op_names", "quant_types", "quant_bits", "quant_start_step", "exclude")
 # NNI / PyTorch module names for the ONNX ops they export to.
@@ -183,7 +184,11 @@ class QATConfig:
     calib_size: int = 512
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
-    distill: float = 0.0  # weight in [0, 1] of the FP32 model's soft labels in the loss (qtool.distill)
+    distill: float = 0.0  # weight in [0, 1] of the FP32 model's soft labels in the ce loss (qtool.distill)
+    loss: str = "auto"  # ce: labels (one class-score output); distill: every output vs the FP32 model's
+    # (KL for class scores, MSE otherwise: qtool.distill); auto: ce with labels and one class-score output
+    loss_weights: tuple[tuple[str, float], ...] = ()  # (output name, weight) of distill's per-output losses
+    accept_fidelity: bool = False  # write the model even when fake-quant and onnxruntime disagree (the gate)
     quiet: bool = False
     meta: dict = field(default_factory=dict, compare=False, hash=False)  # free-form provenance for the plan
 
@@ -210,6 +215,18 @@ class QATConfig:
         if self.steps is not None and (not _is_int(self.steps) or self.steps < 0):
             raise QtoolError(f"steps must be an integer >= 0 or None, got {self.steps!r}")
         check_weight(self.distill, "distill")
+        if self.loss not in LOSSES:
+            raise QtoolError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.loss_weights, tuple) or not all(
+                isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) and e[0] for e in self.loss_weights):
+            raise QtoolError(f"loss_weights must be ((output name, weight), ...), got {self.loss_weights!r}")
+        for name, w in self.loss_weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+                raise QtoolError(f"loss_weights of {name!r} must be a number >= 0, got {w!r}")
+        if len({n for n, _ in self.loss_weights}) < len(self.loss_weights):
+            raise QtoolError("loss_weights name an output twice")
+        if self.loss_weights and self.loss == "ce":
+            raise QtoolError("loss_weights weigh distill's per-output losses; loss ce has one output's loss")
         for k in ("freeze_bn", "train_limit"):
             v = getattr(self, k)
             if v is not None and (not _is_int(v) or v < (0 if k == "freeze_bn" else 1)):
@@ -227,7 +244,7 @@ class QATConfig:
         from qtool.bn_modes import check_bn
 
         check_bn(self.bn, "qat")
-        for k in ("augment", "quiet"):
+        for k in ("augment", "quiet", "accept_fidelity"):
             if not isinstance(getattr(self, k), bool):
                 raise QtoolError(f"{k} must be true or false, got {getattr(self, k)!r}")
         if self.device is not None:

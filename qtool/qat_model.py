@@ -14,10 +14,11 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import numpy_helper
 
-from qtool.data import ImageDataset, epoch_batches, model_image_input, step_batches
-from qtool.distill import distill_loss, fp32_teacher, soft_labels
+from qtool.data import ImageDataset
+from qtool.distill import OutputLoss, class_score_outputs, distill_loss, distill_objective, fp32_teacher, output_losses
 from qtool.errors import QtoolError
 from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, MinMaxFakeQuant, PACTFakeQuant
 from qtool.bn_strategy import ConvBNFold, FoldPair, resolve_bn, unfold_map
@@ -33,9 +34,11 @@ from qtool.quant_points import quant_points
 from qtool.quant_slots import active_quantizer, plan_of
 from qtool.ptq import QuantConfig, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
-from qtool.trainloop import EpochMeter, split_decay, supervised, train_loop
+from qtool.qat_data import QATData, input_feeds, labels_of, train_batches
+from qtool.trainloop import EpochMeter, forward, split_decay, train_loop
 
-__all__ = ["QATModel", "build_qat_model", "train_qat", "run_qat", "qat_finetune", "calibrate_activations", "start_run"]
+__all__ = ["QATModel", "QATObjective", "build_qat_model", "train_qat", "run_qat", "qat_finetune",
+           "calibrate_activations", "start_run", "resolve_objective"]
 
 _CALIB_SEED = 20151211
 
@@ -46,16 +49,17 @@ def _device(config: QATConfig) -> torch.device:
     return resolve_device(config.device, option="device")
 
 
-def _calib_batches(fused: onnx.ModelProto, ds: ImageDataset, pre: Preprocess, n: int, bs: int = 64):
-    name, dims = model_image_input(fused)
+def _calib_batches(fused: onnx.ModelProto, ds: QATData, pre: Preprocess, n: int, bs: int = 64):
+    from qtool.feeds import model_inputs
+
     idx = np.sort(np.random.default_rng(_CALIB_SEED).permutation(len(ds))[:n])
-    fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    batch_dims = [s.dims[0] for s in model_inputs(fused) if s.dims and s.dims[0] is not None]
+    fixed = batch_dims[0] if batch_dims else None
     bs = fixed or bs
     out = []
     for i in range(0, len(idx), bs):
-        x = pre.apply(ds.images[idx[i:i + bs]])
-        if fixed is None or len(x) == fixed:
-            out.append({name: x})
+        if fixed is None or len(idx[i:i + bs]) == fixed:
+            out.append(input_feeds(fused, ds, pre, idx[i:i + bs]))
     if not out:
         raise QtoolError(f"model has a fixed batch of {fixed}: calibration needs at least that many images")
     return out
@@ -106,7 +110,7 @@ def _install_exact_eval(lifted: LiftedModule) -> list[str]:
     return install_exact_eval(lifted, quant_of, weight_quant_of)
 
 
-def calibrate_activations(fused: onnx.ModelProto, train_data: ImageDataset, pre: Preprocess,
+def calibrate_activations(fused: onnx.ModelProto, train_data: QATData, pre: Preprocess,
                           calib_size: int, roots: list[str] | None = None) -> dict:
     """PTQ's minmax statistics of every activation root of the fused graph on onnxruntime (`calib_size`
     images of `train_data`, a fixed sample): the plan skeleton and the quantizers' initial ranges.
@@ -131,6 +135,7 @@ class QATModel:
     total_steps: int
     notes: list[str]
     device: torch.device | None = None  # where it trains
+    objective: "QATObjective | None" = None  # the loss it trains with (resolve_objective, in run_qat)
 
     def _fold_of(self, weight: str) -> ConvBNFold:
         return next(m for m in self.lifted.replaced.values() if isinstance(m, ConvBNFold)
@@ -268,24 +273,79 @@ def start_run(config: QATConfig) -> tuple[torch.device, torch.Generator]:
     return device, torch.Generator().manual_seed(config.seed)
 
 
-def run_qat(model: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess, *,
+@dataclass(frozen=True)
+class QATObjective:
+    """What a QAT run minimizes (QATConfig.loss resolved against the model and the data): "ce", the
+    labels' cross-entropy on the one class-score output `ce_output` (mixed with the FP32 model's
+    soft labels by QATConfig.distill), or "distill", every output against the FP32 model's
+    (`losses`, qtool.distill). `class_outputs`: the outputs holding class scores (argmax checked)."""
+    loss: str
+    outputs: tuple[str, ...]
+    class_outputs: tuple[str, ...]
+    ce_output: str | None = None
+    losses: tuple[OutputLoss, ...] = ()
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss == "distill"
+
+    def lines(self) -> list[str]:
+        if self.loss == "ce":
+            return [f"loss ce on {self.ce_output} (labels)"]
+        return ["loss distill (FP32 outputs): " + "; ".join(o.describe() for o in self.losses)]
+
+
+def _fp32_outputs(fused: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+
+
+def resolve_objective(fused: onnx.ModelProto, train_data: QATData, config: QATConfig, pre: Preprocess) -> QATObjective:
+    """QATConfig.loss against this model and data: the outputs' kinds are read off the FP32 model's
+    outputs on a few training samples (qtool.distill.is_class_scores)."""
+    labeled = labels_of(train_data) is not None
+    sample = _calib_batches(fused, train_data, pre, min(64, len(train_data)))[0]
+    outs = _fp32_outputs(fused, sample)
+    classes = tuple(class_score_outputs(fused, outs, labeled))
+    loss = config.loss
+    if loss == "auto":
+        loss = "ce" if labeled and len(classes) == 1 and not config.loss_weights else "distill"
+    if loss == "ce":
+        if not labeled:
+            raise QtoolError("loss ce trains on labels, but the data has none: use loss distill (--loss distill), "
+                             "which trains against the FP32 model's outputs")
+        if len(classes) != 1:
+            raise QtoolError(f"loss ce needs exactly one class-score output (N x C), the model has {len(classes)} of "
+                             f"outputs {list(outs)}: use loss distill (--loss distill)")
+        return QATObjective("ce", tuple(outs), classes, ce_output=classes[0])
+    if config.distill:
+        raise QtoolError("distill (the soft-label weight) mixes into loss ce; loss distill trains on the FP32 "
+                         "outputs alone")
+    losses = output_losses(fused, outs, labeled, dict(config.loss_weights))
+    return QATObjective("distill", tuple(outs), classes, losses=tuple(losses))
+
+
+def run_qat(model: onnx.ModelProto, train_data: QATData, config: QATConfig, pre: Preprocess, *,
             notes: list[str] | None = None, stats: dict | None = None, teacher: nn.Module | None = None,
             before_training=None, on_epoch=None) -> QATModel:
     """One QAT run, the one code path of `qtool qat` and of the search's `--eval qat` evaluator: the
-    run's seed and device (`start_run`), `build_qat_model`, the FP32 teacher when `config.distill`
-    (unless given), `before_training(qm)` (qat's epoch-0 validation), `train_qat` with `on_epoch`.
-    Returns the trained model in train mode; `to_plan` / `install_exact_eval` follow."""
+    run's seed and device (`start_run`), `build_qat_model`, its loss (`resolve_objective`), the FP32
+    teacher when the loss needs one (unless given), `before_training(qm, teacher)` (qat's epoch-0 validation),
+    `train_qat` with `on_epoch`. Returns the trained model in train mode; `to_plan` / `install_exact_eval` follow."""
     device, gen = start_run(config)
     qm = build_qat_model(model, train_data, config, pre, device, [] if notes is None else notes, stats)
-    if config.distill and teacher is None:
+    qm.objective = resolve_objective(qm.fused, train_data, config, pre)
+    if (config.distill or qm.objective.needs_teacher) and teacher is None:
         teacher = fp32_teacher(qm.fused)
     if before_training is not None:
-        before_training(qm)
+        before_training(qm, teacher)
     train_qat(qm, train_data, pre, config, device, gen, teacher=teacher, on_epoch=on_epoch)
     return qm
 
 
-def qat_finetune(fused: onnx.ModelProto, train_data: ImageDataset, config: QATConfig, pre: Preprocess, *,
+def qat_finetune(fused: onnx.ModelProto, train_data: QATData, config: QATConfig, pre: Preprocess, *,
                  stats: dict | None = None, teacher: nn.Module | None = None) -> QATModel:
     """`run_qat` without qat's reporting (no per-epoch validation, no onnxruntime fidelity check), for
     callers that tune many configurations of one graph (the search's `--eval qat` evaluator, which
@@ -296,38 +356,69 @@ def qat_finetune(fused: onnx.ModelProto, train_data: ImageDataset, config: QATCo
     return qm
 
 
-def train_qat(qm: QATModel, train_data: ImageDataset, pre: Preprocess, config: QATConfig, device: torch.device,
+def objective_loss(qm: QATModel, teacher: nn.Module | None, config: QATConfig):
+    """loss_fn(x, y) -> (the class-score output, loss) of `qm.objective` (qtool.trainloop)."""
+    obj, lifted = qm.objective, qm.lifted
+    shown = obj.ce_output or (obj.class_outputs[0] if obj.class_outputs else None)
+    at = obj.outputs.index(shown) if shown is not None else None
+
+    def pick(out):  # the output top-1 is counted on (the first one only counts samples)
+        return out if isinstance(out, torch.Tensor) else out[at or 0]
+
+    if obj.loss == "ce":
+        def loss_fn(x, y):
+            logits = pick(forward(lifted, x))
+            if not config.distill:
+                return logits, F.cross_entropy(logits, y)
+            with torch.no_grad():
+                soft = F.softmax(pick(forward(teacher, x)).float(), dim=1)
+            return logits, distill_loss(logits, y, soft, config.distill)
+        return loss_fn
+
+    def loss_fn(x, y):
+        out = forward(lifted, x)
+        with torch.no_grad():
+            ref = forward(teacher, x)
+        return pick(out), distill_objective(list(obj.losses), out, ref)
+    return loss_fn
+
+
+def train_qat(qm: QATModel, train_data: QATData, pre: Preprocess, config: QATConfig, device: torch.device,
               gen: torch.Generator, *, teacher: nn.Module | None = None, on_epoch=None) -> None:
     """Train `qm` with `config`'s optimizer and cosine schedule: `epochs` passes over the (limited) train
     split, or exactly `steps` optimizer steps; `on_epoch(epoch, meter, bar)` after each epoch (after the
-    steps). With `config.distill` the loss mixes in `teacher`'s soft labels (qtool.distill)."""
+    steps). The loss is `qm.objective`'s (`objective_loss`; the FP32 `teacher` for distillation)."""
     from qtool.progress import progress
 
     lifted = qm.lifted
     n_all = len(train_data)
     pool = torch.randperm(n_all, generator=gen)[:config.train_limit] if config.train_limit else torch.arange(n_all)
-    c, h = train_data.shape[0], train_data.shape[1]
-    augment = config.augment and c == 3 and h >= 16
+    augment = False
+    if isinstance(train_data, ImageDataset):
+        c, h = train_data.shape[0], train_data.shape[1]
+        augment = config.augment and c == 3 and h >= 16
     decay, no_decay = split_decay(lifted.parameters())  # no decay on biases, BN, scales, alphas
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     lr = config.learning_rate
     opt = (torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
            if config.optimizer == "sgd" else torch.optim.Adam(groups, lr=lr))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(qm.total_steps, 1))
-    if config.distill:
+    if qm.objective is None:
+        qm.objective = resolve_objective(qm.fused, train_data, config, pre)
+    if teacher is not None:
         teacher = teacher.to(device).eval()
+    loss_fn = objective_loss(qm, teacher, config)
+    track = bool(qm.objective.class_outputs)
 
-        def loss_fn(x, y):
-            logits = lifted(x)
-            return logits, distill_loss(logits, y, soft_labels(teacher, x), config.distill)
-    else:
-        loss_fn = supervised(lifted, nn.CrossEntropyLoss())
+    def unlabeled(batches):  # top-1 only where there are labels and an output to score them on
+        return batches if track else ((x, None) for x, _ in batches)
+
     if config.steps is not None:
         ds = train_data.subset(np.sort(pool.numpy())) if config.train_limit else train_data
-        runs = [(0, step_batches(ds, config.steps, config.batch_size, pre, gen, augment))]
+        runs = [(0, unlabeled(train_batches(ds, pre, config.batch_size, gen, augment, steps=config.steps)))]
         epochs, total = 1, config.steps
     else:
-        runs = ((e, epoch_batches(train_data, pool, config.batch_size, pre, gen, augment))
+        runs = ((e, unlabeled(train_batches(train_data, pre, config.batch_size, gen, augment, pool=pool)))
                 for e in range(config.epochs))
         epochs, total = config.epochs, config.epochs * math.ceil(len(pool) / config.batch_size)
     with progress(disable=config.quiet) as bar:

@@ -15,31 +15,50 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["EpochMeter", "train_loop", "supervised", "split_decay"]
+__all__ = ["EpochMeter", "train_loop", "supervised", "split_decay", "to_device", "forward"]
 
 
 class EpochMeter:
-    """Running loss / top-1 of one training epoch: what the progress bar and the history show."""
+    """Running loss / top-1 of one training epoch: what the progress bar and the history show.
+    Batches without labels (label-free distillation) count towards the loss only."""
 
     def __init__(self) -> None:
-        self.n = self.correct = 0
+        self.n = self.correct = self.labeled = 0
         self.loss_sum = 0.0
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        self.n += len(labels)
-        self.correct += int((logits.argmax(1) == labels).sum())
-        self.loss_sum += loss.item() * len(labels)
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor) -> None:
+        n = len(logits if labels is None else labels)
+        self.n += n
+        if labels is not None:
+            self.labeled += n
+            self.correct += int((logits.argmax(1) == labels).sum())
+        self.loss_sum += loss.item() * n
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.n, 1)
 
     @property
-    def acc(self) -> float:
-        return self.correct / max(self.n, 1)
+    def acc(self) -> float | None:
+        return self.correct / self.labeled if self.labeled else None
 
     def info(self, epoch: int, epochs: int) -> str:
-        return f"epoch {epoch + 1}/{epochs} loss {self.loss:.3f} acc {self.acc:.3f}"
+        return f"epoch {epoch + 1}/{epochs} loss {self.loss:.3f}" + (f" acc {self.acc:.3f}" if self.labeled else "")
+
+
+def to_device(x, device):
+    """A batch's inputs (a tensor, or {input name: tensor} for models of several inputs) or labels
+    (None without labels) on `device`."""
+    if x is None or device is None:
+        return x
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
+
+
+def forward(model: nn.Module, x):
+    """model(x), or model(**x) for a batch given as {input name: tensor}."""
+    return model(**x) if isinstance(x, dict) else model(x)
 
 
 def supervised(model: nn.Module, criterion: Callable) -> Callable:
@@ -64,7 +83,8 @@ def split_decay(params: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], lis
 def train_loop(model: nn.Module, batches: Iterable, loss_fn: Callable, optimizers: list, scheduler=None, *,
                device: torch.device | str | None = None, meter: EpochMeter | None = None,
                on_step: Callable[[int, float], None] | None = None, backward: bool = True) -> None:
-    """Train `model` (put in train mode) for one pass over `batches` of (x, y).
+    """Train `model` (put in train mode) for one pass over `batches` of (x, y); x may be a dict of
+    inputs and y None (label-free batches), see `to_device`.
 
     `loss_fn(x, y) -> (logits, loss)`; with `backward=False` loss_fn back-propagates itself (the
     sandwich rule frees each configuration's graph before running the next) and returns the loss as
@@ -73,8 +93,7 @@ def train_loop(model: nn.Module, batches: Iterable, loss_fn: Callable, optimizer
     """
     model.train()
     for step, (x, y) in enumerate(batches):
-        if device is not None:
-            x, y = x.to(device), y.to(device)
+        x, y = to_device(x, device), to_device(y, device)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         logits, loss = loss_fn(x, y)

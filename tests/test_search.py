@@ -211,6 +211,28 @@ def test_qat_evaluator_distill_learns_from_the_fp32_model(problem):
             QATEvaluator(distill=bad)
 
 
+def test_qat_evaluator_loss_distill_ignores_the_labels(problem):
+    """The search's fine-tunes take qat's loss: with loss distill (every output vs the FP32 model's),
+    scrambled labels tune the very same weights. SearchConfig threads it and checks it."""
+    from qtool.bitsearch.config import SearchConfig
+
+    train = problem.data.train
+    scrambled = dataclasses.replace(problem.data, train=dataclasses.replace(train, labels=np.roll(train.labels, 1)))
+    c = problem.space.uniform(4)
+    tuned = []
+    for data in (problem.data, scrambled):
+        ev = QATEvaluator(steps=3, batch_size=32, lr=0.01, loss="distill")
+        ev.prepare(problem.fused, problem.space, data, seed=0)
+        tuned.append(torch.cat([v.flatten().float() for v in ev.tuned(c).state_dict().values()]))
+    assert torch.equal(tuned[0], tuned[1])
+    assert ev.settings()["loss"] == "distill" and "loss" not in QATEvaluator().settings()
+    assert SearchConfig(evaluator="qat", qat_loss="distill").qat_loss == "distill"
+    with pytest.raises(QtoolError, match="qat_loss needs the qat evaluator"):
+        SearchConfig(qat_loss="ce")
+    with pytest.raises(QtoolError, match="qat_loss must be one of"):
+        SearchConfig(evaluator="qat", qat_loss="kl")
+
+
 class _Crash(SupernetEvaluator):
     """Dies after `n` evaluations, like a killed run."""
 

@@ -28,6 +28,7 @@ class SearchConfig:
     supernet_epochs: float = 1.0
     qat_steps: int = 100  # fine-tune steps per candidate (evaluator qat)
     qat_distill: float = 0.0  # weight of the FP32 model's soft labels in each fine-tune (evaluator qat)
+    qat_loss: str = "auto"  # each fine-tune's QATConfig.loss: auto | ce | distill (evaluator qat)
     batch_size: int = 64
     lr: float = 0.002  # from a trained model: 0.01 cost W8A8 2 points in 60 steps
     fixed_bits: int = 8  # bits of the first and last layer (0: search them too)
@@ -54,6 +55,12 @@ class SearchConfig:
                              f"got {self.sandwich_low}")
         if self.qat_distill and self.evaluator != "qat":
             raise QtoolError(f"qat_distill needs the qat evaluator, got {self.evaluator}")
+        from qtool.qat_config import LOSSES
+
+        if self.qat_loss not in LOSSES:
+            raise QtoolError(f"qat_loss must be one of {', '.join(LOSSES)}, got {self.qat_loss!r}")
+        if self.qat_loss != "auto" and self.evaluator != "qat":
+            raise QtoolError(f"qat_loss needs the qat evaluator, got {self.evaluator}")
         for k in ("workers", "qat_steps", "batch_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -238,14 +238,24 @@ class QATEvaluator(Evaluator):
     name = "qat"
 
     def __init__(self, *, steps: int = 100, batch_size: int = 64, lr: float = 0.01, finetune=None,
-                 init_from: str | Path | None = None, distill: float = 0.0, **kw):
+                 init_from: str | Path | None = None, distill: float = 0.0, loss: str = "auto", **kw):
         """init_from: None = the FP32 weights with fresh quantizers; or a trained supernet checkpoint
         (`supernet.pt` of a search workdir, same model and space): every candidate inherits its shared
         weights, learned quantizer steps and norms (weight inheritance, as in OFA / BigNAS).
         finetune: with init_from, `finetune(qnet, data, candidate, steps, *, batch_size, lr, seed)` replaces
         the supernet-style fine-tune. distill: weight in [0, 1] of the FP32 model's soft labels in the
-        fine-tune's loss (knowledge distillation; `finetune` then also gets `teacher=` and `teacher_weight=`)."""
+        fine-tune's loss (knowledge distillation; `finetune` then also gets `teacher=` and `teacher_weight=`).
+        loss: the fine-tunes' QATConfig.loss (FP32 init only): auto | ce | distill (every output against
+        the FP32 model's, no labels used)."""
         super().__init__(**kw)
+        from qtool.qat_config import LOSSES
+
+        if loss not in LOSSES:
+            raise QtoolError(f"qat evaluator: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if loss != "auto" and init_from is not None:
+            raise QtoolError("qat evaluator: loss applies to fine-tunes from the FP32 weights (qtool qat's), "
+                             "not to candidates inherited from a supernet (init_from)")
+        self.loss = loss
         if steps < 0 or batch_size < 1 or not lr > 0:
             raise QtoolError("qat evaluator: steps must be >= 0, batch size >= 1, lr > 0")
         self.distill = check_weight(distill, "qat evaluator: distill")
@@ -268,6 +278,8 @@ class QATEvaluator(Evaluator):
             out["finetune"] = "qtool.qat"
         if self.distill:  # only when set: workdirs from before the option still resume
             out["distill"] = self.distill
+        if self.loss != "auto":  # likewise
+            out["loss"] = self.loss
         return out
 
     def prepare(self, fused, space, data, *, workdir=None, seed=0, progress=None):
@@ -289,12 +301,14 @@ class QATEvaluator(Evaluator):
 
         return QATConfig(plan_bits=tuple(self.space.tensor_bits(c).items()), algo="lsq", steps=self.steps,
                          batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed), device=self.device,
-                         distill=self.distill, quiet=True, meta={"producer": "qtool.search", "candidate": c.key})
+                         distill=self.distill, loss=self.loss, quiet=True,
+                         meta={"producer": "qtool.search", "candidate": c.key})
 
     def _teacher_once(self) -> nn.Module | None:
-        if self.distill and self._teacher is None:
+        wanted = self.distill or self.loss == "distill"  # auto resolves to ce on the labeled data searched
+        if wanted and self._teacher is None:
             self._teacher = fp32_teacher(self.fused)
-        return self._teacher if self.distill else None
+        return self._teacher if wanted else None
 
     def _qat(self, c: Candidate):
         from qtool.qat_model import qat_finetune
