@@ -18,8 +18,9 @@ weights' rows (per-channel weight scales absorb it along the other axis only par
 The readers may sit behind channel-preserving ops: a Reshape whose input and output both end in the
 H channels (onnxsim's MatMul -> Reshape + Gemm), a Gather on another axis (a ViT's class token), and
 Shape (reads no values). Refused, with the reason: another reader (a post-LN residual Add would see
-y / s), a graph output, a LayerNormalization not over the last axis alone, gamma / beta / weights that
-are not constant initializers owned by the match. Only initializer values change.
+y / s), a graph output, a LayerNormalization not over the last axis alone, gamma / beta that are not
+constant initializers, weights not owned by their reader. A gamma / beta shared with other nodes
+(onnxsim merges identical ones) is copied first; otherwise only initializer values change.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from passes.core import PassResult, QPass, check_owned_constant, const_array
+from passes.core import PassResult, QPass, check_owned_constant, const_array, new_initializer
 
 
 @dataclass
@@ -56,11 +57,11 @@ class SmoothQuantPass(QPass):
             if amax is None:
                 self.refuse(t.norm, f"no activation maxima measured for {t.tensor!r}")
                 continue
-            self._smooth(t, np.asarray(amax, np.float64))
+            self._smooth(model.graph, t, np.asarray(amax, np.float64))
             modified = True
         return PassResult(model, modified)
 
-    def _smooth(self, t: SmoothTarget, amax: np.ndarray) -> None:
+    def _smooth(self, graph: ir.Graph, t: SmoothTarget, amax: np.ndarray) -> None:
         wmax = np.zeros_like(amax)
         for node, axis in t.readers:
             w = np.abs(const_array(node.inputs[1]))
@@ -68,9 +69,14 @@ class SmoothQuantPass(QPass):
         ok = (amax > 0) & (wmax > 0)
         s = np.ones_like(amax)
         s[ok] = amax[ok] ** self.alpha / wmax[ok] ** (1.0 - self.alpha)
-        for v in t.norm.inputs[1:3]:
-            if v is not None:
-                _set(v, const_array(v).astype(np.float64) / s)
+        for i in (1, 2):
+            v = t.norm.inputs[i] if len(t.norm.inputs) > i else None
+            if v is None:
+                continue
+            if len(v.uses()) > 1:  # untie a shared gamma / beta: only this LayerNorm's output is rescaled
+                v = new_initializer(graph, const_array(v).copy(), f"{v.name}_{t.norm.name}")
+                t.norm.replace_input_with(i, v)
+            _set(v, const_array(v).astype(np.float64) / s)
         for node, axis in t.readers:
             w = node.inputs[1]
             _set(w, const_array(w).astype(np.float64) * (s.reshape(-1, 1) if axis == 0 else s.reshape(1, -1)))
@@ -112,9 +118,9 @@ def _check_norm(norm: ir.Node) -> str | None:
     for v, what in ((gamma, "scale"), (beta, "bias")):
         if v is None and what == "bias":
             continue
-        reason = check_owned_constant(v, (norm,))
-        if reason:
-            return f"{what}: {reason}"
+        # shared is fine (onnxsim merges the identical gamma / beta of a random-init model): copied before scaling
+        if v is None or v.is_graph_input() or not v.is_initializer() or v.const_value is None:
+            return f"{what} {getattr(v, 'name', None)!r} is not a constant initializer"
         if not np.issubdtype(const_array(v).dtype, np.floating):
             return f"{what} is not floating point"
     # one gamma per channel of the last axis: the maxima are measured, and s applied, per last-axis channel

@@ -167,9 +167,10 @@ def test_equalize_helps_per_tensor_weights_and_composes_with_bias_correction():
 H = 16
 
 
-def norm_qkv(residual=False) -> onnx.ModelProto:
+def norm_qkv(residual=False, shared=False) -> onnx.ModelProto:
     """LayerNorm (one outlier channel in gamma) -> Reshape (B*T, H) -> three Gemms (Q/K/V, one transB)
-    and a MatMul; `residual`: the LayerNorm output is also added back, as in post-LN BERT."""
+    and a MatMul; `residual`: the LayerNorm output is also added back, as in post-LN BERT; `shared`: a
+    second LayerNorm reads the same gamma / beta (as onnxsim leaves them) and is added to the output."""
     r = np.random.default_rng(2)
     gamma = np.ones(H)
     gamma[3] = 40.0
@@ -186,9 +187,11 @@ def norm_qkv(residual=False) -> onnx.ModelProto:
              helper.make_node("Add", ["q", "k"], ["qk"], name="qk"),
              helper.make_node("Add", ["qk", "v"], ["qkv"], name="qkv"),
              helper.make_node("Reshape", ["qkv", "back"], ["s"], name="unflat"),
-             helper.make_node("Add", ["s", "mm"], ["y0" if residual else "y"], name="sum")]
-    if residual:
-        nodes.append(helper.make_node("Add", ["y0", "n"], ["y"], name="residual"))
+             helper.make_node("Add", ["s", "mm"], ["y0" if residual or shared else "y"], name="sum")]
+    if residual or shared:
+        if shared:
+            nodes.append(helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n_2"], name="ln2", axis=-1))
+        nodes.append(helper.make_node("Add", ["y0", "n_2" if shared else "n"], ["y"], name="residual"))
     m = _model(nodes, inits, ["N", 4, H], ["N", 4, H])
     m.graph.initializer.extend([shape, back])
     return m
@@ -227,6 +230,17 @@ def test_smoothquant_refuses_a_residual_reader_and_keeps_the_model():
     assert any("also read by Add 'residual'" in r.reason for r in p.refusals), p.refusals
     for k, v in inits_of(m).items():
         np.testing.assert_array_equal(inits_of(sm)[k], v)
+
+
+def test_smoothquant_unties_a_shared_gamma():
+    m, x = norm_qkv(shared=True), tokens()
+    p = passes.SmoothQuantPass(channel_absmax(m, [x], ["n", "n_2"]), 0.5)
+    sm, modified = apply(p, m)
+    assert modified and len(p.fired) == 1 and any("Add 'residual'" in r.reason for r in p.refusals)
+    assert rel(run(m, x), run(sm, x)) < 1e-5
+    ln, ln2 = (next(n for n in sm.graph.node if n.name == k) for k in ("ln", "ln2"))
+    assert list(ln2.input[1:]) == ["gamma", "beta"] and ln.input[1] not in ("gamma", "beta")
+    np.testing.assert_array_equal(inits_of(sm)["gamma"], inits_of(m)["gamma"])
 
 
 def test_smoothquant_in_quantize():
