@@ -41,6 +41,8 @@ def needs_rescale(c) -> bool:
 
 def rescale(model: onnx.ModelProto, calib_batches: list, config) -> tuple[onnx.ModelProto, dict]:
     """The fused `model` with `config.equalize` / `config.smoothquant` applied, and notes for the plan."""
+    if not calib_batches:
+        raise QtoolError("no calibration batches were given")
     t0 = time.perf_counter()
     m = passes.to_ir(model)
     notes: dict = {}
