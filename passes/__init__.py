@@ -8,6 +8,8 @@ from onnx_ir.passes.common import (IdentityEliminationPass, RemoveUnusedNodesPas
                                    TopologicalSortPass)
 
 from passes.core import Fired, PipelineResult, QPass, Refusal, run_to_fixpoint, to_ir, to_proto
+from passes.equalize import CrossLayerEqualizationPass
+from passes.smooth import SmoothQuantPass, SmoothTarget, smooth_targets
 from passes.dynamic import DynamicQuantPass, dynamic_weights
 from passes.fold_affine import FoldAffinePass, fold_affine
 from passes.fold_bn import FoldBatchNormPass, fold_batchnorm
@@ -18,7 +20,8 @@ from passes.simplify import OnnxSimPass, simplify
 from passes.untie import UntieBiasesPass, untie_biases
 from passes.units import UNITS_KEY, Unit, find_units, read_units, record_units
 
-__all__ = ["DynamicQuantPass", "dynamic_weights", "AveragePoolToGlobalPass", "average_pool_to_global", "FoldAffinePass", "FoldBatchNormPass", "FoldShapeChainsPass", "Fired", "IdentityEliminationPass", "InsertQDQPass", "Marks",
+__all__ = ["CrossLayerEqualizationPass", "SmoothQuantPass", "SmoothTarget", "smooth_targets",
+           "DynamicQuantPass", "dynamic_weights", "AveragePoolToGlobalPass", "average_pool_to_global", "FoldAffinePass", "FoldBatchNormPass", "FoldShapeChainsPass", "Fired", "IdentityEliminationPass", "InsertQDQPass", "Marks",
            "OnnxSimPass", "PipelineResult", "QPass", "Refusal", "RemoveUnusedNodesPass", "Role",
            "ShapeInferencePass", "TopologicalSortPass", "UNITS_KEY", "UntieBiasesPass", "untie_biases", "Unit", "find_units", "fold_affine",
            "fold_batchnorm", "fold_shape_chains", "fuse_pipeline", "insert_qdq", "mark_tensors", "read_units", "record_units",

@@ -113,7 +113,8 @@ def fuse(model: ModelLike, config: FuseConfig = FuseConfig()) -> FuseResult:
 class QuantizeResult:
     model: onnx.ModelProto  # QDQ, or QOperator with config.format == "qoperator"
     plan: QuantPlan
-    fused: onnx.ModelProto  # the fused float graph the plan names (refined weights with algo / bias_correction)
+    fused: onnx.ModelProto  # the fused float graph the plan names (rescaled / refined weights with equalize,
+    # smoothquant, algo / bias_correction)
     summary: QuantizeSummary
     report: ErrorReport  # per-tensor SQNR vs FP32 on calibration samples, worst first
 
@@ -123,7 +124,8 @@ class QuantizeResult:
             self.plan.save(plan_path)
 
     def lines(self) -> list[str]:
-        return self.summary.lines() + list(self.plan.meta.get("refine", {}).get("lines", []))
+        return (self.summary.lines() + list(self.plan.meta.get("rescale", {}).get("lines", []))
+                + list(self.plan.meta.get("refine", {}).get("lines", [])))
 
 
 def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] | None = None,
@@ -172,12 +174,14 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
             report_feeds.append(feed)
             reference.append(outputs)
 
-    tuned, plan = quantize_plan(m, feeds, config, on_outputs=keep)  # tuned: m with refined weights
+    rescaled: list[onnx.ModelProto] = []  # with equalize / smoothquant: m with channels moved, the same outputs
+    tuned, plan = quantize_plan(m, feeds, config, on_outputs=keep, on_rescaled=rescaled.append)  # tuned: refined
+    ref = rescaled[0] if rescaled else m  # the per-tensor rows compare tensors of the graph the plan calibrated
     qdq = apply_plan(tuned, plan)
-    report = error_report(m, qdq, plan, report_feeds, per_tensor=config.per_tensor_report, reference=reference)
+    report = error_report(ref, qdq, plan, report_feeds, per_tensor=config.per_tensor_report, reference=reference)
     if config.check_collapse:
         if report.collapsed() and not report.tensors:  # name the worst tensor in the error
-            report = error_report(m, qdq, plan, report_feeds, per_tensor=True)
+            report = error_report(ref, qdq, plan, report_feeds, per_tensor=True)
         check_not_collapsed(report)
     qmodel = qdq
     if config.format != "qdq":  # the same plan, lowered by the exporter (QLinearConv / QGemm / ...)

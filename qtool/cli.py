@@ -191,6 +191,16 @@ def refine_options(f):
     return f
 
 
+def rescale_options(f):
+    """quantize's FP32-equivalent rescalings before calibration (QuantConfig.equalize, smoothquant)."""
+    f = click.option("--smoothquant", "smoothquant", default=None, type=float, metavar="ALPHA",
+                     help="SmoothQuant: move activation outliers of LayerNorm outputs into the MatMul/Gemm weights "
+                          "that read them, s = max|X|^ALPHA / max|W|^(1-ALPHA) per channel (0.5 is typical)")(f)
+    return click.option("--equalize", is_flag=True,
+                        help="cross-layer equalization of Conv -> (Relu)? -> Conv pairs (incl. depthwise): equal "
+                             "per-channel weight ranges, same FP32 function")(f)
+
+
 @cli.command()
 @click.argument("model")
 @data_options
@@ -215,6 +225,7 @@ def refine_options(f):
               help="static: activation ranges calibrated on --data, Q/DQ in the graph. dynamic: int8 MatMul/Gemm "
                    "weights, activations quantized at run time by onnxruntime (no calibration, --data optional: "
                    "then only the FP32 comparison). Not `qtool dynamic`, which trains per-input bit-widths.")
+@rescale_options
 @refine_options
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, weight_range, fmt,
              calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, **refine):

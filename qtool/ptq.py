@@ -31,6 +31,7 @@ from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
 from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, saturates
 from qtool.plan import QuantPlan, TensorQuant, range_quant, scale_of
 from qtool.refine_config import check_refine_config, needs_refine
+from qtool.rescale import check_rescale_config, needs_rescale, rescale
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ class QuantConfig:
     bias_correction: bool = False  # empirical: each quantized Conv/Gemm's output mean per channel = FP32's
     time_budget_s: float | None = None  # bound on the refinements' wall time (None: no bound)
     seed: int = 0
+    # Equivalent FP32 rescalings before calibration (qtool.rescale): cross-layer equalization of Conv pairs,
+    # SmoothQuant of LayerNorm -> MatMul/Gemm with this alpha (None: off).
+    equalize: bool = False
+    smoothquant: float | None = None
 
     def __post_init__(self):
         for k in ("weight_bits", "act_bits"):
@@ -116,6 +121,7 @@ class QuantConfig:
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
             raise QtoolError(f"max_batches must be a positive integer or None, got {self.max_batches!r}")
         check_refine_config(self)
+        check_rescale_config(self)
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -240,11 +246,19 @@ def quantize(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarra
 
 
 def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]],
-                  config: QuantConfig = QuantConfig(), on_outputs=None) -> tuple[onnx.ModelProto, QuantPlan]:
-    """The fused model (with the refined weights / biases of config.algo / bias_correction) and its plan."""
+                  config: QuantConfig = QuantConfig(), on_outputs=None,
+                  on_rescaled=None) -> tuple[onnx.ModelProto, QuantPlan]:
+    """The fused model (with the rescaled / refined weights of config.equalize, smoothquant, algo,
+    bias_correction) and its plan. `on_rescaled(model)`: the FP32 model after equalize / smoothquant."""
     if not isinstance(config, QuantConfig):
         raise QtoolError(f"config must be a QuantConfig, got {type(config).__name__}")
     model = fuse(model)[0] if not is_fused(model) else untie_biases(model)
+    rescale_notes = None
+    if needs_rescale(config):
+        calib_batches = list(calib_batches)  # read again by calibration
+        model, rescale_notes = rescale(model, calib_batches, config)
+        if on_rescaled is not None:
+            on_rescaled(model)
     exclude = excluder(model, config.exclude)
     marks = passes.mark_tensors(passes.to_ir(model).graph, exclude)
     if not marks.tensors:
@@ -257,6 +271,8 @@ def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.n
     stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches,
                           histograms=config.calib != "minmax", on_outputs=on_outputs)
     plan = build_plan(model, config, stats, nonfinite_excluder(stats, exclude))
+    if rescale_notes is not None:
+        plan.meta["rescale"] = rescale_notes
     if needs_refine(config):
         from qtool.refine import refine  # torch: imported only when asked for
 
