@@ -45,7 +45,7 @@ class TensorStats:
     """Running min/max + symmetric fixed-bin histogram of one tensor (`histogram=False`: min/max only,
     enough for minmax and far cheaper per batch)."""
 
-    def __init__(self, bins: int = DEFAULT_BINS, histogram: bool = True):
+    def __init__(self, bins: int = DEFAULT_BINS, histogram: bool = True, channel_axis: int | None = None):
         if bins < 16 or bins % 4:
             raise QtoolError(f"histogram bins must be a multiple of 4 and >= 16, got {bins}")
         self.bins = bins
@@ -56,6 +56,11 @@ class TensorStats:
         self.fine = np.zeros(bins * FINE if histogram else 0, np.int64)
         self.count = 0
         self.nonfinite = 0  # inf / NaN values seen (left out of the statistics; see `finite`)
+        # Per-channel min / max along `channel_axis` (None: not tracked): the activation codes each input
+        # channel of a weighted node reaches, for the pair bound of qtool.ptq.kernel_pairs.
+        self.channel_axis = channel_axis
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
 
     @property
     def finite(self) -> bool:
@@ -69,6 +74,8 @@ class TensorStats:
         return self.fine.reshape(self.bins, FINE).sum(axis=1)
 
     def update(self, x: np.ndarray) -> None:
+        if self.channel_axis is not None:
+            self._update_channels(np.asarray(x, np.float32))
         x = np.asarray(x, np.float32).ravel()
         if x.size == 0:
             return
@@ -104,6 +111,19 @@ class TensorStats:
         h = np.bincount(idx.astype(np.intp), minlength=n + 1)
         h[n - 1] += h[n]
         self.fine += h[:n]
+
+    def _update_channels(self, x: np.ndarray) -> None:
+        if x.ndim == 0 or x.size == 0:
+            return
+        c = np.moveaxis(x, self.channel_axis, 0).reshape(x.shape[self.channel_axis], -1)
+        ok = np.isfinite(c)
+        lo, hi = np.where(ok, c, np.inf).min(axis=1), np.where(ok, c, -np.inf).max(axis=1)
+        if self.channel_min is None:
+            self.channel_min, self.channel_max = lo.astype(np.float64), hi.astype(np.float64)
+        elif self.channel_min.shape != lo.shape:  # the channel count changed between batches: not a channel axis
+            self.channel_axis = self.channel_min = self.channel_max = None
+        else:
+            self.channel_min, self.channel_max = np.minimum(self.channel_min, lo), np.maximum(self.channel_max, hi)
 
     # -- ranges ---------------------------------------------------------------------------------
     def edges(self) -> np.ndarray:
@@ -252,14 +272,17 @@ def kl_by_threshold(hist: np.ndarray, levels: int, *, start: int | None = None, 
 
 def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], tensors: Sequence[str],
                   *, bins: int = DEFAULT_BINS, max_batches: int | None = None,
-                  histograms: bool = True,
+                  histograms: bool = True, channel_axes: dict[str, int] | None = None,
                   on_outputs: Callable[[dict, dict], None] | None = None) -> dict[str, TensorStats]:
     """Run `batches` through `model` and accumulate statistics of `tensors` (graph inputs allowed).
     `histograms=False` keeps only min/max (the minmax method), which costs almost nothing per batch.
     `on_outputs(feed, outputs)` receives each batch and the model's own outputs of it (by name): the
-    error report reuses them as its FP32 reference instead of running the model again."""
+    error report reuses them as its FP32 reference instead of running the model again.
+    `channel_axes`: tensors (watched too, min/max only when not in `tensors`) whose per-channel min / max
+    along the given axis is tracked as well (`TensorStats.channel_min` / `channel_max`)."""
+    channel_axes = channel_axes or {}
     graph_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-    watch = [t for t in dict.fromkeys(tensors) if t not in graph_inputs]
+    watch = [t for t in dict.fromkeys([*tensors, *channel_axes]) if t not in graph_inputs]
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = [o.name for o in m.graph.output]
@@ -275,7 +298,9 @@ def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray
     except Exception as e:
         raise QtoolError(f"onnxruntime cannot load the model for calibration: {str(e).splitlines()[0]}") from None
     feed_names = [i.name for i in sess.get_inputs()]
-    stats = {t: TensorStats(bins, histograms) for t in dict.fromkeys(tensors)}
+    stats = {t: TensorStats(bins, histograms, channel_axes.get(t)) for t in dict.fromkeys(tensors)}
+    for t, axis in channel_axes.items():
+        stats.setdefault(t, TensorStats(bins, False, axis))
     n = 0
     for batch in batches:
         if max_batches is not None and n >= max_batches:

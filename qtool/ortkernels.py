@@ -51,7 +51,7 @@ from qtool.errors import QtoolError
 from qtool.ortgraph import optimized_graph
 
 __all__ = ["KERNELS", "EXACT", "PAIRS", "PAIRS_HWC", "PAIRS_CHW", "UNKNOWN", "accumulation", "saturates",
-           "measured", "pair_saturation", "saturable_pairs"]
+           "measured", "pair_saturation", "pair_sums", "reachable_pair_sums", "saturable_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,37 @@ def pair_sums(w: np.ndarray, order: str) -> np.ndarray:
     if wk.shape[1] % 2:
         wk = np.concatenate([wk, np.zeros((cout, 1))], 1)
     return wk.reshape(cout, -1, 2).sum(-1).max(axis=1)
+
+
+def reachable_pair_sums(w: np.ndarray, order: str, lo: np.ndarray, hi: np.ndarray, group: int = 1) -> np.ndarray:
+    """`pair_sums` for activation codes known to stay in [lo[c], hi[c]] on input channel c (a conv's C
+    axis, a GEMM's K): per output channel, the largest |u_a w_a + u_b w_b| / 255 over the K-adjacent
+    pairs and all such codes u. With lo = 0, hi = 255 everywhere this is `pair_sums`; codes that stay
+    near a zero point of ~128 (a LayerNorm's output) or below 255 (every channel but the one that set
+    the tensor's max) let a pair of large weights sum far above 128 codes without saturating.
+
+    `w` as in `pair_sums` (float or integer); `lo` / `hi` raw uint8 codes, one per input channel
+    (C = group * w.shape[1] for a conv, K for a GEMM)."""
+    w = np.asarray(w, np.float64)
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    cout, cg = w.shape[:2]
+    kk = int(np.prod(w.shape[2:]))
+    k = np.arange(cg * kk)
+    if order == PAIRS_HWC:
+        wk = np.swapaxes(w.reshape(cout, cg, kk), 1, 2).reshape(cout, -1)
+        channel = (np.arange(cout) // (cout // group) * cg)[:, None] + (k % cg)[None, :]
+    elif order == PAIRS_CHW:
+        wk = w.reshape(cout, -1)
+        channel = (np.arange(cout) // (cout // group) * cg)[:, None] + (k // kk)[None, :]
+    else:
+        wk, channel = w.reshape(cout, -1), np.broadcast_to(k[None, :], (cout, k.size))
+    # The largest and the smallest u w of each element: u >= 0, so the bound a weight's sign picks.
+    top = np.where(wk > 0, hi[channel], lo[channel]) * wk
+    bottom = np.where(wk > 0, lo[channel], hi[channel]) * wk
+    if wk.shape[1] % 2:  # the odd last element pairs with a zero weight
+        top, bottom = (np.concatenate([a, np.zeros((cout, 1))], 1) for a in (top, bottom))
+    top, bottom = top.reshape(cout, -1, 2).sum(-1), bottom.reshape(cout, -1, 2).sum(-1)
+    return np.maximum(np.abs(top), np.abs(bottom)).max(axis=1) / 255.0
 
 
 def _model(nodes, inits: dict, x_name: str, x_shape: list, x_type: int, y_type: int) -> bytes:

@@ -11,7 +11,8 @@ Defaults follow what is fast on x86 with VNNI and what onnxruntime fuses: uint8 
 activations (U8S8; S8S8 QDQ measured 1.4-1.7x slower than fp32 here), int8 symmetric per-channel
 weights with narrow range. Without VNNI, onnxruntime's U8S8 kernels add pairs of products in int16
 with saturation; `weight_range="auto"` then widens each channel's scale just enough that no pair of
-codes can saturate (`kernel_pairs`), so the deployed model computes what the plan says.
+codes can saturate against the activation codes each input channel reached in calibration
+(`kernel_pairs`), so the deployed model computes what the plan says.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from exporters.qdq import apply_dynamic_plan, apply_plan
 from qtool.calibrate import DEFAULT_BINS, METHODS, TensorStats, collect_stats
 from qtool.errors import QtoolError
 from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
-from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, saturates
+from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, reachable_pair_sums, saturates
 from qtool.plan import QuantPlan, TensorQuant, range_quant, scale_of
 from qtool.refine_config import check_refine_config, needs_refine
 from qtool.rescale import check_rescale_config, needs_rescale, rescale
@@ -146,32 +147,87 @@ def weight_quant(w: np.ndarray, bits: int, axis: int | None, pairs: np.ndarray |
     return TensorQuant("weight", bits, True, "per_channel", axis, scales, (0,) * len(scales), True)
 
 
-def kernel_pairs(graph, name: str, w: np.ndarray, weight_range: str, signed: bool) -> np.ndarray | None:
+def _pair_reader(node, w: np.ndarray):
+    """(kernel, K order, weight as (out, K...), its activation input, that input's channel axis) of a
+    weight's reader with a saturable integer kernel, or None."""
+    if node.op_type == "Conv":
+        depthwise = w.ndim > 1 and w.shape[1] == 1
+        return ("QLinearConv depthwise" if depthwise else "QLinearConv"), PAIRS_HWC, w, node.inputs[0], 1
+    if node.op_type == "Gemm":
+        trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
+        return "QGemm", PAIRS, (w if trans_b else w.T), node.inputs[0], -1
+    if node.op_type == "MatMul" and w.ndim == 2:
+        return "QGemm", PAIRS, w.T, node.inputs[0], -1
+    return None
+
+
+def pair_inputs(graph, weights, weight_range: str, signed: bool) -> dict[str, int]:
+    """The activations (name -> channel axis) whose per-channel calibrated range `kernel_pairs` uses
+    for `weights`: the inputs of every reader whose kernel the bound applies to."""
+    found: dict[str, int] = {}
+    if weight_range == "full":
+        return found
+    for name in weights:
+        w = graph.initializers[name].const_value
+        for node, _ in graph.initializers[name].uses():
+            r = _pair_reader(node, np.empty(w.shape, np.float32))
+            if r is None or (weight_range == "auto" and not saturates(r[0], signed)) or r[3] is None:
+                continue
+            found.setdefault(r[3].name, r[4])
+    return found
+
+
+def reachable_codes(stats: TensorStats | None, tq: TensorQuant | None, padded: bool):
+    """(lo, hi) per channel: the raw uint8 codes (int8 ones + 128, as onnxruntime's x86 kernels read them)
+    the activation reached in calibration, from its per-channel min / max and its quantization; None
+    when unknown. `padded`: a conv pads with the zero point, which is then reachable too."""
+    if stats is None or stats.channel_min is None or tq is None or not tq.calibrated or tq.granularity != "per_tensor":
+        return None
+    qmin, qmax = tq.qrange
+    shift = 128 if tq.signed else 0
+    lo, hi = (np.clip(np.rint(v / tq.scale) + tq.zero_point, qmin, qmax) + shift
+              for v in (stats.channel_min, stats.channel_max))
+    if padded:
+        lo, hi = np.minimum(lo, tq.zero_point + shift), np.maximum(hi, tq.zero_point + shift)
+    return lo, hi
+
+
+def kernel_pairs(graph, name: str, w: np.ndarray, weight_range: str, signed: bool,
+                 codes=None) -> np.ndarray | None:
     """The pair sums `weight_quant` must bound for weight `name` (None: plain max scaling).
 
     "pair-safe" bounds them for every saturating-kernel reader (Conv, Gemm, MatMul); "auto" only where
     onnxruntime's kernel saturates on this CPU (x86 without VNNI, measured by qtool.ortkernels); "full"
     never. Measured on a random-weight ResNet here: output SQNR 14.6 dB per-channel with "full" (many
-    saturated sums), 21.8 dB pair-safe, onnxruntime's per-tensor quantize_static 21.5 dB."""
+    saturated sums), 21.8 dB pair-safe, onnxruntime's per-tensor quantize_static 21.5 dB.
+
+    `codes(input name, padded)`: the (lo, hi) raw codes per input channel the reader's activation
+    reached in calibration (`reachable_codes`), or None. Where known, the bound is on what those codes
+    can sum to (`ortkernels.reachable_pair_sums`: signs and per-channel ranges), not on 255 (|w_a| + |w_b|).
+    A pair of large weights only saturates against two high codes, and in most channels the codes stay
+    far below 255 (a LayerNorm's output sits around its zero point; one outlier channel sets the tensor's
+    max). Measured on the zoo (docs/FINDINGS.md): +0.5..1.5 dB on Swin / Wav2Vec2 / RegNet / YOLOv8n."""
     if weight_range == "full":
         return None
     found = None
     for node, _ in graph.initializers[name].uses():
-        if node.op_type == "Conv":
-            depthwise = w.ndim > 1 and w.shape[1] == 1
-            kernel, order, k = ("QLinearConv depthwise" if depthwise else "QLinearConv"), PAIRS_HWC, w
-        elif node.op_type == "Gemm":
-            trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
-            kernel, order, k = "QGemm", PAIRS, (w if trans_b else w.T)
-        elif node.op_type == "MatMul" and w.ndim == 2:
-            kernel, order, k = "QGemm", PAIRS, w.T
-        else:
+        r = _pair_reader(node, w)
+        if r is None:
             continue
+        kernel, order, k, x, _ = r
         if weight_range == "auto" and not saturates(kernel, signed):
             continue
-        p = pair_sums(k, order)
+        reach = codes(x.name, node.op_type == "Conv") if codes is not None and x is not None else None
+        if reach is not None and len(reach[0]) == (k.shape[1] * _group(node) if order == PAIRS_HWC else k.shape[1]):
+            p = reachable_pair_sums(k, order, *reach, group=_group(node))
+        else:
+            p = pair_sums(k, order)
         found = p if found is None else np.maximum(found, p)
     return found
+
+
+def _group(node) -> int:
+    return node.attributes["group"].as_int() if "group" in node.attributes else 1
 
 
 def dynamic_weight_quant(w: np.ndarray, axis: int, per_channel: bool) -> TensorQuant:
@@ -213,22 +269,29 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
     m = passes.to_ir(model)
     marks = passes.mark_tensors(m.graph, exclude or excluder(model, config.exclude))
     plan = QuantPlan(meta={"producer": "qtool.quantize", "config": asdict(config)})
+    acts: dict[str, TensorQuant] = {}
+    for name in marks.activations():
+        root = marks.root(name)
+        if stats is None:
+            acts[name] = TensorQuant("activation", config.act_bits, config.act_signed)
+        elif root in stats:
+            rmin, rmax = stats[root].range(config.calib, signed=config.act_signed, bits=config.act_bits,
+                                           percentile=config.percentile)
+            acts[name] = activation_quant(rmin, rmax, config)
+
+    def codes(x: str, padded: bool):
+        tq = acts.get(marks.root(x)) if x in marks.tensors else None
+        return reachable_codes(stats.get(x) if stats is not None else None, tq, padded)
+
     for name, role in marks.tensors.items():
         if role.kind == "weight":
             w = m.graph.initializers[name].const_value.numpy()
             if not np.isfinite(w).all():
                 raise QtoolError(f"weight {name!r} has NaN/Inf values; it cannot be quantized")
             axis = role.axis if config.per_channel else None
-            pairs = kernel_pairs(m.graph, name, w, config.weight_range, config.act_signed)
+            pairs = kernel_pairs(m.graph, name, w, config.weight_range, config.act_signed, codes)
             plan.tensors[name] = weight_quant(w, config.weight_bits, axis, pairs)
-    for name in marks.activations():
-        root = marks.root(name)
-        if stats is None:
-            plan.tensors[name] = TensorQuant("activation", config.act_bits, config.act_signed)
-        elif root in stats:
-            rmin, rmax = stats[root].range(config.calib, signed=config.act_signed, bits=config.act_bits,
-                                           percentile=config.percentile)
-            plan.tensors[name] = activation_quant(rmin, rmax, config)
+    plan.tensors.update(acts)
     # Pass-through outputs reuse their source's parameters (needed for onnxruntime to drop their QDQ).
     for name in marks.activations():
         root = marks.root(name)
@@ -260,7 +323,8 @@ def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.n
         if on_rescaled is not None:
             on_rescaled(model)
     exclude = excluder(model, config.exclude)
-    marks = passes.mark_tensors(passes.to_ir(model).graph, exclude)
+    g = passes.to_ir(model).graph
+    marks = passes.mark_tensors(g, exclude)
     if not marks.tensors:
         raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
                          "other quantizable op (Add, Concat, pooling)")
@@ -268,8 +332,10 @@ def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.n
     if needs_refine(config):
         calib_batches = list(calib_batches)  # read again by the refinement
     # minmax needs no histogram: skipping it makes calibration about one inference pass over the data
+    weights = [k for k, r in marks.tensors.items() if r.kind == "weight"]
     stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches,
-                          histograms=config.calib != "minmax", on_outputs=on_outputs)
+                          histograms=config.calib != "minmax", on_outputs=on_outputs,
+                          channel_axes=pair_inputs(g, weights, config.weight_range, config.act_signed))
     plan = build_plan(model, config, stats, nonfinite_excluder(stats, exclude))
     if rescale_notes is not None:
         plan.meta["rescale"] = rescale_notes
