@@ -206,7 +206,7 @@ def kernel_pairs(graph, name: str, w: np.ndarray, weight_range: str, signed: boo
     can sum to (`ortkernels.reachable_pair_sums`: signs and per-channel ranges), not on 255 (|w_a| + |w_b|).
     A pair of large weights only saturates against two high codes, and in most channels the codes stay
     far below 255 (a LayerNorm's output sits around its zero point; one outlier channel sets the tensor's
-    max). Measured on the zoo (docs/FINDINGS.md): +0.1..2.3 dB on 8 of 10 models (Swin 26.95 -> 27.73 dB)."""
+    max). Measured on the zoo (docs/FINDINGS.md): up to +2.3 dB (DETR), Swin 26.95 -> 27.73 dB; RegNet -0.08."""
     if weight_range == "full":
         return None
     found = None
