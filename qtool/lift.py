@@ -23,7 +23,8 @@ State:
 Quantization hooks: `set_quantizer(tensor_name, fq)` applies `fq` where that tensor's value is
 produced (graph input, node output or initializer); `set_weight_quantizer(init_name, fq)` does
 the same for a weight, after reading the parameter. One hook per tensor = one QDQ pair per tensor,
-which is how the exporter places them.
+which is how the exporter places them; a module standing in for nodes (`replace_nodes`) may hold
+slots inside and declares them. `to_plan(points)` reads every slot back as a QuantPlan.
 
 Limits (raise QtoolError naming op and node at lift time): ops outside `qtool.lift_ops.supported_ops()`
 (non-default domains such as com.microsoft included), BatchNormalization with training outputs in use,
@@ -217,6 +218,7 @@ class LiftedModule(nn.Module):
                 raise QtoolError(f"graph output {o!r} is produced by no node")
         self._quant_key: dict[str, str] = {}
         self._quant_taken: set[str] = set()
+        self._inner_slots: dict[str, nn.Module] = {}  # slots inside replace_nodes modules (owned there)
 
     # -- state -----------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
@@ -289,11 +291,14 @@ class LiftedModule(nn.Module):
                 return dict(attrs)
         raise QtoolError(f"no node named {node_name!r} in the lifted graph")
 
-    def replace_nodes(self, node_names: list[str], module: nn.Module, inputs: list[str], outputs: list[str]) -> None:
+    def replace_nodes(self, node_names: list[str], module: nn.Module, inputs: list[str], outputs: list[str],
+                      quantizes: dict[str, nn.Module] | None = None) -> None:
         """Run `module(*inputs) -> outputs` in place of the named nodes (QAT trains Conv+BN this way).
 
         The module runs where the last of the nodes ran; the other nodes' outputs must be read by
-        nothing outside the group (the caller checks the pattern).
+        nothing outside the group (the caller checks the pattern). `quantizes`: the quantizer slots
+        the module applies inside, by the fused graph's tensor name (a folded Conv->BN weight, the
+        dynamic trainer's K weight options); `to_plan` reads them like the lifted module's own.
         """
         wanted = list(dict.fromkeys(node_names))
         idx = [i for i, n in enumerate(self._node_names) if n in wanted]
@@ -311,6 +316,7 @@ class LiftedModule(nn.Module):
         self._node_names = [key if i == idx[-1] else n for i, n in enumerate(self._node_names) if i not in drop]
         self._op_types = ["Replaced" if i == idx[-1] else n for i, n in enumerate(self._op_types) if i not in drop]
         self._tensor_names |= set(outputs)
+        self._inner_slots.update(quantizes or {})
 
     def step_table(self) -> list[tuple[str, dict, tuple[str, ...], tuple[str, ...]]]:
         """(op_type, attrs, inputs, outputs) per step in run order; "Replaced" for replace_nodes groups."""
@@ -342,20 +348,27 @@ class LiftedModule(nn.Module):
     def quantized_tensors(self) -> dict[str, nn.Module]:
         return {n: self.quantizers[k] for n, k in self._quant_key.items()}
 
-    def to_plan(self, points, meta: dict | None = None):
+    def to_plan(self, points, meta: dict | None = None, names: dict[str, str] | None = None):
         """The QuantPlan of this module's quantizer slots: one entry per weight / activation point of
-        `points` (a `qtool.quant_points.QuantPoints`) whose tensor holds a slot, or whose root does (a
-        pass-through output takes its root's parameters), from the slot's active single-bit
-        quantizer (`qtool.quant_slots.plan_of`). Biases take no entry (their scale is s_in * s_w)."""
+        `points` (a `qtool.quant_points.QuantPoints` of the fused graph) whose tensor holds a slot
+        (its own, or one a `replace_nodes` module declared), or whose root does (a pass-through output
+        takes its root's parameters), from the slot's active single-bit quantizer
+        (`qtool.quant_slots.plan_of`). Biases take no entry (their scale is s_in * s_w). `names`: fused
+        tensor -> the tensor of this module, where it lifted another graph (qat's unfolded Conv->BN,
+        `qtool.bn_strategy.unfold_map`)."""
         from qtool.quant_slots import plan_of
+
+        def slot(t: str) -> nn.Module | None:
+            q = self._inner_slots.get(t)
+            return q if q is not None else self.quantizer(names.get(t, t) if names else t)
 
         slots = {}
         for p in points:
             if p.kind not in ("weight", "activation"):
                 continue
-            q = self.quantizer(p.tensor)
+            q = slot(p.tensor)
             if q is None and p.kind == "activation":
-                q = self.quantizer(p.root)
+                q = slot(p.root)
             if q is not None:
                 slots[p.tensor] = (p.kind, q)
         return plan_of(slots, meta)

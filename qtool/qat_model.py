@@ -1,9 +1,9 @@
 """The torch core of `qtool qat` (see `qtool.qat_train` for the method, the algorithms and the fidelity
 argument): calibration, the fake-quant model with one quantizer per plan tensor in the lifted
 graph's slots (`build_qat_model`; BatchNormalization per `QATConfig.bn`, `qtool.bn_strategy`), its
-training (`train_qat`), its plan (`QATModel.to_plan`) and onnxruntime-exact eval mode. `run_qat` is
-the one run both `qtool qat` and the search's `--eval qat` evaluator (through `qat_finetune`, which
-leaves out qat's reporting) go through."""
+training (`train_qat`), its plan (`QATModel.to_plan`, the slots read back by `LiftedModule.to_plan`)
+and onnxruntime-exact eval mode. `run_qat` is the one run both `qtool qat` and the search's
+`--eval qat` evaluator (through `qat_finetune`, which leaves out qat's reporting) go through."""
 from __future__ import annotations
 
 import copy
@@ -31,7 +31,7 @@ from qtool.qat_config import QATConfig
 from qtool.qat_quantizers import (BiasFakeQuant, SharedFakeQuant, WeightMinMaxFakeQuant, lsq_activation, lsq_weight,
                                   tensor_quant)
 from qtool.quant_points import quant_points
-from qtool.quant_slots import active_quantizer, plan_of
+from qtool.quant_slots import active_quantizer
 from qtool.ptq import QuantConfig, build_plan
 from qtool.fusion import is_fused, fuse, untie_biases
 from qtool.qat_data import QATData, input_feeds, labels_of, train_batches
@@ -136,6 +136,7 @@ class QATModel:
     notes: list[str]
     device: torch.device | None = None  # where it trains
     objective: "QATObjective | None" = None  # the loss it trains with (resolve_objective, in run_qat)
+    names: dict[str, str] | None = None  # fused tensor -> the lifted graph's (bn unfold lifts the unfused graph)
 
     def _fold_of(self, weight: str) -> ConvBNFold:
         return next(m for m in self.lifted.replaced.values() if isinstance(m, ConvBNFold)
@@ -168,7 +169,11 @@ class QATModel:
                 if s.kind == "weight" and t not in pair_weights:
                     inits[t].CopyFrom(numpy_helper.from_array(
                         quantizers[t](lifted.tensor(t)).cpu().numpy().astype(np.float32), t))
-        return tuned, plan_of({t: (s.kind, quantizers[t]) for t, s in self.spec.items()}, meta)
+        plan = lifted.to_plan(quant_points(fused), meta, self.names)
+        if set(plan.tensors) != set(self.spec):  # a slot the bits did not ask for, or one missing: say so
+            raise QtoolError(f"the QAT model's quantizer slots ({len(plan.tensors)} plan tensors) do not match "
+                             f"its bit specification ({len(self.spec)} tensors)")
+        return tuned, plan
 
     def install_exact_eval(self) -> list[str]:
         """Move the module to the CPU and make its eval mode compute onnxruntime's integer kernels
@@ -242,7 +247,7 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
             p = pair_of_weight[t]
             fold = ConvBNFold(lifted.node_attrs(p.conv), p.eps, p.momentum, quantizers[t], freeze)
             orig_bn = next(n.name for n in original.graph.node if p.bn_out in n.output)
-            lifted.replace_nodes([p.conv, orig_bn], fold, p.inputs, [p.bn_out])
+            lifted.replace_nodes([p.conv, orig_bn], fold, p.inputs, [p.bn_out], quantizes={t: quantizers[t]})
         else:
             lifted.set_weight_quantizer(names[t], quantizers[t])
     bias_fqs: dict[str, BiasFakeQuant] = {}
@@ -261,7 +266,7 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
     if pairs:
         notes.append(f"bn unfold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
                      f"BN statistics frozen after step {freeze}")
-    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes, device)
+    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes, device, names)
 
 
 def start_run(config: QATConfig) -> tuple[torch.device, torch.Generator]:

@@ -8,28 +8,34 @@ QDQ pair per tensor in the exported graph). Three kinds of quantizer go there:
   `SharedFakeQuant` that quantizes with its root's parameters;
 - switchable multi-bit: `SwitchQuant`, one FakeQuant per bit-width, `active` picks the one forward
   uses (the search's supernet and candidate models);
-- per-sample: `qtool.dynbits.controller.GroupQuant`, each sample of a batch at its own bit-width
-  (the dynamic trainer); a deployed configuration fixes one of its options.
+- per-sample: `SampleQuant`, one FakeQuant per option mixed by a per-sample one-hot `select` (the
+  dynamic trainer's activations; its layers hold their K weight options in one too, inside the
+  node-replacement module `qtool.dynbits.controller.SampleLayer`); `active` names the option a
+  deployed configuration exports.
 
 Whatever the kind, the exported QDQ pair is that of one single-bit quantizer, `active_quantizer`
 (a slot module may name it with a `plan_quantizer()` method, as the BN strategy's renorm slots do,
 `qtool.bn_strategy`; of a chain of slot modules, an `nn.Sequential`, the last one quantizes), and
 `plan_of` turns a set of slots into the plan every producer exports (`LiftedModule.to_plan` reads
 them off a lifted module), so the trainers share the step from trained quantizers to a QuantPlan.
-`Recorder` is the slot of a statistics pass: it watches a tensor and leaves it unchanged.
+A slot may also sit inside a module that `LiftedModule.replace_nodes` put in place of nodes (a
+folded Conv->BN weight, K weight branches): the module declares it (`replace_nodes(..., quantizes=)`)
+and `to_plan` reads it like any other. `Recorder` is the slot of a statistics pass and `Tap` that of
+a feature read (the dynamic controller's input): both watch a tensor and leave it unchanged.
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
+from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
 from qtool.qat_quantizers import SharedFakeQuant, tensor_quant
 
-__all__ = ["SwitchQuant", "Recorder", "active_quantizer", "plan_of"]
+__all__ = ["SwitchQuant", "SampleQuant", "Recorder", "Tap", "mix", "active_quantizer", "plan_of"]
 
 
 class SwitchQuant(nn.Module):
@@ -49,6 +55,61 @@ class SwitchQuant(nn.Module):
 
     def forward(self, x):
         return self.q[str(self.active)](x)
+
+
+def mix(onehot: torch.Tensor, fns, x_dim: int) -> torch.Tensor:
+    """sum_k onehot[:, k] * fns[k]() (a B x K one-hot); branches no sample uses are skipped unless a
+    gradient needs them. With hard one-hots the sum is exact (0 * finite = 0): each sample gets
+    exactly its branch."""
+    ks = range(onehot.shape[1]) if onehot.requires_grad else \
+        [k for k in range(onehot.shape[1]) if bool(onehot[:, k].any())]
+    y = None
+    for k in ks:
+        yk = fns[k]()
+        term = onehot[:, k].reshape((-1,) + (1,) * (x_dim - 1)) * yk
+        y = term if y is None else y + term
+    return y
+
+
+class SampleQuant(nn.Module):
+    """One fake-quant per option, each sample of a batch at its own: `select` (B x K one-hot), set by
+    the owner before each forward and cleared after it, mixes them (`mix`). A single option needs no
+    selection. `active`: the option index the exported QDQ pair takes (`plan_quantizer`)."""
+
+    def __init__(self, quants: list[nn.Module]):
+        super().__init__()
+        self.q = nn.ModuleList(quants)
+        self.select: torch.Tensor | None = None
+        self.active = 0
+
+    def onehot(self, batch: int, device) -> torch.Tensor:
+        """The B x K selection (ones for a single option)."""
+        if self.select is not None:
+            return self.select
+        if len(self.q) == 1:
+            return torch.ones(batch, 1, device=device)
+        raise QtoolError("a per-sample quantizer ran without a selection (qtool dynamic: the controller's input "
+                         "must be computed before every dynamic layer)")
+
+    def plan_quantizer(self) -> nn.Module:
+        return self.q[self.active]
+
+    def forward(self, x):
+        if self.select is None and len(self.q) == 1:
+            return self.q[0](x)
+        return mix(self.onehot(x.shape[0], x.device), [lambda q=q: q(x) for q in self.q], x.dim())
+
+
+class Tap(nn.Module):
+    """Calls `fn(x)` where the tensor is produced and returns it unchanged (a feature read)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        self.fn(x)
+        return x
 
 
 class Recorder(nn.Module):

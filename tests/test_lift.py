@@ -507,3 +507,38 @@ def test_to_plan_reads_the_slots_and_shares_roots():
     assert plan.tensors["W1"] == tensor_quant("weight", fq_w1) and plan.tensors["W1"].axis == 0
     assert plan.tensors["r1"] == plan.tensors["p1"] == tensor_quant("activation", fq_r1.q["4"])
     assert plan.tensors["r1"].bits == 4 and plan.meta["producer"] == "test"
+
+    # A module standing in for a node declares the slot it applies inside; a per-sample SampleQuant
+    # exports its `active` option, and mixes its options per sample by `select`.
+    from qtool.lift_ops import run_op
+    from qtool.quant_slots import SampleQuant, Tap
+
+    wq = SampleQuant([LSQFakeQuant(b, signed=True, axis=0, narrow_range=True, num_channels=4) for b in (2, 8)])
+
+    class _Conv(torch.nn.Module):
+        def forward(self, x, w):
+            return run_op("Conv", {}, False, x, wq.plan_quantizer()(w))
+
+    for i, n in enumerate(model.graph.node):
+        n.name = f"n{i}"
+    lifted = lift(model)
+    seen = []
+    fq_p1 = MinMaxFakeQuant(8, signed=False)
+    lifted.set_quantizer("p1", torch.nn.Sequential(Tap(lambda t: seen.append(t.shape)), fq_p1))  # read, then quantize
+    lifted.replace_nodes(["n3"], _Conv(), ["p1", "W2"], ["y"], quantizes={"W2": wq})
+    wq.active = 1
+    lifted.train()
+    lifted(torch.rand(1, 3, 8, 8))
+    assert seen == [torch.Size([1, 8, 4, 4])]
+    plan = lifted.to_plan(points)
+    assert set(plan.tensors) == {"W2", "p1"}
+    assert plan.tensors["W2"] == tensor_quant("weight", wq.q[1]) and plan.tensors["W2"].bits == 8
+    x = torch.randn(4, 8, 1, 1)  # per sample = per row here (axis 0)
+    wq.select = torch.eye(2)[[0, 1, 0, 1]]
+    mixed, lo, hi = (f(x).detach().numpy() for f in (wq, wq.q[0], wq.q[1]))
+    np.testing.assert_array_equal(mixed[[0, 2]], lo[[0, 2]])
+    np.testing.assert_array_equal(mixed[[1, 3]], hi[[1, 3]])
+    assert not np.array_equal(lo, hi)
+    wq.select = None
+    with pytest.raises(QtoolError, match="without a selection"):
+        wq(x)

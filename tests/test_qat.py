@@ -311,3 +311,23 @@ def test_cli_writes_model_and_plan(lenet_path, tmp_path, capsys):
     rc = main(["qat", str(lenet_path), "--data", "digits", "--plan", str(plan_out), "--algo", "ema",
                "--train-limit", "64", "-o", str(out2)])
     assert rc == 0 and out2.exists()
+
+
+@pytest.mark.parametrize("bn", ["unfold", "fold"])
+def test_plan_is_read_off_the_lifted_modules_slots(bn, lenet, digits):
+    """QATModel.to_plan is LiftedModule.to_plan of the slots (a Conv->BN fold declares its weight's
+    quantizer to replace_nodes): exactly the entries of the bit specification's quantizers, excluded
+    tensors left out."""
+    from qtool.preprocess import resolve_preprocess
+    from qtool.qat_model import build_qat_model
+    from qtool.quant_slots import plan_of
+
+    rules = parse_config_list([{"op_names": ["classifier.3"], "quant_types": ["weight", "input"], "exclude": True}])
+    qm = build_qat_model(lenet, digits[0], _cfg(weight_bits=4, act_bits=4, bn=bn, rules=rules), resolve_preprocess(lenet),
+                         torch.device("cpu"), [])
+    assert bool(qm.pairs) == (bn == "unfold")
+    _, plan = qm.to_plan({"producer": "test"})
+    expected = plan_of({t: (s.kind, qm.quantizers[t]) for t, s in qm.spec.items()}, {"producer": "test"})
+    assert {t: q.to_dict() for t, q in plan.tensors.items()} == {t: q.to_dict() for t, q in expected.tensors.items()}
+    assert plan.meta == expected.meta
+    assert "classifier.3.weight" not in plan.tensors and "features.4.weight" in plan.tensors

@@ -1,13 +1,18 @@
 """The K-way quantized network and its bit controller (DQNet, instance-aware bit-widths).
 
-`DynamicNet(fused, bits, ...)` lifts the fused graph (`qtool.lift`; BN strategy "fold",
-`qtool.bn_strategy`: the BatchNormalizations stay folded) and puts per-sample quantizers at the
-points of `qtool.quant_points`: every activation group's `GroupQuant` sits in the lifted module's
-quantizer slot (`set_quantizer`; the controller's input tensor's slot, `_Tap`, runs the controller
-first). A weight slot yields one weight for the whole batch, while here each sample takes its own
-bit-width, so every quantizable layer (Conv / ConvTranspose / Gemm / MatMul with a constant weight,
-the layers of `qtool.bitsearch.SearchSpace`) is instead replaced (`replace_nodes`) by a `_Layer`
-module that mixes its K weight branches per sample:
+`DynamicNet(fused, bits, ...)` runs on the torch core every quantized trainer shares: the fused graph
+lifted (`qtool.lift`; BN strategy "fold", `qtool.bn_strategy`: the BatchNormalizations stay folded)
+with quantizer slots at the points of `qtool.quant_points`. Its quantizers are the per-sample kind,
+`qtool.quant_slots.SampleQuant`: one fake-quant per bit option, mixed by a per-sample one-hot the
+controller sets before the layers run. Every activation group's `SampleQuant` sits in the lifted
+module's activation slots (`set_quantizer`); the controller's input tensor's slot first reads the
+tensor (`qtool.quant_slots.Tap`) and runs the controller. A weight slot yields one weight for the
+whole batch, while here each sample takes its own bit-width, so every quantizable layer (Conv /
+ConvTranspose / Gemm / MatMul with a constant weight, the layers of `qtool.bitsearch.SearchSpace`) is
+replaced (`replace_nodes`) by `SampleLayer`, the one node-replacement module: it mixes its K weight
+branches per sample and declares its weight's `SampleQuant` to the lifted module, so the plan of a
+configuration is `LiftedModule.to_plan` like every trainer's. Static layers (one option) go through
+the same module, so that a static and a dynamic layer compute alike (bias added after the conv).
 
 - The first layer (the stem) is static at `stem_bits` (8) and the controller reads its output, so its
   bits cannot depend on the controller's decision. With `controller_layers=N` the controller reads the
@@ -59,12 +64,11 @@ from onnx import numpy_helper
 
 from qtool.bn_strategy import resolve_bn
 from qtool.errors import QtoolError
-from qtool.fakequant import LSQFakeQuant
 from qtool.lift import lift
 from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
 from qtool.quant_points import quant_points
-from qtool.quant_slots import plan_of
+from qtool.quant_slots import SampleQuant, Tap, mix
 from qtool.qat_quantizers import BiasFakeQuant, lsq_activation, lsq_weight
 from qtool.bitsearch.space import SearchSpace
 
@@ -84,86 +88,27 @@ class LayerInfo:
     bits: int  # bit-width when static (ignored when dynamic)
 
 
-class _Ctx:
-    """Per-forward choices shared by the hooks (a plain object: not part of the module tree)."""
+class SampleLayer(nn.Module):
+    """A quantized Conv/Gemm/... in place of its node: the K weight options of `wq` (a SampleQuant,
+    declared to the lifted module as the weight's slot) mixed per sample, and the int32 bias per
+    (activation option, weight option) pair. `aq`: the input activation group's SampleQuant."""
 
-    def __init__(self):
-        self.layer: torch.Tensor | None = None  # B x L_dyn x K one-hot
-        self.groups: dict[str, torch.Tensor] = {}  # dynamic activation root -> B x K one-hot
-
-    def need(self) -> torch.Tensor:
-        if self.layer is None:
-            raise QtoolError("a dynamic layer ran before the controller: the controller's input tensor must be "
-                             "computed before every dynamic layer")
-        return self.layer
-
-
-def _mix(onehot: torch.Tensor, fns, x_dim: int) -> torch.Tensor:
-    """sum_k onehot[:, k] * fns[k](); branches no sample uses are skipped unless a gradient needs them."""
-    ks = range(onehot.shape[1]) if onehot.requires_grad else \
-        [k for k in range(onehot.shape[1]) if bool(onehot[:, k].any())]
-    y = None
-    for k in ks:
-        yk = fns[k]()
-        term = onehot[:, k].reshape((-1,) + (1,) * (x_dim - 1)) * yk
-        y = term if y is None else y + term
-    return y
-
-
-class GroupQuant(nn.Module):
-    """One activation group's quantizers (one per bit option); dynamic groups read their one-hot from ctx."""
-
-    def __init__(self, root: str, quants: list[nn.Module], ctx: _Ctx | None):
+    def __init__(self, op: str, attrs: dict, wq: SampleQuant, aq: SampleQuant, bias_quantized: bool):
         super().__init__()
-        self.root = root
-        self.q = nn.ModuleList(quants)
-        self._ctx = (ctx,)  # tuple: keep the shared context out of the module tree
-
-    @property
-    def dynamic(self) -> bool:
-        return self._ctx[0] is not None
-
-    def onehot(self) -> torch.Tensor | None:
-        ctx = self._ctx[0]
-        if ctx is None:
-            return None
-        ctx.need()
-        return ctx.groups[self.root]
-
-    def forward(self, x):
-        g = self.onehot()
-        if g is None:
-            return self.q[0](x)
-        return _mix(g, [lambda q=q: q(x) for q in self.q], x.dim())
-
-
-class _Layer(nn.Module):
-    """A quantized Conv/Gemm/...: K weight branches mixed per sample, int32 bias per (a, w) choice."""
-
-    def __init__(self, op: str, attrs: dict, wq: list[LSQFakeQuant], group: GroupQuant, bias_quantized: bool,
-                 index: int | None, ctx: _Ctx):
-        super().__init__()
-        self.op, self.attrs, self.index = op, attrs, index
-        self.wq = nn.ModuleList(wq)
-        self._refs = (group, ctx)
+        self.op, self.attrs = op, attrs
+        self.wq = wq
+        self._aq = (aq,)  # tuple: the activation slot owns it
         self.bias_quantized = bias_quantized
         # bias fake-quant per (activation option j, weight option k): passes.qdq's int32 rounding
-        self._bias = [[BiasFakeQuant(a, w) for w in wq] for a in group.q]
-
-    def onehot(self, batch: int, device) -> torch.Tensor:
-        if self.index is None:
-            return torch.ones(batch, 1, device=device)
-        return self._refs[1].need()[:, self.index, :]
+        self._bias = [[BiasFakeQuant(a, w) for w in wq.q] for a in aq.q]
 
     def forward(self, x, w, b=None):
-        group = self._refs[0]
-        g = self.onehot(x.shape[0], x.device)
-        y = _mix(g, [lambda q=q: run_op(self.op, self.attrs, self.training, x, q(w), None) for q in self.wq], x.dim())
+        g = self.wq.onehot(x.shape[0], x.device)
+        y = mix(g, [lambda q=q: run_op(self.op, self.attrs, self.training, x, q(w), None) for q in self.wq.q], x.dim())
         if b is None:
             return y
         if self.bias_quantized:
-            ga = group.onehot()
-            ga = torch.ones(x.shape[0], 1, device=x.device) if ga is None else ga
+            ga = self._aq[0].onehot(x.shape[0], x.device)
             tab = torch.stack([torch.stack([bq(b) for bq in row]) for row in self._bias])  # Ka x K x C
             bias = torch.einsum("bj,bk,jkc->bc", ga, g, tab)
         else:
@@ -219,19 +164,6 @@ def max_onehot(onehots: list[torch.Tensor]) -> torch.Tensor:
     return c - F.pad(c[:, :-1], (1, 0))
 
 
-class _Tap(nn.Module):
-    """Hook on the controller's input tensor: run the controller, set the choices, then quantize it."""
-
-    def __init__(self, net: "DynamicNet", quant: GroupQuant):
-        super().__init__()
-        self._net = (net,)
-        self.quant = quant
-
-    def forward(self, x):
-        self._net[0]._decide(x)
-        return self.quant(x)
-
-
 class DynamicNet(nn.Module):
     """See the module docstring. `mode`: gumbel (training default) | argmax | codebook | fixed | scored."""
 
@@ -279,7 +211,7 @@ class DynamicNet(nn.Module):
             raise QtoolError(f"the controller's input {self.tap!r} is read by a static layer: choose another "
                              "--controller-layers")
 
-        self.ctx = _Ctx()
+        self.points = points
         self.bn = resolve_bn("dynamic")  # fold: the fused graph trains as it is (qtool.dynbits.train on the lr)
         self.net = lift(fused)
         self.groups = nn.ModuleDict()
@@ -289,7 +221,7 @@ class DynamicNet(nn.Module):
             opts = self.choices if dyn else (self.static_bits_of(root),)
             rmin, rmax = act_ranges[root]
             qs = [lsq_activation(b, rmin, rmax) for b in opts]
-            self.groups[f"a{j}"] = GroupQuant(root, qs, self.ctx if dyn else None)
+            self.groups[f"a{j}"] = SampleQuant(qs)
             self._group_key[root] = f"a{j}"
         self.layer_mods = nn.ModuleList()
         nodes = {n.name: n for n in fused.graph.node}
@@ -297,15 +229,16 @@ class DynamicNet(nn.Module):
             node = nodes[l.node]
             w = self.net.tensor(l.weight).detach()
             axis = space.weights[l.weight]
-            wqs = [lsq_weight(b, w, axis) for b in (self.choices if l.dynamic is not None else (l.bits,))]
+            wq = SampleQuant([lsq_weight(b, w, axis) for b in (self.choices if l.dynamic is not None else (l.bits,))])
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            mod = _Layer(l.op, self.net.node_attrs(l.node), wqs, self.group(l.input_root),
-                         bias is not None and points.kind(bias) == "bias", l.dynamic, self.ctx)
+            mod = SampleLayer(l.op, self.net.node_attrs(l.node), wq, self.group(l.input_root),
+                              bias is not None and points.kind(bias) == "bias")
             self.layer_mods.append(mod)
-            self.net.replace_nodes([l.node], mod, list(node.input), list(node.output)[:1])
+            self.net.replace_nodes([l.node], mod, list(node.input), list(node.output)[:1], quantizes={l.weight: wq})
         for root, members in space.groups.items():
             for t in members:
-                self.net.set_quantizer(t, _Tap(self, self.group(root)) if t == self.tap else self.group(root))
+                self.net.set_quantizer(t, nn.Sequential(Tap(self._decide), self.group(root)) if t == self.tap
+                                       else self.group(root))
         channels = self._tap_channels()
         if controller_conv and len(self.space_shape(self.tap) or []) != 4:
             raise QtoolError("--controller-conv needs a 4-D (N, C, H, W) stem output")
@@ -319,7 +252,7 @@ class DynamicNet(nn.Module):
         self.bits_t = torch.tensor(self.choices, dtype=torch.float32)
 
     # -- structure ------------------------------------------------------------------------------
-    def group(self, root: str) -> GroupQuant:
+    def group(self, root: str) -> SampleQuant:
         return self.groups[self._group_key[root]]
 
     def static_bits_of(self, root: str) -> int:
@@ -375,17 +308,24 @@ class DynamicNet(nn.Module):
                 g = F.one_hot(self.codebook.to(x.device)[scores.argmax(1)], k).float()
             else:
                 g = F.one_hot(logits.argmax(-1), k).float()
-        self.ctx.layer = g
-        self.ctx.groups = {r: max_onehot([g[:, j] for j in js]) for r, js in self.group_readers.items()}
+        self._select(g, {r: max_onehot([g[:, j] for j in js]) for r, js in self.group_readers.items()})
+
+    def _select(self, layer: torch.Tensor | None, groups: dict[str, torch.Tensor]) -> None:
+        """Set (or, with None and {}, clear) the per-sample selections of the dynamic quantizers."""
+        self._choice = (layer, groups)
+        for l, mod in zip(self.layers, self.layer_mods):
+            if l.dynamic is not None:
+                mod.wq.select = None if layer is None else layer[:, l.dynamic]
+        for r in self.group_readers:
+            self.group(r).select = groups.get(r)
 
     def forward(self, x):
-        self.ctx.layer, self.ctx.groups = None, {}
+        self._select(None, {})
         try:
             return self.net(x)
         finally:
-            self.last_choice = self.ctx.layer
-            self.last_groups = self.ctx.groups
-            self.ctx.layer, self.ctx.groups = None, {}
+            self.last_choice, self.last_groups = self._choice
+            self._select(None, {})
 
     # -- cost -----------------------------------------------------------------------------------
     def bitflops(self, layer: torch.Tensor, groups: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -427,21 +367,17 @@ class DynamicNet(nn.Module):
         `apply_plan(model, plan)` computes what this module computes in eval mode for that choice."""
         self.eval()
         cfg = [int(c) for c in cfg]
+        _, groups = self.config_onehots(cfg)
+        for l, mod in zip(self.layers, self.layer_mods):  # the configuration's option in every slot
+            mod.wq.active = cfg[l.dynamic] if l.dynamic is not None else 0
+        for root in self.space.groups:
+            self.group(root).active = int(groups[root][0].argmax()) if root in groups else 0
         model = self.net.write_back(self.fused)
         inits = {t.name: t for t in model.graph.initializer}
-        slots: dict[str, tuple[str, nn.Module]] = {}  # the configuration's quantizer at every point
         for l, mod in zip(self.layers, self.layer_mods):
-            q = mod.wq[cfg[l.dynamic] if l.dynamic is not None else 0]
-            w = self.net.tensor(l.weight)
-            inits[l.weight].CopyFrom(numpy_helper.from_array(q(w).cpu().numpy().astype(np.float32), l.weight))
-            slots[l.weight] = ("weight", q)
-        _, groups = self.config_onehots(cfg)
-        for root, members in self.space.groups.items():
-            gq = self.group(root)
-            q = gq.q[int(groups[root][0].argmax())] if root in groups else gq.q[0]
-            for t in members:
-                slots[t] = ("activation", q)
-        return model, plan_of(slots, {"producer": "qtool.dynamic", "bits": self.config_bits(cfg)})
+            w = mod.wq.plan_quantizer()(self.net.tensor(l.weight))
+            inits[l.weight].CopyFrom(numpy_helper.from_array(w.cpu().numpy().astype(np.float32), l.weight))
+        return model, self.net.to_plan(self.points, {"producer": "qtool.dynamic", "bits": self.config_bits(cfg)})
 
     def copy_for_static(self) -> "DynamicNet":
         return copy.deepcopy(self)
