@@ -2,8 +2,8 @@
 and GPTQ. Produces `passes.nbits.BlockWeight` (MatMulNBits' orientation: weight rows are the N output
 columns, blocks run along K).
 
-RTN: per block, the scale minimizing the block's squared error over a grid of clipping ratios of its
-range, then (symmetric) one least-squares refit of the scale to the chosen codes, kept where it lowers
+RTN: per block, the scale (and zero point) minimizing the block's squared error over a grid of clipping
+ratios of its range, then one least-squares refit of the scale to the chosen codes, kept where it lowers
 the error. Symmetric codes are [-2^(b-1), 2^(b-1) - 1] stored with the op's default zero point 2^(b-1);
 asymmetric blocks carry a zero point in [0, 2^b).
 
@@ -55,13 +55,13 @@ def block_params(v: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray,
             better = err < best_err
             best_err, best_s, best_z = np.where(better, err, best_err), np.where(better, s, best_s), \
                 np.where(better, z, best_z)
-    if symmetric:  # least-squares scale for the chosen codes
-        q = _codes(v, best_s, best_z, qmin, qmax)
-        qq = (q * q).sum(axis=1)
-        s = np.where(qq > 0, (q * v).sum(axis=1) / np.where(qq > 0, qq, 1), best_s).astype(np.float32)
-        s = np.where(s > 0, s, best_s).astype(np.float32)
-        err = _error(v, s, best_z, qmin, qmax)
-        best_s = np.where(err < best_err, s, best_s)
+    # the least-squares scale for the chosen codes and zero point, where it lowers the error after re-rounding
+    d = _codes(v, best_s, best_z, qmin, qmax) - best_z[:, None]
+    dd = (d * d).sum(axis=1)
+    s = np.where(dd > 0, (d * v).sum(axis=1) / np.where(dd > 0, dd, 1), best_s).astype(np.float32)
+    s = np.where(s > 0, s, best_s).astype(np.float32)
+    err = _error(v, s, best_z, qmin, qmax)
+    best_s = np.where(err < best_err, s, best_s)
     return best_s.astype(np.float32), best_z
 
 
@@ -87,7 +87,7 @@ def _blocks(w_nk: np.ndarray, block_size: int) -> np.ndarray:
     return padded.reshape(n * nb, block_size)
 
 
-def rtn(w_kn: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = True) -> BlockWeight:
+def rtn(w_kn: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False) -> BlockWeight:
     """Round-to-nearest of a [K, N] weight with the MSE-optimal scale of each block."""
     w = np.asarray(w_kn, np.float32).T
     n, k = w.shape
@@ -101,7 +101,7 @@ def rtn(w_kn: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool =
 
 
 def gptq(w_kn: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32,
-         symmetric: bool = True, damp: float = GPTQ_DAMP) -> BlockWeight:
+         symmetric: bool = False, damp: float = GPTQ_DAMP) -> BlockWeight:
     """GPTQ of a [K, N] weight given the Hessian H [K, K] of its inputs (module docstring)."""
     W = np.asarray(w_kn, np.float64).T.copy()  # [N, K]
     n, k = W.shape

@@ -211,7 +211,7 @@ def refine_options(f):
 @click.option("--block-size", default=None, type=click.Choice(["16", "32", "64", "128", "256"]),
               help="--activations none: weights per scale along K [default: 32]")
 @click.option("--weight-zero-points/--symmetric-weights", "weight_zero_points", default=None,
-              help="--activations none: a uint4 zero point per block, or symmetric int4 blocks [default: symmetric]")
+              help="--activations none: a uint4 zero point per block, or symmetric int4 blocks [default: zero points]")
 @refine_options
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, weight_range, fmt,
              calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, block_size,

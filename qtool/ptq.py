@@ -70,8 +70,9 @@ class QuantConfig:
     # weight_bits=4), activations float; data only for algo="gptq" and the FP32 comparison.
     activations: str = "static"
     block_size: int = 32  # activations="none": weights per scale along K
-    # activations="none": symmetric int4 blocks (no zero points) or asymmetric (a uint4 zero point per block)
-    weight_symmetric: bool = True
+    # activations="none": asymmetric blocks (a uint4 zero point each; +0.4 to +2.4 dB output SQNR over symmetric
+    # on the zoo's BERT / ViT, benchmarks/results/nbits.md, for 0.5% more bytes) or symmetric int4 (none)
+    weight_symmetric: bool = False
     # Weight scales that keep int16-saturating kernels exact: auto (where this CPU's kernels saturate),
     # pair-safe (always: for a model deployed on x86 without VNNI), full (plain max scaling).
     weight_range: str = "auto"

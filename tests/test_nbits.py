@@ -122,15 +122,15 @@ def test_quantize_api_gemm_matmul_and_float_leftovers():
     r = qtool.quantize(m, None, qtool.QuantConfig(activations="none"))
     ops = [nd.op_type for nd in r.model.graph.node]
     assert ops.count("MatMulNBits") == 2 and "Add" in ops and ops.count("Gemm") == 1
-    assert r.plan.meta["weight_only"]["W2"] == {"K": 64, "N": 32, "bits": 4, "block_size": 32, "symmetric": True}
+    assert r.plan.meta["weight_only"]["W2"] == {"K": 64, "N": 32, "bits": 4, "block_size": 32, "symmetric": False}
     assert "W3" not in r.plan.meta["weight_only"]
     g = qtool.quantize(m, cal, qtool.QuantConfig(activations="none", algo="gptq"))
     s_rtn, s_gptq = _sqnr(ref, _run(r.model, test)), _sqnr(ref, _run(g.model, test))
     assert 10 < s_rtn < s_gptq, (s_rtn, s_gptq)
     assert g.report.outputs["y"].sqnr_db > 10  # the API's own FP32 comparison on the calibration feeds
-    za = qtool.quantize(m, None, qtool.QuantConfig(activations="none", weight_symmetric=False, block_size=64))
+    za = qtool.quantize(m, None, qtool.QuantConfig(activations="none", weight_symmetric=True, block_size=64))
     nb = [nd for nd in za.model.graph.node if nd.op_type == "MatMulNBits"]
-    assert all(len(nd.input) == 4 for nd in nb)
+    assert all(len(nd.input) == 3 for nd in nb)  # symmetric: no zero points, the op's default 8
     assert {a.name: a.i for a in nb[0].attribute}["block_size"] == 64
     assert _sqnr(ref, _run(za.model, test)) > 10
 
