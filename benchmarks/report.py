@@ -464,7 +464,7 @@ SECTIONS = (
             "none` (MatMulNBits, RTN and GPTQ, symmetric and with zero points) and onnxruntime's "
             "`MatMulNBitsQuantizer` (its default, blocks of 32, its GPTQ): file size, batch-1 latency, SQNR vs FP32 "
             "on held-out samples, quantize wall time.",
-            (("nbits", "python -m benchmarks nbits"), ("nbits_quick", "python -m benchmarks nbits --quick"))),
+            (("nbits", "python -m benchmarks nbits"),)),
     Section("train", "ResNet-20 FP32 training",
             "FP32 training of the zoo's ResNet-20 on the shared CIFAR-10 split (45k train / 5k val) and the accuracy "
             "of its ONNX export on onnxruntime; the model is benchmarks/models/resnet20_cifar10.onnx, which the "
