@@ -368,7 +368,8 @@ def nbits_table(d: dict) -> str:
     lines = [f"Batch 1, {s['threads']} threads, medians of {s['runs']} runs (all variants of a model in one bench); "
              f"SQNR of the output vs FP32 on {s['test_samples']} held-out samples, {s['calibration_samples']} "
              "calibration samples. Random-weight models (zoo builders): SQNR says how closely each variant tracks "
-             "its own FP32 model, not task accuracy.", ""]
+             "its own FP32 model, not task accuracy. The RTN and GPTQ rows of one scheme have the same graph and "
+             "bytes: their latency gap is this shared machine's timing noise.", ""]
     for key, m in d["models"].items():
         rows = []
         for v, r in m["variants"].items():
