@@ -358,9 +358,40 @@ def lowbit_table(d: dict) -> str:
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.2f}"
+
+
+def nbits_table(d: dict) -> str:
+    """benchmarks.nbits: FP32, qtool int8, qtool MatMulNBits (RTN / GPTQ) and onnxruntime's MatMulNBitsQuantizer."""
+    s = d["settings"]
+    lines = [f"Batch 1, {s['threads']} threads, medians of {s['runs']} runs (all variants of a model in one bench); "
+             f"SQNR of the output vs FP32 on {s['test_samples']} held-out samples, {s['calibration_samples']} "
+             "calibration samples. Random-weight models (zoo builders): SQNR says how closely each variant tracks "
+             "its own FP32 model, not task accuracy. The RTN and GPTQ rows of one scheme have the same graph and "
+             "bytes: their latency gap is this shared machine's timing noise.", ""]
+    for key, m in d["models"].items():
+        rows = []
+        for v, r in m["variants"].items():
+            if "error" in r:
+                rows.append([r["label"], "failed: " + r["error"][:90], "—", "—", "—", "—"])
+                continue
+            db = r.get("sqnr", {}).get("min_sqnr_db")
+            lat = r.get("latency_ms")
+            ops = ", ".join(f"{k} {n}" for k, n in sorted(r.get("ops", {}).items()))
+            rows.append([r["label"], _mb(r.get("size_bytes")),
+                         "—" if lat is None else f"{lat:.2f} (x{r['latency_ratio']:.2f})",
+                         "—" if db is None else f"{db:.2f}",
+                         "—" if r.get("quantize_s") is None else f"{r['quantize_s']:.1f}", ops])
+        lines += [f"**{key}** ({m['data']})", "",
+                  *_table(["variant", "size MB", "latency ms (x FP32)", "SQNR dB", "quantize s", "MatMul-type nodes"],
+                          rows), ""]
+    return "\n".join(lines + [_machine(d)]) + "\n"
+
+
 RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
           "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table, "zoo": zoo_table,
-          "lowbit": lowbit_table}
+          "lowbit": lowbit_table, "nbits": nbits_table}
 
 
 def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
@@ -429,6 +460,12 @@ SECTIONS = (
             "rounding (`--algo adaround`) and bias correction against AIMET's QuantSim (min_max, tf_enhanced) and "
             "AdaRound with the same calibration images and iterations: top-1 on onnxruntime and wall time.",
             (("lowbit", "python -m benchmarks lowbit"),)),
+    Section("nbits", "Weight-only 4-bit MatMul (MatMulNBits) vs int8 and onnxruntime's 4-bit quantizer",
+            "The zoo's BERT and ViT (random weights) as FP32, qtool W8A8 static and dynamic, qtool `--activations "
+            "none` (MatMulNBits, RTN and GPTQ, symmetric and with zero points) and onnxruntime's "
+            "`MatMulNBitsQuantizer` (its default, blocks of 32, its GPTQ): file size, batch-1 latency, SQNR vs FP32 "
+            "on held-out samples, quantize wall time.",
+            (("nbits", "python -m benchmarks nbits"),)),
     Section("train", "ResNet-20 FP32 training",
             "FP32 training of the zoo's ResNet-20 on the shared CIFAR-10 split (45k train / 5k val) and the accuracy "
             "of its ONNX export on onnxruntime; the model is benchmarks/models/resnet20_cifar10.onnx, which the "

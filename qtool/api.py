@@ -134,7 +134,8 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
     train split; or any iterable of `{input_name: array}` feeds) and insert Q/DQ from the plan.
 
     With `QuantConfig(activations="dynamic")` nothing is calibrated and `data` may be None; given, it
-    feeds the error report and the collapse check."""
+    feeds the error report and the collapse check. So with `activations="none"` (weight-only 4-bit
+    MatMulNBits, qtool.nbits), except that `algo="gptq"` learns its rounding from `data`."""
     from qtool.fusion import fuse as run_fuse
     from qtool.fusion import op_counts
     from exporters.qdq import apply_plan
@@ -149,16 +150,31 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         # for dynamic products it adds 27 Reshapes to BERT-small and blocks half of onnxruntime's
         # SkipLayerNormalization fusions.
         m, fsum = run_fuse(m, use_onnxsim=config.activations == "static")
-    if config.activations == "dynamic":
-        qdq, plan = quantize_dynamic(m, config)
+    if config.activations in ("dynamic", "none"):
+        if config.activations == "none":
+            from qtool.nbits import quantize_nbits
+
+            calib = None
+            if config.algo == "gptq":
+                if data is None:
+                    raise QtoolError("algo='gptq' learns the rounding from calibration data: give data")
+                # a list: read again by the error report
+                calib = list(calibration_feeds(m, data, config.calib_size) if isinstance(data, (str, Data)) else data)
+            qdq, plan = quantize_nbits(m, config, calib)
+        else:
+            qdq, plan = quantize_dynamic(m, config)
         report = ErrorReport([], {}, 0)
         if data is not None:
             feeds = calibration_feeds(m, data, min(config.calib_size, REPORT_SAMPLES)) \
-                if isinstance(data, (str, Data)) else data
+                if isinstance(data, (str, Data)) else (calib if config.activations == "none" and calib else data)
             report = error_report(m, qdq, plan, _head(feeds, REPORT_SAMPLES), per_tensor=False)
             if config.check_collapse:
                 check_not_collapsed(report)
-        summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qdq), fsum)
+        counts = plan.summary_counts()
+        if config.activations == "none":  # the plan's tensors are per-tensor / per-channel; these are blocks
+            counts = {f"weight:{'s' if config.weight_symmetric else 'u'}{config.weight_bits}:"
+                      f"block{config.block_size}": len(plan.meta["weight_only"])}
+        summary = QuantizeSummary(config, counts, op_counts(m), op_counts(qdq), fsum)
         return QuantizeResult(qdq, plan, m, summary, report)
     if data is None or isinstance(data, (str, Data)):
         feeds = calibration_feeds(m, data, config.calib_size)

@@ -21,13 +21,18 @@ DATA_HELP = ("data SPEC: digits (embedded; the default where it fits the model) 
              "(image files of any size, resized and center-cropped to the model's input; no labels)")
 
 
-def parse_bits(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"w(\d+)a(\d+)", text.strip().lower())
-    if not m:
-        raise QtoolError(f"--bits must look like w8a8 or w4a4, got {text!r}")
-    w, a = int(m.group(1)), int(m.group(2))
+def parse_bits(text: str, weights_only: bool = False) -> tuple[int, int | None]:
+    """(weight bits, activation bits) of w8a8; with `weights_only` (quantize --activations none), of w4:
+    (4, None)."""
+    m = re.fullmatch(r"w(\d+)(?:a(\d+))?", text.strip().lower())
+    if not m or (m.group(2) is None) != weights_only:
+        if weights_only:
+            raise QtoolError(f"--activations none quantizes weights only: --bits must look like w4, got {text!r}")
+        raise QtoolError(f"--bits must look like w8a8 or w4a4, got {text!r}"
+                         + (" (weights-only w4 goes with --activations none)" if m else ""))
+    w, a = int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
     for v, what in ((w, "weight"), (a, "activation")):
-        if not 2 <= v <= 8:
+        if v is not None and not 2 <= v <= 8:
             raise QtoolError(f"{what} bits must be in 2..8, got {v}")
     return w, a
 
@@ -175,8 +180,9 @@ def fuse(model, output, no_onnxsim, verbose):
 def refine_options(f):
     """quantize's post-training refinements (QuantConfig.algo, adaround_*, bias_correction, time_budget_s, seed)."""
     opts = [
-        click.option("--algo", default="none", show_default=True, type=click.Choice(["none", "adaround"]),
-                     help="adaround: learned up/down rounding of the weights, layer by layer, on the calibration data"),
+        click.option("--algo", default="none", show_default=True, type=click.Choice(["none", "adaround", "gptq"]),
+                     help="adaround: learned up/down rounding of the weights, layer by layer, on the calibration data; "
+                          "gptq (with --activations none): Hessian-based rounding of the 4-bit blocks from --data"),
         click.option("--adaround-iters", default=500, show_default=True, type=int, help="optimization steps per layer"),
         click.option("--adaround-samples", default=256, show_default=True, type=int,
                      help="calibration samples the layers are reconstructed on (adaround, bias correction)"),
@@ -205,7 +211,8 @@ def rescale_options(f):
 @click.argument("model")
 @data_options
 @click.option("--calib", default="mse", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
-@click.option("--bits", default="w8a8", show_default=True, help="weight/activation bits, e.g. w8a8")
+@click.option("--bits", default=None, help="weight/activation bits, e.g. w8a8 (the default); with --activations none "
+              "weights only: w4 (the default there)")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scale granularity")
 @click.option("--symmetric-activations", is_flag=True, help="int8 symmetric activations (S8S8; slower than the default U8S8 on x86 CPUs)")
 @click.option("--weight-range", default="auto", show_default=True, type=click.Choice(["auto", "full", "pair-safe"]),
@@ -221,27 +228,47 @@ def rescale_options(f):
               help="keep nodes in float: a node-name glob or an op type (repeatable), e.g. --exclude '/head/*'")
 @click.option("--allow-collapse", is_flag=True,
               help="write the model even if its outputs collapse against FP32 (constant, NaN, SQNR < 1 dB)")
-@click.option("--activations", default="static", show_default=True, type=click.Choice(["static", "dynamic"]),
+@click.option("--activations", default="static", show_default=True, type=click.Choice(["static", "dynamic", "none"]),
               help="static: activation ranges calibrated on --data, Q/DQ in the graph. dynamic: int8 MatMul/Gemm "
                    "weights, activations quantized at run time by onnxruntime (no calibration, --data optional: "
-                   "then only the FP32 comparison). Not `qtool dynamic`, which trains per-input bit-widths.")
+                   "then only the FP32 comparison). none: weight-only 4-bit MatMul/Gemm as onnxruntime's "
+                   "MatMulNBits, activations float (--data optional, except for --algo gptq). Not `qtool dynamic`, "
+                   "which trains per-input bit-widths.")
+@click.option("--block-size", default=None, type=click.Choice(["16", "32", "64", "128", "256"]),
+              help="--activations none: weights per scale along K [default: 32]")
+@click.option("--weight-zero-points/--symmetric-weights", "weight_zero_points", default=None,
+              help="--activations none: a uint4 zero point per block, or symmetric int4 blocks [default: zero points]")
 @rescale_options
 @refine_options
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, weight_range, fmt,
-             calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, **refine):
+             calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, block_size,
+             weight_zero_points, **refine):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan);
-    --activations dynamic needs no data (activations are quantized at run time)."""
+    --activations dynamic needs no data (activations are quantized at run time); --activations none
+    writes weight-only 4-bit MatMulNBits (data only for --algo gptq)."""
     import qtool
 
-    w, a = parse_bits(bits)
-    config = qtool.QuantConfig(weight_bits=w, act_bits=a, calib=calib, per_channel=per_channel,
+    weights_only = activations == "none"
+    w, a = parse_bits(bits or ("w4" if weights_only else "w8a8"), weights_only)
+    extra = {}
+    if weights_only:
+        if block_size is not None:
+            extra["block_size"] = int(block_size)
+        if weight_zero_points is not None:
+            extra["weight_symmetric"] = not weight_zero_points
+    elif block_size is not None or weight_zero_points is not None:
+        raise QtoolError("--block-size / --weight-zero-points / --symmetric-weights go with --activations none")
+    config = qtool.QuantConfig(weight_bits=w, act_bits=8 if a is None else a, calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
                                exclude=tuple(exclude), per_tensor_report=report_out is not None,
-                               activations=activations, weight_range=weight_range, **refine)
+                               activations=activations, weight_range=weight_range, **extra, **refine)
     d = make_data(data, mean, std, input_shapes)
-    if activations == "dynamic" and report_out and d is None:
-        raise QtoolError("--report compares against FP32 on data: give --data (--activations dynamic needs none otherwise)")
+    if activations != "static" and report_out and d is None:
+        raise QtoolError(f"--report compares against FP32 on data: give --data (--activations {activations} "
+                         "needs none otherwise)")
+    if refine.get("algo") == "gptq" and d is None:
+        raise QtoolError("--algo gptq learns the rounding from calibration data: give --data")
     checked_outputs((model,), output, plan_out, report_out)
     r = qtool.quantize(model, d, config)
     r.save(output, plan_out)

@@ -36,7 +36,8 @@ from qtool.rescale import check_rescale_config, needs_rescale, rescale
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = ("static", "dynamic")
+ACTIVATIONS = ("static", "dynamic", "none")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts: a power of 2 >= 16
 # Saturating U8S8 kernels add K-adjacent products in int16: with activation codes up to 255 a pair is exact
 # while |q_a| + |q_b| <= 128. Scaling pairs to 127 leaves one code for rounding (|round a| + |round b| <= |a| + |b| + 1).
 PAIR_CODE_MAX = 128
@@ -47,7 +48,7 @@ WEIGHT_RANGES = ("auto", "full", "pair-safe")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    weight_bits: int = 8
+    weight_bits: int | None = None  # None: 8, or 4 with activations="none"
     act_bits: int = 8
     calib: str = "mse"  # measured best-or-equal on ResNet-20 (benchmarks/results/suite.json)
     per_channel: bool = True
@@ -67,12 +68,19 @@ class QuantConfig:
     per_tensor_report: bool = False
     # "static": activations calibrated on data, Q/DQ in the graph. "dynamic": int8 MatMul/Gemm weights,
     # activations quantized at run time (DynamicQuantizeLinear + MatMulInteger), no calibration data.
+    # "none": weight-only, MatMul/Gemm weights in blocks along K as onnxruntime's MatMulNBits (qtool.nbits;
+    # weight_bits=4), activations float; data only for algo="gptq" and the FP32 comparison.
     activations: str = "static"
+    block_size: int = 32  # activations="none": weights per scale along K
+    # activations="none": asymmetric blocks (a uint4 zero point each; +0.4 to +2.4 dB output SQNR over symmetric
+    # on the zoo's BERT / ViT, benchmarks/results/nbits.md, for 0.5% more bytes) or symmetric int4 (none)
+    weight_symmetric: bool = False
     # Weight scales that keep int16-saturating kernels exact: auto (where this CPU's kernels saturate),
     # pair-safe (always: for a model deployed on x86 without VNNI), full (plain max scaling).
     weight_range: str = "auto"
     # Post-training refinements (qtool.adaround, qtool.biascorr), after calibration, on the calibration data.
-    algo: str = "none"  # none | adaround (learned weight rounding)
+    # none | adaround (learned weight rounding) | gptq (weight-only: Hessian-based rounding, activations="none")
+    algo: str = "none"
     adaround_iters: int = 500  # optimization steps per layer
     adaround_samples: int = 256  # calibration samples the layers are reconstructed on
     bias_correction: bool = False  # empirical: each quantized Conv/Gemm's output mean per channel = FP32's
@@ -84,13 +92,16 @@ class QuantConfig:
     smoothquant: float | None = None
 
     def __post_init__(self):
+        if self.weight_bits is None:
+            object.__setattr__(self, "weight_bits", 4 if self.activations == "none" else 8)
         for k in ("weight_bits", "act_bits"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
                 raise QtoolError(f"{k} must be an integer in 2..8, got {v!r}")
         if self.calib not in METHODS:
             raise QtoolError(f"calib must be one of {', '.join(METHODS)}, got {self.calib!r}")
-        for k in ("per_channel", "act_signed", "act_symmetric", "check_collapse", "per_tensor_report"):
+        for k in ("per_channel", "act_signed", "act_symmetric", "check_collapse", "per_tensor_report",
+                  "weight_symmetric"):
             if not isinstance(getattr(self, k), bool):
                 raise QtoolError(f"{k} must be true or false, got {getattr(self, k)!r}")
         if self.act_symmetric and not self.act_signed:
@@ -109,7 +120,20 @@ class QuantConfig:
         if self.weight_range not in WEIGHT_RANGES:
             raise QtoolError(f"weight_range must be one of {', '.join(WEIGHT_RANGES)}, got {self.weight_range!r}")
         if self.activations not in ACTIVATIONS:
-            raise QtoolError(f"activations must be static or dynamic, got {self.activations!r}")
+            raise QtoolError(f"activations must be static, dynamic or none, got {self.activations!r}")
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+            raise QtoolError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
+        if self.activations == "none":
+            if self.weight_bits != 4:
+                raise QtoolError("activations='none' (weight-only MatMulNBits) quantizes weights to 4 bits, "
+                                 f"got weight_bits={self.weight_bits}")
+            if self.format != "qdq":
+                raise QtoolError("activations='none' writes MatMulNBits nodes; format must stay qdq")
+            if self.algo == "adaround" or self.bias_correction:
+                raise QtoolError("adaround / bias_correction refine static quantization; with activations='none' "
+                                 "use algo='gptq' (or 'none': round to nearest)")
+        elif self.algo == "gptq":
+            raise QtoolError(f"algo='gptq' is weight-only: it needs activations='none', got {self.activations!r}")
         if self.activations == "dynamic":
             if self.weight_bits != 8 or self.act_bits != 8:
                 raise QtoolError("activations='dynamic' quantizes to 8 bits (weight_bits=8, act_bits=8), "
@@ -391,13 +415,18 @@ class QuantizeSummary:
 
     def lines(self) -> list[str]:
         granularity = "per-channel" if self.config.per_channel else "per-tensor"
-        if self.config.activations == "dynamic":
+        c = self.config
+        if c.activations == "none":
+            out = [f"weight-only: MatMul/Gemm weights {c.weight_bits}-bit in blocks of {c.block_size} along K "
+                   f"({'symmetric' if c.weight_symmetric else 'with zero points'}), "
+                   f"{'GPTQ' if c.algo == 'gptq' else 'round-to-nearest, MSE block scales'}; activations float"]
+        elif self.config.activations == "dynamic":
             out = [f"dynamic activations (uint8, quantized at run time), MatMul/Gemm weights 8-bit {granularity}"]
         else:
             out = [f"calibration: {self.config.calib}, weights {self.config.weight_bits}-bit {granularity}, "
                    f"activations {'int' if self.config.act_signed else 'uint'}{self.config.act_bits}"]
         out.append("quantized tensors: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.tensors.items())))
-        q_op = "DynamicQuantizeLinear" if self.config.activations == "dynamic" else "QuantizeLinear"
+        q_op = {"dynamic": "DynamicQuantizeLinear", "none": "MatMulNBits"}.get(c.activations, "QuantizeLinear")
         out.append(f"nodes: {sum(self.ops_before.values())} -> {sum(self.ops_after.values())} "
                    f"({self.ops_after.get(q_op, 0)} {q_op})")
         if self.fuse is not None:

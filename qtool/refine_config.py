@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qtool.errors import QtoolError
 
-ALGOS = ("none", "adaround")
+ALGOS = ("none", "adaround", "gptq")  # gptq: weight-only (activations="none") only
 
 
 def _int(v) -> bool:
@@ -29,4 +29,4 @@ def check_refine_config(c) -> None:
 
 
 def needs_refine(c) -> bool:
-    return c.algo != "none" or c.bias_correction
+    return c.algo == "adaround" or c.bias_correction

@@ -35,6 +35,8 @@ def probe(kind: str, d: dict) -> str:
         return f"{d['summary']['latency_geomean_qtool_over_ort']:.3f}"
     if kind == "lowbit":
         return f"{d['bits']['W4A8']['qtool adaround']['top1'] * 100:.2f}"
+    if kind == "nbits":
+        return f"{d['models']['bert']['variants']['qtool_gptq']['sqnr']['min_sqnr_db']:.2f}"
     raise AssertionError(kind)
 
 

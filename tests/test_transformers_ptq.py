@@ -158,7 +158,7 @@ def test_dynamic_weights_never_saturate_int16_pairs():
 
 
 def test_quantconfig_activations_validation():
-    with pytest.raises(qtool.QtoolError, match="activations must be static or dynamic"):
+    with pytest.raises(qtool.QtoolError, match="activations must be static, dynamic or none"):
         qtool.QuantConfig(activations="runtime")
     with pytest.raises(qtool.QtoolError, match="8 bits"):
         qtool.QuantConfig(activations="dynamic", weight_bits=4)
