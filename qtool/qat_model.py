@@ -266,7 +266,7 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
     if pairs:
         notes.append(f"bn unfold: {len(pairs)} Conv->BatchNormalization pairs trained unfolded; "
                      f"BN statistics frozen after step {freeze}")
-    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes, device, names)
+    return QATModel(lifted, fused, spec, quantizers, pairs, total_steps, notes, device, names=names)
 
 
 def start_run(config: QATConfig) -> tuple[torch.device, torch.Generator]:
