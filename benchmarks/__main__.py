@@ -1,12 +1,14 @@
 """python -m benchmarks run [--quick]: the benchmark suite (benchmarks/suite.py);
 python -m benchmarks zoo [--quick]: the model zoo vs onnxruntime's tools (benchmarks/zoo.py);
+python -m benchmarks lowbit / accuracy_control [--quick]: low-bit PTQ vs AIMET, accuracy control vs NNCF;
 python -m benchmarks results: benchmarks/RESULTS.md from the JSON results (benchmarks/report.py)."""
 import sys
 
 USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
          "       python -m benchmarks zoo [--quick] [--models a,b] [--workdir DIR]\n"
          "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]\n"
-         "       python -m benchmarks lowbit [--quick] [--iters N]")
+         "       python -m benchmarks lowbit [--quick] [--iters N]\n"
+         "       python -m benchmarks accuracy_control [--quick]")
 
 cmd = sys.argv[1] if len(sys.argv) > 1 else None
 if cmd == "run":
@@ -21,6 +23,10 @@ if cmd == "lowbit":
     from benchmarks import lowbit
 
     sys.exit(lowbit.main(sys.argv[2:]))
+if cmd == "accuracy_control":
+    from benchmarks import accuracy_control
+
+    sys.exit(accuracy_control.main(sys.argv[2:]))
 if cmd == "results":
     from benchmarks import report
 

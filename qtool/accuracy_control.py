@@ -14,9 +14,12 @@ w4a8 = 4-bit weights in int8 containers), starting from the most aggressive one 
    the uniform int8 / uniform w4a8 difference shared over the units (the same kernels on CPU), with
    every cost floored at `COST_FLOOR` of the uniform int8 latency;
 3. greedy: the `candidates` units ranked best by (added noise / cost) are each raised one level and the
-   whole model measured; the raise with the best (metric gain / cost) is kept (ties and zero gains:
-   the worst-output SQNR gain decides), until the budget holds, `time_budget_s` runs out, or every unit
-   is float (then the budget is unreachable: QtoolError with the measured drop);
+   whole model measured (unless that raise was measured at an earlier step); the raise with the best
+   (metric gain / cost) is kept (ties and zero gains: the worst-output SQNR gain decides). Lazily: a best
+   raise measured at an earlier state is re-measured against the current one first and kept only if it
+   still beats the other measured raises, so every kept raise is a fresh whole-model measurement while a
+   step costs about two evaluations instead of `candidates`. Until the budget holds, `time_budget_s` runs
+   out, or every unit is float (then the budget is unreachable: QtoolError with the measured drop);
 4. the report (`ControlReport`): each unit's choice and why (its measured gains), the drop before and
    after, latency vs FP32 / uniform int8 / uniform `weight_bits` measured interleaved, and the per-unit
    latency table's prediction of the final latency against the measured one.
@@ -55,6 +58,7 @@ LATENCY_THREADS = 2
 COST_FLOOR = 0.01  # of the uniform int8 latency: a raise never counts as free
 PROXY_SAMPLES = 64  # calibration samples of the per-tensor error report (the cheap sensitivity)
 FINAL_RUNS = 100  # timed runs per model of the final, interleaved latency comparison
+TABLE_RUNS = 60  # timed runs per model of one per-unit latency measurement
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -334,6 +338,7 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
     int8 = next(i for i, (_, b) in enumerate(space.choices) if b == 8)
     uniform8 = tuple(int8 if i in search else 0 for i in range(len(units)))
     proxies: dict[int, float] = {}
+    known: dict[int, tuple] = {}  # unit -> (its level, state measured from, score, next state, Measure, cost)
     with progress_bar(disable=not show_progress) as bar:
         task = bar.add_task("accuracy control", total=len(search) * top, info=metric.describe(cur))
         if not metric.met(cur):
@@ -352,7 +357,7 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
             if i not in lat_table:
                 one = tuple(0 if j == i else s for j, s in enumerate(uniform8))
                 t = median_latency_ms({"base": space.qdq(uniform8), "one": space.qdq(one)}, feed1,
-                                      threads=LATENCY_THREADS)
+                                      threads=LATENCY_THREADS, runs=TABLE_RUNS)
                 lat_table[i] = t["one"] - t["base"]
             return max(lat_table[i], floor)
 
@@ -381,26 +386,41 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
                 known = space.choices[state[i] - 1][1] is not None or i in lat_table
                 return cost(i, state[i]) if known else max(max(lat_table.values(), default=ref8), floor)
             est = {i: noise[i] / cost_estimate(i) for i in cands}
-            tried = sorted(cands, key=lambda i: -est[i])[:config.candidates]
-            results = []
-            for i in tried:
+            ranked = sorted(cands, key=lambda i: -est[i])
+
+            def try_raise(i: int):
+                """Raise unit i alone from the current state, measured whole on the evaluation data."""
                 nxt = tuple(s - 1 if j == i else s for j, s in enumerate(state))
                 bar.update(task, description=f"raise {units[i].anchor} {names[state[i]]}->{names[state[i] - 1]}")
                 m = evaluate(nxt)
-                key = f"{names[state[i]]}->{names[state[i] - 1]}"
-                measured[i][key] = loss(cur) - loss(m)
-                results.append((i, nxt, m, cost(i, state[i])))
-            # Best metric gain per ms; where no raise gains on the metric (a small evaluation set moves in
-            # steps of 1/n), the worst-output SQNR gain per ms decides.
-            def rank(r):
-                i, _, m, c = r
-                return ((loss(cur) - loss(m)) / c, (m.sqnr_db - cur.sqnr_db) / c)
-            best = max(results, key=rank)
-            if loss(cur) - loss(best[2]) <= 0:
-                best = max(results, key=lambda r: ((r[2].sqnr_db - cur.sqnr_db) / r[3], -loss(r[2])))
-            i, nxt, m, c = best
+                measured[i][f"{names[state[i]]}->{names[state[i] - 1]}"] = loss(cur) - loss(m)
+                c = cost(i, state[i])
+                # Metric gain per ms; where raises do not move the metric (a small evaluation set moves in
+                # steps of 1/n), the worst-output SQNR gain per ms decides.
+                known[i] = (state[i], state, (max(loss(cur) - loss(m), 0.0) / c, (m.sqnr_db - cur.sqnr_db) / c),
+                            nxt, m, c)
+
+            # Lazy greedy: the top `candidates` by noise per ms are measured unless a measurement of the same
+            # raise exists (from an earlier state); the best is re-measured against the current state before it
+            # is kept, and kept only if it still beats every other measured raise.
+            tried = 0
+            for i in ranked[:config.candidates]:
+                if i not in known or known[i][0] != state[i]:
+                    try_raise(i)
+                    tried += 1
+            while True:
+                valid = {i: k for i, k in known.items() if state[i] == k[0] and state[i] > 0}
+                i = max(valid, key=lambda j: valid[j][2])
+                if valid[i][1] == state:
+                    break
+                try_raise(i)
+                tried += 1
+                others = [k[2] for j, k in valid.items() if j != i]
+                if not others or known[i][2] >= max(others):
+                    break
+            _, _, _, nxt, m, c = known.pop(i)
             steps.append(Step(units[i].anchor, names[state[i]], names[state[i] - 1], loss(cur) - loss(m),
-                              m.sqnr_db - cur.sqnr_db, c, loss(m), len(tried)))
+                              m.sqnr_db - cur.sqnr_db, c, loss(m), tried))
             state, cur = nxt, m
             bar.update(task, advance=1, info=metric.describe(cur))
         if steps or not metric.met(initial):

@@ -87,6 +87,23 @@ def test_the_sensitive_unit_is_raised_and_the_budget_holds():
     assert any("conv1" in line and "raised w4a8->int8" in line for line in r.lines())
 
 
+def test_where_int8_cannot_hold_units_go_float_with_their_latency_measured():
+    m = cnn(outlier=300.0)  # W8A8 loses ~30 pp here
+    fs = data(m)
+    r = control(m, fs, max_drop=5.0)
+    c = r.control
+    assert c.met and c.initial_drop > 10 and c.final_drop <= 5.0
+    floats = [u for u in c.units if u.choice == "float"]
+    assert floats and all(u.raise_cost_ms.keys() == {"int8->float"} for u in floats)
+    weight = {f"conv{k}": f"w{k}" for k in range(3)} | {"fc": "wf"}
+    for u in c.units:  # float: left out of the plan like --exclude; int8: 8-bit weights
+        assert (weight[u.unit] in r.plan.tensors) == (u.choice == "int8")
+    ev = split(fs)[1]
+    top1 = np.mean(run_feeds(r.model, ev)["y"].argmax(1) == ev.labels)
+    assert abs((1 - top1) * 100 - c.final_drop) < 1e-6
+    assert c.latency_ms["final_predicted"] > 0 and c.latency_ms["uniform int8"] > 0
+
+
 def test_budget_already_met_raises_nothing():
     m = cnn()
     fs = data(m)
