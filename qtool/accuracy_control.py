@@ -8,11 +8,13 @@ w4a8 = 4-bit weights in int8 containers), starting from the most aggressive one 
 1. every unit at `weight_bits`; the metric is measured on onnxruntime on the evaluation samples, which are
    disjoint from the calibration samples (`control_data`);
 2. over budget: each unit's sensitivity, cheap first (the noise it adds, from the per-tensor error report
-   on calibration samples: NSR of its output minus NSR of its input), and the latency cost of each
-   raise, measured on onnxruntime (batch 1, `LATENCY_THREADS` threads) on candidate graphs and cached per
-   unit: int8 -> float as the whole model with that one unit float against uniform int8; w4a8 -> int8 as
-   the uniform int8 / uniform w4a8 difference shared over the units (the same kernels on CPU), with
-   every cost floored at `COST_FLOOR` of the uniform int8 latency;
+   on calibration samples: NSR of its output minus NSR of its input), and the cost of each raise: the
+   latency it adds relative to uniform int8's plus the weight bytes it adds relative to uniform int8's
+   (4-bit weights counted packed, as the INT4 export stores them; float 4 bytes), floored at `COST_FLOOR`.
+   Latency is measured on onnxruntime (batch 1, `LATENCY_THREADS` threads) on candidate graphs and cached
+   per unit: int8 -> float as the whole model with that one unit float against uniform int8 (negative
+   where float runs faster, e.g. x86 without VNNI); w4a8 -> int8 as the uniform int8 / uniform w4a8
+   difference shared over the units (the same kernels on CPU);
 3. greedy: the `candidates` units ranked best by (added noise / cost) are each raised one level and the
    whole model measured (unless that raise was measured at an earlier step); the raise with the best
    (metric gain / cost) is kept (ties and zero gains: the worst-output SQNR gain decides). Lazily: a best
@@ -185,7 +187,9 @@ class Step:
     to: str
     gain: float  # metric loss removed (pp, or dB for sqnr)
     sqnr_gain_db: float
-    cost_ms: float
+    cost: float  # latency added / uniform int8's + weight bytes added / uniform int8's (floored)
+    latency_ms: float  # the latency part: measured ms added
+    weight_bytes: float  # the size part: weight bytes added
     drop_after: float
     tried: int  # candidates measured at this step
 
@@ -272,11 +276,12 @@ class _Space:
         self.weights = {b: build_plan(model, replace(config, weight_bits=b), self.stats, self.base).tensors
                         for _, b in self.choices if b is not None}
         self._qdq: dict[tuple, onnx.ModelProto] = {}
+        self.search: set[int] = set()  # the units chosen for; the others stay as the plain plan has them
 
     def plan(self, state: tuple[int, ...]) -> QuantPlan:
         floats = set()
-        for u, lvl in zip(self.units, state):
-            if self.choices[lvl][1] is None:
+        for i, (u, lvl) in enumerate(zip(self.units, state)):
+            if self.choices[lvl][1] is None and i in self.search:
                 floats |= {u.anchor} | ({u.act} if u.act else set())
         base = self.base
         pred = (lambda n: (n.name in floats) or (base is not None and base(n))) if floats else base
@@ -307,6 +312,7 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
     # Searchable: units the plan quantizes (not excluded by config.exclude / non-finite tensors).
     full = space.plan(tuple(len(space.choices) - 1 for _ in units))
     search = [i for i, u in enumerate(units) if u.weight in full.tensors]
+    space.search = set(search)
     if not search:
         raise QtoolError("the accuracy control found no quantization unit to choose for (no Conv/Gemm/MatMul "
                          "with a constant weight is quantized)")
@@ -324,8 +330,7 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
     def loss(m: Measure) -> float:
         return metric.drop(m)
 
-    start = tuple(top if i in search else 0 for i in range(len(units)))  # unsearched: their plan leaves them out
-    # (a unit outside `search` has no weight entry in any plan; its level only names it float in the report)
+    start = tuple(top if i in search else 0 for i in range(len(units)))  # the level of an unsearched unit is unused
     state = start
     cur = evaluate(state)
     initial = cur
@@ -338,6 +343,9 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
     int8 = next(i for i, (_, b) in enumerate(space.choices) if b == 8)
     uniform8 = tuple(int8 if i in search else 0 for i in range(len(units)))
     proxies: dict[int, float] = {}
+    inits = {t.name: t for t in model.graph.initializer}
+    elems = {i: int(np.prod(inits[units[i].weight].dims)) for i in search}
+    bytes8 = float(sum(elems.values()))
     known: dict[int, tuple] = {}  # unit -> (its level, state measured from, score, next state, Measure, cost)
     with progress_bar(disable=not show_progress) as bar:
         task = bar.add_task("accuracy control", total=len(search) * top, info=metric.describe(cur))
@@ -348,18 +356,27 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
                 base_models[f"uniform {names[top]}"] = space.qdq(start)
             lat.update(median_latency_ms(base_models, feed1, threads=LATENCY_THREADS))
             ref8 = lat["uniform int8"]
-            floor = COST_FLOOR * ref8
-            share = max(ref8 - lat.get(f"uniform {names[top]}", ref8), 0.0) / len(search)
+            share = (ref8 - lat.get(f"uniform {names[top]}", ref8)) / len(search)
 
-        def cost(i: int, lvl: int) -> float:
+        def latency_cost(i: int, lvl: int) -> float:
+            """ms a raise of unit i from level lvl adds (measured; negative where float runs faster)."""
             if space.choices[lvl - 1][1] is not None:  # a weight-bits raise: the same kernels on CPU
-                return max(share, floor)
+                return share
             if i not in lat_table:
                 one = tuple(0 if j == i else s for j, s in enumerate(uniform8))
                 t = median_latency_ms({"base": space.qdq(uniform8), "one": space.qdq(one)}, feed1,
                                       threads=LATENCY_THREADS, runs=TABLE_RUNS)
                 lat_table[i] = t["one"] - t["base"]
-            return max(lat_table[i], floor)
+            return lat_table[i]
+
+        def size_cost(i: int, lvl: int) -> float:
+            """Weight bytes a raise adds (4-bit weights counted packed, as INT4 export stores them; float 4 bytes)."""
+            return elems[i] * ((space.choices[lvl - 1][1] or 32) - space.choices[lvl][1]) / 8
+
+        def cost(i: int, lvl: int) -> float:
+            """Relative cost: the latency added over uniform int8's plus the weight bytes added over uniform
+            int8's, floored so that no raise is free."""
+            return max(latency_cost(i, lvl) / ref8 + size_cost(i, lvl) / bytes8, COST_FLOOR)
 
         while not metric.met(cur):
             if config.time_budget_s is not None and time.perf_counter() - t0 > config.time_budget_s:
@@ -382,9 +399,12 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
                 if space.choices[state[i] - 1][1] is None:
                     bar.update(task, description=f"latency of {units[i].anchor} in float")
                     cost(i, state[i])
-            def cost_estimate(i: int) -> float:
-                known = space.choices[state[i] - 1][1] is not None or i in lat_table
-                return cost(i, state[i]) if known else max(max(lat_table.values(), default=ref8), floor)
+
+            def cost_estimate(i: int) -> float:  # an unmeasured float raise: the dearest measured one's latency
+                if space.choices[state[i] - 1][1] is not None or i in lat_table:
+                    return cost(i, state[i])
+                worst = max(lat_table.values(), default=ref8)
+                return max(worst / ref8 + size_cost(i, state[i]) / bytes8, COST_FLOOR)
             est = {i: noise[i] / cost_estimate(i) for i in cands}
             ranked = sorted(cands, key=lambda i: -est[i])
 
@@ -395,12 +415,12 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
                 m = evaluate(nxt)
                 measured[i][f"{names[state[i]]}->{names[state[i] - 1]}"] = loss(cur) - loss(m)
                 c = cost(i, state[i])
-                # Metric gain per ms; where raises do not move the metric (a small evaluation set moves in
-                # steps of 1/n), the worst-output SQNR gain per ms decides.
+                # Metric gain per cost; where raises do not move the metric (a small evaluation set moves in
+                # steps of 1/n), the worst-output SQNR gain per cost decides.
                 known[i] = (state[i], state, (max(loss(cur) - loss(m), 0.0) / c, (m.sqnr_db - cur.sqnr_db) / c),
                             nxt, m, c)
 
-            # Lazy greedy: the top `candidates` by noise per ms are measured unless a measurement of the same
+            # Lazy greedy: the top `candidates` by noise per cost are measured unless a measurement of the same
             # raise exists (from an earlier state); the best is re-measured against the current state before it
             # is kept, and kept only if it still beats every other measured raise.
             tried = 0
@@ -420,7 +440,8 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
                     break
             _, _, _, nxt, m, c = known.pop(i)
             steps.append(Step(units[i].anchor, names[state[i]], names[state[i] - 1], loss(cur) - loss(m),
-                              m.sqnr_db - cur.sqnr_db, c, loss(m), tried))
+                              m.sqnr_db - cur.sqnr_db, c, latency_cost(i, state[i]), size_cost(i, state[i]), loss(m),
+                              tried))
             state, cur = nxt, m
             bar.update(task, advance=1, info=metric.describe(cur))
         if steps or not metric.met(initial):
@@ -436,7 +457,8 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
     rows = []
     for i, u in enumerate(units):
         if i not in search:
-            rows.append(UnitChoice(u.anchor, u.op, "float", None, why="not searched (exclude / non-finite)"))
+            rows.append(UnitChoice(u.anchor, u.op, "not searched", None,
+                                   why="its weight is not quantized (exclude, non-finite tensors or no constant weight)"))
             continue
         p = proxies.get(i)
         db = None if p is None or not np.isfinite(p) else (float("inf") if p == 0 else float(-10 * np.log10(p)))
@@ -445,7 +467,7 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
         ups = [s for s in steps if s.unit == u.anchor]
         if ups:
             row.why = "; ".join(f"raised {s.frm}->{s.to} ({s.gain:+.2f} {metric.unit}, {s.sqnr_gain_db:+.2f} dB SQNR, "
-                                f"{s.cost_ms:.3f} ms)" for s in ups)
+                                f"cost {s.cost:.3f}: {s.latency_ms:+.3f} ms, {s.weight_bytes / 1024:+.1f} KiB)" for s in ups)
         elif measured[i]:
             row.why = "kept: raised alone it measured " + ", ".join(f"{k} {v:+.2f} {metric.unit}"
                                                                    for k, v in measured[i].items())

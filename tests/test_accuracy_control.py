@@ -107,10 +107,12 @@ def test_where_int8_cannot_hold_units_go_float_with_their_latency_measured():
 def test_budget_already_met_raises_nothing():
     m = cnn()
     fs = data(m)
-    r = control(m, fs, max_drop=50.0)  # w8a8 of a well-behaved model
+    r = control(m, fs, max_drop=50.0, exclude=("conv2",))  # w8a8 of a well-behaved model
     assert r.control.met and r.control.steps == [] and r.control.evaluations == 1
-    assert {u.choice for u in r.control.units} == {"int8"}
-    assert all(t.bits == 8 for t in r.plan.tensors.values())
+    assert [u.choice for u in r.control.units] == ["int8", "int8", "not searched", "int8"]
+    assert all(t.bits == 8 for t in r.plan.tensors.values()) and "w2" not in r.plan.tensors
+    plain = qtool.quantize(m, split(fs)[0], QuantConfig(calib="minmax", exclude=("conv2",)))
+    assert plain.plan.tensors == r.plan.tensors  # nothing raised: the plain plan
 
 
 def test_unreachable_budget_is_an_error_naming_the_measured_drop():
