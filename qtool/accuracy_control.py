@@ -22,7 +22,10 @@ w4a8 = 4-bit weights in int8 containers), starting from the most aggressive one 
    still beats the other measured raises, so every kept raise is a fresh whole-model measurement while a
    step costs about two evaluations instead of `candidates`. Until the budget holds, `time_budget_s` runs
    out, or every unit is float (then the budget is unreachable: QtoolError with the measured drop);
-4. the report (`ControlReport`): each unit's choice and why (its measured gains), the drop before and
+4. backward pass: with the budget met, each raise, the least useful first (SQNR gain per cost), is undone
+   where the whole model, measured, still meets the budget (noisy gains on a small evaluation set raise
+   more than needed);
+5. the report (`ControlReport`): each unit's choice and why (its measured gains), the drop before and
    after, latency vs FP32 / uniform int8 / uniform `weight_bits` measured interleaved, and the per-unit
    latency table's prediction of the final latency against the measured one.
 
@@ -221,6 +224,7 @@ class ControlReport:
     stop: str  # "budget met" | "time budget" | ...
     units: list[UnitChoice]
     steps: list[Step]
+    lowered: list[Step]  # raises undone by the backward pass (the budget held without them)
     latency_ms: dict[str, float]  # fp32, uniform int8, uniform <bits>, final, final_predicted
     evaluations: int
     wall_s: float
@@ -241,7 +245,8 @@ class ControlReport:
         lat = self.latency_ms
         out = [f"accuracy control ({self.metric}, budget {self.budget:g} {u}; {self.calib_samples} calibration / "
                f"{self.eval_samples} evaluation samples, disjoint): {what} {self.initial_drop:.2f} -> "
-               f"{self.final_drop:.2f} {u} in {len(self.steps)} raises, {self.evaluations} evaluations, "
+               f"{self.final_drop:.2f} {u} in {len(self.steps)} raises ({len(self.lowered)} undone), "
+               f"{self.evaluations} evaluations, "
                f"{self.wall_s:.1f} s; {'budget met' if self.met else 'BUDGET NOT MET (' + self.stop + ')'}",
                "units: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.counts().items()))]
         if "final" in lat:
@@ -444,6 +449,23 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
                               tried))
             state, cur = nxt, m
             bar.update(task, advance=1, info=metric.describe(cur))
+        # Backward pass: noisy gains (a small evaluation set) can raise more than the budget needs. Each raised
+        # unit, the least useful raise first (smallest SQNR gain per cost), is lowered one level again where
+        # the whole model, measured, still meets the budget.
+        lowered: list[Step] = []
+        if metric.met(cur):
+            for s_ in sorted(steps, key=lambda s_: s_.sqnr_gain_db / s_.cost):
+                i = next(j for j in search if units[j].anchor == s_.unit)
+                if state[i] >= top or (config.time_budget_s is not None
+                                       and time.perf_counter() - t0 > config.time_budget_s):
+                    continue
+                back = tuple(s + 1 if j == i else s for j, s in enumerate(state))
+                bar.update(task, description=f"lower {units[i].anchor} {names[state[i]]}->{names[state[i] + 1]}")
+                m = evaluate(back)
+                if metric.met(m):
+                    lowered.append(Step(units[i].anchor, names[state[i]], names[state[i] + 1], loss(cur) - loss(m),
+                                        m.sqnr_db - cur.sqnr_db, 0.0, 0.0, 0.0, loss(m), 1))
+                    state, cur = back, m
         if steps or not metric.met(initial):
             bar.update(task, description="final latency")
             finals = {"fp32": model, "uniform int8": space.qdq(uniform8), "final": space.qdq(state)}
@@ -452,7 +474,8 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
             lat.update(median_latency_ms(finals, feed1, threads=LATENCY_THREADS, runs=FINAL_RUNS))
             floats = [i for i in search if space.choices[state[i]][1] is None]
             if all(i in lat_table for i in floats):
-                lat["final_predicted"] = lat["uniform int8"] + sum(lat_table[i] for i in floats)
+                low = sum(1 for i in search if state[i] == top and top != int8)  # units still below 8 bits
+                lat["final_predicted"] = lat["uniform int8"] + sum(lat_table[i] for i in floats) - share * low
     plan = space.plan(state)
     rows = []
     for i, u in enumerate(units):
@@ -465,9 +488,13 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
         row = UnitChoice(u.anchor, u.op, names[state[i]], db, {"int8->float": lat_table[i]} if i in lat_table else {},
                          measured[i])
         ups = [s for s in steps if s.unit == u.anchor]
+        downs = [s for s in lowered if s.unit == u.anchor]
         if ups:
             row.why = "; ".join(f"raised {s.frm}->{s.to} ({s.gain:+.2f} {metric.unit}, {s.sqnr_gain_db:+.2f} dB SQNR, "
                                 f"cost {s.cost:.3f}: {s.latency_ms:+.3f} ms, {s.weight_bytes / 1024:+.1f} KiB)" for s in ups)
+            if downs:
+                row.why += "; " + "; ".join(f"lowered back {s.frm}->{s.to}: the budget holds without it "
+                                            f"(drop {-s.gain:+.2f} {metric.unit})" for s in downs)
         elif measured[i]:
             row.why = "kept: raised alone it measured " + ", ".join(f"{k} {v:+.2f} {metric.unit}"
                                                                    for k, v in measured[i].items())
@@ -476,7 +503,7 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
         rows.append(row)
     report = ControlReport(metric.name, metric.budget, metric.unit, metric.fp32_top1, sum(len(next(iter(b.values())))
                            for b in calib), len(eval_set), initial, cur, loss(initial), loss(cur), metric.met(cur),
-                           stop, rows, steps, lat, len(cache), time.perf_counter() - t0)
+                           stop, rows, steps, lowered, lat, len(cache), time.perf_counter() - t0)
     plan.meta["accuracy_control"] = {"metric": metric.name, "budget": metric.budget, "final_drop": report.final_drop,
                                      "met": report.met, "choices": {r.unit: r.choice for r in rows}}
     return model, plan, report
