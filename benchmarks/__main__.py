@@ -1,6 +1,7 @@
 """python -m benchmarks run [--quick]: the benchmark suite (benchmarks/suite.py);
 python -m benchmarks zoo [--quick]: the model zoo vs onnxruntime's tools (benchmarks/zoo.py);
 python -m benchmarks nbits [--quick]: weight-only 4-bit MatMulNBits vs int8 and ORT's (benchmarks/nbits.py);
+python -m benchmarks lowbit / accuracy_control [--quick]: low-bit PTQ vs AIMET, accuracy control vs NNCF;
 python -m benchmarks results: benchmarks/RESULTS.md from the JSON results (benchmarks/report.py)."""
 import sys
 
@@ -8,7 +9,8 @@ USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
          "       python -m benchmarks zoo [--quick] [--models a,b] [--workdir DIR]\n"
          "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]\n"
          "       python -m benchmarks lowbit [--quick] [--iters N]\n"
-         "       python -m benchmarks nbits [--quick] [--models bert,vit] [--runs N]")
+         "       python -m benchmarks nbits [--quick] [--models bert,vit] [--runs N]\n"
+         "       python -m benchmarks accuracy_control [--quick]")
 
 cmd = sys.argv[1] if len(sys.argv) > 1 else None
 if cmd == "run":
@@ -27,6 +29,10 @@ if cmd == "nbits":
     from benchmarks import nbits
 
     sys.exit(nbits.main(sys.argv[2:]))
+if cmd == "accuracy_control":
+    from benchmarks import accuracy_control
+
+    sys.exit(accuracy_control.main(sys.argv[2:]))
 if cmd == "results":
     from benchmarks import report
 

@@ -389,9 +389,44 @@ def nbits_table(d: dict) -> str:
     return "\n".join(lines + [_machine(d)]) + "\n"
 
 
+def accuracy_control_table(d: dict) -> str:
+    """benchmarks.accuracy_control: uniform W8A8 / W4A8, qtool --max-drop, NNCF quantize_with_accuracy_control."""
+    fp, fl = d["fp32_top1"], d.get("fp32", {}).get("latency_ms")
+    lines = [f"Model {d['model']} (BN folded), {d['calibration_images']} calibration images; both accuracy controls "
+             f"tune on {d['control_images']} val images (control) with a {d['max_drop_pp']:g} pp budget, and every "
+             f"model is also scored on {d['held_out_images']} other val images (held out); FP32 top-1 "
+             f"{_pct(fp['control'])} / {_pct(fp['held_out'])} %"
+             + (f", {fl:.3f} ms" if fl else "") + ". Latency: median, batch 1, 2 threads, interleaved.", ""]
+    rows = []
+    for tool, r in d["rows"].items():
+        if "error" in r:
+            rows.append([tool, "failed: " + " ".join(r["error"])[:80]] + ["—"] * 7)
+            continue
+        if "choices" in r:
+            units = ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items()))
+        elif "units_float" in r:
+            units = f"float {r['units_float']}, int8 {r['units_quantized']}"
+        else:
+            units = "uniform"
+        ms = r.get("latency_ms")
+        lat = "—" if ms is None else f"{ms:.3f}" + (f" ({ms / fl:.2f}x)" if fl else "")
+        size = f"{r['size_bytes'] / 1024:.0f}" + (f" ({r['int4_packed_bytes'] / 1024:.0f})" if "int4_packed_bytes" in r
+                                                   else "")
+        rows.append([tool, _pct(r["top1"]["control"]), _pp(-r["drop_pp"]["control"]), _pct(r["top1"]["held_out"]),
+                     _pp(-r["drop_pp"]["held_out"]), units, lat, size, f"{r['seconds']:.1f}"])
+    lines += _table(["tool", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
+                     "latency ms (x FP32)", "size KiB (INT4 packed)", "wall s"], rows)
+    if not d.get("nncf_available", True):
+        lines += ["", "NNCF row absent: no NNCF interpreter on this machine."]
+    if d.get("quick"):
+        lines += ["", "Quick run (small val slice): a smoke test of the benchmark, not a result."]
+    return "\n".join(lines + ["", _machine(d)]) + "\n"
+
+
 RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
           "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table, "zoo": zoo_table,
-          "lowbit": lowbit_table, "nbits": nbits_table}
+          "lowbit": lowbit_table, "nbits": nbits_table,
+          "accuracy_control": accuracy_control_table}
 
 
 def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
@@ -466,6 +501,13 @@ SECTIONS = (
             "`MatMulNBitsQuantizer` (its default, blocks of 32, its GPTQ): file size, batch-1 latency, SQNR vs FP32 "
             "on held-out samples, quantize wall time.",
             (("nbits", "python -m benchmarks nbits"),)),
+    Section("accuracy_control", "Accuracy-aware PTQ: qtool --max-drop vs NNCF quantize_with_accuracy_control",
+            "The trained ResNet-20 within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
+            "(`--bits w4a8 --max-drop 0.5`, and `--bits w8a8`) against NNCF's `quantize_with_accuracy_control` "
+            "(W8A8 with float fallback) and uniform W8A8 / W4A8, with the same calibration and control images: top-1 "
+            "on onnxruntime on the control images and on held-out ones, latency, size, wall time.",
+            (("accuracy_control", lambda d, name: "python -m benchmarks accuracy_control"
+              + (" --quick" if d.get("quick") else "")),)),
     Section("train", "ResNet-20 FP32 training",
             "FP32 training of the zoo's ResNet-20 on the shared CIFAR-10 split (45k train / 5k val) and the accuracy "
             "of its ONNX export on onnxruntime; the model is benchmarks/models/resnet20_cifar10.onnx, which the "

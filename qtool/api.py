@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from qtool.accuracy_control import ControlReport, accuracy_control, control_data
+from qtool.control_config import control_enabled
 from qtool.data import Data, ImageDataset, load_dataset
 from qtool.errorreport import ErrorReport, check_not_collapsed, error_report
 from qtool.errors import QtoolError
 from qtool.evaluation import EvalConfig, EvalResult, evaluate_model
 from qtool.exporting import ExportConfig, ExportResult, export_model
-from qtool.feeds import calibration_feeds, resolve_data
+from qtool.feeds import FeedSet, calibration_feeds, resolve_data
 from qtool.fusion import FuseConfig, FuseSummary, check_finite_weights, is_fused
 from qtool.io import check_model, load_model, save_model
 from qtool.latency import BenchConfig, BenchReport
@@ -117,6 +119,8 @@ class QuantizeResult:
     # smoothquant, algo / bias_correction)
     summary: QuantizeSummary
     report: ErrorReport  # per-tensor SQNR vs FP32 on calibration samples, worst first
+    control: ControlReport | None = None  # config.max_drop / min_sqnr_db: the per-unit choices and why
+
 
     def save(self, path: str | os.PathLike, plan_path: str | os.PathLike | None = None) -> None:
         save_model(self.model, path)
@@ -125,17 +129,24 @@ class QuantizeResult:
 
     def lines(self) -> list[str]:
         return (self.summary.lines() + list(self.plan.meta.get("rescale", {}).get("lines", []))
-                + list(self.plan.meta.get("refine", {}).get("lines", [])))
+                + list(self.plan.meta.get("refine", {}).get("lines", []))
+                + (self.control.lines() if self.control is not None else []))
 
 
 def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]] | None = None,
-             config: QuantConfig = QuantConfig()) -> QuantizeResult:
+             config: QuantConfig = QuantConfig(), *, val_data: str | Data | FeedSet | None = None,
+             progress: bool = True) -> QuantizeResult:
     """Post-training quantization: calibrate on `data` (a SPEC / Data: `config.calib_size` images of its
     train split; or any iterable of `{input_name: array}` feeds) and insert Q/DQ from the plan.
 
     With `QuantConfig(activations="dynamic")` nothing is calibrated and `data` may be None; given, it
     feeds the error report and the collapse check. So with `activations="none"` (weight-only 4-bit
-    MatMulNBits, qtool.nbits), except that `algo="gptq"` learns its rounding from `data`."""
+    MatMulNBits, qtool.nbits), except that `algo="gptq"` learns its rounding from `data`.
+
+    With a budget (`QuantConfig(max_drop=...)` or `min_sqnr_db=...`) each quantization unit gets the
+    cheapest choice of `config.target` that keeps the model within it, measured on onnxruntime on
+    evaluation samples disjoint from the calibration ones (`val_data`, else the data's val split or the
+    samples after the calibration ones: `qtool.accuracy_control`); `.control` says what was chosen and why."""
     from qtool.fusion import fuse as run_fuse
     from qtool.fusion import op_counts
     from exporters.qdq import apply_plan
@@ -176,6 +187,19 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
                       f"block{config.block_size}": len(plan.meta["weight_only"])}
         summary = QuantizeSummary(config, counts, op_counts(m), op_counts(qdq), fsum)
         return QuantizeResult(qdq, plan, m, summary, report)
+    if control_enabled(config):
+        calib, eval_set = control_data(m, data, val_data, config)
+        calib = list(calib)
+        tuned, plan, control = accuracy_control(m, calib, eval_set, config, show_progress=progress)
+        qdq = apply_plan(tuned, plan)
+        report = error_report(tuned, qdq, plan, _head(calib, REPORT_SAMPLES), per_tensor=config.per_tensor_report)
+        if config.check_collapse:
+            check_not_collapsed(report)
+        qmodel = qdq if config.format == "qdq" else export_model(tuned, plan, ExportConfig(format=config.format)).model
+        summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qmodel), fsum)
+        return QuantizeResult(qmodel, plan, tuned, summary, report, control)
+    if val_data is not None:
+        raise QtoolError("val_data is the accuracy control's evaluation data: give max_drop or min_sqnr_db too")
     if data is None or isinstance(data, (str, Data)):
         feeds = calibration_feeds(m, data, config.calib_size)
     else:

@@ -189,7 +189,8 @@ def refine_options(f):
         click.option("--bias-correction", is_flag=True,
                      help="empirical bias correction: each quantized Conv/Gemm's output mean per channel = FP32's"),
         click.option("--time-budget", "time_budget_s", default=None, type=float, metavar="SECONDS",
-                     help="bound on the refinements' wall time; layers left when it runs out keep nearest rounding"),
+                     help="bound on the refinements' wall time (layers left when it runs out keep nearest rounding) "
+                          "or the accuracy control's (it stops raising units; the report says the budget is not met)"),
         click.option("--seed", default=0, show_default=True, type=int, help="seed of the refinements' sampling"),
     ]
     for o in reversed(opts):
@@ -238,11 +239,27 @@ def rescale_options(f):
               help="--activations none: weights per scale along K [default: 32]")
 @click.option("--weight-zero-points/--symmetric-weights", "weight_zero_points", default=None,
               help="--activations none: a uint4 zero point per block, or symmetric int4 blocks [default: zero points]")
+@click.option("--max-drop", default=None, type=float, metavar="PP",
+              help="accuracy control: per quantization unit float / int8 / w4a8 (--bits: the most aggressive), raised "
+                   "until the top-1 drop vs FP32 (labels; else top-1 disagreement with FP32) is at most PP points on "
+                   "evaluation samples disjoint from calibration (--val-data, else the data's val split, else the "
+                   "samples after the first --calib-size)")
+@click.option("--min-sqnr", "min_sqnr_db", default=None, type=float, metavar="DB",
+              help="accuracy control with --metric sqnr: the worst output's SQNR vs FP32 must reach DB")
+@click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "top1", "agreement", "sqnr"]),
+              help="what --max-drop / --min-sqnr measure (auto: top1 with labels, else agreement)")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu"]),
+              help="where the model runs: the per-unit choices and whose latency the control measures")
+@click.option("--val-data", default=None, metavar="SPEC", help="evaluation data of the accuracy control")
+@click.option("--eval-size", default=None, type=int, help="accuracy control: evaluate on the first N samples")
+@click.option("--candidates", default=4, show_default=True, type=int,
+              help="accuracy control: units measured on onnxruntime per greedy step")
 @rescale_options
 @refine_options
 def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, weight_range, fmt,
              calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, block_size,
-             weight_zero_points, **refine):
+             weight_zero_points, max_drop, min_sqnr_db, metric, target, val_data, eval_size, candidates,
+             **refine):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan);
     --activations dynamic needs no data (activations are quantized at run time); --activations none
     writes weight-only 4-bit MatMulNBits (data only for --algo gptq)."""
@@ -262,21 +279,30 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
                                exclude=tuple(exclude), per_tensor_report=report_out is not None,
-                               activations=activations, weight_range=weight_range, **extra, **refine)
+                               activations=activations, weight_range=weight_range, max_drop=max_drop,
+                               min_sqnr_db=min_sqnr_db, metric=metric, target=target, eval_size=eval_size,
+                               candidates=candidates, **extra, **refine)
     d = make_data(data, mean, std, input_shapes)
     if activations != "static" and report_out and d is None:
         raise QtoolError(f"--report compares against FP32 on data: give --data (--activations {activations} "
                          "needs none otherwise)")
     if refine.get("algo") == "gptq" and d is None:
         raise QtoolError("--algo gptq learns the rounding from calibration data: give --data")
+    if val_data is not None and max_drop is None and min_sqnr_db is None:
+        raise QtoolError("--val-data is the accuracy control's evaluation data: give --max-drop or --min-sqnr")
+    v = make_data(val_data, mean, std, input_shapes) if val_data is not None else None
     checked_outputs((model,), output, plan_out, report_out)
-    r = qtool.quantize(model, d, config)
+    r = qtool.quantize(model, d, config, val_data=v)
     r.save(output, plan_out)
     echo(f"wrote {output}" + (f" and plan {plan_out}" if plan_out else ""))
     for line in r.lines():
         echo(line)
     for k, m in r.report.outputs.items():
         echo("vs FP32 on calibration samples: " + m.line(k))
+    if r.control is not None and not r.control.met:
+        click.echo(f"qtool: warning: the accuracy budget is not met ({r.control.stop}): "
+                   f"final {r.control.metric} drop {r.control.final_drop:.2f} {r.control.unit}, budget "
+                   f"{r.control.budget:g} {r.control.unit}", err=True)
     if report_out:
         r.report.save(report_out)
         from rich.console import Console

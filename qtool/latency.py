@@ -440,3 +440,15 @@ def bench(models: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig
                 "eps": ep_names, "batches": batch_list, "onnxruntime": ort.__version__,
                 "available_providers": ort.get_available_providers()}
     return BenchReport(tuple(rows), settings)
+
+
+def median_latency_ms(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 2,
+                      warmup: int = 5, runs: int = 30, min_time_s: float = 0.0) -> dict[str, float]:
+    """Median latency (ms) of each model on the CPU EP for one given feed, the models interleaved as in
+    `bench` (same session settings); the accuracy control times its candidate graphs with it."""
+    sessions = {k: _session(m.SerializeToString(), "cpu", threads) for k, m in models.items()}
+    times, failed = _measure(sessions, {k: feed for k in sessions}, warmup, runs, min_time_s, lambda: None)
+    if failed:
+        k = next(iter(failed))
+        raise QtoolError(f"onnxruntime cannot run {k}: {failed[k]}")
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}

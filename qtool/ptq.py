@@ -31,6 +31,7 @@ from qtool.errors import QtoolError
 from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
 from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, reachable_pair_sums, saturates
 from qtool.plan import QuantPlan, TensorQuant, range_quant, scale_of
+from qtool.control_config import check_control_config
 from qtool.refine_config import check_refine_config, needs_refine
 from qtool.rescale import check_rescale_config, needs_rescale, rescale
 
@@ -84,12 +85,20 @@ class QuantConfig:
     adaround_iters: int = 500  # optimization steps per layer
     adaround_samples: int = 256  # calibration samples the layers are reconstructed on
     bias_correction: bool = False  # empirical: each quantized Conv/Gemm's output mean per channel = FP32's
-    time_budget_s: float | None = None  # bound on the refinements' wall time (None: no bound)
+    time_budget_s: float | None = None  # bound on the refinements' / the accuracy control's wall time (None: no bound)
     seed: int = 0
     # Equivalent FP32 rescalings before calibration (qtool.rescale): cross-layer equalization of Conv pairs,
     # SmoothQuant of LayerNorm -> MatMul/Gemm with this alpha (None: off).
     equalize: bool = False
     smoothquant: float | None = None
+    # Accuracy control (qtool.accuracy_control): per quantization unit float / int8 / w4a8 (target "cpu"), raised
+    # from weight_bits until the budget holds on evaluation data disjoint from the calibration samples.
+    max_drop: float | None = None  # percentage points of top-1 (labels) or of top-1 agreement with FP32
+    min_sqnr_db: float | None = None  # metric "sqnr": the worst output's SQNR vs FP32 must reach this
+    metric: str = "auto"  # auto (top1 with labels, else agreement for class scores) | top1 | agreement | sqnr
+    target: str = "cpu"  # where the model runs: decides the per-unit choices and whose latency is measured
+    eval_size: int | None = None  # evaluation samples (None: the whole val split / every non-calibration sample)
+    candidates: int = 4  # units measured on onnxruntime per greedy step (the cheapest-ranked most sensitive)
 
     def __post_init__(self):
         if self.weight_bits is None:
@@ -147,6 +156,7 @@ class QuantConfig:
             raise QtoolError(f"max_batches must be a positive integer or None, got {self.max_batches!r}")
         check_refine_config(self)
         check_rescale_config(self)
+        check_control_config(self)
 
 
 # -- plan ----------------------------------------------------------------------------------------

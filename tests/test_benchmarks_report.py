@@ -37,6 +37,8 @@ def probe(kind: str, d: dict) -> str:
         return f"{d['bits']['W4A8']['qtool adaround']['top1'] * 100:.2f}"
     if kind == "nbits":
         return f"{d['models']['bert']['variants']['qtool_gptq']['sqnr']['min_sqnr_db']:.2f}"
+    if kind == "accuracy_control":
+        return f"{d['rows']['qtool --bits w4a8 --max-drop 0.5']['top1']['held_out'] * 100:.2f}"
     raise AssertionError(kind)
 
 

@@ -1,0 +1,157 @@
+"""Accuracy-aware PTQ side by side: qtool's `--max-drop` (per unit float / int8 / w4a8, latency-aware) vs NNCF's
+`quantize_with_accuracy_control` (W8A8 with float fallback), on the trained ResNet-20, the same images.
+
+    python -m benchmarks accuracy_control [--quick] [--nncf-python /work/venvs/nncf/bin/python]
+    # writes benchmarks/results/accuracy_control.{json,md} (--quick: a smoke run, flagged as such inside)
+
+The model is benchmarks/models/resnet20_cifar10.onnx, BN-folded by `qtool fuse`; both tools get that graph.
+512 calibration images of the train split (`qtool.data.calib_inputs`, NNCF: subset_size 512 of the same
+images). The validation slice (5k images; --quick: 500) is cut in two halves: the accuracy control of both
+tools tunes on the first ("control" columns), and every model is also scored on the second, which neither
+tool saw ("held-out" columns). Rows: uniform W8A8 and W4A8 (qtool, mse calibration), qtool
+`--bits w4a8 --max-drop 0.5` and `--bits w8a8 --max-drop 0.5`, and NNCF 3.4 (ONNX backend, run as a
+subprocess by the NNCF environment's interpreter, benchmarks/nncf_driver.py) with max_drop=0.005 (absolute,
+top-1 in [0, 1]: the same 0.5 pp) and its defaults otherwise. Top-1 on onnxruntime; latency: median, batch 1,
+2 threads, every model interleaved in one measurement (`qtool.latency.median_latency_ms`); size: the ONNX
+file (int8 containers), and for 4-bit weights also packed as INT4 (`export --int4-weights on`); wall time of
+each quantization in one process (NNCF: measured inside its driver, without its imports).
+Without the shared CIFAR-10 archive (or QTOOL_CIFAR) it prints why and exits 0 having written nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from benchmarks.common import MODELS, cifar_spec, write_result
+from exporters.qdq import apply_plan
+from qtool.api import quantize
+from qtool.data import calib_inputs, model_image_input
+from qtool.evaluation import run_feeds
+from qtool.exporting import ExportConfig, export_model
+from qtool.feeds import feeds_for
+from qtool.fusion import fuse
+from qtool.io import load_model
+from qtool.latency import median_latency_ms
+from qtool.ptq import QuantConfig, quantize_plan
+
+NNCF_PYTHON = os.environ.get("QTOOL_NNCF_PYTHON", "/work/venvs/nncf/bin/python")
+DRIVER = Path(__file__).resolve().parent / "nncf_driver.py"
+MAX_DROP_PP = 0.5
+N_CAL = 512
+
+
+def timed(f):
+    t = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t
+
+
+def top1(model: onnx.ModelProto, fs) -> float:
+    return float(np.mean(next(iter(run_feeds(model, fs).values())).argmax(1) == fs.labels))
+
+
+def run_nncf(python: str, fused: Path, calib: Path, val: Path, out: Path) -> dict:
+    cmd = [python, str(DRIVER), str(fused), str(calib), str(val), str(out), "--max-drop", str(MAX_DROP_PP / 100),
+           "--subset-size", str(N_CAL)]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"], "wall_s_subprocess": wall}
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"seconds": info["seconds"], "wall_s_subprocess": wall, "validation_calls": info["validation_calls"],
+            "validation_s": info["validation_s"], "nncf": info["nncf"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks accuracy_control", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 500 val images (250 control / 250 held out)")
+    ap.add_argument("--nncf-python", default=NNCF_PYTHON, help="interpreter of the environment with nncf")
+    ap.add_argument("--runs", type=int, default=None, help="timed latency runs per model (default 300; quick 50)")
+    args = ap.parse_args(argv)
+    spec = cifar_spec()
+    if spec is None:
+        print("accuracy_control: skipped, it needs the shared CIFAR-10 archive (or QTOOL_CIFAR)", file=sys.stderr)
+        return 0
+    t_all = time.perf_counter()
+    n_val = 500 if args.quick else None
+    fp32 = load_model(MODELS / "resnet20_cifar10.onnx")
+    fused = fuse(fp32)[0]
+    calib = list(calib_inputs(fp32, spec, n=N_CAL, batch_size=64))
+    val = feeds_for(fused, spec, "val", limit=n_val)
+    half = len(val) // 2
+    ctl, held = val.head(half), val.subset(np.arange(half, len(val)))
+    out = {"model": "resnet20_cifar10", "quick": args.quick, "calibration_images": N_CAL, "control_images": len(ctl),
+           "held_out_images": len(held), "max_drop_pp": MAX_DROP_PP,
+           "nncf_available": Path(args.nncf_python).exists(), "rows": {}}
+    models: dict[str, onnx.ModelProto] = {"FP32": fused}
+    fp = {"control": top1(fused, ctl), "held_out": top1(fused, held)}
+    out["fp32_top1"] = fp
+
+    def record(tool, model, seconds, **extra):
+        models[tool] = model
+        t = {"control": top1(model, ctl), "held_out": top1(model, held)}
+        out["rows"][tool] = {"top1": t, "drop_pp": {k: (fp[k] - t[k]) * 100 for k in t},
+                             "size_bytes": model.ByteSize(), "seconds": seconds, **extra}
+        print(f"[accuracy_control] {tool}: top-1 {t['control'] * 100:.2f} / {t['held_out'] * 100:.2f} % "
+              f"(control / held-out), {seconds:.1f} s", file=sys.stderr, flush=True)
+        write_result("accuracy_control", out, table="accuracy_control")
+
+    def int4_bytes(tuned, plan) -> int:
+        return export_model(tuned, plan, ExportConfig(format="qdq", int4="on")).report.size_bytes
+
+    for key, w in (("qtool W8A8 (uniform)", 8), ("qtool W4A8 (uniform)", 4)):
+        (tuned, plan), t = timed(lambda: quantize_plan(fused, calib, QuantConfig(weight_bits=w, calib="mse")))
+        extra = {"int4_packed_bytes": int4_bytes(tuned, plan)} if w == 4 else {}
+        record(key, apply_plan(tuned, plan), t, **extra)
+    for bits, w in (("w4a8", 4), ("w8a8", 8)):
+        cfg = QuantConfig(weight_bits=w, calib="mse", max_drop=MAX_DROP_PP)
+        r, t = timed(lambda: quantize(fused, calib, cfg, val_data=ctl))
+        c = r.control
+        extra = {"int4_packed_bytes": int4_bytes(r.fused, r.plan)} if w == 4 else {}
+        record(f"qtool --bits {bits} --max-drop {MAX_DROP_PP:g}", r.model, t, choices=c.counts(), met=c.met,
+               raises=[f"{s.unit} {s.frm}->{s.to}" for s in c.steps], evaluations=c.evaluations,
+               control_latency_ms=c.latency_ms, float_units=[u.unit for u in c.units if u.choice == "float"], **extra)
+    if out["nncf_available"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            paths = {k: tmp / f"{k}.{e}" for k, e in (("fused", "onnx"), ("calib", "npz"), ("val", "npz"),
+                                                      ("q", "onnx"))}
+            onnx.save(fused, paths["fused"])
+            name = model_image_input(fused)[0]
+            np.savez(paths["calib"], x=np.concatenate([b[name] for b in calib]), input=np.array(name))
+            np.savez(paths["val"], x=ctl.arrays[name], labels=ctl.labels)
+            tool = f"NNCF quantize_with_accuracy_control(max_drop={MAX_DROP_PP / 100:g})"
+            res = run_nncf(args.nncf_python, paths["fused"], paths["calib"], paths["val"], paths["q"])
+            if "error" in res:
+                out["rows"][tool] = res
+                print(f"[accuracy_control] {tool}: failed: {res['error']}", file=sys.stderr, flush=True)
+            else:
+                q = onnx.load(paths["q"])
+                n_float = sum(1 for n in q.graph.node if n.op_type in ("Conv", "Gemm"))
+                n_dq_in = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+                quantized = sum(1 for n in q.graph.node if n.op_type in ("Conv", "Gemm") and n.input[0] in n_dq_in)
+                record(tool, q, res.pop("seconds"), units_quantized=quantized, units_float=n_float - quantized, **res)
+    runs = args.runs or (50 if args.quick else 300)
+    feed = next(ctl.batches(1))
+    lat = median_latency_ms(models, feed, threads=2, warmup=10, runs=runs)
+    out["latency"] = {"runs": runs, "threads": 2, "batch": 1}
+    for k, ms in lat.items():
+        (out["rows"][k] if k in out["rows"] else out.setdefault("fp32", {}))["latency_ms"] = ms
+    out["wall_s"] = time.perf_counter() - t_all
+    write_result("accuracy_control", out, table="accuracy_control")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
