@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from qtool.errors import QtoolError
+from qtool.ortgraph import tap_session
 
 log = logging.getLogger(__name__)
 
@@ -283,20 +283,9 @@ def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray
     channel_axes = channel_axes or {}
     graph_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     watch = [t for t in dict.fromkeys([*tensors, *channel_axes]) if t not in graph_inputs]
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = [o.name for o in m.graph.output]
+    existing = [o.name for o in model.graph.output]
     fetch = watch + [o for o in existing if o not in watch] if on_outputs is not None else watch
-    for t in watch:
-        if t not in existing:
-            m.graph.output.append(onnx.ValueInfoProto(name=t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise QtoolError(f"onnxruntime cannot load the model for calibration: {str(e).splitlines()[0]}") from None
+    sess = tap_session(model, watch, "calibration")
     feed_names = [i.name for i in sess.get_inputs()]
     stats = {t: TensorStats(bins, histograms, channel_axes.get(t)) for t in dict.fromkeys(tensors)}
     for t, axis in channel_axes.items():

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from qtool.errors import QtoolError
 from qtool.evaluation import OutputMetrics, compare_outputs, make_session
 from qtool.io import atomic_write_text
+from qtool.ortgraph import tap_session
 from qtool.plan import QuantPlan
 
 COLLAPSE_SQNR_DB = 1.0  # noise about as large as the signal: the output carries (almost) nothing
@@ -62,14 +62,6 @@ class ErrorReport:
         if len(self.tensors) > limit:
             t.add_row(f"... {len(self.tensors) - limit} more in the JSON", "", "", "", "")
         return t
-
-
-def _session_all_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-    return make_session(m, optimize=False)
 
 
 class _Running:
@@ -117,11 +109,11 @@ def error_report(fused: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPla
     acts = [t for t, q in plan.tensors.items() if q.kind == "activation" and t in dq_out] if per_tensor else []
     # With the per-tensor rows, the unoptimized reference run also gives the FP32 outputs.
     if per_tensor or reference is None:
-        ref_sess = _session_all_outputs(fused, acts) if per_tensor else make_session(fused)
+        ref_sess = tap_session(fused, acts, "the error report") if per_tensor else make_session(fused)
         ref_run = lambda feed: dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feed)))  # noqa: E731
     else:
         ref_run = None
-    q_sess = _session_all_outputs(qmodel, [dq_out[t] for t in acts]) if per_tensor else None
+    q_sess = tap_session(qmodel, [dq_out[t] for t in acts], "the error report") if per_tensor else None
     q_run = make_session(qmodel)  # the outputs as onnxruntime deploys the quantized model (integer kernels)
     out_names = [o.name for o in fused.graph.output]
     running = {t: _Running() for t in acts}

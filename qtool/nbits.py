@@ -21,13 +21,13 @@ from dataclasses import asdict
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 import passes
 from passes.dynamic import dynamic_target
 from passes.nbits import BlockWeight, MatMulNBitsPass
 from qtool.blockquant import gptq, rtn
 from qtool.errors import QtoolError
+from qtool.ortgraph import tap_session
 from qtool.plan import QuantPlan
 from qtool.ptq import QuantConfig, excluder
 
@@ -52,17 +52,7 @@ def hessians(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], t
              max_batches: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """({tensor: X^T X / rows}, batches run) of each tensor's rows (its last axis is K) over `batches`."""
     inputs = {i.name for i in model.graph.input}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in inputs and t not in have)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise QtoolError(f"onnxruntime cannot load the model for GPTQ: {str(e).splitlines()[0]}") from None
+    sess = tap_session(model, [t for t in tensors if t not in inputs], "GPTQ")
     feed_names = [i.name for i in sess.get_inputs()]
     fetch = [t for t in tensors if t not in inputs]
     acc: dict[str, np.ndarray] = {}

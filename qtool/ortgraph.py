@@ -99,6 +99,24 @@ class IntegerKernelReport:
         }
 
 
+
+def tap_session(model: onnx.ModelProto, tensors: Iterable[str], purpose: str) -> ort.InferenceSession:
+    """An unoptimized CPU session of `model` that also outputs `tensors` (intermediate values, read by
+    calibration, GPTQ's Hessians, the rescalings' activation maxima and the error report): unoptimized
+    so that no fusion removes a tensor asked for. A model onnxruntime cannot load is a QtoolError naming
+    `purpose` ("calibration", ...)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(tensors) if t not in have)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise QtoolError(f"onnxruntime cannot load the model for {purpose}: {str(e).splitlines()[0]}") from None
+
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Nodes of the graph and of every nested subgraph (If/Loop/Scan bodies)."""
     for node in graph.node:

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 import passes
 from qtool.errors import QtoolError
+from qtool.ortgraph import tap_session
 from qtool.progress import progress
 
 
@@ -75,7 +75,7 @@ def channel_absmax(model: onnx.ModelProto, batches: list, tensors: list[str],
     """Per last-axis channel max |value| of each of `tensors` over `batches`."""
     if not tensors:
         return {}
-    sess = _session(model, tensors)
+    sess = tap_session(model, tensors, "the rescaling")
     feed_names = [i.name for i in sess.get_inputs()]
     n = len(batches) if max_batches is None else min(len(batches), max_batches)
     out: dict[str, np.ndarray] = {}
@@ -92,7 +92,7 @@ def channel_absmax(model: onnx.ModelProto, batches: list, tensors: list[str],
 def check_same_fp32(before: onnx.ModelProto, after: onnx.ModelProto, batch: dict) -> None:
     """Refuse a rescaling that changed what the model computes (a wrong rewrite must not go unnoticed)."""
     names = [o.name for o in before.graph.output]
-    s0, s1 = _session(before, []), _session(after, [])
+    s0, s1 = tap_session(before, [], "the rescaling"), tap_session(after, [], "the rescaling")
     feed = {k.name: np.asarray(batch[k.name]) for k in s0.get_inputs()}
     for name, a, b in zip(names, s0.run(names, feed), s1.run(names, feed)):
         if not np.issubdtype(np.asarray(a).dtype, np.floating) or not np.isfinite(a).all():
@@ -103,15 +103,3 @@ def check_same_fp32(before: onnx.ModelProto, after: onnx.ModelProto, batch: dict
             raise QtoolError(f"equalize / smoothquant changed FP32 output {name!r} by {err:.2e} (relative L2); "
                              "this is a bug in the rescaling, please report it")
 
-
-def _session(model: onnx.ModelProto, extra_outputs: list[str]) -> ort.InferenceSession:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in extra_outputs:
-        if t not in have:
-            m.graph.output.append(onnx.ValueInfoProto(name=t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
