@@ -356,16 +356,21 @@ def load_dataset(spec: str, split: str = "train", val_size: int | None = None) -
     if "train" not in splits:
         raise QtoolError(f"data {spec!r} has no training images")
     x, y = splits["train"]
-    n = len(y)
+    idx = split_indices(len(y), split, val_size)
+    return ImageDataset(x[idx], y[idx], classes, pre)
+
+
+def split_indices(n: int, split: str, val_size: int | None = None) -> np.ndarray:
+    """The sample indices of the "train" or "val" part of n samples: the val slice is the last `val_size`
+    (default 10 %, 5000 from 40000 samples) of a fixed-seed permutation. Val keeps the permutation's order,
+    so any prefix (--val-limit, quick runs) is a random sample rather than the first classes of a
+    class-ordered folder; train is sorted (its order is shuffled later)."""
     if val_size is None:
         val_size = 5000 if n >= 40000 else max(1, n // 10)
     if not 0 < val_size < n:
-        raise QtoolError(f"val size {val_size} out of range for {n} training images")
+        raise QtoolError(f"{n} samples cannot be split into train and val (val size {val_size}): give 2 or more")
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-    # val keeps the permutation's order, so any prefix (--val-limit, quick runs) is a random sample
-    # rather than the first classes of a class-ordered folder; train is sorted (order is shuffled later).
-    idx = perm[-val_size:] if split == "val" else np.sort(perm[:-val_size])
-    return ImageDataset(x[idx], y[idx], classes, pre)
+    return perm[-val_size:] if split == "val" else np.sort(perm[:-val_size])
 
 
 def batches(ds: ImageDataset, batch_size: int, pre: Preprocess | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

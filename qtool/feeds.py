@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qtool.data import IMAGE_EXTS
+from qtool.data import IMAGE_EXTS, split_indices
 from qtool.errors import QtoolError
 
 MAX_IMAGES = 100_000
@@ -88,15 +88,7 @@ class FeedSet:
     def split(self, split: str, val_size: int | None = None) -> "FeedSet":
         """The train or val part, as `qtool.data.load_dataset` splits images: the val slice is the last
         `val_size` samples of a fixed-seed permutation (10 %, 5000 from 40000 samples)."""
-        from qtool.data import SPLIT_SEED
-
-        n = len(self)
-        if val_size is None:
-            val_size = 5000 if n >= 40000 else max(1, n // 10)
-        if not 0 < val_size < n:
-            raise QtoolError(f"{n} samples cannot be split into train and val (val size {val_size}): give 2 or more")
-        perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-        return self.subset(perm[-val_size:] if split == "val" else np.sort(perm[:-val_size]))
+        return self.subset(split_indices(len(self), split, val_size))
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for i in range(0, len(self), batch_size):
