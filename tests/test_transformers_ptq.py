@@ -185,3 +185,41 @@ def test_cli_dynamic_without_data_and_its_refusals(tmp_path, capsys):
     assert main(["quantize", str(src), "--activations", "dynamic", "--data", f"npz:{tmp_path / 'd.npz'}",
                  "-o", str(tmp_path / "d.onnx")]) == 0
     assert "vs FP32 on calibration samples" in capsys.readouterr().out
+
+
+def _gelu_mlp(gate_from_x: bool = True) -> onnx.ModelProto:
+    """MatMul -> decomposed GELU (x * (1 + erf(x / sqrt 2)) * 0.5, as torch exports it) -> MatMul; with
+    `gate_from_x=False` the erf reads another tensor, so the Mul is a plain product of two activations."""
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w1"),
+             nh.from_array(rng.normal(0, 0.3, (32, 8)).astype(np.float32), "w2"),
+             nh.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w3"),
+             nh.from_array(np.array(1.4142135, np.float32), "sqrt2"), nh.from_array(np.array(1.0, np.float32), "one"),
+             nh.from_array(np.array(0.5, np.float32), "half")]
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("MatMul", ["x", "w3"], ["o"]),
+             h.make_node("Div", ["a" if gate_from_x else "o", "sqrt2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+             h.make_node("Add", ["e", "one"], ["g"]), h.make_node("Mul", ["a", "g"], ["p"], name="gate"),
+             h.make_node("Mul", ["p", "half"], ["q"]), h.make_node("MatMul", ["q", "w2"], ["y"])]
+    g = h.make_graph(nodes, "gelu", [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 8])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("gate_from_x", [True, False])
+def test_decomposed_gelu_stays_float_but_other_products_are_quantized(gate_from_x):
+    m = _gelu_mlp(gate_from_x)
+    x = np.random.default_rng(1).normal(0, 1, (64, 16)).astype(np.float32)
+    r = qtool.quantize(m, [{"x": x}], qtool.QuantConfig(calib="minmax"))
+    gate = next(n for n in r.model.graph.node if n.name == "gate")
+    producers = {o: n.op_type for n in r.model.graph.node for o in n.output}
+    # "a" is the first MatMul's output, quantized for its integer kernel either way; the gate (1 + erf) and
+    # the product are quantized only where the Mul is a plain product of two activations.
+    assert producers[gate.input[0]] == "DequantizeLinear"
+    assert (producers.get(gate.input[1]) == "DequantizeLinear") == (not gate_from_x)
+    readers = [n.op_type for n in r.model.graph.node if gate.output[0] in n.input]
+    assert ("QuantizeLinear" in readers) == (not gate_from_x)
+    # every live MatMul integer either way (the x @ w3 branch is dead when the erf reads "a")
+    assert integer_kernel_report(r.model).integer_compute == (2 if gate_from_x else 3)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert compare_outputs(ref, got).sqnr_db > 25
