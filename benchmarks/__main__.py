@@ -1,10 +1,12 @@
 """python -m benchmarks run [--quick]: the benchmark suite (benchmarks/suite.py);
 python -m benchmarks zoo [--quick]: the model zoo vs onnxruntime's tools (benchmarks/zoo.py);
+python -m benchmarks qat_zoo [--quick]: QAT (distill) on the zoo (benchmarks/qat_zoo.py);
 python -m benchmarks results: benchmarks/RESULTS.md from the JSON results (benchmarks/report.py)."""
 import sys
 
 USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
          "       python -m benchmarks zoo [--quick] [--models a,b] [--workdir DIR]\n"
+         "       python -m benchmarks qat_zoo [--quick] [--models a,b] [--epochs E] [--batch B]\n"
          "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]\n"
          "       python -m benchmarks lowbit [--quick] [--iters N]")
 
@@ -17,6 +19,10 @@ if cmd == "zoo":
     from benchmarks import zoo
 
     sys.exit(zoo.main(sys.argv[2:]))
+if cmd == "qat_zoo":
+    from benchmarks import qat_zoo
+
+    sys.exit(qat_zoo.main(sys.argv[2:]))
 if cmd == "lowbit":
     from benchmarks import lowbit
 
