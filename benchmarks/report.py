@@ -423,10 +423,59 @@ def accuracy_control_table(d: dict) -> str:
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
+def _qz_db(r: dict, k: str) -> str:
+    return f"{r[k]['min_sqnr_db']:.2f}" if k in r else "—"
+
+
+def qat_zoo_table(d: dict) -> str:
+    """benchmarks.qat_zoo: W8A8 / W4A8 QAT (loss distill, unlabeled) per zoo architecture: SQNR before / after,
+    fake-quant vs onnxruntime steps and argmax agreement, the fidelity gate; the QAT step speed table."""
+    s = d.get("settings") or {}
+    lines = []
+    if d.get("models"):
+        lines += [f"{s.get('train_samples')} unlabeled train samples ({s.get('epochs')} epochs, batch {s.get('batch')}, "
+                  f"loss {s.get('loss')}, {s.get('algo')}), SQNR vs FP32 (worst output, dB) on {s.get('test_samples')} "
+                  "held-out samples; before = `qtool quantize` (PTQ defaults), after = `qtool qat` with the PTQ plan's "
+                  "bits. Fidelity: max |fake-quant - onnxruntime| in quantization steps over the outputs and the "
+                  "lowest argmax agreement, on qat's val split (10 % of the train samples).", ""]
+        rows = []
+        for key, m in d["models"].items():
+            if "error" in m:
+                rows.append([key, "—", ("not run: " if m["error"].startswith("no bits") else "failed: ") + m["error"][:120], "", "", "", "", "", ""])
+                continue
+            for bits in m.get("incomplete") and [b for b in ("w8a8", "w4a8") if b not in m["bits"]] or []:
+                rows.append([key, bits, "—", "not run: " + "; ".join(m["incomplete"])[:100], "", "", "", "", ""])
+            for bits, r in m["bits"].items():
+                f = r.get("fidelity") or {}
+                q = r["qat_step"]
+                ag = f.get("min_argmax_agreement")
+                rows.append([key, bits, _qz_db(r, "before") if "before" in r else "failed: " + r["ptq_step"].get("error", "")[:80],
+                             _qz_db(r, "after") if "after" in r else "failed: " + q.get("error", "")[:120],
+                             "—" if f.get("max_steps") is None else f"{f['max_steps']:.2f}",
+                             "—" if ag is None else f"{ag * 100:.1f}", f.get("gate", "—"), q["rc"], "—" if q.get("seconds") is None else f"{q['seconds']:.0f}"])
+        lines += _table(["model", "bits", "SQNR before (PTQ)", "SQNR after (QAT)", "max steps", "argmax agree %",
+                         "gate", "qat exit", "qat s"], rows)
+        sm = d.get("summary") or {}
+        lines += ["", f"QAT exit 0 in {sm.get('qat_exit_0')} of {sm.get('runs')} runs; gate passed in "
+                      f"{sm.get('gate_passed')}; 0 steps in {sm.get('zero_steps')}; SQNR improved in {sm.get('improved')}."]
+    sp = d.get("speed")
+    if sp:
+        lines += ["", sp.get("note", ""), ""]
+        rows = [[r["model"], r["batch"], r["variant"], "—" if r.get("step_s") is None else f"{r['step_s']:.3f}",
+                 "—" if r.get("compile_s") is None else f"{r['compile_s']:.0f}",
+                 "—" if r.get("vs_eager") is None else f"{r['vs_eager']:.2f}",
+                 "—" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.2g}",
+                 "—" if r.get("fp32_max_abs_diff") is None else f"{r['fp32_max_abs_diff']:.2g}", r.get("error", "")[:100]]
+                for r in sp["rows"]]
+        lines += _table(["model", "batch", "variant", "train step s (median)", "compile s", "vs eager",
+                         "max |out - eager| fake-quant", "FP32", "error"], rows)
+    return "\n".join(lines + ["", _machine(d)]) + "\n"
+
+
 RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
           "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table, "zoo": zoo_table,
           "lowbit": lowbit_table, "nbits": nbits_table,
-          "accuracy_control": accuracy_control_table}
+          "accuracy_control": accuracy_control_table, "qat_zoo": qat_zoo_table}
 
 
 def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
@@ -485,6 +534,12 @@ SECTIONS = (
             "`quant_pre_process`: integer-kernel coverage, worst-output SQNR vs FP32 on held-out feeds, batch-1 "
             "latency, quantize wall time; text / audio models also with dynamic activations vs `quantize_dynamic`.",
             (("zoo", "python -m benchmarks zoo"),)),
+    Section("qat_zoo", "QAT on the model zoo: distillation on unlabeled inputs",
+            "W8A8 and W4A8 `qtool qat --loss distill` of the zoo's architectures on unlabeled npz feeds: worst-output "
+            "SQNR vs FP32 on held-out samples before (PTQ) and after QAT, the run's fake-quant vs onnxruntime "
+            "difference in quantization steps and argmax agreement, the fidelity gate and exit codes; and the "
+            "wall time of a fake-quant QAT training step of ResNet-50 and ViT-S with the PyTorch options tried.",
+            (("qat_zoo", "python -m benchmarks qat_zoo"),)),
     Section("calibration", "Calibration methods: qtool vs onnxruntime quantize_static",
             "Each calibration method (minmax, percentile, entropy, mse) of qtool and of onnxruntime's `quantize_static` "
             "on the trained ResNet-20 with the same calibration images: top-1 on onnxruntime and quantize wall time "

@@ -33,6 +33,9 @@ def probe(kind: str, d: dict) -> str:
         return f"{d['dynamic']['acc_ort'] * 100:.2f}"
     if kind == "zoo":
         return f"{d['summary']['latency_geomean_qtool_over_ort']:.3f}"
+    if kind == "qat_zoo":
+        r = next(r for m in d["models"].values() for r in m.get("bits", {}).values() if "before" in r)
+        return f"{r['before']['min_sqnr_db']:.2f}"
     if kind == "lowbit":
         return f"{d['bits']['W4A8']['qtool adaround']['top1'] * 100:.2f}"
     if kind == "nbits":
