@@ -166,7 +166,7 @@ def test_bad_config(kw, msg):
 @pytest.mark.parametrize("args,msg", [
     (["--adaround-iters", "0"], "adaround_iters must be an integer >= 1"),
     (["--time-budget", "-1"], "time_budget_s must be a number of seconds > 0"),
-    (["--algo", "brecq"], "Invalid value for '--algo'"),
+    (["--algo", "obq"], "Invalid value for '--algo'"),
 ])
 def test_cli_invalid_options_exit_2(tmp_path, capsys, args, msg):
     src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
