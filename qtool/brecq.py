@@ -52,7 +52,8 @@ from qtool.quant_points import quant_points
 __all__ = ["Block", "BrecqBlock", "BrecqReport", "blocks", "brecq"]
 
 MAX_BLOCK_LAYERS = 4
-ACT_LR = 1e-3  # Adam on u (s = s0 exp(u)): relative steps of ~0.1 %, a few tens of % over some hundred steps
+ACT_LR = 1e-3  # Adam on u (s = s0 exp(u)). ResNet-20 W4A4 (2k val): 83.35 % at 1e-3 / 300 it, 83.75 % at 1e-2 / 200 it;
+# the tiny test net's logits get worse at 1e-2: kept at 1e-3 until a longer comparison decides
 PROPAGATE_BATCH = 64
 _TRAILING = ("Relu", "Clip")
 
