@@ -43,7 +43,7 @@ from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
 from qtool.progress import progress
 
-__all__ = ["AdaRoundLayer", "AdaRoundReport", "adaround"]
+__all__ = ["AdaRoundLayer", "AdaRoundReport", "Rounding", "adaround", "beta_at", "recon_error"]
 
 ZETA, GAMMA = 1.1, -0.1
 REG_WEIGHT = 0.01
@@ -95,13 +95,14 @@ def _init_v(frac: torch.Tensor) -> torch.Tensor:
     return torch.log(p / (1 - p))
 
 
-def _beta(it: int, iters: int) -> float:
+def beta_at(it: int, iters: int) -> float:
+    """The regularizer's exponent at step `it` (cosine from BETA_START to BETA_END after the warm start)."""
     warm = WARM_START * iters
     rel = (it - warm) / max(iters - warm, 1)
     return BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(rel * math.pi))
 
 
-class _Rounding:
+class Rounding:
     """The soft / hard rounded weight of one layer."""
 
     def __init__(self, w: torch.Tensor, scale: torch.Tensor, axis: int | None, qmin: int, qmax: int):
@@ -114,6 +115,10 @@ class _Rounding:
     def soft(self) -> torch.Tensor:
         return self.s * torch.clamp(self.floor + _h(self.v), self.qmin, self.qmax)
 
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """sum(1 - |2 h(V) - 1|^beta): pushes every h(V) to 0 or 1."""
+        return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
+
     @torch.no_grad()
     def hard_codes(self) -> torch.Tensor:
         return torch.clamp(self.floor + (self.v >= 0).to(self.floor.dtype), self.qmin, self.qmax)
@@ -123,7 +128,7 @@ def _layer_out(layer: Layer, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
     return layer.activation(run_op(layer.op, layer.attrs, False, *layer.inputs(x, w, b)))
 
 
-def _recon(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def recon_error(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels (axis 1, or the last axis of a Gemm / MatMul output), mean elsewhere."""
     d = (y - target) ** 2
     return d.sum(1).mean() if y.dim() > 2 else d.sum(-1).mean()
@@ -131,7 +136,7 @@ def _recon(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _mse(layer: Layer, xs: list, ts: list, w: torch.Tensor, b: torch.Tensor | None) -> float:
-    total = sum(float(_recon(_layer_out(layer, x, w, b), t)) * len(x) for x, t in zip(xs, ts))
+    total = sum(float(recon_error(_layer_out(layer, x, w, b), t)) * len(x) for x, t in zip(xs, ts))
     return total / sum(len(x) for x in xs)
 
 
@@ -188,7 +193,7 @@ def _round_layer(layer: Layer, lq, lf, plan: QuantPlan, inputs: dict, iters: int
     x_all, t_all = torch.cat(xs), torch.cat(ts)
     w = lq.tensor(layer.w).detach().clone().float()
     b = lq.tensor(layer.b).detach() if layer.b is not None else None
-    r = _Rounding(w, torch.tensor(tq.scale, dtype=torch.float32), _axis(plan, layer.w), qmin, qmax)
+    r = Rounding(w, torch.tensor(tq.scale, dtype=torch.float32), _axis(plan, layer.w), qmin, qmax)
     opt = torch.optim.Adam([r.v], lr=LR)
     n = len(x_all)
     done = 0
@@ -197,9 +202,9 @@ def _round_layer(layer: Layer, lq, lf, plan: QuantPlan, inputs: dict, iters: int
             break
         idx = torch.randint(n, (min(BATCH, n),), generator=gen)
         y = _layer_out(layer, x_all[idx], r.soft(), b)
-        loss = _recon(y, t_all[idx])
+        loss = recon_error(y, t_all[idx])
         if it >= WARM_START * iters:
-            loss = loss + REG_WEIGHT * (1 - (2 * _h(r.v) - 1).abs().pow(_beta(it, iters))).sum()
+            loss = loss + REG_WEIGHT * r.regularizer(beta_at(it, iters))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -178,14 +178,21 @@ def fuse(model, output, no_onnxsim, verbose):
 
 
 def refine_options(f):
-    """quantize's post-training refinements (QuantConfig.algo, adaround_*, bias_correction, time_budget_s, seed)."""
+    """quantize's post-training refinements (QuantConfig.algo, adaround_*, tune_activations, bias_correction,
+    time_budget_s, seed)."""
     opts = [
-        click.option("--algo", default="none", show_default=True, type=click.Choice(["none", "adaround", "gptq"]),
+        click.option("--algo", default="none", show_default=True,
+                     type=click.Choice(["none", "adaround", "brecq", "gptq"]),
                      help="adaround: learned up/down rounding of the weights, layer by layer, on the calibration data; "
+                          "brecq: the same, block by block (residual blocks), each block's output reconstructed; "
                           "gptq (with --activations none): Hessian-based rounding of the 4-bit blocks from --data"),
-        click.option("--adaround-iters", default=500, show_default=True, type=int, help="optimization steps per layer"),
+        click.option("--adaround-iters", default=500, show_default=True, type=int,
+                     help="optimization steps per layer (adaround) / per block (brecq)"),
         click.option("--adaround-samples", default=256, show_default=True, type=int,
-                     help="calibration samples the layers are reconstructed on (adaround, bias correction)"),
+                     help="calibration samples the layers are reconstructed on (adaround, brecq, bias correction)"),
+        click.option("--tune-activations", is_flag=True,
+                     help="--algo brecq: also learn the activation scales of each block (LSQ gradient, from the "
+                          "calibrated ones), written into the plan"),
         click.option("--bias-correction", is_flag=True,
                      help="empirical bias correction: each quantized Conv/Gemm's output mean per channel = FP32's"),
         click.option("--time-budget", "time_budget_s", default=None, type=float, metavar="SECONDS",

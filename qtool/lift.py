@@ -393,9 +393,18 @@ class LiftedModule(nn.Module):
         for name, key in qk.items():
             if name in env:
                 env[name] = qmods[key](env[name])
+        self.run_steps(env)
+        result = tuple(env[o] for o in self.output_names)
+        return result[0] if len(result) == 1 else result
+
+    def run_steps(self, env: dict[str, torch.Tensor], start: int = 0, stop: int | None = None) -> dict:
+        """Run steps `start:stop` (step_table order) over `env` (tensor name -> value, updated in place
+        and returned), each output through its quantizer: a part of the graph, as forward runs it
+        (block-wise reconstruction, qtool.brecq, runs one block at a time this way)."""
+        qk, qmods = self._quant_key, self.quantizers
         training = self.training
         overrides = {} if training else self._override_key
-        for run, attrs, ins, outs in self._steps:
+        for run, attrs, ins, outs in self._steps[start:stop]:
             ov = overrides.get(outs[0]) if overrides else None
             if ov is not None:
                 y = self.eval_overrides[ov](*[env[t] if t else None for t in ins])
@@ -411,8 +420,7 @@ class LiftedModule(nn.Module):
                     key = qk.get(o)
                     if key is not None:
                         env[o] = qmods[key](env[o])
-        result = tuple(env[o] for o in self.output_names)
-        return result[0] if len(result) == 1 else result
+        return env
 
 
 def _set_keyed(store: nn.ModuleDict, keys: dict[str, str], taken: set[str], name: str, module: nn.Module | None,

@@ -80,10 +80,12 @@ class QuantConfig:
     # pair-safe (always: for a model deployed on x86 without VNNI), full (plain max scaling).
     weight_range: str = "auto"
     # Post-training refinements (qtool.adaround, qtool.biascorr), after calibration, on the calibration data.
-    # none | adaround (learned weight rounding) | gptq (weight-only: Hessian-based rounding, activations="none")
+    # none | adaround (learned weight rounding, layer by layer) | brecq (the same, block by block: qtool.brecq)
+    # | gptq (weight-only: Hessian-based rounding, activations="none")
     algo: str = "none"
-    adaround_iters: int = 500  # optimization steps per layer
-    adaround_samples: int = 256  # calibration samples the layers are reconstructed on
+    adaround_iters: int = 500  # optimization steps per layer (adaround) / per block (brecq)
+    adaround_samples: int = 256  # calibration samples the layers / blocks are reconstructed on
+    tune_activations: bool = False  # brecq: learn the plan's activation scales with the rounding (LSQ gradient)
     bias_correction: bool = False  # empirical: each quantized Conv/Gemm's output mean per channel = FP32's
     time_budget_s: float | None = None  # bound on the refinements' / the accuracy control's wall time (None: no bound)
     seed: int = 0
@@ -138,8 +140,9 @@ class QuantConfig:
                                  f"got weight_bits={self.weight_bits}")
             if self.format != "qdq":
                 raise QtoolError("activations='none' writes MatMulNBits nodes; format must stay qdq")
-            if self.algo == "adaround" or self.bias_correction:
-                raise QtoolError("adaround / bias_correction refine static quantization; with activations='none' "
+            if self.algo in ("adaround", "brecq") or self.bias_correction:
+                raise QtoolError(f"{self.algo if self.algo != 'none' else 'bias_correction'} refines static "
+                                 "quantization; with activations='none' "
                                  "use algo='gptq' (or 'none': round to nearest)")
         elif self.algo == "gptq":
             raise QtoolError(f"algo='gptq' is weight-only: it needs activations='none', got {self.activations!r}")

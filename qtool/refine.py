@@ -1,7 +1,8 @@
 """The post-training refinements of `qtool quantize`, in order: learned rounding (`algo="adaround"`,
-qtool.adaround), then empirical bias correction (`bias_correction`, qtool.biascorr) measured on the
-model with the learned rounding. One time budget bounds both; what each did is logged and recorded in
-the plan's meta under "refine"."""
+qtool.adaround, layer by layer; `algo="brecq"`, qtool.brecq, block by block, with `tune_activations` also
+the plan's activation scales), then empirical bias correction (`bias_correction`, qtool.biascorr) measured
+on the model with the learned rounding. One time budget bounds both; what each did is logged and recorded
+in the plan's meta under "refine"."""
 from __future__ import annotations
 
 import logging
@@ -11,13 +12,15 @@ import onnx
 
 from qtool.adaround import adaround
 from qtool.biascorr import bias_correct
+from qtool.brecq import brecq
 from qtool.plan import QuantPlan
 
 log = logging.getLogger(__name__)
 
 
 def refine(model: onnx.ModelProto, plan: QuantPlan, calib_batches: list, config) -> onnx.ModelProto:
-    """The fused `model` with refined weights / biases for `plan` (whose scales stay as they are)."""
+    """The fused `model` with refined weights / biases for `plan` (whose scales stay as they are, except
+    the activation scales `algo="brecq"` with `tune_activations` learns: written into `plan`)."""
     t0 = time.perf_counter()
     budget = config.time_budget_s
     notes: dict = {}
@@ -29,6 +32,16 @@ def refine(model: onnx.ModelProto, plan: QuantPlan, calib_batches: list, config)
                              "layers_kept_nearest": [r.weight for r in rep.layers if r.kept == "nearest"],
                              "layers_skipped_time_budget": rep.skipped, "samples": rep.samples,
                              "iterations": config.adaround_iters, "seconds": round(rep.seconds, 3)}
+        lines = rep.lines()
+    elif config.algo == "brecq":
+        tuned, rep = brecq(model, plan, calib_batches, iters=config.adaround_iters, samples=config.adaround_samples,
+                           tune_activations=config.tune_activations, time_budget_s=budget, seed=config.seed)
+        notes["brecq"] = {"blocks_learned": sum(b.kept == "learned" for b in rep.blocks),
+                          "blocks_kept_start": [b.weights for b in rep.blocks if b.kept == "start"],
+                          "blocks_skipped_time_budget": rep.skipped, "samples": rep.samples,
+                          "iterations": config.adaround_iters, "tune_activations": config.tune_activations,
+                          "activations_tuned": [a for b in rep.blocks if b.kept == "learned" for a in b.activations],
+                          "seconds": round(rep.seconds, 3)}
         lines = rep.lines()
     else:
         lines = []

@@ -1,10 +1,10 @@
-"""Validation of QuantConfig's post-training refinement fields (algo, adaround_*, bias_correction,
-time_budget_s, seed), kept apart from qtool.ptq so the refinements stay one separable piece; torch-free."""
+"""Validation of QuantConfig's post-training refinement fields (algo, adaround_*, tune_activations,
+bias_correction, time_budget_s, seed), kept apart from qtool.ptq so the refinements stay one separable piece; torch-free."""
 from __future__ import annotations
 
 from qtool.errors import QtoolError
 
-ALGOS = ("none", "adaround", "gptq")  # gptq: weight-only (activations="none") only
+ALGOS = ("none", "adaround", "brecq", "gptq")  # gptq: weight-only (activations="none") only
 
 
 def _int(v) -> bool:
@@ -18,6 +18,11 @@ def check_refine_config(c) -> None:
         raise QtoolError(f"adaround_iters must be an integer >= 1, got {c.adaround_iters!r}")
     if not _int(c.adaround_samples) or c.adaround_samples < 1:
         raise QtoolError(f"adaround_samples must be an integer >= 1, got {c.adaround_samples!r}")
+    if not isinstance(c.tune_activations, bool):
+        raise QtoolError(f"tune_activations must be true or false, got {c.tune_activations!r}")
+    if c.tune_activations and c.algo != "brecq":
+        raise QtoolError(f"tune_activations learns activation scales in the block reconstruction: it needs "
+                         f"algo='brecq', got algo={c.algo!r}")
     if not isinstance(c.bias_correction, bool):
         raise QtoolError(f"bias_correction must be true or false, got {c.bias_correction!r}")
     t = c.time_budget_s
@@ -29,4 +34,4 @@ def check_refine_config(c) -> None:
 
 
 def needs_refine(c) -> bool:
-    return c.algo == "adaround" or c.bias_correction
+    return c.algo in ("adaround", "brecq") or c.bias_correction

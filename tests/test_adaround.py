@@ -149,7 +149,7 @@ def test_bias_correction_reduces_output_mean_error(one_thread):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(algo="brecq"), "algo must be one of none, adaround"),
+    (dict(algo="obq"), "algo must be one of none, adaround, brecq, gptq"),
     (dict(adaround_iters=0), "adaround_iters must be an integer >= 1"),
     (dict(adaround_samples=True), "adaround_samples must be an integer >= 1"),
     (dict(time_budget_s=0), "time_budget_s must be a number of seconds > 0"),
@@ -166,7 +166,7 @@ def test_bad_config(kw, msg):
 @pytest.mark.parametrize("args,msg", [
     (["--adaround-iters", "0"], "adaround_iters must be an integer >= 1"),
     (["--time-budget", "-1"], "time_budget_s must be a number of seconds > 0"),
-    (["--algo", "brecq"], "Invalid value for '--algo'"),
+    (["--algo", "obq"], "Invalid value for '--algo'"),
 ])
 def test_cli_invalid_options_exit_2(tmp_path, capsys, args, msg):
     src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
