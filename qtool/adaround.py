@@ -26,7 +26,6 @@ Deterministic for a seed (batch sampling) unless the time budget cuts it short.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterable
@@ -35,9 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
-from qtool.layerwise import Layer, capture, channel_view, quantized_lift, stack_feeds, weight_layers
+from qtool.layerwise import (Layer, capture, channel_view, quantized_lift, stack_feeds, weight_layers,
+                             with_initializers)
 from qtool.lift import lift
 from qtool.lift_ops import run_op
 from qtool.plan import QuantPlan
@@ -172,11 +171,7 @@ def adaround(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict[str, 
                 learned[layer.w] = w.numpy().astype(np.float32)
             bar.update(task, advance=1, info=f"{layer.w}: x{res.mse_learned / max(res.mse_nearest, 1e-30):.2f}")
     report.seconds = time.perf_counter() - t0
-    out = copy.deepcopy(model)
-    for t in out.graph.initializer:
-        if t.name in learned:
-            t.CopyFrom(numpy_helper.from_array(learned[t.name], t.name))
-    return out, report
+    return with_initializers(model, learned), report
 
 
 def _axis(plan: QuantPlan, name: str) -> int | None:

@@ -30,7 +30,6 @@ Deterministic for a seed unless the time budget cuts it short.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Iterable
@@ -40,10 +39,9 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-from onnx import numpy_helper
 
 from qtool.adaround import BATCH, LR, REG_WEIGHT, WARM_START, Rounding, beta_at, recon_error
-from qtool.layerwise import Layer, PlanQuant, quantized_lift, stack_feeds, weight_layers
+from qtool.layerwise import Layer, PlanQuant, quantized_lift, stack_feeds, weight_layers, with_initializers
 from qtool.lift import LiftedModule, lift
 from qtool.plan import QuantPlan, TensorQuant
 from qtool.progress import progress
@@ -280,11 +278,7 @@ def brecq(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict[str, np.
                 for t in [t for t in env if t not in later]:
                     del env[t]
     report.seconds = time.perf_counter() - t0
-    out = copy.deepcopy(model)
-    for t in out.graph.initializer:
-        if t.name in learned:
-            t.CopyFrom(numpy_helper.from_array(learned[t.name], t.name))
-    return out, report
+    return with_initializers(model, learned), report
 
 
 def _set_group(lq: LiftedModule, plan: QuantPlan, groups: dict, root: str, tq: TensorQuant | None,

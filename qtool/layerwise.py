@@ -15,11 +15,13 @@ Bias quantization (int32, scale s_x s_w) is not simulated here: its error is bel
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 import torch.nn as nn
 
@@ -28,7 +30,8 @@ from qtool.fakequant import FakeQuant
 from qtool.lift import LiftedModule, lift
 from qtool.plan import QuantPlan, TensorQuant
 
-__all__ = ["PlanQuant", "Layer", "quantized_lift", "weight_layers", "stack_feeds", "capture", "channel_view"]
+__all__ = ["PlanQuant", "Layer", "quantized_lift", "weight_layers", "stack_feeds", "capture", "channel_view",
+           "with_initializers"]
 
 CAPTURE_BATCH = 64
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -183,3 +186,12 @@ def channel_view(t: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
     shape = [1] * ndim
     shape[axis] = -1
     return t.reshape(shape)
+
+
+def with_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `arrays` hold those values (a refinement's result)."""
+    out = copy.deepcopy(model)
+    for t in out.graph.initializer:
+        if t.name in arrays:
+            t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return out
