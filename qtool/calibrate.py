@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from qtool.errors import QtoolError
-from qtool.ortgraph import tap_session
+from qtool.ortgraph import tap_runs
 
 log = logging.getLogger(__name__)
 
@@ -281,36 +281,16 @@ def collect_stats(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray
     `channel_axes`: tensors (watched too, min/max only when not in `tensors`) whose per-channel min / max
     along the given axis is tracked as well (`TensorStats.channel_min` / `channel_max`)."""
     channel_axes = channel_axes or {}
-    graph_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-    watch = [t for t in dict.fromkeys([*tensors, *channel_axes]) if t not in graph_inputs]
-    existing = [o.name for o in model.graph.output]
-    fetch = watch + [o for o in existing if o not in watch] if on_outputs is not None else watch
-    sess = tap_session(model, watch, "calibration")
-    feed_names = [i.name for i in sess.get_inputs()]
     stats = {t: TensorStats(bins, histograms, channel_axes.get(t)) for t in dict.fromkeys(tensors)}
     for t, axis in channel_axes.items():
         stats.setdefault(t, TensorStats(bins, False, axis))
+    outputs = [o.name for o in model.graph.output] if on_outputs is not None else []
     n = 0
-    for batch in batches:
-        if max_batches is not None and n >= max_batches:
-            break
-        if not isinstance(batch, dict):
-            raise QtoolError(f"calibration batches must be dicts of input name -> array, got {type(batch).__name__}")
-        missing = [k for k in feed_names if k not in batch]
-        if missing:
-            raise QtoolError(f"calibration batch lacks model inputs {missing}")
-        feed = {k: np.asarray(batch[k]) for k in feed_names}
-        try:
-            outs = dict(zip(fetch, sess.run(fetch, feed)))
-        except Exception as e:
-            raise QtoolError(f"calibration run failed: {str(e).splitlines()[0]}") from None
+    for feed, values in tap_runs(model, batches, [*stats, *outputs], "calibration", max_batches):
         if on_outputs is not None:
-            on_outputs(feed, {k: outs[k] for k in existing})
-        for t in watch:
-            stats[t].update(outs[t])
-        for t in stats:
-            if t in graph_inputs:
-                stats[t].update(feed[t])
+            on_outputs(feed, {k: values[k] for k in outputs})
+        for t, st in stats.items():
+            st.update(values[t])
         n += 1
     if n == 0:
         raise QtoolError("no calibration batches were given")

@@ -27,7 +27,7 @@ from passes.dynamic import dynamic_target
 from passes.nbits import BlockWeight, MatMulNBitsPass
 from qtool.blockquant import gptq, rtn
 from qtool.errors import QtoolError
-from qtool.ortgraph import tap_session
+from qtool.ortgraph import tap_runs
 from qtool.plan import QuantPlan
 from qtool.ptq import QuantConfig, excluder
 
@@ -51,25 +51,10 @@ def weight_inputs(model: onnx.ModelProto, exclude=None) -> dict[str, tuple[int, 
 def hessians(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], tensors: list[str],
              max_batches: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """({tensor: X^T X / rows}, batches run) of each tensor's rows (its last axis is K) over `batches`."""
-    inputs = {i.name for i in model.graph.input}
-    sess = tap_session(model, [t for t in tensors if t not in inputs], "GPTQ")
-    feed_names = [i.name for i in sess.get_inputs()]
-    fetch = [t for t in tensors if t not in inputs]
     acc: dict[str, np.ndarray] = {}
     rows = dict.fromkeys(tensors, 0)
     n = 0
-    for batch in batches:
-        if max_batches is not None and n >= max_batches:
-            break
-        missing = [k for k in feed_names if k not in batch]
-        if missing:
-            raise QtoolError(f"calibration batch lacks model inputs {missing}")
-        feed = {k: np.asarray(batch[k]) for k in feed_names}
-        try:
-            got = dict(zip(fetch, sess.run(fetch, feed)))
-        except Exception as e:
-            raise QtoolError(f"GPTQ calibration run failed: {str(e).splitlines()[0]}") from None
-        got.update({t: feed[t] for t in tensors if t in inputs})
+    for _, got in tap_runs(model, batches, tensors, "GPTQ calibration", max_batches):
         for t in tensors:
             x = np.asarray(got[t], np.float64)
             x = x.reshape(-1, x.shape[-1])

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -116,6 +117,33 @@ def tap_session(model: onnx.ModelProto, tensors: Iterable[str], purpose: str) ->
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise QtoolError(f"onnxruntime cannot load the model for {purpose}: {str(e).splitlines()[0]}") from None
+
+def tap_runs(model: onnx.ModelProto, batches: Iterable[dict], tensors: Iterable[str], purpose: str,
+             max_batches: int | None = None) -> Iterator[tuple[dict, dict]]:
+    """(feed, {tensor: value}) for each of `batches` (at most `max_batches`) run through `tap_session`:
+    `tensors` may name graph inputs (taken from the feed), intermediate tensors and graph outputs. A batch
+    that is not a dict of the model's inputs, or that onnxruntime refuses, is a QtoolError naming `purpose`."""
+    tensors = list(dict.fromkeys(tensors))
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    fetch = [t for t in tensors if t not in inputs]
+    sess = tap_session(model, fetch, purpose)
+    feed_names = [i.name for i in sess.get_inputs()]
+    for n, batch in enumerate(batches):
+        if max_batches is not None and n >= max_batches:
+            return
+        if not isinstance(batch, dict):
+            raise QtoolError(f"{purpose} batches must be dicts of input name -> array, got {type(batch).__name__}")
+        missing = [k for k in feed_names if k not in batch]
+        if missing:
+            raise QtoolError(f"{purpose} batch lacks model inputs {missing}")
+        feed = {k: np.asarray(batch[k]) for k in feed_names}
+        try:
+            values = dict(zip(fetch, sess.run(fetch, feed)))
+        except Exception as e:
+            raise QtoolError(f"{purpose} run failed: {str(e).splitlines()[0]}") from None
+        values.update({t: feed[t] for t in tensors if t in inputs})
+        yield feed, values
+
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Nodes of the graph and of every nested subgraph (If/Loop/Scan bodies)."""

@@ -14,7 +14,7 @@ import onnx
 
 import passes
 from qtool.errors import QtoolError
-from qtool.ortgraph import tap_session
+from qtool.ortgraph import tap_runs, tap_session
 from qtool.progress import progress
 
 
@@ -75,14 +75,12 @@ def channel_absmax(model: onnx.ModelProto, batches: list, tensors: list[str],
     """Per last-axis channel max |value| of each of `tensors` over `batches`."""
     if not tensors:
         return {}
-    sess = tap_session(model, tensors, "the rescaling")
-    feed_names = [i.name for i in sess.get_inputs()]
     n = len(batches) if max_batches is None else min(len(batches), max_batches)
     out: dict[str, np.ndarray] = {}
     with progress() as bar:
         task = bar.add_task("smoothquant maxima", total=n, info="")
-        for batch in batches[:n]:
-            for t, v in zip(tensors, sess.run(tensors, {k: np.asarray(batch[k]) for k in feed_names})):
+        for _, values in tap_runs(model, batches[:n], tensors, "the rescaling"):
+            for t, v in values.items():
                 a = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0).astype(np.float64)
                 out[t] = a if t not in out else np.maximum(out[t], a)
             bar.advance(task)
