@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown models: {', '.join(unknown)} (known: {', '.join(zoo_models.SPECS)})", file=sys.stderr)
         return 2
-    n_cal, n_test, runs = (16, 16, 10) if args.quick else (32, 32, 50)
+    n_cal, n_test, runs = (16, 16, 10) if args.quick else (64, 64, 50)
     t0 = time.perf_counter()
     out: dict = {"models": {}}
     with tempfile.TemporaryDirectory(prefix="qtool-zoo-") as tmp:

@@ -44,7 +44,10 @@ __all__ = ["train", "fuse", "quantize", "qat", "export", "evaluate", "bench", "s
            "QuantizeResult", "load_model", "save_model", "load_dataset"]
 
 ModelLike = onnx.ModelProto | str | os.PathLike
-REPORT_SAMPLES = 256  # calibration samples the per-tensor error report (and the collapse check) runs on
+REPORT_SAMPLES = 256  # calibration samples the per-tensor error report (`--report`) runs on
+# ... and the collapse check with the printed vs-FP32 line otherwise: a collapse shows on a few batches,
+# and running the quantized model on every calibration sample would be most of quantize's time.
+CHECK_SAMPLES = 32
 DataLike = str | Data | tuple[ImageDataset, ImageDataset]
 
 
@@ -176,9 +179,9 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
             qdq, plan = quantize_dynamic(m, config)
         report = ErrorReport([], {}, 0)
         if data is not None:
-            feeds = calibration_feeds(m, data, min(config.calib_size, REPORT_SAMPLES)) \
+            feeds = calibration_feeds(m, data, min(config.calib_size, _report_samples(config))) \
                 if isinstance(data, (str, Data)) else (calib if config.activations == "none" and calib else data)
-            report = error_report(m, qdq, plan, _head(feeds, REPORT_SAMPLES), per_tensor=False)
+            report = error_report(m, qdq, plan, _head(feeds, _report_samples(config)), per_tensor=False)
             if config.check_collapse:
                 check_not_collapsed(report)
         counts = plan.summary_counts()
@@ -192,7 +195,8 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         calib = list(calib)
         tuned, plan, control = accuracy_control(m, calib, eval_set, config, show_progress=progress)
         qdq = apply_plan(tuned, plan)
-        report = error_report(tuned, qdq, plan, _head(calib, REPORT_SAMPLES), per_tensor=config.per_tensor_report)
+        report = error_report(tuned, qdq, plan, _head(calib, _report_samples(config)),
+                              per_tensor=config.per_tensor_report)
         if config.check_collapse:
             check_not_collapsed(report)
         qmodel = qdq if config.format == "qdq" else export_model(tuned, plan, ExportConfig(format=config.format)).model
@@ -204,13 +208,13 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         feeds = calibration_feeds(m, data, config.calib_size)
     else:
         feeds = data
-    # The error report runs on the first calibration batches (up to REPORT_SAMPLES samples), with the
+    # The error report runs on the first calibration batches (up to _report_samples), with the
     # FP32 outputs calibration computed for them as its reference (against the FP32 weights, before any
     # refinement).
     report_feeds, reference = [], []
 
     def keep(feed, outputs):
-        if sum(len(next(iter(f.values()))) for f in report_feeds) < REPORT_SAMPLES:
+        if sum(len(next(iter(f.values()))) for f in report_feeds) < _report_samples(config):
             report_feeds.append(feed)
             reference.append(outputs)
 
@@ -228,6 +232,10 @@ def quantize(model: ModelLike, data: str | Data | Iterable[dict[str, np.ndarray]
         qmodel = export_model(tuned, plan, ExportConfig(format=config.format)).model
     summary = QuantizeSummary(config, plan.summary_counts(), op_counts(m), op_counts(qmodel), fsum)
     return QuantizeResult(qmodel, plan, tuned, summary, report)
+
+
+def _report_samples(config: QuantConfig) -> int:
+    return REPORT_SAMPLES if config.per_tensor_report else CHECK_SAMPLES
 
 
 def _head(batches: Iterable[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:

@@ -268,9 +268,11 @@ def resolve_data(model: onnx.ModelProto, data):
     return as_data(data)
 
 
-def calibration_feeds(model: onnx.ModelProto, data, n: int, batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+def calibration_feeds(model: onnx.ModelProto, data, n: int, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
     """`n` calibration samples of `data` as feed batches: a fixed random subset of an image SPEC's train
-    split (qtool.data.calib_inputs), or the first `n` samples of an npz of named inputs / an images: folder."""
+    split (qtool.data.calib_inputs), or the first `n` samples of an npz of named inputs / an images: folder.
+    Small batches: calibration reduces one batch while onnxruntime runs the next, and holds every watched
+    tensor of two batches at once."""
     from qtool.data import calib_inputs, parse_spec
 
     d = resolve_data(model, data)

@@ -162,3 +162,29 @@ def test_minmax_only_statistics_skip_the_histogram():
         assert lean[t].fine.size == 0 and lean[t].count == full[t].count
     with pytest.raises(QtoolError, match="needs histograms"):
         lean["r"].range("entropy", signed=False)
+
+
+def test_large_batches_are_histogrammed_from_a_strided_sample_that_sees_every_column():
+    from qtool.calibrate import HIST_SAMPLES, sample_stride
+
+    # Column j of every row holds value j: a stride sharing a factor with the row length would visit
+    # a few columns only and skew the histogram.
+    rows, cols = 4 * HIST_SAMPLES // 64, 64
+    x = np.tile(np.arange(cols, dtype=np.float32), (rows, 1))
+    s = sample_stride(x.shape)
+    assert s > 1 and np.gcd(s, cols) == 1 and np.gcd(s, rows) == 1
+    sampled, full = TensorStats(), TensorStats()
+    sampled.update(x)
+    assert sampled.fine.sum() <= HIST_SAMPLES < x.size  # a sample was binned, not every value
+    assert (sampled.min, sampled.max) == (0.0, cols - 1.0)  # min / max stay exact
+    for chunk in np.array_split(x, 8):  # each chunk under the cap: every value binned
+        full.update(chunk)
+    assert full.fine.sum() == x.size
+    # Every column is equally frequent in the sample as in the data, to within one stride's rounding.
+    h_s, h_f = sampled.hist / sampled.hist.sum(), full.hist / full.hist.sum()
+    assert np.abs(h_s - h_f).max() < 1e-3
+    for method in ("mse", "percentile", "entropy"):
+        np.testing.assert_allclose(sampled.range(method, signed=False), full.range(method, signed=False), rtol=0.02)
+    # A stride that divides the row length would have read a single column: the test above can fail.
+    aliased = x.ravel()[::cols]
+    assert np.unique(aliased).size == 1

@@ -62,6 +62,15 @@ def test_the_report_lists_every_quantized_activation_worst_first(tmp_path, capsy
     assert 0 < rep["outputs"]["y"]["sqnr_db"] < 40  # 4-bit activations: a real, finite error
 
 
+def test_without_report_the_collapse_check_runs_on_the_first_calibration_batches_only(tmp_path):
+    from qtool.api import CHECK_SAMPLES
+
+    r = qtool.quantize(mlp(), npz(tmp_path), qtool.QuantConfig(calib_size=64))
+    assert r.report.samples == CHECK_SAMPLES < 64 and not r.report.tensors
+    with_rows = qtool.quantize(mlp(), npz(tmp_path), qtool.QuantConfig(calib_size=64, per_tensor_report=True))
+    assert with_rows.report.samples == 64 and with_rows.report.tensors
+
+
 def test_lower_bits_have_lower_sqnr():
     m8 = qtool.quantize(mlp(), [{"x": RNG.normal(0, 1, (64, 64)).astype(np.float32)}], qtool.QuantConfig())
     m4 = qtool.quantize(mlp(), [{"x": RNG.normal(0, 1, (64, 64)).astype(np.float32)}], qtool.QuantConfig(act_bits=4))
