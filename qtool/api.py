@@ -47,7 +47,7 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 REPORT_SAMPLES = 256  # calibration samples the per-tensor error report (`--report`) runs on
 # ... and the collapse check with the printed vs-FP32 line otherwise: a collapse shows on a few batches,
 # and running the quantized model on every calibration sample would be most of quantize's time.
-CHECK_SAMPLES = 32
+CHECK_SAMPLES = 16
 DataLike = str | Data | tuple[ImageDataset, ImageDataset]
 
 

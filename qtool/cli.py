@@ -305,7 +305,7 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
     for line in r.lines():
         echo(line)
     for k, m in r.report.outputs.items():
-        echo("vs FP32 on calibration samples: " + m.line(k))
+        echo(f"vs FP32 on {r.report.samples} calibration samples: " + m.line(k))
     if r.control is not None and not r.control.met:
         click.echo(f"qtool: warning: the accuracy budget is not met ({r.control.stop}): "
                    f"final {r.control.metric} drop {r.control.final_drop:.2f} {r.control.unit}, budget "
