@@ -35,6 +35,7 @@ from qtool.errors import QtoolError
 from qtool.fakequant import QParams
 from qtool.lift import LiftedModule, lift
 from qtool.lift_ops import run_op
+from qtool.quant_slots import PassThrough
 
 __all__ = ["BN_MODES", "SUPPORTED", "DEFAULT", "check_bn", "resolve_bn", "FoldPair", "ConvBNFold", "unfold_map",
            "ChannelNorm", "Renorm", "fold_renorm"]
@@ -217,7 +218,9 @@ class Renorm:
     the bias on onnxruntime's grid s_in * s_w (its rounding is visible at 2-bit activations, so it
     is simulated rather than ignored). `wq` / `aq` are the weight's and the input's switchable
     quantizers (`qtool.quant_slots.SwitchQuant`); `bias`: the bias initializer's name, None when the
-    node has none, False for a bias onnxruntime keeps in float (folded unquantized).
+    node has none, False for a bias onnxruntime keeps in float (folded unquantized). A `PassThrough`
+    active in `wq` (the search's float layers) leaves the folded weight float, and then, as in the
+    exported graph, the bias too (it is int32 only where the input and the weight are quantized).
     """
 
     def __init__(self, norm: ChannelNorm, wq: nn.Module, aq: nn.Module, axis: int, bias):
@@ -238,8 +241,13 @@ class Renorm:
         s2 = (s * a.abs()).float()
         return torch.where((s2 > 0) & torch.isfinite(s2), s2, torch.ones_like(s2)), a
 
+    def float_weight(self) -> bool:
+        return isinstance(self.wq.current(), PassThrough)
+
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         q = self.wq.current()
+        if self.float_weight():
+            return (w.detach().double() * self._view(self.norm.affine_t()[0], w.dim())).float()
         s2, a = self.weight_scale()
         wf = (w.detach().double() * self._view(a, w.dim())).float()
         s2v = self._view(s2, w.dim())
@@ -248,7 +256,7 @@ class Renorm:
     def folded_bias(self, b: torch.Tensor | None, n: int) -> torch.Tensor:
         a, c = self.norm.affine_t()
         bf = ((b.detach().double() * a + c) if b is not None else c).float()
-        if self.bias is False:
+        if self.bias is False or self.float_weight() or isinstance(self.aq.current(), PassThrough):
             return bf
         s_in = self.aq.current()._scale_zp()[0].detach().float().reshape(())
         s_b = (s_in.double() * self.weight_scale()[0].double()).float()
@@ -287,7 +295,8 @@ class _RenormSlot(nn.Module):
         codes of W*a, step x |a|."""
         if self.role != "weight":
             raise QtoolError(f"a renorm {self.role} slot has no quantizer of its own")
-        return _FoldedWeightQuant(self._ctl[0])
+        ctl = self._ctl[0]
+        return ctl.wq.current() if ctl.float_weight() else _FoldedWeightQuant(ctl)
 
 
 class _FoldedWeightQuant:

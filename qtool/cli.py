@@ -371,7 +371,11 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
 @click.argument("model")
 @click.option("--data", default=None, help=DATA_HELP)
 @click.option("--objectives", default="acc,flops", show_default=True, help="acc,flops[,bitops,size,packed_size,latency]")
-@click.option("--bits", default="2,4,8", show_default=True, help="candidate bit-widths")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "grid"]),
+              help="what each layer chooses: cpu = float, int8 or w4a8 (4-bit weights in int8 containers), the "
+                   "choices onnxruntime's CPU kernels reward; grid = weight and activation bits over --bits, for "
+                   "hardware with sub-8-bit kernels")
+@click.option("--bits", default=None, help="candidate bit-widths of --target grid [default: 2,4,8]")
 @click.option("--pop", default=16, show_default=True, type=int)
 @click.option("--gens", default=10, show_default=True, type=int)
 @click.option("--eval", "evaluator", default="supernet", show_default=True, type=click.Choice(["supernet", "qat"]))
@@ -391,27 +395,30 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=0.002, show_default=True, type=float,
               help="SGD learning rate of the supernet / fine-tunes (from a trained model: 0.01 cost W8A8 2 points in 60 steps)")
-@click.option("--fixed-bits", default=8, show_default=True, type=int, help="bits of the first and last layer (0: search them)")
+@click.option("--fixed-bits", default=8, show_default=True, type=int,
+              help="bits of the first and last layer (0: search them; --target cpu: 8 = int8 or 0)")
 @click.option("--max-size", default=None, type=float, help="constraint: QDQ file bytes")
 @click.option("--max-latency", default=None, type=float, help="constraint: ORT batch-1 latency in ms")
 @click.option("--random-init", is_flag=True,
-              help="start NSGA-III from random genes only (default: the uniform W8A8, W4A8, ..., W2A2 members first)")
+              help="start NSGA-III from random genes only (default: the uniform members first: cpu float, int8, "
+                   "w4a8; grid W8A8, W4A8, ..., W2A2)")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the supernet / fine-tunes: cpu or cuda[:N]")
 @click.option("--sandwich-low", default=None, type=int,
-              help="bits of the supernet sandwich's small end, trained every step [default: the smallest of --bits]; "
+              help="--target grid: bits of the supernet sandwich's small end, trained every step [default: the smallest of --bits]; "
                    "4 stops it over-training the 2-bit paths (random configurations still draw every bit-width)")
-def search(model, data, objectives, bits, pop, gens, evaluator, executor, workers, workdir, resume, seed, train_limit,
-           val_limit, supernet_epochs, qat_steps, qat_distill, qat_loss, batch_size, lr, fixed_bits, max_size, max_latency,
-           random_init, device, sandwich_low):
-    """NSGA-III search over per-layer weight/activation bit-widths."""
+def search(model, data, objectives, target, bits, pop, gens, evaluator, executor, workers, workdir, resume, seed,
+           train_limit, val_limit, supernet_epochs, qat_steps, qat_distill, qat_loss, batch_size, lr, fixed_bits, max_size,
+           max_latency, random_init, device, sandwich_low):
+    """NSGA-III search over per-layer precision (float / int8 / w4a8, or weight/activation bit-widths)."""
     import qtool
 
+    kw = {} if bits is None else {"bits": parse_ints(bits, "--bits")}
     config = qtool.SearchConfig(
-        objectives=parse_names(objectives, "--objectives"), bits=parse_ints(bits, "--bits"), pop=pop, gens=gens,
+        objectives=parse_names(objectives, "--objectives"), target=target, pop=pop, gens=gens,
         seed=seed, seed_uniform=not random_init, evaluator=evaluator, executor=executor, workers=workers,
         resume=resume, train_limit=train_limit, val_limit=val_limit, supernet_epochs=supernet_epochs,
         qat_steps=qat_steps, qat_distill=qat_distill, qat_loss=qat_loss, batch_size=batch_size, lr=lr, fixed_bits=fixed_bits,
-        max_size=max_size, max_latency=max_latency, device=device, sandwich_low=sandwich_low)
+        max_size=max_size, max_latency=max_latency, device=device, sandwich_low=sandwich_low, **kw)
     result = qtool.search(model, data, config, workdir=workdir)
     from rich.console import Console
 

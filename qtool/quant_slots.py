@@ -7,7 +7,8 @@ QDQ pair per tensor in the exported graph). Three kinds of quantizer go there:
 - single bit-width: a `qtool.fakequant.FakeQuant` (`qtool qat`); a pass-through tensor holds a
   `SharedFakeQuant` that quantizes with its root's parameters;
 - switchable multi-bit: `SwitchQuant`, one FakeQuant per bit-width, `active` picks the one forward
-  uses (the search's supernet and candidate models);
+  uses (the search's supernet and candidate models); an option may be `PassThrough`: the tensor
+  stays float, and the plan takes no entry for it (the search's float layers);
 - per-sample: `SampleQuant`, one FakeQuant per option mixed by a per-sample one-hot `select` (the
   dynamic trainer's activations; its layers hold their K weight options in one too, inside the
   node-replacement module `qtool.dynbits.controller.SampleLayer`); `active` names the option a
@@ -35,7 +36,11 @@ from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
 from qtool.qat_quantizers import SharedFakeQuant, tensor_quant
 
-__all__ = ["SwitchQuant", "SampleQuant", "Recorder", "Tap", "mix", "active_quantizer", "plan_of"]
+__all__ = ["PassThrough", "SwitchQuant", "SampleQuant", "Recorder", "Tap", "mix", "active_quantizer", "plan_of"]
+
+
+class PassThrough(nn.Identity):
+    """The float option of a switchable slot: the tensor is not quantized (`plan_of` leaves it out)."""
 
 
 class SwitchQuant(nn.Module):
@@ -149,8 +154,11 @@ def active_quantizer(slot: nn.Module) -> nn.Module:
 
 
 def plan_of(slots: Mapping[str, tuple[str, nn.Module]], meta: dict | None = None) -> QuantPlan:
-    """A plan with one entry per tensor: `slots` maps tensor -> (kind weight|activation, its quantizer)."""
+    """A plan with one entry per quantized tensor: `slots` maps tensor -> (kind weight|activation, its
+    quantizer); a slot whose active quantizer is a `PassThrough` leaves its tensor float."""
     plan = QuantPlan(meta=dict(meta or {}))
     for t, (kind, q) in slots.items():
-        plan.tensors[t] = tensor_quant(kind, active_quantizer(q))
+        fq = active_quantizer(q)
+        if not isinstance(fq, PassThrough):
+            plan.tensors[t] = tensor_quant(kind, fq)
     return plan

@@ -105,6 +105,142 @@ def test_bad_space_and_objectives():
         SearchSpace.from_model(fused, (4, 8)).check(Candidate(((8, 8), (2, 2), (8, 8))))
 
 
+# -- target cpu: float / int8 / w4a8 per layer ------------------------------------------------------
+def _metrics(fused, sp, shape=(8, 1, 4, 4)) -> Metrics:
+    from qtool.calibrate import collect_stats
+
+    stats = collect_stats(fused, [{"x": np.random.default_rng(1).normal(size=shape).astype(np.float32)}], list(sp.groups))
+    return Metrics(fused, sp, {r: stats[r].range("minmax", signed=False) for r in sp.groups})
+
+
+def _uniform(sp, name: str) -> Candidate:
+    return dict(sp.uniform_members())[name]
+
+
+def _run(model, x, tensor=None):
+    """onnxruntime's value of the graph output, or of an intermediate `tensor` made an output."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if tensor is not None:
+        m.graph.output.insert(0, onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_cpu_space_has_one_gene_per_layer_and_keys_round_trip():
+    from qtool.bitsearch.space import FLOAT
+
+    fused = tiny_cnn()
+    sp = SearchSpace.from_model(fused, target="cpu")
+    assert sp.n_var == 1 and sp.levels == 3 and sp.fixed == {0: (8, 8), 2: (8, 8)}
+    assert [n for n, _ in sp.uniform_members()] == ["float", "int8", "w4a8"]
+    keys = [sp.decode([g]).key for g in range(3)]
+    assert keys == ["w8a8-f-w8a8", "w8a8-w8a8-w8a8", "w8a8-w4a8-w8a8"]
+    for g, k in enumerate(keys):
+        assert Candidate.from_key(k) == sp.decode([g]) and list(sp.encode(Candidate.from_key(k))) == [g]
+    free = SearchSpace.from_model(fused, target="cpu", fix_first=None, fix_last=None)
+    c = free.decode([0, 1, 2])
+    assert c.bits == ((FLOAT, FLOAT), (8, 8), (4, 8)) and c.key == "f-w8a8-w4a8" and Candidate.from_key(c.key) == c
+    assert free.describe()["target"] == "cpu" and "target" not in SearchSpace.from_model(fused, (2, 4, 8)).describe()
+    with pytest.raises(QtoolError, match="not in the space"):
+        sp.check(Candidate(((8, 8), (2, 2), (8, 8))))  # a grid pair is no cpu choice
+    with pytest.raises(QtoolError, match="apply to target grid"):
+        SearchSpace.from_model(fused, (2, 4), target="cpu")
+    with pytest.raises(QtoolError, match="must be 8"):
+        SearchSpace.from_model(fused, target="cpu", fix_first=4)
+    with pytest.raises(QtoolError, match="malformed"):
+        Candidate.from_key("w8a8-g")
+
+
+def test_float_layers_leave_the_plan_and_run_float_on_onnxruntime():
+    from qtool.ortgraph import integer_kernel_report
+
+    fused = tiny_cnn()
+    sp = SearchSpace.from_model(fused, target="cpu", fix_first=None, fix_last=None)
+    m = _metrics(fused, sp)
+    conv1, conv2, gemm = sp.layers
+    c = Candidate.from_key("f-f-w8a8")
+    plan = m.reference_plan(c)
+    assert not {conv1.weight, conv2.weight, conv1.input, conv2.input} & set(plan.tensors)
+    assert {gemm.weight, gemm.input} <= set(plan.tensors)
+    assert sp.effective(c) == [(32, 32), (32, 32), (8, 8)]
+    qdq = apply_plan(fused, plan)
+    rep = integer_kernel_report(qdq)
+    assert (rep.integer_compute, rep.float_compute, rep.float_fallbacks) == (1, 2, 0)
+    # The float convs compute what the FP32 model does: the Gemm's input before its Q is FP32's.
+    root = next(r for r, members in sp.groups.items() if gemm.input in members)
+    x = np.random.default_rng(2).normal(size=(4, 1, 4, 4)).astype(np.float32)
+    fp32 = _run(fused, x, root)
+    np.testing.assert_allclose(_run(qdq, x, root), fp32, rtol=1e-6, atol=1e-6)
+    int8 = _run(apply_plan(fused, m.reference_plan(_uniform(sp, "int8"))), x, root)
+    assert np.abs(int8 - fp32).max() > 1e-3  # the check can fail: quantized convs move it
+    # Uniform float quantizes nothing here (no Add / pooling): the exported model is the FP32 model.
+    flt = m.reference_plan(_uniform(sp, "float"))
+    assert flt.tensors == {}
+    np.testing.assert_array_equal(_run(apply_plan(fused, flt), x), _run(fused, x))
+
+
+def test_float_objectives_count_32_bits_and_the_int8_boundary():
+    fused = tiny_cnn()
+    sp = SearchSpace.from_model(fused, target="cpu")
+    m = _metrics(fused, sp)
+    c = Candidate.from_key("w8a8-f-w8a8")
+    # r1 is read only by the float conv2: float, so conv1 keeps 8-bit input and weight but its output is float.
+    assert sp.effective(c) == [(8, 8), (32, 32), (8, 8)]
+    assert metric("flops").compute(c, m, None) == 288 * 0.5 + 96 * 2 + 240 * 0.5 == 456
+    assert metric("bitops").compute(c, m, None) == 288 * 64 + 96 * 1024 + 240 * 64
+    assert metric("packed_size").compute(c, m, None) == 18 + 6 * 4 + 240
+    from qtool.ortgraph import integer_kernel_report
+
+    # onnxruntime fuses an integer conv only with its output quantized: conv1 falls back to a float
+    # kernel on dequantized values (what the latency objective measures), conv2 runs float.
+    rep = integer_kernel_report(apply_plan(fused, m.reference_plan(c)))
+    assert (rep.integer_compute, rep.float_compute, rep.float_fallbacks) == (1, 2, 1)
+
+
+def _two_readers() -> onnx.ModelProto:
+    """c0 -> r0 read by two convs (a, b) -> Add -> conv c."""
+    r = np.random.default_rng(0)
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2,4,4] x) => (float[N,3,4,4] y) {
+            c0 = Conv (x, W0, B0)
+            r0 = Relu (c0)
+            a = Conv (r0, WA, BA)
+            b = Conv (r0, WB, BB)
+            s = Add (a, b)
+            y = Conv (s, WC, BC) }""")
+    for name, shape in (("W0", (3, 2, 1, 1)), ("WA", (3, 3, 1, 1)), ("WB", (3, 3, 1, 1)), ("WC", (3, 3, 1, 1)),
+                        ("B0", (3,)), ("BA", (3,)), ("BB", (3,)), ("BC", (3,))):
+        m.graph.initializer.append(numpy_helper.from_array(r.normal(size=shape).astype(np.float32), name))
+    return fuse(m, use_onnxsim=False)[0]
+
+
+def test_float_conv_reading_a_quantized_input_is_int8():
+    """onnxruntime quantizes the float weight of a Conv fed by a DequantizeLinear itself (int8 per
+    tensor): a float layer whose input another layer keeps quantized is therefore int8 in the plan."""
+    from qtool.ortgraph import integer_kernel_report
+
+    fused = _two_readers()
+    sp = SearchSpace.from_model(fused, target="cpu")
+    m = _metrics(fused, sp, (8, 2, 4, 4))
+    wa, wb = sp.layers[1].weight, sp.layers[2].weight
+    c = Candidate.from_key("w8a8-f-w8a8-w8a8")  # conv a float, b int8: r0 stays quantized for b
+    assert sp.tensor_bits(c)["r0"] == 8 and sp.effective(c)[1] == (8, 8) and wa in m.reference_plan(c).tensors
+    # Why: leave wa out of the plan and onnxruntime still runs conv a as an integer kernel.
+    plan = m.reference_plan(c)
+    del plan.tensors[wa]
+    assert integer_kernel_report(apply_plan(fused, plan)).integer_compute == 4
+    both = Candidate.from_key("w8a8-f-f-w8a8")  # both readers float: r0 float, the Add operands stay 8-bit
+    tb = sp.tensor_bits(both)
+    assert tb["r0"] == 32 and tb[wa] == tb[wb] == 32 and tb["a"] == tb["b"] == 8
+    assert sp.effective(both) == [(8, 8), (32, 32), (32, 32), (8, 8)]
+    opts = sp.group_bit_options()
+    assert opts[wa] == (4, 8, 32) and opts["r0"] == (8, 32) and opts["a"] == (8,)
+
+
 # -- LeNet-5 on digits ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lenet(tmp_path_factory):
@@ -338,7 +474,9 @@ def test_cli_bad_input_exit_2(lenet, tmp_path, capsys):
     cases = [["--objectives", "acc,speed"], ["--bits", "2,x"], ["--bits", "2,16"], ["--pop", "1"],
              ["--resume"], ["--data", "nope:/x"], ["--max-size", "-1"], ["--device", "tpu"],
              ["--sandwich-low", "3"], ["--sandwich-low", "4", "--eval", "qat"], ["--qat-distill", "0.5"],
-             ["--qat-distill", "2", "--eval", "qat"]]
+             ["--qat-distill", "2", "--eval", "qat"], ["--target", "cpu", "--bits", "2,4"],
+             ["--target", "cpu", "--fixed-bits", "4"], ["--sandwich-low", "4"],
+             ["--target", "grid", "--sandwich-low", "3"]]
     if not torch.cuda.is_available():
         cases.append(["--device", "cuda"])
     for extra in cases:
@@ -406,6 +544,93 @@ def test_sigkill_mid_search_then_resume_matches_uninterrupted_run(lenet, tmp_pat
     after = [json.loads(line)["key"] for line in log.read_text().splitlines() if line.endswith("}")]
     assert set(after) >= before and len(after) == len(set(after))  # nothing re-evaluated, nothing lost
     assert [(m["key"], m["acc"]) for m in res["front"]] == [(m["key"], m["acc"]) for m in ref["front"]]
+
+
+# -- target cpu on LeNet-5 ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu_problem(lenet):
+    return SearchProblem.from_model(lenet[0], "digits", objectives="acc,latency", target="cpu", train_limit=300,
+                                    val_limit=300)
+
+
+def _check_float_export(sp, c, model, plan, acc, data):
+    """Float tensors are absent from the plan, the rest present; onnxruntime scores what the evaluator did."""
+    from qtool.bitsearch.report import ort_accuracy
+    from qtool.bitsearch.space import FLOAT
+
+    eff = sp.effective(c)
+    assert any(w == FLOAT for w, _ in eff) and any(w != FLOAT for w, _ in eff)
+    for l, (w, a) in zip(sp.layers, eff):
+        assert (l.weight in plan.tensors) == (w != FLOAT) and (l.input in plan.tensors) == (a != FLOAT), l.node
+    assert abs(ort_accuracy(apply_plan(model, plan), data) - acc) <= 1.0 / len(data.val) + 1e-9
+
+
+def test_cpu_supernet_and_qat_evaluators_export_float_layers(cpu_problem):
+    sp, data = cpu_problem.space, cpu_problem.data
+    c = sp.decode([g % sp.levels for g in range(sp.n_var)])  # float, int8, w4a8, ...
+    assert "-f-" in c.key
+    ev = SupernetEvaluator(steps=6, batch_size=64, lr=0.01)
+    ev.prepare(cpu_problem.fused, sp, data, seed=0)
+    assert [x.key for x in ev.sampler(sp)(np.random.default_rng(0))[:2]] == \
+        [_uniform(sp, "float").key, _uniform(sp, "w4a8").key]  # the sandwich's ends
+    _check_float_export(sp, c, *ev.materialize(c), data)
+    qat = QATEvaluator(steps=2, batch_size=32, lr=0.005)
+    qat.prepare(cpu_problem.fused, sp, data, seed=0)
+    _check_float_export(sp, c, *qat.materialize(c), data)
+
+
+def test_search_config_target_checks():
+    from qtool.bitsearch.config import SearchConfig
+
+    c = SearchConfig()
+    assert c.target == "cpu" and c.bits is None and c.grid_bits == (2, 4, 8)
+    assert SearchConfig(target="grid", bits=(4, 8)).grid_bits == (4, 8)
+    for kw, msg in ((dict(bits=(2, 4)), "apply to target grid"), (dict(bits=(2, 4, 8)), "apply to target grid"),
+                    (dict(fixed_bits=4), "fixed_bits must be 8"), (dict(sandwich_low=4), "applies to target grid"),
+                    (dict(target="tpu"), "target must be one of")):
+        with pytest.raises(QtoolError, match=msg):
+            SearchConfig(**kw)
+
+
+def test_pareto_plot_takes_extra_labelled_points(tmp_path):
+    from types import SimpleNamespace
+
+    from qtool.bitsearch.report import plot_pareto
+
+    front = [{"objectives": {"acc": 0.9, "latency": 1.0}, "acc_ort": 0.89},
+             {"objectives": {"acc": 0.8, "latency": 0.5}, "acc_ort": 0.8}]
+    base = [{"name": "int8", "objectives": {"acc": 0.85, "latency": 0.6}, "acc_ort": 0.84}]
+    res = SimpleNamespace(objectives=["acc", "latency"], front=front, baselines=base)
+    plot_pareto(tmp_path / "plain.png", res)
+    plot_pareto(tmp_path / "extra.png", res, extra=[("NNCF accuracy control", {"acc": 0.87, "latency": 0.7}),
+                                                    ("no latency", {"acc": 0.5})])
+    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "extra.png").read_bytes()
+
+
+def test_cli_search_target_cpu_on_latency(lenet, tmp_path, capsys):
+    from qtool.cli import main
+
+    w = tmp_path / "w"
+    rc = main(["search", str(lenet[1]), "--target", "cpu", "--objectives", "acc,latency", "--workdir", str(w),
+               "--pop", "4", "--gens", "1", "--train-limit", "200", "--val-limit", "200"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Pareto front" in out
+    d = json.loads((w / "front.json").read_text())
+    assert d["target"] == "cpu" and d["choices"] == ["float", "int8", "w4a8"] and d["objectives"] == ["acc", "latency"]
+    assert [b["name"] for b in d["baselines"]] == ["float", "int8", "w4a8"]
+    assert all(b["acc_ort"] is not None and b["objectives"]["latency"] > 0 for b in d["baselines"])
+    assert d["front"]
+    from qtool.fusion import is_fused
+
+    weight = {l.node: l.weight for l in SearchSpace.from_model(
+        lenet[0] if is_fused(lenet[0]) else fuse(lenet[0])[0], target="cpu").layers}
+    for m in d["front"]:
+        assert set(m["key"].split("-")) <= {"f", "w8a8", "w4a8"} and set(m["choices"].values()) <= {"float", "int8", "w4a8"}
+        assert m["objectives"]["latency"] > 0 and abs(m["acc_ort"] - m["acc"]) <= 1 / 200 + 1e-9
+        plan = QuantPlan.load(w / m["plan_file"])
+        for node, b in m["effective_bits"].items():
+            assert (weight[node] in plan.tensors) == (b["w"] != 32)
+    assert (w / "pareto.png").stat().st_size > 0
 
 
 # -- supernet training: the sandwich rule --------------------------------------------------------

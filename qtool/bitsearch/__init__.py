@@ -1,4 +1,5 @@
-"""Mixed-precision bit-width search (NSGA-III, pymoo) over per-layer weight/activation bits.
+"""Mixed-precision search (NSGA-III, pymoo) per layer: float / int8 / w4a8 (target cpu, `SearchConfig`'s
+default) or weight/activation bits over a grid (target grid, the default of the parts below).
 
     from qtool.bitsearch import SearchProblem, NSGA3Config, SupernetEvaluator, LocalExecutor, search
     problem = SearchProblem.from_model(model, "digits", objectives="acc,bitops", bits=(2, 4, 8))

@@ -10,9 +10,9 @@ pickled to the executor's workers, where `evaluate(candidate)` runs. Two are pro
   candidate costs a BN re-calibration (a few calibration batches in train mode, see
   `qtool.bitsearch.supernet`) and one validation pass: seconds. Training uses the sandwich rule
   (Yu & Huang 2019, BigNAS): every step accumulates the gradients of the largest configuration
-  (all 8-bit), the smallest (all 2-bit) and `n_random` configurations with a bit-width drawn per
-  layer uniformly, one optimizer step for all; with `distill` the others learn from the largest
-  one's soft output (in-place distillation). Per-layer uniform sampling alone almost never draws a
+  (all 8-bit; target cpu: all float), the smallest (all 2-bit; cpu: all w4a8) and `n_random`
+  configurations with a bit-width drawn per layer uniformly, one optimizer step for all; with
+  `distill` the others learn from the largest one's soft output (in-place distillation). Per-layer uniform sampling alone almost never draws a
   configuration near all-8-bit (3^-36 on ResNet-20), so the shared weights drift towards the
   low-bit paths. Measured on ResNet-20 / CIFAR-10 (1000 validation images; Kendall tau against 14
   candidates each fine-tuned 60 steps), lr 0.01 and ~360 forward/backward passes each: uniform
@@ -54,6 +54,7 @@ from qtool.qat_config import check_weight
 from qtool.data import ImageDataset, check_input_matches, load_dataset, model_image_input, step_batches, SPLIT_SEED
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
+from qtool.plan import QuantPlan
 from qtool.preprocess import Preprocess, resolve_preprocess
 from qtool.bitsearch.space import Candidate, SearchSpace
 from qtool.bitsearch.supernet import QuantNet
@@ -287,7 +288,7 @@ class QATEvaluator(Evaluator):
         if self.init_from is None:
             from qtool.qat_model import calibrate_activations
 
-            self._stats = calibrate_activations(fused, data.train, data.pre, self._config(space.uniform(8)).calib_size)
+            self._stats = calibrate_activations(fused, data.train, data.pre, self._config(space.ends()[0]).calib_size)
             return
         self._base = QuantNet(fused, space, data.x(data.calib_images))
         try:
@@ -299,7 +300,7 @@ class QATEvaluator(Evaluator):
     def _config(self, c: Candidate):
         from qtool.qat_config import QATConfig
 
-        return QATConfig(plan_bits=tuple(self.space.tensor_bits(c).items()), algo="lsq", steps=self.steps,
+        return QATConfig(plan_bits=tuple(self.space.quantized_bits(c).items()), algo="lsq", steps=self.steps,
                          batch_size=self.batch_size, lr=self.lr, seed=c.seed(self.seed), device=self.device,
                          distill=self.distill, loss=self.loss, quiet=True,
                          meta={"producer": "qtool.search", "candidate": c.key})
@@ -316,7 +317,13 @@ class QATEvaluator(Evaluator):
         return qat_finetune(self.fused, self.data.train, self._config(c), self.data.pre, stats=self._stats,
                             teacher=self._teacher_once())
 
+    def _quantizes_nothing(self, c: Candidate) -> bool:
+        """All float (target cpu, no fixed layers): the FP32 model itself, which qat cannot express as plan bits."""
+        return self.init_from is None and not self.space.quantized_bits(c)
+
     def tuned(self, c: Candidate) -> nn.Module:
+        if self._quantizes_nothing(c):
+            return fp32_teacher(self.fused)
         if self.init_from is None:
             return self._qat(c).lifted
         net = copy.deepcopy(self._base).to(resolve_device(self.device))
@@ -331,6 +338,9 @@ class QATEvaluator(Evaluator):
     def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, "object", float]:
         if self.init_from is not None:
             return super().materialize(c)
+        if self._quantizes_nothing(c):
+            return self.fused, QuantPlan(meta={"producer": "qtool.search", "candidate": c.key}), accuracy(
+                fp32_teacher(self.fused), self.data)
         qm = self._qat(c)
         acc = accuracy(qm.lifted, self.data)
         model, plan = qm.to_plan({"producer": "qtool.search", "candidate": c.key, "finetune": "qtool.qat"})
@@ -377,13 +387,10 @@ class SupernetEvaluator(Evaluator):
         """Each step's configurations: [largest, smallest] + n_random random ones (sandwich rule), or
         n_random random ones; a random one draws every gene uniformly (so every bit-width keeps training
         when `sandwich_low` lifts the small end)."""
-        low = min(space.choices) if self.sandwich_low is None else self.sandwich_low
-        if low not in space.choices:
-            raise QtoolError(f"supernet evaluator: sandwich_low {low} is not one of the bit-widths {list(space.choices)}")
-        ends = [space.uniform(max(space.choices)), space.uniform(low)] if self.sandwich else []
+        ends = list(space.ends(self.sandwich_low)) if self.sandwich else []
 
         def sample(rng: np.random.Generator) -> list[Candidate]:
-            return ends + [space.decode(rng.integers(0, len(space.choices), space.n_var)) for _ in range(self.n_random)]
+            return ends + [space.decode(space.random_genes(rng)) for _ in range(self.n_random)]
 
         return sample
 
@@ -406,7 +413,8 @@ class SupernetEvaluator(Evaluator):
             log.info("loaded the trained supernet from %s", ck)
         else:
             steps = self.n_steps()
-            uniform = [space.uniform(b) for b in space.choices]
+            # Most aggressive first, the order the grid's supernet always initialized its quantizers in.
+            uniform = [c for _, c in reversed(space.uniform_members())]
             net.init_quantizers(data.calib_batches(1, self.recal_batch_size)[0], uniform)
             task = progress.add_task("train supernet", total=steps, info="") if progress is not None else None
 

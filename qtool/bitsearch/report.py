@@ -1,6 +1,7 @@
 """Search outputs in the workdir: front.json / front.csv, pareto.png, bits_heatmap.png, and per
 front member its QuantPlan and QDQ model (front/<i>.plan.json, front/<i>.onnx) with the top-1 the
-exported model reaches on onnxruntime (`acc_ort`, the fidelity check of the search's scores)."""
+exported model reaches on onnxruntime (`acc_ort`, the fidelity check of the search's scores; the
+uniform baselines get theirs the same way, and the plot shows those onnxruntime numbers)."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,7 @@ import numpy as np
 
 from qtool.io import atomic_write_bytes, atomic_write_text, save_model
 from qtool.bitsearch.objectives import metric
-from qtool.bitsearch.space import Candidate
+from qtool.bitsearch.space import FLOAT, Candidate
 
 
 def ort_accuracy(model, data) -> float:
@@ -25,6 +26,14 @@ def ort_accuracy(model, data) -> float:
         out = sess.run(None, {name: data.pre.apply(data.val.images[i:i + 256])})[0]
         correct += int((out.argmax(1) == data.val.labels[i:i + 256]).sum())
     return correct / len(data.val)
+
+
+def ort_check(problem, evaluator, c: Candidate) -> float:
+    """Top-1 of candidate `c`'s exported QDQ model (evaluator weights + plan) on onnxruntime."""
+    from exporters.qdq import apply_plan
+
+    model, plan, _ = evaluator.materialize(c)
+    return ort_accuracy(apply_plan(model, plan), problem.data)
 
 
 def export_member(workdir: Path, problem, evaluator, member: dict) -> None:
@@ -53,7 +62,7 @@ def write_all(workdir: Path, problem, result) -> None:
     workdir = Path(workdir)
     sp = problem.space
     payload = {"objectives": result.objectives, "constraints": problem.constraints,
-               "layers": [l.node for l in sp.layers], "choices": list(sp.choices),
+               "layers": [l.node for l in sp.layers], "target": sp.target, "choices": sp.describe()["choices"],
                "fixed": {sp.layers[i].node: list(v) for i, v in sp.fixed.items()},
                "front": result.front, "baselines": result.baselines,
                "evaluated": result.evaluated, "reused": result.reused, "generations": result.generations,
@@ -79,8 +88,12 @@ def _savefig(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_pareto(path: Path, result) -> None:
-    """Accuracy against each other objective (one panel each): the front and the uniform baselines."""
+def plot_pareto(path: Path, result, extra: list[tuple[str, dict]] | None = None) -> None:
+    """Accuracy against each other objective (one panel each; latency and size are the measured
+    onnxruntime milliseconds and QDQ bytes): the front and the uniform baselines, at their top-1 on
+    onnxruntime where re-checked (`acc_ort`), else the evaluator's. `extra`: more labelled points,
+    (name, objectives dict with "acc" and the x objectives), e.g. another tool's result evaluated the
+    same way; a point lacking an objective is left out of that panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,18 +104,28 @@ def plot_pareto(path: Path, result) -> None:
     y_name = "acc" if "acc" in result.objectives else result.objectives[0]
     if y_name != "acc":
         others = result.objectives[1:]
-    fig, axes = plt.subplots(1, len(others), figsize=(4.5 * len(others), 3.8), squeeze=False)
     scale = 100.0 if y_name == "acc" else 1.0
+    points = list(result.front) + list(result.baselines)
+    on_ort = y_name == "acc" and bool(points) and all(m.get("acc_ort") is not None for m in points)
+
+    def y(m: dict) -> float:
+        return (m["acc_ort"] if on_ort else m["objectives"][y_name]) * scale
+
+    fig, axes = plt.subplots(1, len(others), figsize=(4.5 * len(others), 3.8), squeeze=False)
     for ax, o in zip(axes[0], others):
-        pts = sorted((m["objectives"][o], m["objectives"][y_name] * scale) for m in result.front)
+        pts = sorted((m["objectives"][o], y(m)) for m in result.front)
         if pts:
             xs, ys = zip(*pts)
             # With more than two objectives this is a projection: points, not a staircase.
             ax.plot(xs, ys, "o-" if len(result.objectives) == 2 else "o", color="tab:blue", label="search front", ms=5)
-        for b, mk in zip(result.baselines, ("s", "^", "v", "D")):
-            ax.plot(b["objectives"][o], b["objectives"][y_name] * scale, mk, color="tab:red", ms=8, label=f"uniform {b['name']}")
+        for b, mk in zip(result.baselines, ("s", "^", "v", "D", "P", "X")):
+            ax.plot(b["objectives"][o], y(b), mk, color="tab:red", ms=8, label=f"uniform {b['name']}")
+        for (name, objs), mk in zip(extra or [], ("*", "h", "p", "8", "<", ">")):
+            if o in objs and y_name in objs:
+                ax.plot(objs[o], objs[y_name] * scale, mk, color="tab:green", ms=10, label=name)
         ax.set_xlabel(metric(o).label)
-        ax.set_ylabel("top-1 (%)" if y_name == "acc" else metric(y_name).label)
+        ax.set_ylabel(("top-1 on onnxruntime (%)" if on_ort else "top-1 (%)") if y_name == "acc"
+                      else metric(y_name).label)
         if o in ("flops", "bitops", "packed_size"):
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on a short log axis
@@ -124,9 +147,11 @@ def plot_heatmap(path: Path, result, nodes: list[str]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.5 * len(nodes) * 2 + 2), 1 + 0.35 * max(1, len(rows))), squeeze=False)
     for ax, kind, title in zip(axes[0], ("w", "a"), ("weight bits", "activation bits (layer input)")):
         mat = np.array([[m["effective_bits"][n][kind] for n in nodes] for m in rows], dtype=float).reshape(len(rows), len(nodes))
-        im = ax.imshow(mat if len(rows) else np.zeros((1, len(nodes))), aspect="auto", cmap="viridis", vmin=2, vmax=8)
+        cmap = matplotlib.colormaps["viridis"].with_extremes(over="lightgray")  # float (FLOAT > 8): grey, "f"
+        im = ax.imshow(mat if len(rows) else np.zeros((1, len(nodes))), aspect="auto", cmap=cmap, vmin=2, vmax=8)
         for (r, c), v in np.ndenumerate(mat):
-            ax.text(c, r, f"{int(v)}", ha="center", va="center", fontsize=7, color="w" if v < 6 else "k")
+            ax.text(c, r, "f" if v == FLOAT else f"{int(v)}", ha="center", va="center", fontsize=7,
+                    color="w" if v < 6 else "k")
         ax.set_title(title)
         ax.set_xlabel("layer (node order)")
         ax.set_ylabel("front member")

@@ -39,11 +39,13 @@ class SearchProblem:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, data: str | SearchData, *, objectives="acc,flops",
-                   bits=(2, 4, 8), fix_first: int | None = 8, fix_last: int | None = 8,
+                   bits=None, fix_first: int | None = 8, fix_last: int | None = 8, target: str = "grid",
                    max_size: float | None = None, max_latency: float | None = None,
                    train_limit: int | None = None, val_limit: int | None = None, calib_size: int = 256,
                    latency_threads: int = 1) -> "SearchProblem":
-        """`model`: any ONNX classifier (fused here unless it already carries qtool.units)."""
+        """`model`: any ONNX classifier (fused here unless it already carries qtool.units). target: "grid"
+        (per-layer w/a bits over `bits`, default 2, 4, 8) or "cpu" (float / int8 / w4a8 per layer, `bits` not given);
+        `SearchConfig` defaults to cpu."""
         from qtool.calibrate import collect_stats
         from qtool.fusion import is_fused, fuse
 
@@ -56,7 +58,8 @@ class SearchProblem:
                     raise QtoolError(f"--max-{name} must be > 0, got {v}")
                 constraints[name] = float(v)
         fused = model if is_fused(model) else fuse(model)[0]
-        space = SearchSpace.from_model(fused, tuple(bits), fix_first=fix_first, fix_last=fix_last)
+        space = SearchSpace.from_model(fused, None if bits is None else tuple(bits), fix_first=fix_first,
+                                       fix_last=fix_last, target=target)
         if isinstance(data, str):
             data = SearchData.load(fused, data, train_limit=train_limit, val_limit=val_limit, calib_size=calib_size)
         from qtool.data import model_image_input
@@ -84,10 +87,11 @@ class NSGA3Config:
     crossover_prob: float = 0.9
     crossover_eta: float = 15.0
     mutation_eta: float = 20.0
-    # The initial population holds the uniform (w, a) configurations (W8A8, W4A8, ..., W2A2), the rest
-    # random. Random genes alone put almost every layer of every member near the middle of the space, and
-    # the front then never reaches the mostly-4/8-bit region where the uniform baselines sit (measured on
-    # ResNet-20: every front member kept a 2-bit layer, none dominated W4A4 or W8A8).
+    # The initial population holds the uniform configurations (grid: every (w, a), W8A8, W4A8, ..., W2A2;
+    # cpu: float, int8, w4a8), the rest random. Random genes alone put almost every layer of every member
+    # near the middle of the space, and the front then never reaches the mostly-4/8-bit region where the
+    # uniform baselines sit (measured on ResNet-20: every front member kept a 2-bit layer, none dominated
+    # W4A4 or W8A8).
     seed_uniform: bool = True
 
     def __post_init__(self):
@@ -102,7 +106,7 @@ class NSGA3Config:
             return None
         X = [space.encode(c) for c in space.uniform_pairs()][:self.pop]
         rng = np.random.default_rng(self.seed)
-        X += [rng.integers(0, len(space.choices), space.n_var) for _ in range(self.pop - len(X))]
+        X += [space.random_genes(rng) for _ in range(self.pop - len(X))]
         return np.array(X, dtype=int)
 
     def build(self, n_obj: int, space=None):
@@ -144,7 +148,7 @@ class SearchResult:
         t = Table(title=f"Pareto front ({len(self.front)} members; {self.evaluated} evaluated, {self.reused} from the log, "
                         f"{self.wall_s:.0f} s)")
         t.add_column("#", justify="right")
-        t.add_column("bits (w/a per layer)", overflow="fold")
+        t.add_column("bits (w/a per layer; f: float)", overflow="fold")
         for o in self.objectives:
             t.add_column(metric(o).label, justify="right", no_wrap=True)
         t.add_column("top-1 ORT", justify="right")
@@ -152,7 +156,8 @@ class SearchResult:
             t.add_row(str(i), m["key"], *[_fmt(o, m["objectives"][o]) for o in self.objectives],
                       "-" if m.get("acc_ort") is None else f"{m['acc_ort'] * 100:.2f}")
         for b in self.baselines:
-            t.add_row(b["name"], b["key"], *[_fmt(o, b["objectives"][o]) for o in self.objectives], "-", style="dim")
+            t.add_row(b["name"], b["key"], *[_fmt(o, b["objectives"][o]) for o in self.objectives],
+                      "-" if b.get("acc_ort") is None else f"{b['acc_ort'] * 100:.2f}", style="dim")
         return t
 
 
@@ -222,7 +227,7 @@ def non_dominated(F: np.ndarray) -> np.ndarray:
 
 
 def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, evaluator: Evaluator, executor=None,
-           workdir: str | Path, resume: bool = False, baselines: tuple[int, ...] = (8, 4, 2),
+           workdir: str | Path, resume: bool = False, baselines: tuple[int, ...] | None = None,
            export_front: bool = True, progress: bool = True) -> SearchResult:
     from pymoo.core.evaluator import Evaluator as PymooEvaluator
     from pymoo.core.problem import Problem
@@ -249,7 +254,7 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
     elog = EvaluationLog(workdir)
     executor = executor or LocalExecutor(1)
     n_obj, n_constr = len(problem.objectives), len(problem.constraints)
-    pproblem = Problem(n_var=sp.n_var, n_obj=n_obj, n_ieq_constr=n_constr, xl=0, xu=len(sp.choices) - 1, vtype=int)
+    pproblem = Problem(n_var=sp.n_var, n_obj=n_obj, n_ieq_constr=n_constr, xl=0, xu=sp.levels - 1, vtype=int)
     alg = algorithm.build(n_obj, sp)
     alg.setup(pproblem, termination=("n_gen", algorithm.gens), seed=algorithm.seed)
     requested: list[str] = []
@@ -278,12 +283,14 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
                 bar.update(task, advance=1, info=f"gen {gen}: {run.evaluated} evaluated, {run.reused} from log, "
                                                  f"best top-1 {best * 100:.2f}%")
             base_recs = []
-            for b in baselines:
-                if b in sp.choices:
-                    c = sp.uniform(b)
-                    rec = run.evaluate([c], "baseline")[0]
-                    base_recs.append({"name": f"w{b}a{b}", "key": c.key, "acc": rec["acc"],
-                                      "objectives": _display(problem, rec)})
+            # baselines: the space's uniform members (cpu: float, int8, w4a8; grid: w8a8, w4a4, w2a2), or
+            # the grid's uniform bit-widths given.
+            uniform = sp.uniform_members() if baselines is None else \
+                [(f"w{b}a{b}", sp.uniform(b)) for b in baselines if b in sp.choices]
+            for name, c in uniform:
+                rec = run.evaluate([c], "baseline")[0]
+                base_recs.append({"name": name, "key": c.key, "acc": rec["acc"], "objectives": _display(problem, rec),
+                                  "metrics": rec["metrics"]})
             # The front: non-dominated feasible candidates among everything this search asked for.
             keys = list(dict.fromkeys(requested))
             recs = [elog.get(k) for k in keys]
@@ -297,6 +304,7 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
                 c = Candidate.from_key(r["key"])
                 m = {"index": i, "key": r["key"], "acc": r["acc"], "objectives": _display(problem, r),
                      "metrics": r["metrics"],
+                     "choices": {l.node: sp.option_name(p) for l, p in zip(sp.layers, c.bits)},
                      "bits": {l.node: {"w": w, "a": a} for l, (w, a) in zip(sp.layers, c.bits)},
                      "effective_bits": {l.node: {"w": w, "a": a} for l, (w, a) in zip(sp.layers, sp.effective(c))}}
                 front.append(m)
@@ -305,6 +313,9 @@ def search(problem: SearchProblem, algorithm: NSGA3Config = NSGA3Config(), *, ev
                 for m in front:
                     report.export_member(workdir, problem, evaluator, m)
                     bar.update(etask, advance=1)
+            if export_front:
+                for b in base_recs:  # the baselines re-checked the same way: the plot compares like with like
+                    b["acc_ort"] = report.ort_check(problem, evaluator, Candidate.from_key(b["key"]))
     finally:
         executor.close()
     result = SearchResult(str(workdir), [o.name for o in problem.objectives], front, base_recs,
@@ -330,7 +341,8 @@ def run_search(model: onnx.ModelProto, data: str, config: SearchConfig, workdir:
     ex = make_executor(c.executor, c.workers)  # ray missing: exit 2 before any work
     try:
         fb = c.fixed_bits or None
-        problem = SearchProblem.from_model(model, data, objectives=objs, bits=c.bits, fix_first=fb, fix_last=fb,
+        problem = SearchProblem.from_model(model, data, objectives=objs, bits=c.grid_bits if c.target == "grid" else None,
+                                           target=c.target, fix_first=fb, fix_last=fb,
                                            max_size=c.max_size, max_latency=c.max_latency,
                                            train_limit=c.train_limit, val_limit=c.val_limit)
     except BaseException:

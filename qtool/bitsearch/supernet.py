@@ -6,7 +6,9 @@ pair, a `SwitchQuant` holding one quantizer per bit-width that tensor can take i
 - weights: per-bit LSQ (learned step per output channel, symmetric narrow range, zp 0);
 - activations: per-bit LSQ unsigned (zp 0) where the FP32 tensor is never negative (after ReLU),
   per-bit EMA min/max asymmetric uint8 otherwise (the network input, residual operands): every
-  activation stays unsigned, the U8S8 fast path of onnxruntime.
+  activation stays unsigned, the U8S8 fast path of onnxruntime;
+- a tensor the space can leave float (target cpu's float layers, `space.FLOAT`) also holds a
+  `PassThrough`: active, the tensor runs unquantized and the exported plan has no entry for it.
 
 BatchNorm: the BN strategy "renorm" (`qtool.bn_strategy`). The fused graph has BN folded into its
 Conv/Gemm weights; BN statistics must follow the bit-widths (a 2-bit layer shifts its outputs' mean
@@ -40,8 +42,8 @@ from qtool.fakequant import EMAFakeQuant, LSQFakeQuant
 from qtool.lift import lift
 from qtool.plan import QuantPlan
 from qtool.quant_points import quant_points
-from qtool.quant_slots import Recorder, SwitchQuant
-from qtool.bitsearch.space import Candidate, SearchSpace
+from qtool.quant_slots import PassThrough, Recorder, SwitchQuant
+from qtool.bitsearch.space import FLOAT, Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,14 @@ class QuantNet(nn.Module):
         root_of = {t: r for r, members in space.groups.items() for t in members}
         for j, (w, axis) in enumerate(space.weights.items()):
             c = self.net.tensor(w).shape[axis] if axis is not None else None
-            self.wq[f"w{j}"] = SwitchQuant({b: LSQFakeQuant(b, signed=True, axis=axis, narrow_range=True, num_channels=c)
+            self.wq[f"w{j}"] = SwitchQuant({b: PassThrough() if b == FLOAT else
+                                            LSQFakeQuant(b, signed=True, axis=axis, narrow_range=True, num_channels=c)
                                             for b in options[w]})
             self._wq_key[w] = f"w{j}"
         for j, root in enumerate(space.groups):
             nonneg = rec[root].min >= 0.0
-            self.aq[f"a{j}"] = SwitchQuant({b: LSQFakeQuant(b, signed=False) if nonneg else EMAFakeQuant(b, signed=False)
+            self.aq[f"a{j}"] = SwitchQuant({b: PassThrough() if b == FLOAT else
+                                            LSQFakeQuant(b, signed=False) if nonneg else EMAFakeQuant(b, signed=False)
                                             for b in options[root]})
             self._aq_key[root] = f"a{j}"
         self.bn = resolve_bn("supernet")  # renorm: a ChannelNorm at every per-channel Conv/Gemm output
