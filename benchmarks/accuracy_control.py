@@ -1,10 +1,12 @@
 """Accuracy-aware PTQ side by side: qtool's `--max-drop` (per unit float / int8 / w4a8, latency-aware) vs NNCF's
-`quantize_with_accuracy_control` (W8A8 with float fallback), on the trained ResNet-20, the same images.
+`quantize_with_accuracy_control` (W8A8 with float fallback), on a trained CIFAR-10 model, the same images.
 
-    python -m benchmarks accuracy_control [--quick] [--nncf-python /work/venvs/nncf/bin/python]
-    # writes benchmarks/results/accuracy_control.{json,md} (--quick: a smoke run, flagged as such inside)
+    python -m benchmarks accuracy_control [--quick] [--model mobilenetv2_cifar10] [--nncf-python PY]
+    # writes benchmarks/results/accuracy_control[_MODEL].{json,md} (--quick: a smoke run, flagged as such inside)
 
-The model is benchmarks/models/resnet20_cifar10.onnx, BN-folded by `qtool fuse`; both tools get that graph.
+The model is benchmarks/models/MODEL.onnx (default resnet20_cifar10: results/accuracy_control.*; others, trained
+by `python -m benchmarks.train_resnet20 --model NAME`, write results/accuracy_control_NAME.*), BN-folded by
+`qtool fuse`; both tools get that graph.
 512 calibration images of the train split (`qtool.data.calib_inputs`, NNCF: subset_size 512 of the same
 images). The validation slice (5k images; --quick: 500) is cut in two halves: the accuracy control of both
 tools tunes on the first ("control" columns), and every model is also scored on the second, which neither
@@ -47,6 +49,7 @@ NNCF_PYTHON = os.environ.get("QTOOL_NNCF_PYTHON", "/work/venvs/nncf/bin/python")
 DRIVER = Path(__file__).resolve().parent / "nncf_driver.py"
 MAX_DROP_PP = 0.5
 N_CAL = 512
+DEFAULT_MODEL = "resnet20_cifar10"
 
 
 def timed(f):
@@ -78,20 +81,27 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 500 val images (250 control / 250 held out)")
     ap.add_argument("--nncf-python", default=NNCF_PYTHON, help="interpreter of the environment with nncf")
     ap.add_argument("--runs", type=int, default=None, help="timed latency runs per model (default 300; quick 50)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a trained model in benchmarks/models (without .onnx)")
     args = ap.parse_args(argv)
+    path = MODELS / f"{args.model}.onnx"
+    if not path.exists():
+        print(f"accuracy_control: no model {path} (train it with python -m benchmarks.train_resnet20 --model ...)",
+              file=sys.stderr)
+        return 2
+    result = "accuracy_control" if args.model == DEFAULT_MODEL else f"accuracy_control_{args.model.removesuffix('_cifar10')}"
     spec = cifar_spec()
     if spec is None:
         print("accuracy_control: skipped, it needs the shared CIFAR-10 archive (or QTOOL_CIFAR)", file=sys.stderr)
         return 0
     t_all = time.perf_counter()
     n_val = 500 if args.quick else None
-    fp32 = load_model(MODELS / "resnet20_cifar10.onnx")
+    fp32 = load_model(path)
     fused = fuse(fp32)[0]
     calib = list(calib_inputs(fp32, spec, n=N_CAL, batch_size=64))
     val = feeds_for(fused, spec, "val", limit=n_val)
     half = len(val) // 2
     ctl, held = val.head(half), val.subset(np.arange(half, len(val)))
-    out = {"model": "resnet20_cifar10", "quick": args.quick, "calibration_images": N_CAL, "control_images": len(ctl),
+    out = {"model": args.model, "quick": args.quick, "calibration_images": N_CAL, "control_images": len(ctl),
            "held_out_images": len(held), "max_drop_pp": MAX_DROP_PP,
            "nncf_available": Path(args.nncf_python).exists(), "rows": {}}
     models: dict[str, onnx.ModelProto] = {"FP32": fused}
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
                              "size_bytes": model.ByteSize(), "seconds": seconds, **extra}
         print(f"[accuracy_control] {tool}: top-1 {t['control'] * 100:.2f} / {t['held_out'] * 100:.2f} % "
               f"(control / held-out), {seconds:.1f} s", file=sys.stderr, flush=True)
-        write_result("accuracy_control", out, table="accuracy_control")
+        write_result(result, out, table="accuracy_control")
 
     def int4_bytes(tuned, plan) -> int:
         return export_model(tuned, plan, ExportConfig(format="qdq", int4="on")).report.size_bytes
@@ -149,7 +159,7 @@ def main(argv=None) -> int:
     for k, ms in lat.items():
         (out["rows"][k] if k in out["rows"] else out.setdefault("fp32", {}))["latency_ms"] = ms
     out["wall_s"] = time.perf_counter() - t_all
-    write_result("accuracy_control", out, table="accuracy_control")
+    write_result(result, out, table="accuracy_control")
     return 0
 
 

@@ -1,10 +1,11 @@
 """Low-bit PTQ side by side: qtool (mse, AdaRound, AdaRound + bias correction) vs AIMET (QuantSim min_max /
 tf_enhanced, AdaRound) on the trained ResNet-20, W4A8 and W4A4, the same calibration images for every tool.
 
-    python -m benchmarks lowbit [--quick] [--iters 500] [--aimet-python /work/venvs/aimet/bin/python]
-    # writes benchmarks/results/lowbit[_quick].{json,md}
+    python -m benchmarks lowbit [--quick] [--iters 500] [--model mobilenetv2_cifar10] [--aimet-python PY]
+    # writes benchmarks/results/lowbit[_MODEL][_quick].{json,md}
 
-The model is benchmarks/models/resnet20_cifar10.onnx, BN-folded by `qtool fuse` (both tools quantize that
+The model is benchmarks/models/MODEL.onnx (default resnet20_cifar10, results/lowbit.*; another trained model,
+e.g. `python -m benchmarks.train_resnet20 --model mobilenetv2`, writes results/lowbit_NAME.*), BN-folded by `qtool fuse` (both tools quantize that
 graph: aimet-onnx's QuantizationSimModel quantizes the graph it is given). 512 calibration images of the
 train split (`qtool.data.calib_inputs`); the AdaRound of both tools runs on the first 256 of them with the
 same iteration count. Weights per-channel symmetric 4-bit (qtool: narrow range [-7, 7]), activations
@@ -41,6 +42,7 @@ from qtool.ptq import QuantConfig, quantize_plan
 AIMET_PYTHON = os.environ.get("QTOOL_AIMET_PYTHON", "/work/venvs/aimet/bin/python")
 DRIVER = Path(__file__).resolve().parent / "aimet_driver.py"
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
+DEFAULT_MODEL = "resnet20_cifar10"
 
 
 def timed(f):
@@ -70,19 +72,25 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="AdaRound iterations per layer, both tools (default 500)")
     ap.add_argument("--bits", default="W4A8,W4A4", help="comma-separated of W4A8, W4A4")
     ap.add_argument("--aimet-python", default=AIMET_PYTHON, help="interpreter of the environment with aimet-onnx")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a trained model in benchmarks/models (without .onnx)")
     args = ap.parse_args(argv)
+    path = MODELS / f"{args.model}.onnx"
+    if not path.exists():
+        print(f"lowbit: no model {path} (train it with python -m benchmarks.train_resnet20 --model ...)", file=sys.stderr)
+        return 2
     spec = cifar_spec()
     if spec is None:
         print("needs the shared CIFAR-10 archive (or QTOOL_CIFAR)", file=sys.stderr)
         return 2
     iters = args.iters or (20 if args.quick else 500)
     n_cal, n_ada, limit = 512, 256, (500 if args.quick else None)
-    name = "lowbit_quick" if args.quick else "lowbit"
-    fp32 = load_model(MODELS / "resnet20_cifar10.onnx")
+    name = "lowbit" + ("" if args.model == DEFAULT_MODEL else f"_{args.model.removesuffix('_cifar10')}") \
+        + ("_quick" if args.quick else "")
+    fp32 = load_model(path)
     fused = fuse(fp32)[0]
     calib = list(calib_inputs(fp32, spec, n=n_cal, batch_size=64))
     ev = EvalConfig(limit=limit)
-    out = {"model": "resnet20_cifar10", "calibration_images": n_cal, "adaround_samples": n_ada,
+    out = {"model": args.model, "calibration_images": n_cal, "adaround_samples": n_ada,
            "adaround_iterations": iters, "val_images": limit or len(load_dataset(spec, "val")),
            "fp32_top1": evaluate_model(fused, spec, ev).accuracy, "aimet_available": Path(args.aimet_python).exists(),
            "bits": {}}

@@ -370,7 +370,9 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
 @cli.command()
 @click.argument("model")
 @click.option("--data", default=None, help=DATA_HELP)
-@click.option("--objectives", default="acc,flops", show_default=True, help="acc,flops[,bitops,size,packed_size,latency]")
+@click.option("--objectives", default=None,
+              help="comma-separated of acc, flops, bitops, size, packed_size, latency [default: --target cpu "
+                   "acc,latency; grid acc,flops]")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "grid"]),
               help="what each layer chooses: cpu = float, int8 or w4a8 (4-bit weights in int8 containers), the "
                    "choices onnxruntime's CPU kernels reward; grid = weight and activation bits over --bits, for "
@@ -414,8 +416,8 @@ def search(model, data, objectives, target, bits, pop, gens, evaluator, executor
 
     kw = {} if bits is None else {"bits": parse_ints(bits, "--bits")}
     config = qtool.SearchConfig(
-        objectives=parse_names(objectives, "--objectives"), target=target, pop=pop, gens=gens,
-        seed=seed, seed_uniform=not random_init, evaluator=evaluator, executor=executor, workers=workers,
+        objectives=None if objectives is None else parse_names(objectives, "--objectives"), target=target, pop=pop,
+        gens=gens, seed=seed, seed_uniform=not random_init, evaluator=evaluator, executor=executor, workers=workers,
         resume=resume, train_limit=train_limit, val_limit=val_limit, supernet_epochs=supernet_epochs,
         qat_steps=qat_steps, qat_distill=qat_distill, qat_loss=qat_loss, batch_size=batch_size, lr=lr, fixed_bits=fixed_bits,
         max_size=max_size, max_latency=max_latency, device=device, sandwich_low=sandwich_low, **kw)

@@ -740,3 +740,14 @@ def test_calibration_batches_mix_classes_of_a_class_sorted_training_set(problem,
     batches = [data.calib_images[i:i + 64] for i in range(0, 256, 64)]
     for b in batches:
         assert len(np.unique(b.reshape(len(b), -1)[:, 0])) >= 8
+
+
+def test_default_objectives_follow_the_target():
+    from qtool.bitsearch.config import SearchConfig
+
+    # On CPU only float vs int8 changes what runs, so the default is measured latency, not FLOPs.
+    assert SearchConfig().objectives == ("acc", "latency")
+    assert SearchConfig(target="grid").objectives == ("acc", "flops")
+    assert SearchConfig(objectives=("acc", "size")).objectives == ("acc", "size")
+    with pytest.raises(QtoolError, match="at least two"):
+        SearchConfig(objectives=("acc",))

@@ -10,11 +10,15 @@ from qtool.errors import QtoolError
 EVALUATORS = ("supernet", "qat")
 EXECUTORS = ("local", "ray")
 DEFAULT_BITS = (2, 4, 8)
+# What each target rewards: on CPU only float vs int8 changes the measured latency (bitsearch.objectives),
+# so FLOPs / BitOps would favour w4a8 layers that run no faster there.
+DEFAULT_OBJECTIVES = {"cpu": ("acc", "latency"), "grid": ("acc", "flops")}
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    objectives: tuple[str, ...] = ("acc", "flops")  # of acc, flops, bitops, size, packed_size, latency
+    # of acc, flops, bitops, size, packed_size, latency; None: the target's (DEFAULT_OBJECTIVES)
+    objectives: tuple[str, ...] | None = None
     # cpu: per layer float / int8 / w4a8 (control_config.TARGET_CHOICES: what onnxruntime's CPU kernels
     # reward); grid: weight and activation bits over `bits`, for hardware with sub-8-bit kernels.
     target: str = "cpu"
@@ -45,11 +49,13 @@ class SearchConfig:
 
     def __post_init__(self):
         for k in ("objectives", "bits"):
-            if not isinstance(getattr(self, k), tuple) and not (k == "bits" and self.bits is None):
+            if not isinstance(getattr(self, k), tuple) and getattr(self, k) is not None:
                 raise QtoolError(f"{k} must be a tuple, got {getattr(self, k)!r}")
-        make_objectives(list(self.objectives))  # names, repeats, at least two: its checks, before any work
         if self.target not in TARGETS:
             raise QtoolError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.objectives is None:
+            object.__setattr__(self, "objectives", DEFAULT_OBJECTIVES[self.target])
+        make_objectives(list(self.objectives))  # names, repeats, at least two: its checks, before any work
         if self.bits is not None and (not self.bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in self.bits)):
             raise QtoolError(f"bits must be integers in 2..8, got {self.bits}")
         if self.target != "grid":

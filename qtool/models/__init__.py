@@ -19,6 +19,8 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet44": lambda **kw: ResNetCifar(depth=44, **kw),
     "resnet56": lambda **kw: ResNetCifar(depth=56, **kw),
     "mobilenetv2": MobileNetV2Cifar,
+    # width 0.5 (timm's name): 0.70M parameters, 25M MACs at 32x32, a third of the full width's training time
+    "mobilenetv2_050": lambda **kw: MobileNetV2Cifar(width=0.5, **kw),
     "lenet5": LeNet5,
     "digitnet": DigitNet,
     "vgg_small": VGGSmall,
