@@ -134,6 +134,13 @@ def check_feeds(inputs: list[InputSpec], arrays: dict[str, np.ndarray], where: s
                                  f"({s.describe()})")
 
 
+def check_unnormalized(d) -> None:
+    """Named input arrays are fed as they are: a --mean/--std given with them would be silently unused."""
+    if d.mean is not None or d.std is not None:
+        raise QtoolError(f"--mean/--std normalize image data, but {d.spec} holds arrays named like the model's "
+                         "inputs, which are fed as they are: drop --mean/--std or normalize the arrays")
+
+
 def npz_feeds(path: Path, inputs: list[InputSpec]) -> FeedSet | None:
     """The npz as feeds when its arrays are named like the model's inputs (None: an image npz)."""
     try:
@@ -234,6 +241,7 @@ def feeds_for(model: onnx.ModelProto, data, split: str = "train", *, input_shape
     if kind == "npz":
         fs = npz_feeds(path, inputs)
         if fs is not None:
+            check_unnormalized(d)
             return fs.head(limit)
     if len(inputs) != 1 or inputs[0].dtype != np.float32:
         raise QtoolError(f"{d.spec} holds images, which feed one float32 image input; this model's inputs are "
@@ -284,6 +292,8 @@ def calibration_feeds(model: onnx.ModelProto, data, n: int, batch_size: int = 16
         inputs = model_inputs(model)
         parse_input_shapes(dict(d.input_shapes), inputs)  # bad --input-shape entries fail here too
         fs = npz_feeds(path, inputs)  # None: an npz of images and labels
+        if fs is not None:
+            check_unnormalized(d)
     if fs is not None:
         fs = fs.head(n)
         fixed = [s.dims[0] for s in model_inputs(model) if s.dims and s.dims[0] is not None]

@@ -14,7 +14,7 @@ from PIL import Image
 import qtool
 from qtool.cli import main
 from qtool.evaluation import compare_outputs
-from qtool.feeds import feeds_for
+from qtool.feeds import calibration_feeds, feeds_for
 
 RNG = np.random.default_rng(0)
 
@@ -109,6 +109,19 @@ def test_a_missing_input_array_is_named(tmp_path, capsys):
     assert "has no array for model input 'mask'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_mean_std_with_named_arrays_is_exit_2_not_silently_unused(tmp_path, capsys, command):
+    src = tmp_path / "text.onnx"
+    onnx.save(text_model(), src)
+    spec = text_npz(tmp_path / "d.npz")
+    out = ["-o", str(tmp_path / "q.onnx")] if command == "quantize" else []
+    assert main([command, str(src), "--data", spec, "--mean", "0.5", "--std", "0.25", *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mean/--std normalize image data" in err[0]
+    assert not (tmp_path / "q.onnx").exists()
+    assert main([command, str(src), "--data", spec, *out]) == 0  # without them the same data feeds the model
+
+
 def test_a_text_model_without_data_asks_for_it(tmp_path, capsys):
     src = tmp_path / "text.onnx"
     onnx.save(text_model(), src)
@@ -146,6 +159,12 @@ def test_images_dir_is_resized_and_center_cropped_to_the_model_input(tmp_path):
         feeds_for(image_model(True), f"images:{d}")
     fs = feeds_for(image_model(True), f"images:{d}", input_shapes={"x": (1, 3, 16, 20)})
     assert fs.arrays["x"].shape == (3, 3, 16, 20)
+    # images are normalized by --mean/--std (named npz arrays refuse them), for calibration too
+    plain = feeds_for(image_model(False), f"images:{d}").arrays["x"]
+    norm = qtool.Data(f"images:{d}", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    np.testing.assert_allclose(feeds_for(image_model(False), norm).arrays["x"], (plain - 0.5) / 0.25, atol=1e-5)
+    calib = next(iter(calibration_feeds(image_model(False), norm, 3)))["x"]
+    np.testing.assert_allclose(calib, (plain - 0.5) / 0.25, atol=1e-5)
 
 
 def test_input_shape_on_the_cli(tmp_path, capsys):
