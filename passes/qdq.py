@@ -288,8 +288,45 @@ class InsertQDQPass(QPass):
                 self._weight(g, values[name], tq)
             else:
                 self._activation(g, values[name], tq)
+        for node in list(g):
+            self._keep_float(g, node)
         g.sort()
         return PassResult(model, True)
+
+    def _keep_float(self, g: ir.Graph, node: ir.Node) -> None:
+        """A Conv / ConvTranspose / Gemm the plan leaves float (`--exclude`, a float unit) between quantized
+        neighbours reads DQ(per-tensor) and feeds Q: onnxruntime's WeightBiasQuantization then quantizes its
+        float weight itself (per-tensor int8) and runs it as an integer kernel. The same codes read through a
+        DequantizeLinear with the scale repeated per channel compute the same values, and onnxruntime leaves
+        that node float."""
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.domain not in ("", "ai.onnx"):
+            return
+        x, w = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+        dq = x.producer() if x is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or w is None or w.const_value is None:
+            return  # a quantized weight comes from a DQ node, not a constant; a dynamic weight is never quantized
+        scale, zp = dq.inputs[1].const_value, dq.inputs[2].const_value if len(dq.inputs) > 2 else None
+        if scale is None or scale.numpy().size != 1 or zp is None:
+            return
+        shape = w.const_value.numpy().shape
+        attrs = {a.name: a.value for a in node.attributes.values()}
+        if node.op_type == "Conv":
+            channels, axis = shape[1] * int(attrs.get("group", 1)), 1
+        elif node.op_type == "ConvTranspose":
+            channels, axis = shape[0], 1
+        else:  # Gemm: K of A, which is A's dim 1 (dim 0 with transA)
+            channels = shape[1] if attrs.get("transB", 0) else shape[0]
+            axis = 0 if attrs.get("transA", 0) else 1
+        s = np.full(channels, scale.numpy().reshape(()), np.float32)
+        z = np.full(channels, zp.numpy().reshape(()), zp.numpy().dtype)
+        own = ir.node("DequantizeLinear", [dq.inputs[0], self._init(g, s, f"{node.name}_input_scale"),
+                                           self._init(g, z, f"{node.name}_input_zero_point")],
+                      attributes={"axis": axis}, name=self._unique(g, f"{node.name}_input_DequantizeLinear"))
+        out = own.outputs[0]
+        out.type, out.shape, out.name = x.type, x.shape, self._unique(g, f"{node.name}_input_float")
+        g.insert_before(node, own)
+        node.replace_input_with(0, out)
+        self.fire(f"{node.op_type} {node.name}: float, its input dequantized per channel")
 
     def _init(self, g: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
         return new_initializer(g, array, name, self.taken)

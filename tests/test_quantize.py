@@ -263,6 +263,52 @@ def test_quantize_cli_qoperator_format(tmp_path):
     np.testing.assert_allclose(outs[0], outs[1], atol=2 * np.abs(outs[0]).max() / 127)
 
 
+def conv_chain(n: int = 3, c: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x -> (Conv 3x3 -> Relu) x n, named conv0.. / relu0.."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(n):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (c, c if i else 3, 3, 3)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, (c,)).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_an_excluded_conv_between_quantized_ones_really_runs_float():
+    """DQ -> Conv(float weight) -> Relu -> Q is what onnxruntime's WeightBiasQuantization quantizes itself
+    (per-tensor int8 weights, an integer kernel): the excluded conv reads its input through its own
+    per-channel DQ of the same codes, which onnxruntime leaves float."""
+    from qtool.ortgraph import integer_kernel_report
+
+    feeds = [{"x": np.random.default_rng(1).normal(size=(16, 3, 8, 8)).astype(np.float32)}]
+    q = qtool.quantize(conv_chain(), feeds, QuantConfig(exclude=("conv1",))).model
+    r = integer_kernel_report(q)
+    assert (r.integer_compute, r.float_compute) == (2, 1)
+    conv1 = next(n for n in q.graph.node if n.name == "conv1")
+    dq = next(n for n in q.graph.node if n.output[0] == conv1.input[0])
+    assert dq.op_type == "DequantizeLinear" and dq.attribute[0].name == "axis"
+    # The same values: the unoptimized graph (every Q/DQ run as written) is unchanged by the extra DQ.
+    shared = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == dq.input[0]
+                  and n is not dq)
+    undone = onnx.ModelProto()
+    undone.CopyFrom(q)
+    next(n for n in undone.graph.node if n.name == "conv1").input[0] = shared.output[0]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+             for m in (q, undone)]
+    np.testing.assert_array_equal(*plain)
+    # Without its own DQ onnxruntime quantizes the "float" conv: the check above can fail.
+    r = integer_kernel_report(undone)
+    assert (r.integer_compute, r.float_compute) == (3, 0)
+
+
 def test_exclude_keeps_chosen_nodes_in_float(tmp_path, capsys):
     """--exclude by node-name glob or op type: the node's weights stay float and onnxruntime runs it in
     float, the rest stays integer; a pattern that matches nothing is exit 2 (a typo would quantize it)."""

@@ -218,21 +218,19 @@ def _two_readers() -> onnx.ModelProto:
     return fuse(m, use_onnxsim=False)[0]
 
 
-def test_float_conv_reading_a_quantized_input_is_int8():
-    """onnxruntime quantizes the float weight of a Conv fed by a DequantizeLinear itself (int8 per
-    tensor): a float layer whose input another layer keeps quantized is therefore int8 in the plan."""
+def test_a_float_conv_reading_a_quantized_input_runs_float():
+    """Conv a float, its co-reader b int8, so their input r0 stays quantized: a reads it through its own
+    per-channel DQ (passes.qdq), which keeps onnxruntime from quantizing a's float weight itself."""
     from qtool.ortgraph import integer_kernel_report
 
     fused = _two_readers()
     sp = SearchSpace.from_model(fused, target="cpu")
     m = _metrics(fused, sp, (8, 2, 4, 4))
     wa, wb = sp.layers[1].weight, sp.layers[2].weight
-    c = Candidate.from_key("w8a8-f-w8a8-w8a8")  # conv a float, b int8: r0 stays quantized for b
-    assert sp.tensor_bits(c)["r0"] == 8 and sp.effective(c)[1] == (8, 8) and wa in m.reference_plan(c).tensors
-    # Why: leave wa out of the plan and onnxruntime still runs conv a as an integer kernel.
-    plan = m.reference_plan(c)
-    del plan.tensors[wa]
-    assert integer_kernel_report(apply_plan(fused, plan)).integer_compute == 4
+    c = Candidate.from_key("w8a8-f-w8a8-w8a8")
+    assert sp.tensor_bits(c)["r0"] == 8 and sp.effective(c)[1] == (32, 8) and wa not in m.reference_plan(c).tensors
+    r = integer_kernel_report(apply_plan(fused, m.reference_plan(c)))
+    assert (r.integer_compute, r.float_compute) == (3, 1)
     both = Candidate.from_key("w8a8-f-f-w8a8")  # both readers float: r0 float, the Add operands stay 8-bit
     tb = sp.tensor_bits(both)
     assert tb["r0"] == 32 and tb[wa] == tb[wb] == 32 and tb["a"] == tb["b"] == 8

@@ -23,10 +23,9 @@ From layer choices to tensor bits (what a QuantPlan holds, one QDQ pair per tens
   layer writing it has no output Q: onnxruntime runs it as a float kernel on dequantized values, which
   the measured latency shows, and so does the Add of a residual operand left float);
 - a float Conv / ConvTranspose / Gemm whose input group is quantized all the same (by a quantized
-  co-reader) is int8: onnxruntime quantizes the float weight of such a node itself when its input
-  comes from a DequantizeLinear (its WeightBiasQuantization transformer, int8 per tensor), so the
-  weight is quantized here at 8 bits, per channel, and the exported graph computes what the search
-  scored;
+  co-reader) still runs float: the QDQ exporter feeds it through its own per-channel DequantizeLinear
+  of the same codes, which keeps onnxruntime's WeightBiasQuantization from quantizing its float
+  weight itself (passes.qdq);
 - activation groups no layer reads (residual Add operands, the logits) stay at `other_bits` (8) where
   another op quantizes them (Add / Concat / pooling: `pinned`) or a quantized layer writes them (its
   integer kernel needs its output quantized); written only by float layers they stay float.
@@ -50,8 +49,6 @@ from qtool.quant_points import quant_points
 ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TARGETS = ("cpu", "grid")
 FLOAT = 32  # the bit-width that stands for "not quantized" (float32) in Candidate.bits and tensor_bits
-# Ops whose float weight onnxruntime quantizes itself when their input is dequantized (module docstring).
-ORT_QUANTIZED_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
 def target_options(target: str) -> tuple[tuple[str, tuple[int, int]], ...]:
@@ -166,9 +163,6 @@ class SearchSpace:
     options: tuple[tuple[str, tuple[int, int]], ...] = ()  # cpu: (name, (w, a)) of one gene, least aggressive first
     group_writers: dict[str, list[int]] = field(default_factory=dict)  # root -> layers whose unit output is in it
     pinned: frozenset[str] = frozenset()  # roots other ops (Add, Concat, pooling) quantize whatever the layers do
-
-    def __post_init__(self):
-        self._root = {t: r for r, members in self.groups.items() for t in members}
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -334,19 +328,12 @@ class SearchSpace:
         return [self.decode(self.random_genes(rng)) for _ in range(n)]
 
     # -- what a candidate means for the graph ----------------------------------------------------
-    def _ort_quantizes_float_weight(self, i: int) -> bool:
-        return self.layers[i].op in ORT_QUANTIZED_WEIGHT_OPS
-
     def tensor_bits(self, c: Candidate) -> dict[str, int]:
         """Bits of every tensor the QDQ graph can quantize (weights, every activation incl. sharers);
         FLOAT where it stays float (the rules: module docstring)."""
         self.check(c)
         read = {root: _widest(c.bits[i][1] for i in readers) for root, readers in self.group_readers.items()}
         w_bits = [w for w, _ in c.bits]
-        for i, l in enumerate(self.layers):
-            quantized_input = read.get(self._root.get(l.input), FLOAT) != FLOAT
-            if w_bits[i] == FLOAT and quantized_input and self._ort_quantizes_float_weight(i):
-                w_bits[i] = 8  # onnxruntime would quantize it itself: int8, with this plan's per-channel scales
         out: dict[str, int] = {}
         for w, readers in self.weight_readers.items():
             out[w] = _widest(w_bits[i] for i in readers)
@@ -380,8 +367,6 @@ class SearchSpace:
             vals, floor = set(), 0
             for i in readers:
                 vs = {p[kind] for p in layer_pairs(i)} - {FLOAT}
-                if kind == 0 and can_float(i) and self._ort_quantizes_float_weight(i):
-                    vs.add(8)  # a float layer with a quantized input is int8 (tensor_bits)
                 vals |= vs
                 if not can_float(i):
                     floor = max(floor, min(vs))
