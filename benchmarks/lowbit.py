@@ -1,4 +1,5 @@
-"""Low-bit PTQ side by side: qtool (mse, AdaRound, AdaRound + bias correction) vs AIMET (QuantSim min_max /
+"""Low-bit PTQ side by side: qtool (mse, AdaRound, AdaRound + bias correction; at W4A4 also BRECQ with learned
+activation scales) vs AIMET (QuantSim min_max /
 tf_enhanced, AdaRound) on the trained ResNet-20, W4A8 and W4A4, the same calibration images for every tool.
 
     python -m benchmarks lowbit [--quick] [--iters 500] [--model mobilenetv2_cifar10] [--aimet-python PY]
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,11 @@ def main(argv=None) -> int:
             (bc, rep), t_bc = timed(lambda: bias_correct(fused, tuned, plan, calib, samples=n_ada))
             qdq, t_apply = timed(lambda: apply_plan(bc, plan))
             record("qtool adaround + bias correction", qdq, t_ada + t_bc + t_apply)
+            if a < 8:  # block reconstruction that also learns the activation scales: what W4A4 needs
+                brecq_cfg = replace(ada_cfg, algo="brecq", tune_activations=True)
+                (tuned, plan), t_b = timed(lambda: quantize_plan(fused, calib, brecq_cfg))
+                qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
+                record("qtool brecq --tune-activations", qdq, t_b + t_apply)
             if not out["aimet_available"]:
                 continue
             for tool, scheme, it in (("AIMET QuantSim min_max", "min_max", 0),
