@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="AdaRound iterations per layer, both tools (default 500)")
     ap.add_argument("--bits", default="W4A8,W4A4", help="comma-separated of W4A8, W4A4")
     ap.add_argument("--aimet-python", default=AIMET_PYTHON, help="interpreter of the environment with aimet-onnx")
+    ap.add_argument("--brecq-iters", type=int, default=None,
+                    help="qtool BRECQ iterations per block at W4A4 (default: --iters)")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="a trained model in benchmarks/models (without .onnx)")
     args = ap.parse_args(argv)
     path = MODELS / f"{args.model}.onnx"
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     calib = list(calib_inputs(fp32, spec, n=n_cal, batch_size=64))
     ev = EvalConfig(limit=limit)
     out = {"model": args.model, "calibration_images": n_cal, "adaround_samples": n_ada,
-           "adaround_iterations": iters, "val_images": limit or len(load_dataset(spec, "val")),
+           "adaround_iterations": iters, "brecq_iterations": args.brecq_iters or iters, "val_images": limit or len(load_dataset(spec, "val")),
            "fp32_top1": evaluate_model(fused, spec, ev).accuracy, "aimet_available": Path(args.aimet_python).exists(),
            "bits": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
             qdq, t_apply = timed(lambda: apply_plan(bc, plan))
             record("qtool adaround + bias correction", qdq, t_ada + t_bc + t_apply)
             if a < 8:  # block reconstruction that also learns the activation scales: what W4A4 needs
-                brecq_cfg = replace(ada_cfg, algo="brecq", tune_activations=True)
+                brecq_cfg = replace(ada_cfg, algo="brecq", tune_activations=True, adaround_iters=args.brecq_iters or iters)
                 (tuned, plan), t_b = timed(lambda: quantize_plan(fused, calib, brecq_cfg))
                 qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
                 record("qtool brecq --tune-activations", qdq, t_b + t_apply)
