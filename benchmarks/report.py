@@ -342,8 +342,9 @@ def zoo_table(d: dict) -> str:
 def lowbit_table(d: dict) -> str:
     """benchmarks.lowbit: qtool mse / AdaRound / + bias correction vs AIMET QuantSim / AdaRound at W4A8, W4A4."""
     fp = d["fp32_top1"]
+    brecq = (f"; qtool's BRECQ at {d['brecq_iterations']} iterations per block" if "brecq_iterations" in d else "")
     lines = [f"Model {d['model']} (BN folded), {d['calibration_images']} calibration images, AdaRound on "
-             f"{d['adaround_samples']} of them at {d['adaround_iterations']} iterations per layer (both tools); "
+             f"{d['adaround_samples']} of them at {d['adaround_iterations']} iterations per layer (both tools){brecq}; "
              f"top-1 on onnxruntime on {d['val_images']} val images; FP32 {_pct(fp)} %.", ""]
     rows = []
     for bits, tools in d["bits"].items():
