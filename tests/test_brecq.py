@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -14,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qtool
 from qtool.cli import main as cli_main
 from qtool.ptq import QuantConfig
+from test_adaround import feeds, run  # the same 3x8x8 feeds and onnxruntime run
 
 RNG = np.random.default_rng(3)
 
@@ -45,15 +45,6 @@ def resnet() -> onnx.ModelProto:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.metadata_props.add(key="qtool.preprocess", value='{"mean": [0.0], "std": [1.0]}')
     return m
-
-
-def feeds(n_batches: int, seed: int, bs: int = 32) -> list[dict[str, np.ndarray]]:
-    r = np.random.default_rng(seed)
-    return [{"x": r.normal(size=(bs, 3, 8, 8)).astype(np.float32)} for _ in range(n_batches)]
-
-
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 W4A4 = dict(weight_bits=4, act_bits=4, adaround_iters=200, adaround_samples=64)
