@@ -22,9 +22,7 @@ Without the shared CIFAR-10 archive (or QTOOL_CIFAR) it prints why and exits 0 h
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.common import MODELS, cifar_spec, write_result
+from benchmarks.common import MODELS, cifar_spec, run_driver, timed, write_result
 from exporters.qdq import apply_plan
 from qtool.api import quantize
 from qtool.data import calib_inputs, model_image_input
@@ -52,12 +50,6 @@ N_CAL = 512
 DEFAULT_MODEL = "resnet20_cifar10"
 
 
-def timed(f):
-    t = time.perf_counter()
-    out = f()
-    return out, time.perf_counter() - t
-
-
 def top1(model: onnx.ModelProto, fs) -> float:
     return float(np.mean(next(iter(run_feeds(model, fs).values())).argmax(1) == fs.labels))
 
@@ -65,12 +57,9 @@ def top1(model: onnx.ModelProto, fs) -> float:
 def run_nncf(python: str, fused: Path, calib: Path, val: Path, out: Path) -> dict:
     cmd = [python, str(DRIVER), str(fused), str(calib), str(val), str(out), "--max-drop", str(MAX_DROP_PP / 100),
            "--subset-size", str(N_CAL)]
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if p.returncode != 0:
-        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"], "wall_s_subprocess": wall}
-    info = json.loads(p.stdout.strip().splitlines()[-1])
+    info, error, wall = run_driver(cmd)
+    if info is None:
+        return {"error": error, "wall_s_subprocess": wall}
     return {"seconds": info["seconds"], "wall_s_subprocess": wall, "validation_calls": info["validation_calls"],
             "validation_s": info["validation_s"], "nncf": info["nncf"]}
 

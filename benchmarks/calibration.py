@@ -27,7 +27,7 @@ from onnxruntime.quantization import CalibrationMethod
 
 import passes
 from benchmarks.baselines import ort_quantize_static
-from benchmarks.common import MODELS, RESULTS, cifar_spec, write_result
+from benchmarks.common import MODELS, RESULTS, cifar_spec, timed, write_result
 from exporters.qdq import apply_plan
 from qtool.calibrate import collect_stats
 from qtool.data import batches, calib_inputs, load_dataset, model_image_input
@@ -38,12 +38,6 @@ from qtool.ptq import QuantConfig, build_plan, quantize
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
            "entropy": CalibrationMethod.Entropy, "mse": None}
-
-
-def timed(f):
-    t = time.perf_counter()
-    out = f()
-    return out, time.perf_counter() - t
 
 
 def ort_quiet(fp32, calib, method):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -41,3 +42,19 @@ def write_result(name: str, payload: dict, table: str | None = None) -> Path:
 
         write_table(table, name, json.loads(text))
     return p
+
+
+def timed(f):
+    """(f(), its wall seconds)."""
+    t = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t
+
+
+def run_driver(cmd: list[str]) -> tuple[dict | None, list[str], float]:
+    """Run a peer tool's driver (benchmarks/*_driver.py) by its environment's interpreter: (the JSON its
+    last stdout line holds, or None when it failed; the last line of its error output; wall seconds)."""
+    p, wall = timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
+    if p.returncode != 0:
+        return None, (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"], wall
+    return json.loads(p.stdout.strip().splitlines()[-1]), [], wall

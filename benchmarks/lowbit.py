@@ -20,19 +20,16 @@ by qtool.biascorr, which is what `--algo adaround --bias-correction` runs; its t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from benchmarks.common import MODELS, cifar_spec, write_result
+from benchmarks.common import MODELS, cifar_spec, run_driver, timed, write_result
 from exporters.qdq import apply_plan
 from qtool.biascorr import bias_correct
 from qtool.data import calib_inputs, load_dataset, model_image_input
@@ -47,22 +44,13 @@ BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
 DEFAULT_MODEL = "resnet20_cifar10"
 
 
-def timed(f):
-    t = time.perf_counter()
-    out = f()
-    return out, time.perf_counter() - t
-
-
 def run_aimet(python: str, fused_path: Path, calib_path: Path, out: Path, w: int, a: int, scheme: str, iters: int,
               samples: int) -> dict:
     cmd = [python, str(DRIVER), str(fused_path), str(calib_path), str(out), "--weight-bits", str(w),
            "--act-bits", str(a), "--scheme", scheme, "--adaround-iters", str(iters), "--adaround-samples", str(samples)]
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if p.returncode != 0:
-        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"], "wall_s": wall}
-    info = json.loads(p.stdout.strip().splitlines()[-1])
+    info, error, wall = run_driver(cmd)
+    if info is None:
+        return {"error": error, "wall_s": wall}
     return {"seconds": info["seconds"]["total_excl_import"], "steps_s": info["seconds"], "wall_s_subprocess": wall,
             "aimet_onnx": info["aimet_onnx"]}
 

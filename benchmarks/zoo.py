@@ -148,8 +148,6 @@ def _ok(step: dict | None) -> bool:
 def run_model(key: str, fp32: onnx.ModelProto, calib: dict, test: dict, workdir: Path, *, runs: int = 100,
               dynamic: bool = False) -> dict:
     """Every step on one model in `workdir`; a row of results/zoo.json."""
-    from qtool.io import load_model
-
     workdir.mkdir(parents=True, exist_ok=True)
     f = {n: workdir / f"{n}.onnx" for n in ("fp32", "fused", "qtool", "ort", "ort_nopre", "qtool_dynamic",
                                             "ort_dynamic")}
