@@ -140,19 +140,27 @@ def checked_outputs(inputs: tuple, *outputs) -> None:
 
 
 @cli.command()
-@click.option("--model", "model_name", default="resnet20", show_default=True, help="zoo model: resnet20/32/44/56, mobilenetv2, lenet5, digitnet, vgg_small, resnet18")
+@click.option("--model", "model_name", default="resnet20", show_default=True, help="zoo model: resnet20/32/44/56, mobilenetv2, mobilenetv2_050, vit_cifar, lenet5, digitnet, vgg_small, resnet18")
 @click.option("--data", default="digits", show_default=True, help=DATA_HELP)
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--lr", default=0.2, show_default=True, type=float, help="peak learning rate of the one-cycle schedule")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="sgd (Nesterov, for CNNs) or adamw (for vit_cifar, with e.g. --lr 1e-3 --weight-decay 0.05)")
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
+@click.option("--label-smoothing", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, help="ONNX file to write (a .pt checkpoint is written beside it)")
-def train(model_name, data, epochs, batch_size, lr, seed, output):
-    """Train a zoo model in FP32 and export it to ONNX (BatchNormalization kept, preprocessing in metadata)."""
+def train(model_name, data, epochs, batch_size, lr, optimizer, weight_decay, label_smoothing, seed, output):
+    """Train a zoo model in FP32 and export it to ONNX (BatchNormalization kept, preprocessing in metadata).
+
+    The training state is saved after each epoch (OUTPUT.resume.pt): run the same command again to
+    continue a stopped run."""
     import qtool
 
     r = qtool.train(qtool.TrainConfig(model=model_name, data=data, epochs=epochs, batch_size=batch_size, lr=lr,
-                                      seed=seed), output)
+                                      optimizer=optimizer, weight_decay=weight_decay,
+                                      label_smoothing=label_smoothing, seed=seed), output)
     echo(f"val accuracy: PyTorch {r.val_acc_torch:.4f}, ONNX on onnxruntime {r.val_acc_onnx:.4f} "
          f"({r.wall_time_s:.0f} s) -> {r.onnx_path} (checkpoint {r.checkpoint})")
 

@@ -1,7 +1,10 @@
 """FP32 training of zoo models and their ONNX export (BatchNormalization kept for `qtool fuse`).
 
 SGD with Nesterov momentum and a one-cycle schedule: it reaches ResNet-paper accuracy in a
-fraction of the paper's 64k iterations, which matters on a 2-core CPU.
+fraction of the paper's 64k iterations, which matters on a 2-core CPU. Transformers train with
+AdamW (`optimizer="adamw"`) and label smoothing instead. Training state is saved after every epoch
+(`OUT.resume.pt`) and a run of the same config picks up from it: a run of hours on a CPU survives
+being stopped.
 """
 from __future__ import annotations
 
@@ -40,8 +43,17 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     threads: int | None = None
+    optimizer: str = "sgd"  # "sgd" (Nesterov) or "adamw"
+    label_smoothing: float = 0.0
+    warmup: float = 0.25  # fraction of the steps the one-cycle schedule rises
 
     def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise QtoolError(f"--optimizer must be sgd or adamw, not {self.optimizer!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise QtoolError("--label-smoothing must be in [0, 1)")
+        if not 0 < self.warmup < 1:
+            raise QtoolError("--warmup must be in (0, 1)")
         if self.epochs < 1:
             raise QtoolError("--epochs must be >= 1")
         if self.batch_size < 1:
@@ -106,17 +118,31 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
     x_all = torch.from_numpy(pre.apply(train_ds.images))
     y_all = torch.from_numpy(train_ds.labels)
     steps_per_epoch = (len(train_ds) + cfg.batch_size - 1) // cfg.batch_size
-    decay, no_decay = split_decay(model.parameters())  # no weight decay on BN and biases
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    decay, no_decay = split_decay(model.parameters())  # no weight decay on BN, LayerNorm and biases
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                                                pct_start=0.25, div_factor=10, final_div_factor=100)
-    loss_fn = nn.CrossEntropyLoss()
-    history = []
-    t0 = time.perf_counter()
+                                                pct_start=cfg.warmup, div_factor=10, final_div_factor=100)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    history, done, before = [], 0, 0.0
+    resume = out.with_suffix(".resume.pt")
+    state = _load_resume(resume, cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+        history, done, before = state["history"], state["epoch"], state["elapsed_s"]
+        log.info("resuming %s after epoch %d of %d (%s)", cfg.model, done, cfg.epochs, resume)
+    t0 = time.perf_counter() - before
     with progress(disable=quiet) as bar:
-        task = bar.add_task(f"train {cfg.model}", total=cfg.epochs * steps_per_epoch, info="")
-        for epoch in range(cfg.epochs):
+        task = bar.add_task(f"train {cfg.model}", total=cfg.epochs * steps_per_epoch,
+                            completed=done * steps_per_epoch, info="")
+        for epoch in range(done, cfg.epochs):
             meter = EpochMeter()
 
             def batches():
@@ -136,6 +162,8 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
                             "val_acc": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
             if not quiet:
                 bar.console.print(f"epoch {epoch + 1}: loss {meter.loss:.4f} train {meter.acc:.4f} val {val_acc:.4f}")
+            if epoch + 1 < cfg.epochs:
+                _save_resume(resume, cfg, model, opt, sched, gen, history, epoch + 1, time.perf_counter() - t0)
     wall = time.perf_counter() - t0
     buf = io.BytesIO()
     torch.save({"model": cfg.model, "state_dict": model.state_dict(), "config": asdict(cfg)}, buf)
@@ -145,8 +173,31 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
     from qtool.evaluation import evaluate_model
 
     onnx_acc = evaluate_model(m, cfg.data).accuracy
+    resume.unlink(missing_ok=True)
     return TrainResult(str(out), str(ckpt), cfg.epochs, wall, history[-1]["train_acc"], history[-1]["val_acc"],
                        onnx_acc, history)
+
+
+def _save_resume(path: Path, cfg: TrainConfig, model, opt, sched, gen, history, epoch: int, elapsed: float) -> None:
+    buf = io.BytesIO()
+    torch.save({"config": asdict(cfg), "epoch": epoch, "elapsed_s": elapsed, "history": history,
+                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "gen": gen.get_state(), "rng": torch.get_rng_state()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_resume(path: Path, cfg: TrainConfig) -> dict | None:
+    """The state a stopped run of the same config left, or None (none, or another config's)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise QtoolError(f"cannot load training state {path} safely: {str(e).splitlines()[0]}") from None
+    if state.get("config") != asdict(cfg):
+        log.warning("%s is from another training config; starting afresh", path)
+        return None
+    return state
 
 
 def load_checkpoint(path: str | Path, num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -66,3 +66,69 @@ def test_eval_on_fixed_batch_model_pads_last_batch(trained, tmp_path):
     for t in (m.graph.input[0], m.graph.output[0]):
         t.type.tensor_type.shape.dim[0].dim_value = 7
     assert evaluate_model(m, "digits").accuracy == pytest.approx(full)
+
+
+def test_stopped_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A run stopped after epoch 1 and started again ends where an unbroken run ends."""
+    import qtool.training as training
+
+    cfg = TrainConfig(model="lenet5", data="digits", epochs=2, batch_size=64, lr=0.05, optimizer="adamw",
+                      label_smoothing=0.1, warmup=0.3)
+    whole = train(cfg, tmp_path / "whole.onnx", quiet=True)
+    real, calls = training.evaluate_torch, []
+
+    def stop_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(training, "evaluate_torch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "split.onnx", quiet=True)
+    assert (tmp_path / "split.resume.pt").exists() and not (tmp_path / "split.onnx").exists()
+    monkeypatch.setattr(training, "evaluate_torch", real)
+    split = train(cfg, tmp_path / "split.onnx", quiet=True)
+    assert [h["epoch"] for h in split.history] == [1, 2]
+    assert split.history[0]["loss"] == whole.history[0]["loss"]
+    a, b = load_checkpoint(whole.checkpoint, in_channels=1), load_checkpoint(split.checkpoint, in_channels=1)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not (tmp_path / "split.resume.pt").exists()  # removed once the run is complete
+
+
+def test_resume_state_of_another_config_is_not_used(tmp_path, monkeypatch):
+    import qtool.training as training
+
+    first = TrainConfig(model="lenet5", data="digits", epochs=2, batch_size=64, lr=0.05)
+    other = TrainConfig(model="lenet5", data="digits", epochs=2, batch_size=64, lr=0.02)
+    real, calls = training.evaluate_torch, []
+
+    def stop_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(training, "evaluate_torch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(first, tmp_path / "m.onnx", quiet=True)
+    monkeypatch.setattr(training, "evaluate_torch", real)
+    resumed = train(other, tmp_path / "m.onnx", quiet=True)
+    fresh = train(other, tmp_path / "fresh.onnx", quiet=True)
+    assert resumed.history == [dict(h, elapsed_s=r["elapsed_s"]) for h, r in zip(fresh.history, resumed.history)]
+
+
+def test_vit_cifar_exports_transformer_ops(tmp_path):
+    from qtool.models import build_model
+    from qtool.preprocess import Preprocess
+    from qtool.training import export_onnx
+
+    m = build_model("vit_cifar")
+    onnx_model = export_onnx(m, (3, 32, 32), Preprocess(mean=(0.5,) * 3, std=(0.25,) * 3))
+    ops = collections.Counter(n.op_type for n in onnx_model.graph.node)
+    assert ops["LayerNormalization"] == 9 and ops["Softmax"] == 4 and ops["Conv"] == 2
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    from qtool.evaluation import predict
+
+    np.testing.assert_allclose(m.eval()(torch.from_numpy(x)).detach().numpy(), predict(onnx_model, x), atol=1e-4)

@@ -1,4 +1,4 @@
-"""Model zoo: small, well-known CNNs defined here (no torchvision)."""
+"""Model zoo: small, well-known CNNs and a compact ViT, defined here (no torchvision)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -12,6 +12,7 @@ from qtool.models.mobilenetv2 import MobileNetV2Cifar
 from qtool.models.resnet_cifar import ResNetCifar
 from qtool.models.resnet_imagenet import ResNet18
 from qtool.models.vgg import VGGSmall
+from qtool.models.vit_cifar import ViTCifar
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: ResNetCifar(depth=20, **kw),
@@ -21,6 +22,8 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": MobileNetV2Cifar,
     # width 0.5 (timm's name): 0.70M parameters, 25M MACs at 32x32, a third of the full width's training time
     "mobilenetv2_050": lambda **kw: MobileNetV2Cifar(width=0.5, **kw),
+    # conv-tokenizer ViT (dim 128, 4 pre-norm blocks, 64 tokens): 0.58M parameters
+    "vit_cifar": lambda **kw: ViTCifar(depth=4, **kw),
     "lenet5": LeNet5,
     "digitnet": DigitNet,
     "vgg_small": VGGSmall,
