@@ -375,6 +375,12 @@ class LiftedModule(nn.Module):
 
     # -- execution -------------------------------------------------------------------------------
     def forward(self, *args: torch.Tensor, **named: torch.Tensor):
+        env = self.values(*args, **named)
+        result = tuple(env[o] for o in self.output_names)
+        return result[0] if len(result) == 1 else result
+
+    def values(self, *args: torch.Tensor, **named: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor of one forward run, by name (each through its quantizer, as the next step reads it)."""
         if len(args) > len(self.input_names):
             raise QtoolError(f"model takes {len(self.input_names)} inputs, got {len(args)}")
         feeds = dict(zip(self.input_names, args))
@@ -393,9 +399,7 @@ class LiftedModule(nn.Module):
         for name, key in qk.items():
             if name in env:
                 env[name] = qmods[key](env[name])
-        self.run_steps(env)
-        result = tuple(env[o] for o in self.output_names)
-        return result[0] if len(result) == 1 else result
+        return self.run_steps(env)
 
     def run_steps(self, env: dict[str, torch.Tensor], start: int = 0, stop: int | None = None) -> dict:
         """Run steps `start:stop` (step_table order) over `env` (tensor name -> value, updated in place

@@ -6,7 +6,7 @@ and requantize once in float32. Both round the same real number, but float error
 ties differently now and then (about once per image on ResNet-20); at 4 bits one flipped code is a
 whole step, and it cascades: W4A4 ResNet-20 logits were 22 output steps apart on 5k images.
 
-So in eval mode the quantized Conv / Gemm / Add / GlobalAveragePool of a `LiftedModule` compute what
+So in eval mode the quantized Conv / Gemm / Add / GlobalAveragePool / Softmax of a `LiftedModule` compute what
 the onnxruntime kernel computes (MLAS, x86; checked against onnxruntime on random and exhaustive
 inputs in tests/test_ortexact.py):
 
@@ -21,6 +21,8 @@ inputs in tests/test_ortexact.py):
 - QLinearAdd (the AVX2 kernel):  r_a = s_a / s_c, r_b = s_b / s_c,  f = z_c - fma(r_a, z_a, r_b z_b),
   y_q = clamp(rne(fma(a_q, r_a, fma(b_q, r_b, f)))), every step rounded to float32.
 - QLinearGlobalAveragePool:  y_q = clamp(rne(float32(sum (x_q - z_x)) * s_x / (s_y N)) + z_y).
+- QLinearSoftmax: a float32 exp table over code differences, a sequential float32 row sum and
+  floor(1 / s_y) for 1 / s_y (ExactSoftmax).
 
 Each override returns the dequantized output `(y_q - z_y) s_y`, which the layer's output fake-quant
 maps back to exactly `y_q` (and narrows to its b-bit range, as the exported Clip does). Training is
@@ -46,8 +48,9 @@ from qtool.ortkernels import (INT16_MAX, PAIRS, PAIRS_CHW, PAIRS_HWC, accumulati
                               saturable_pairs)
 from qtool.plan import TensorQuant
 
-__all__ = ["ExactConv", "ExactAdd", "ExactGlobalAveragePool", "install_exact_eval"]
+__all__ = ["ExactConv", "ExactMatMul", "ExactAdd", "ExactGlobalAveragePool", "ExactSoftmax", "install_exact_eval"]
 
+UINT32_MAX = 2.0**32 - 1
 _FLOAT32_EXACT = 2.0**24  # integers up to this magnitude are exact in float32
 _GATHER_LIMIT = 2**22  # input codes gathered at once to emulate saturating pairs (16 MiB of float32)
 _CONTAINER = {True: (-128, 127), False: (0, 255)}
@@ -113,6 +116,8 @@ class ExactConv(nn.Module):
         return found if found in (PAIRS, PAIRS_HWC, PAIRS_CHW) else None
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.op == "Gemm" and not self.attrs.get("transB", 0):
+            w = w.t()  # (K, N), per-channel on axis 1 -> (N, K) as F.linear takes it
         cx = torch.round(x / torch.tensor(self.s_x))  # x_q - z_x
         cw = torch.round(w / _channel(self.s_w, w.dim(), 0))
         # float32 sums of integers are exact below 2^24; beyond that accumulate in float64
@@ -136,6 +141,36 @@ class ExactConv(nn.Module):
             q_b = torch.round(b.double() / self.s_b.double())
             acc = acc + _channel(q_b, acc.dim(), axis)
         v = acc.float() * _channel(self.m, acc.dim(), axis)
+        return _dequantized(_round_clamp(v, self.z_y, self.y_signed), self.z_y, self.s_y)
+
+
+class ExactMatMul(nn.Module):
+    """QLinearMatMul in place of a fake-quant MatMul: B is a quantized activation (attention's Q K^T
+    and P V: uint8 x uint8, exact sums) or a constant weight (uint8 x int8: int16-saturated pairs along
+    K on CPUs without VNNI, as QGemm, with a per-column scale allowed).
+    acc = sum_k (a_q - z_a)(b_q - z_b),  y_q = clamp(rne(float32(acc) * M) + z_y),  M = float32(float32(s_a s_b) / s_y).
+    """
+
+    def __init__(self, a: TensorQuant, b: TensorQuant, y: TensorQuant, b_is_weight: bool):
+        super().__init__()
+        self.s_a, self.z_a = _scalar(a)
+        self.s_y, self.z_y = _scalar(y)
+        self.y_signed, self.a_signed = y.signed, a.signed
+        s_b = np.asarray(b.scale, np.float32).reshape(-1)
+        self.register_buffer("s_b", torch.from_numpy(s_b), persistent=False)
+        self.z_b = np.asarray(b.zero_point, np.float64).reshape(-1)
+        self.register_buffer("m", torch.from_numpy(((self.s_a * s_b).astype(np.float32) / self.s_y).astype(np.float32)),
+                             persistent=False)
+        self.b_is_weight = b_is_weight
+        self.u_zero = self.z_a + (128 if a.signed else 0)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ca = torch.round(a / torch.tensor(self.s_a)).double()  # a_q - z_a
+        cb = torch.round(b / self.s_b).double()  # b_q - z_b (per column: the last axis)
+        acc = torch.matmul(ca, cb)  # float64: exact for these integer sums
+        if self.b_is_weight and cb.dim() == 2 and accumulation("QGemm", self.a_signed) == PAIRS:
+            _add_gemm_saturation(acc, ca + self.u_zero, cb.T.contiguous())
+        v = acc.float() * self.m
         return _dequantized(_round_clamp(v, self.z_y, self.y_signed), self.z_y, self.s_y)
 
 
@@ -274,6 +309,47 @@ class ExactGlobalAveragePool(nn.Module):
         return _dequantized(_round_clamp(v, self.z_y, self.y_signed), self.z_y, self.s_y)
 
 
+class ExactSoftmax(nn.Module):
+    """com.microsoft QLinearSoftmax, which onnxruntime fuses DQ -> Softmax -> Q into (opset >= 13).
+
+    Per row along the axis: t = float32(exp(float64((x_q - max x_q + shift) s_x))), a table over the
+    256 code differences, shift = max(0, ln((2^32 - 1) / D) - 3) / s_x (the constants of the kernel's
+    uint32 version; the float32 table with ln(FLT_MAX / D) - 5 of the current sources overflows
+    t * floor(1 / s_y) and is not what onnxruntime 1.32 computes: measured on the zoo ViT's codes);
+    sum = the float32 sum of t in row order; y_q = rne(float32(t * floor(1 / s_y)) / sum) + z_y, an
+    unsigned result clamped at 255 only. floor(1 / s_y) is not 1 / s_y: a calibrated output scale of
+    0.9 / 255 runs as 1 / 283, not 1 / 283.3, which moves about one element in seventy by a code.
+    """
+
+    def __init__(self, axis: int, x: TensorQuant, y: TensorQuant):
+        super().__init__()
+        self.axis = axis
+        self.s_x, _ = _scalar(x)
+        self.s_y, self.z_y = _scalar(y)
+        self.y_signed = y.signed
+        self.inv_y = np.float32(np.floor(np.float32(1.0) / self.s_y))
+
+    def table(self, d: int) -> torch.Tensor:
+        """exp of (code difference + shift) * s_x for code differences -255..0 (index 0..255)."""
+        shift = max(0.0, float(np.log(UINT32_MAX / d)) - 3.0) / float(self.s_x)
+        i = np.arange(256, dtype=np.float64)
+        return torch.from_numpy(np.exp((i - 255 + shift) * np.float64(self.s_x)).astype(np.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(self.axis, -1)
+        cx = torch.round(x / torch.tensor(self.s_x))  # x_q - z_x: the zero point cancels in x_q - max x_q
+        diff = (cx - cx.amax(-1, keepdim=True) + 255).long().clamp(0, 255)
+        t = self.table(x.shape[-1]).to(x.device)[diff]
+        total = t[..., 0].clone()
+        for j in range(1, t.shape[-1]):  # the kernel's sequential float32 sum (torch.sum pairs, cumsum uses float64)
+            total = total + t[..., j]
+        q = torch.round((t * torch.tensor(self.inv_y)) / total[..., None]) + self.z_y
+        q = torch.where(q > 255, torch.tensor(255.0), q)
+        if self.y_signed:  # int8: the same > 255 test, then a wrapping int8 cast
+            q = torch.remainder(q + 128, 256) - 128
+        return _dequantized(q, self.z_y, self.s_y).movedim(-1, self.axis)
+
+
 def _absorbs(tq: TensorQuant) -> bool:
     """onnxruntime drops a Relu before a Q only when the Q's zero point is the container minimum."""
     return tq.zero_point == _CONTAINER[tq.signed][0]
@@ -333,8 +409,8 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
         if y is None:
             continue
         if op in ("Conv", "Gemm") and len(ins) >= 2:
-            if op == "Gemm" and not (attrs.get("transB", 0) and not attrs.get("transA", 0)
-                                     and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
+            if op == "Gemm" and not (not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0
+                                     and attrs.get("beta", 1.0) == 1.0):
                 continue
             x, w = quant_of(ins[0]), quant_of(ins[1])
             b_ok = len(ins) < 3 or lifted.quantizer(ins[2]) is not None  # int32 bias, as exported
@@ -346,6 +422,14 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
             if x is not None and w is not None:
                 attrs["module"].exact = ExactConv("Conv", attrs["module"].conv_attrs, x, w, y)
                 done.append(outs[0])
+        elif op == "MatMul":
+            a, b = quant_of(ins[0]), quant_of(ins[1])
+            w = lifted.constant(ins[1])  # a weight (initializer), else None: an activation
+            per_column = w is not None and w.dim() == 2 and b is not None and b.axis in (-1, 1)
+            if a is not None and b is not None and np.asarray(a.scale).size == 1 \
+                    and (np.asarray(b.scale).size == 1 or per_column):
+                lifted.set_eval_override(outs[0], ExactMatMul(a, b, y, b_is_weight=w is not None))
+                done.append(outs[0])
         elif op == "Add" and len(ins) == 2:
             a, b = quant_of(ins[0]), quant_of(ins[1])
             if a is not None and b is not None and ins[0] != ins[1]:
@@ -355,5 +439,10 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
             x = quant_of(ins[0])
             if x is not None:
                 lifted.set_eval_override(outs[0], ExactGlobalAveragePool(x, y))
+                done.append(outs[0])
+        elif op == "Softmax":
+            x = quant_of(ins[0])
+            if x is not None and np.asarray(x.scale).size == 1:
+                lifted.set_eval_override(outs[0], ExactSoftmax(attrs.get("axis", -1), x, y))
                 done.append(outs[0])
     return done

@@ -72,6 +72,7 @@ import torch
 import torch.nn as nn
 
 from exporters.qdq import apply_plan
+from qtool.code_trace import code_divergence, first_divergence
 from qtool.data import ImageDataset, check_input_matches, model_image_input
 from qtool.errors import QtoolError
 from qtool.plan import QuantPlan
@@ -88,6 +89,7 @@ log = logging.getLogger(__name__)
 __all__ = ["qat", "QATConfig", "QATResult", "TensorSpec", "resolve_bits", "measure_fidelity", "fidelity_failure"]
 
 _EVAL_BATCH = 256
+_TRACE_BATCH = 8  # val samples the failed gate traces tensor by tensor
 
 
 GATE_STEPS = 1.0  # fake-quant vs onnxruntime: at most this many quantization steps on any output
@@ -279,7 +281,12 @@ def qat(model: onnx.ModelProto, train_data: QATData, val_data: QATData, config: 
     fidelity = measure_fidelity(fq, _ort_outputs(qmodel, fused, val_data, pre), plan, obj, labels_of(val_data))
     failure = fidelity_failure(fidelity)
     fidelity["gate"] = "failed, accepted" if failure else "passed"
-    if failure:
+    if failure:  # where the codes part, which the outputs' difference does not tell
+        feeds = next(eval_feeds(fused, val_data, pre, _TRACE_BATCH))
+        where = first_divergence(code_divergence(qmodel, lifted, plan, feeds, qm.names))
+        if where:
+            fidelity["first_divergence"] = where
+            failure += f"; {where}"
         if not config.accept_fidelity:
             raise QtoolError(failure + "; accept_fidelity (--accept-fidelity) writes it anyway")
         log.warning("%s (accepted: accept_fidelity)", failure)

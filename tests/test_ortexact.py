@@ -244,9 +244,10 @@ def test_global_average_pool_matches_qlinearglobalaveragepool():
         np.testing.assert_array_equal(_codes(y, sy, zy), ref)
 
 
-@pytest.mark.parametrize("m,k,signed", [(2048, 64, False), (256, 63, False), (1, 64, False), (256, 64, True)],
-                         ids=["k64", "odd-k", "one-row", "int8-activations"])
-def test_gemm_matches_qgemm(m, k, signed):
+@pytest.mark.parametrize("m,k,signed,trans_b", [(2048, 64, False, 1), (256, 63, False, 1), (1, 64, False, 1),
+                                               (256, 64, True, 1), (256, 64, False, 0)],
+                         ids=["k64", "odd-k", "one-row", "int8-activations", "weight-KxN"])
+def test_gemm_matches_qgemm(m, k, signed, trans_b):
     """Full-range codes; without VNNI the exact sum is off at 5779 of 20480 codes (k64), 810/2560 (odd K:
     the last element pairs with 0), 2/10 (one row: MLAS's GEMV kernel), 1051/2560 (int8 activations)."""
     rng = np.random.default_rng(3)
@@ -260,18 +261,21 @@ def test_gemm_matches_qgemm(m, k, signed):
     dt = np.int8 if signed else np.uint8
     inits = dict(sx=sx, zx=dt(zx), sw=sw, zw=np.zeros(n, np.int8), wq=wq, sb=(sx * sw).astype(f32),
                  zb=np.zeros(n, np.int32), bq=bq, sy=sy, zy=dt(zy))
+    if not trans_b:  # the weight stored K x N (a fused MatMul + Add), per-channel on axis 1
+        inits["wq"] = np.ascontiguousarray(wq.T)
     nodes = _qdq("x", "sx", "zx") + [
-        h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w_d"], axis=0),
+        h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w_d"], axis=1 - trans_b),
         h.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["b_d"], axis=0),
-        h.make_node("Gemm", ["x_d", "w_d", "b_d"], ["c"], transB=1)] + _qdq("c", "sy", "zy")
+        h.make_node("Gemm", ["x_d", "w_d", "b_d"], ["c"], transB=trans_b)] + _qdq("c", "sy", "zy")
     nodes[-1].output[0] = "y"
     x = (rng.integers(lo, hi + 1, (m, k)).astype(f32) - zx) * sx
     ref = _codes(_run(nodes, inits, {"x": x}, "QGemm"), sy, zy)
-    args = (torch.from_numpy(x), torch.from_numpy(wq.astype(f32) * sw[:, None]),
+    w = wq.astype(f32) * sw[:, None]
+    args = (torch.from_numpy(x), torch.from_numpy(w if trans_b else np.ascontiguousarray(w.T)),
             torch.from_numpy(bq.astype(f32) * (sx * sw).astype(f32)))
     xq, yq = _act(sx, zx, signed=signed), _act(sy, zy, signed=signed)
-    assert _mismatches(ExactConv("Gemm", {"transB": 1}, xq, _per_channel(sw), yq), args, ref, sy, zy) == 0
-    other = ExactConv("Gemm", {"transB": 1}, xq, _per_channel(sw), yq, saturate=not saturates("QGemm", signed))
+    assert _mismatches(ExactConv("Gemm", {"transB": trans_b}, xq, _per_channel(sw), yq), args, ref, sy, zy) == 0
+    other = ExactConv("Gemm", {"transB": trans_b}, xq, _per_channel(sw), yq, saturate=not saturates("QGemm", signed))
     assert _mismatches(other, args, ref, sy, zy) > 0  # the other accumulation model is wrong here
 
 
@@ -363,3 +367,70 @@ def test_conv_relu6_clip_runs_as_qlinearconv_when_onnxruntime_drops_the_clip(hi,
     with torch.no_grad():
         y = lifted.eval()(torch.from_numpy(x)).numpy()
     assert np.array_equal(_codes(y, sy, 0), _codes(ref, sy, 0))
+
+
+@pytest.mark.parametrize("signed,axis,d,p_max", [(False, -1, 64, 0.93), (False, 1, 50, 0.93), (True, -1, 197, 0.93),
+                                                 (False, -1, 7, 0.93), (False, -1, 65, 0.0225)])
+def test_softmax_matches_qlinearsoftmax(signed, axis, d, p_max):
+    """DQ -> Softmax -> Q runs as com.microsoft QLinearSoftmax; the float softmax of the dequantized
+    codes is off by a code on some elements, ExactSoftmax on none."""
+    from qtool.ortexact import ExactSoftmax
+
+    rng = np.random.default_rng(d)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    dt = np.int8 if signed else np.uint8
+    shape = [3, d, 16] if axis == 1 else [2, 4, 16, d]
+    # p_max 0.0225: near-uniform attention over 65 tokens (a random-weight ViT), a tiny output scale
+    x = rng.normal(0, 3 if p_max > 0.5 else 0.1, shape).astype(f32)
+    sx, zx = f32(0.05 if p_max > 0.5 else 0.0027), dt(rng.integers(lo + 100, hi - 100))
+    sy, zy = f32(p_max / 255), dt(lo)  # a calibrated range [0, 0.93]: floor(1 / s_y) = 274, not 274.19
+    inits = dict(sx=np.array(sx), zx=np.array(zx), sy=np.array(sy), zy=np.array(zy))
+    nodes = _qdq("x", "sx", "zx") + [h.make_node("Softmax", ["x_d"], ["p"], axis=axis)] + _qdq("p", "sy", "zy")
+    nodes[-1].output[0] = "y"
+    ref = _codes(_run(nodes, inits, {"x": x}, "QLinearSoftmax"), sy, zy)
+
+    x_fq = fake_quant(torch.from_numpy(x), torch.tensor(sx), torch.tensor(float(zx)), lo, hi)
+    sm = ExactSoftmax(axis, _act(sx, zx, signed=signed), _act(sy, zy, signed=signed))
+    np.testing.assert_array_equal(_codes(sm(x_fq).numpy(), sy, zy), ref)
+    plain = (torch.round(torch.softmax(x_fq, axis) / torch.tensor(sy)) + float(zy)).clamp(lo, hi)
+    assert (plain.numpy() != ref).any()  # the float path is what the emulation fixes
+
+
+@pytest.mark.parametrize("weight", [False, True])
+def test_matmul_matches_qlinearmatmul(weight):
+    """Two quantized activations (attention's P V: uint8 x uint8) and a full-range int8 weight with
+    per-column scales (uint8 x int8: int16-saturated pairs without VNNI) run as QLinearMatMul."""
+    from qtool.ortexact import ExactMatMul
+
+    rng = np.random.default_rng(7 + weight)
+    k, n = 64, 24
+    sa, za = f32(0.02), np.uint8(3)
+    # activations: small codes and M = s_a s_b / s_y = 1/2, so exact sums land on rounding ties often
+    sy, zy = (f32(0.9), np.uint8(120)) if weight else (f32(0.02 * 0.01 * 2), np.uint8(0))
+    a = (rng.integers(0, 4, (2, 3, 16, k)) * sa).astype(f32) if not weight else \
+        rng.uniform(-0.05, 5.0, (2, 3, 16, k)).astype(f32)
+    inits = dict(sa=np.array(sa), za=np.array(za), sy=np.array(sy), zy=np.array(zy))
+    if weight:
+        bq = rng.choice([-127, -126, 125, 127, -3, 0, 5], (k, n)).astype(np.int8)
+        sb = rng.uniform(0.001, 0.003, n).astype(f32)
+        inits.update(bq=bq, sb=sb, zb=np.zeros(n, np.int8))
+        nodes = _qdq("a", "sa", "za") + [h.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["b_d"], axis=1)]
+        feeds = {"a": a}
+        b_fq = torch.from_numpy(bq.astype(f32) * sb)
+        bt = TensorQuant("weight", 8, True, "per_channel", 1, tuple(float(v) for v in sb), (0,) * n)
+    else:
+        sb, zb = f32(0.01), np.uint8(0)
+        b = ((rng.integers(0, 4, (2, 3, k, n)) - 0) * sb).astype(f32)
+        inits.update(sb=np.array(sb), zb=np.array(zb))
+        nodes = _qdq("a", "sa", "za") + _qdq("b", "sb", "zb")
+        feeds = {"a": a, "b": b}
+        b_fq = fake_quant(torch.from_numpy(b), torch.tensor(sb), torch.tensor(float(zb)), 0, 255)
+        bt = _act(sb, zb)
+    nodes += [h.make_node("MatMul", ["a_d", "b_d"], ["c"])] + _qdq("c", "sy", "zy")
+    nodes[-1].output[0] = "y"
+    ref = _codes(_run(nodes, inits, feeds, "QLinearMatMul"), sy, zy)
+    a_fq = fake_quant(torch.from_numpy(a), torch.tensor(sa), torch.tensor(float(za)), 0, 255)
+    mm = ExactMatMul(_act(sa, za), bt, _act(sy, zy), b_is_weight=weight)
+    np.testing.assert_array_equal(_codes(mm(a_fq, b_fq).numpy(), sy, zy), ref)
+    plain = (torch.round(torch.matmul(a_fq, b_fq) / torch.tensor(sy)) + float(zy)).clamp(0, 255)
+    assert (plain.numpy() != ref).any()  # float sums (and, for the weight, saturation) move codes

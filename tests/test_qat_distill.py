@@ -191,6 +191,7 @@ def test_fidelity_gate_fails_and_accept_fidelity_writes(files, tmp_path, monkeyp
     assert "fidelity gate" in msg and "output 'box' differs by" in msg and "--accept-fidelity" in msg
     steps = float(msg.split("differs by ")[1].split(" ")[0])
     assert 2.0 <= steps <= 4.0, msg  # the planted 3 steps, +-1 from re-rounding the output (saturation may trim)
+    assert "first differing tensor 'box' (up to " in msg, msg  # traced to the planted tensor, not an earlier one
     r = qat(_two_heads(), fs.split("train"), fs.split("val"), _cfg(steps=5, accept_fidelity=True))
     assert r.fidelity["gate"] == "failed, accepted" and any(n.startswith("WARNING fidelity gate") for n in r.notes)
 
