@@ -15,8 +15,8 @@ model, exit codes recorded):
     qtool qat FP32 --data npz:train --plan ptq.json --loss distill --epochs E --batch-size b
               --accept-fidelity --plan-out qat.json -o qat.onnx                     # "after"
 
-QAT trains the bits of the PTQ plan (`--plan`: the same tensors at the same bits, so before / after
-differ by training only; the scales are re-learned). `--accept-fidelity` writes the model whatever the
+QAT trains the bits of the PTQ plan (`--plan`: the same tensors at the same bits, and training starts
+at the plan's scales and zero points, so before / after differ by training only). `--accept-fidelity` writes the model whatever the
 fidelity gate says, so "after" always has a number; the gate's own verdict ("passed" or "failed,
 accepted", i.e. exit 2 without the flag) and its numbers (per output: max |fake-quant - onnxruntime| in
 quantization steps, argmax agreement of class scores, on qat's val split of the train feeds) are read

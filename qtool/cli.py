@@ -332,7 +332,8 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
 @click.argument("model")
 @data_options
 @click.option("--bits", default=None, help="uniform bits, e.g. w4a4 (first conv / last FC stay 8-bit); w8a8 when no --plan/--config")
-@click.option("--plan", default=None, help="QuantPlan JSON giving per-tensor bits")
+@click.option("--plan", default=None, help="QuantPlan JSON giving per-tensor bits; a plan with scales (qtool quantize "
+              "--plan-out) is also where training starts: QAT begins at PTQ's scales, not at minmax calibration")
 @click.option("--config", default=None, help="YAML config (NNI config_list style)")
 @click.option("--algo", default="lsq", show_default=True, type=click.Choice(["minmax", "ema", "lsq", "pact", "dorefa", "bnn"]))
 @click.option("--epochs", default=1, show_default=True, type=int)
@@ -352,7 +353,7 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
         loss, loss_weights, accept_fidelity, output, plan_out):
     """Quantization-aware training on a PyTorch module lifted from the ONNX graph; writes a QDQ model."""
     import qtool
-    from qtool.qat_config import load_config_list, load_plan_bits
+    from qtool.qat_config import load_config_list, load_plan_bits, load_plan_init
 
     if sum(v is not None for v in (bits, plan, config)) > 1:
         raise QtoolError("give only one of --bits, --plan and --config")
@@ -360,7 +361,7 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
     if bits is not None:
         kw["weight_bits"], kw["act_bits"] = parse_bits(bits)
     elif plan is not None:
-        kw["plan_bits"] = load_plan_bits(plan)
+        kw["plan_bits"], kw["plan_init"] = load_plan_bits(plan), load_plan_init(plan)
     elif config is not None:
         kw["rules"] = load_config_list(config)
     cfg = qtool.QATConfig(algo=algo, epochs=epochs, lr=lr, batch_size=batch_size, train_limit=train_limit,

@@ -6,7 +6,10 @@ Bits come from one of three sources, exactly one per run:
   (`first_last_bits`, default 8: the first and last Conv/Gemm/MatMul keep 8-bit weights and inputs,
   and the last one's output);
 - `plan_bits`: per-tensor bits read from a QuantPlan JSON (`--plan`); tensors of the QDQ placement
-  the plan leaves out stay float, and no first/last policy applies (the plan is explicit);
+  the plan leaves out stay float, and no first/last policy applies (the plan is explicit). With
+  `plan_init` (also from `--plan`, when the plan has scales: a `qtool quantize --plan-out` plan) the
+  quantizers start at the plan's scales and zero points, so QAT starts where PTQ ended (its mse /
+  entropy ranges) rather than at minmax calibration;
 - `rules`: a YAML config in the style of NNI's `config_list` (`--config`), applied on top of the
   uniform bits and the first/last policy, later entries overriding earlier ones:
 
@@ -28,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qtool.errors import QtoolError
 
@@ -149,6 +154,20 @@ def load_config_list(path: str | Path) -> tuple[QuantRule, ...]:
     return parse_config_list(data)
 
 
+def load_plan_init(path: str | Path) -> tuple[tuple[str, tuple[float, ...], tuple[int, ...]], ...]:
+    """(tensor, scales, zero points) of every tensor of a QuantPlan JSON that has them."""
+    from qtool.plan import QuantPlan
+
+    out = []
+    for name, tq in QuantPlan.load(path).tensors.items():
+        if tq.scale is None:
+            continue
+        scales = tuple(float(v) for v in np.asarray(tq.scale, np.float64).reshape(-1))
+        zps = tuple(int(v) for v in np.asarray(tq.zero_point).reshape(-1))
+        out.append((name, scales, zps))
+    return tuple(out)
+
+
 def load_plan_bits(path: str | Path) -> tuple[tuple[str, int], ...]:
     """Per-tensor bits of a QuantPlan JSON (its scales, if any, are recomputed by calibration + QAT)."""
     from qtool.plan import QuantPlan
@@ -165,6 +184,7 @@ class QATConfig:
     act_bits: int = 8
     first_last_bits: int | None = 8  # None: the first/last layers get the uniform bits too
     plan_bits: tuple[tuple[str, int], ...] = ()  # per-tensor bits (from a plan); replaces the uniform bits
+    plan_init: tuple[tuple[str, tuple[float, ...], tuple[int, ...]], ...] = ()  # starting (scales, zero points)
     rules: tuple[QuantRule, ...] = ()  # NNI-style rules over the uniform bits
     algo: str = "lsq"
     quant_delay: int = 0  # training steps before fake-quant turns on (observers still watch)

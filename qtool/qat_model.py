@@ -20,7 +20,8 @@ from onnx import numpy_helper
 from qtool.data import ImageDataset
 from qtool.distill import OutputLoss, class_score_outputs, distill_loss, distill_objective, fp32_teacher, output_losses
 from qtool.errors import QtoolError
-from qtool.fakequant import BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, MinMaxFakeQuant, PACTFakeQuant
+from qtool.fakequant import (BNNWeightFakeQuant, DoReFaWeightFakeQuant, EMAFakeQuant, FakeQuant, LSQFakeQuant,
+                             MinMaxFakeQuant, PACTFakeQuant)
 from qtool.bn_strategy import ConvBNFold, FoldPair, resolve_bn, unfold_map
 from qtool.lift import LiftedModule, lift
 from qtool.ortexact import install_exact_eval
@@ -66,12 +67,14 @@ def _calib_batches(fused: onnx.ModelProto, ds: QATData, pre: Preprocess, n: int,
 
 
 def _act_quantizer(algo: str, bits: int, rmin: float, rmax: float, delay: int, decay: float,
-                   notes: list[str], name: str) -> FakeQuant:
+                   notes: list[str], name: str, start: tuple[float, int] | None = None) -> FakeQuant:
+    if start is not None:  # a plan's (scale, zero point): its range at these (unsigned) bits
+        rmin, rmax = -start[1] * start[0], (2**bits - 1 - start[1]) * start[0]
     nonneg = rmin >= 0.0
     if algo in ("pact", "dorefa") and not nonneg:
         notes.append(f"{algo}: {name} has negative values; quantized with the ema observer")
     if algo == "lsq":
-        return lsq_activation(bits, rmin, rmax, delay)
+        return lsq_activation(bits, rmin, rmax, delay, start)
     if algo in ("pact", "dorefa") and nonneg:
         return PACTFakeQuant(bits, alpha=max(rmax, 1e-6), quant_delay=delay, learn_alpha=algo == "pact")
     fq = (MinMaxFakeQuant(bits, signed=False, quant_delay=delay) if algo == "minmax"
@@ -224,19 +227,35 @@ def build_qat_model(model: onnx.ModelProto, train_data: ImageDataset, config: QA
     total_steps = _total_steps(config, train_data)
     freeze = config.freeze_bn if config.freeze_bn is not None else total_steps // 2
 
-    # One quantizer per plan tensor; pass-through tensors share their root's.
+    # One quantizer per plan tensor; pass-through tensors share their root's. They start at a given
+    # plan's scales (config.plan_init) where it has the tensor at its shape, else at minmax calibration.
+    start = {name: (scales, zps) for name, scales, zps in config.plan_init}
     quantizers: dict[str, nn.Module] = {}
+    started = 0
     for t, s in spec.items():
         if s.kind == "activation" and points.root(t) == t:
             rmin, rmax = stats[t].range("minmax", signed=False)
+            given = start.get(t)
+            act_start = (given[0][0], given[1][0]) if given and len(given[0]) == 1 \
+                and 0 <= given[1][0] < 2**s.bits else None
+            started += act_start is not None
             quantizers[t] = _act_quantizer(config.algo, s.bits, rmin, rmax, s.quant_delay, config.ema_decay,
-                                           notes, t)
+                                           notes, t, act_start)
     for t, s in spec.items():
         if s.kind == "activation" and points.root(t) != t:
             quantizers[t] = SharedFakeQuant(quantizers[points.root(t)])
         elif s.kind == "weight":
             w = torch.from_numpy(np.array(fused_inits[t], copy=True))
             quantizers[t] = _weight_quantizer(config.algo, s, w, skeleton.tensors[t].axis)
+            given = start.get(t)
+            if given and isinstance(quantizers[t], LSQFakeQuant) and len(given[0]) == quantizers[t].scale.numel():
+                with torch.no_grad():
+                    quantizers[t].scale.copy_(torch.tensor(given[0]).reshape(quantizers[t].scale.shape))
+                started += 1
+    if config.plan_init:
+        own = sum(1 for t, s in spec.items() if s.kind == "weight" or points.root(t) == t)  # not pass-throughs
+        notes.append(f"started from the plan's scales at {started} of {own} quantizers "
+                     "(the others: minmax calibration)")
     if config.algo == "bnn":
         notes.append("bnn: binary weights where the uniform bits apply (others: per-channel minmax at their "
                      "bits); activations at their bits with the ema observer")

@@ -23,14 +23,17 @@ def lsq_weight(bits: int, w: torch.Tensor, axis: int | None, quant_delay: int = 
     return fq
 
 
-def lsq_activation(bits: int, rmin: float, rmax: float, quant_delay: int = 0) -> FakeQuant:
+def lsq_activation(bits: int, rmin: float, rmax: float, quant_delay: int = 0,
+                   start: tuple[float, int] | None = None) -> FakeQuant:
     """LSQ activations starting from PTQ's calibrated parameters at `bits` (uint8 as PTQ): zp 0 where
     the calibrated range gives it, else the calibrated zero point held fixed (`LSQAffineFakeQuant`), so
-    signedness and QDQ types stay PTQ's. `qtool qat --algo lsq` and the dynamic trainer."""
-    tq = range_quant(rmin, rmax, bits)
-    if tq.zero_point == 0:
-        return LSQFakeQuant(bits, signed=False, quant_delay=quant_delay, init_scale=float(tq.scale))
-    return LSQAffineFakeQuant(bits, int(tq.zero_point), float(tq.scale), quant_delay)
+    signedness and QDQ types stay PTQ's. `start`: (scale, zero point) to begin at instead (a PTQ plan's).
+    `qtool qat --algo lsq` and the dynamic trainer."""
+    scale, zp = start if start is not None else (lambda tq: (float(tq.scale), int(tq.zero_point)))(
+        range_quant(rmin, rmax, bits))
+    if zp == 0:
+        return LSQFakeQuant(bits, signed=False, quant_delay=quant_delay, init_scale=scale)
+    return LSQAffineFakeQuant(bits, zp, scale, quant_delay)
 
 
 class WeightMinMaxFakeQuant(FakeQuant):

@@ -219,3 +219,31 @@ def test_argmax_gate(monkeypatch):
     assert "output 'class_logits' argmax agreement" in msg and "(the gate is 99%)" in msg, msg
     agree = float(msg.split("argmax agreement ")[1].split("%")[0])
     assert agree < 99
+
+
+def test_qat_from_a_ptq_plan_starts_at_its_scales(tmp_path):
+    """--plan with a PTQ plan (mse ranges): QAT's quantizers start at the plan's scales and zero points,
+    so 0 steps of QAT write PTQ's plan back; without plan_init they start at minmax calibration."""
+    import qtool
+    from qtool.qat_config import load_plan_bits, load_plan_init
+
+    model = _two_heads()
+    fs = FeedSet({"pixels": _pixels()})
+    np.savez(tmp_path / "feeds.npz", pixels=_pixels())
+    ptq = qtool.quantize(model, f"npz:{tmp_path / 'feeds.npz'}", qtool.QuantConfig(weight_bits=4, calib="mse",
+                                                                                 calib_size=64), progress=False)
+    plan_path = tmp_path / "ptq.json"
+    ptq.plan.save(plan_path)
+    bits, init = load_plan_bits(plan_path), load_plan_init(plan_path)
+    base = dict(first_last_bits=None, steps=0, batch_size=32, calib_size=64, quiet=True, plan_bits=bits,
+                accept_fidelity=True)
+    started = qat(model, fs.split("train"), fs.split("val"), QATConfig(plan_init=init, **base))
+    minmax = qat(model, fs.split("train"), fs.split("val"), QATConfig(**base))
+    assert any("started from the plan's scales at 8 of 8 quantizers" in n for n in started.notes), started.notes
+    moved = 0
+    for name, tq in ptq.plan.tensors.items():
+        got = started.plan.tensors[name]
+        np.testing.assert_allclose(np.asarray(got.scale), np.asarray(tq.scale), rtol=1e-6, err_msg=name)
+        assert got.zero_point == tq.zero_point, name
+        moved += not np.allclose(np.asarray(minmax.plan.tensors[name].scale), np.asarray(tq.scale), rtol=1e-6)
+    assert moved > 0  # calibration alone (minmax, LSQ's weight init) would have started elsewhere
