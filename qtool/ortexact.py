@@ -6,7 +6,8 @@ and requantize once in float32. Both round the same real number, but float error
 ties differently now and then (about once per image on ResNet-20); at 4 bits one flipped code is a
 whole step, and it cascades: W4A4 ResNet-20 logits were 22 output steps apart on 5k images.
 
-So in eval mode the quantized Conv / Gemm / Add / GlobalAveragePool / Softmax of a `LiftedModule` compute what
+So in eval mode the quantized Conv / Gemm / MatMul / Add / Mul / Sigmoid / GlobalAveragePool / Softmax of a
+`LiftedModule` compute what
 the onnxruntime kernel computes (MLAS, x86; checked against onnxruntime on random and exhaustive
 inputs in tests/test_ortexact.py):
 
@@ -21,17 +22,19 @@ inputs in tests/test_ortexact.py):
 - QLinearAdd (the AVX2 kernel):  r_a = s_a / s_c, r_b = s_b / s_c,  f = z_c - fma(r_a, z_a, r_b z_b),
   y_q = clamp(rne(fma(a_q, r_a, fma(b_q, r_b, f)))), every step rounded to float32.
 - QLinearGlobalAveragePool:  y_q = clamp(rne(float32(sum (x_q - z_x)) * s_x / (s_y N)) + z_y).
-- QLinearSoftmax: a float32 exp table over code differences, a sequential float32 row sum and
-  floor(1 / s_y) for 1 / s_y (ExactSoftmax).
+- QLinearSoftmax: run by onnxruntime on the codes (ExactSoftmax: its exp table, float32 row sum and
+  floor(1 / s_y) for 1 / s_y; a formula of those matched but for near-ties, which LayerNorm amplifies).
+- QLinearMul: the exact product of the codes, then float32 multiply and add (ExactMul).
+- QLinearSigmoid: onnxruntime's own 256-entry table (ExactLookup; MLAS's logistic is an
+  approximation, so torch's sigmoid differs by a code now and then: EfficientNet's SiLU and
+  squeeze-excite gating were 134 steps apart on the logits without these two).
 
 Each override returns the dequantized output `(y_q - z_y) s_y`, which the layer's output fake-quant
 maps back to exactly `y_q` (and narrows to its b-bit range, as the exported Clip does). Training is
 untouched: overrides run only when the module is in eval mode. A group onnxruntime would not fuse
 (an output that is not quantized, a Relu before a Q with a zero point above the container minimum,
 a Clip (ReLU6) whose range does not hold the Q's whole range, other activations) keeps the float
-fake-quant path; so do QLinearMul / QLinearSigmoid (not emulated: their float rounding ties can
-differ by one code, e.g. in EfficientNet's SiLU and squeeze-excite gating). The overrides snapshot the scales and zero points
-at install time (qtool.qat installs them once training is over); after training a module further,
+fake-quant path. The overrides snapshot the scales and zero points at install time (qtool.qat installs them once training is over); after training a module further,
 install them again.
 """
 from __future__ import annotations
@@ -48,9 +51,9 @@ from qtool.ortkernels import (INT16_MAX, PAIRS, PAIRS_CHW, PAIRS_HWC, accumulati
                               saturable_pairs)
 from qtool.plan import TensorQuant
 
-__all__ = ["ExactConv", "ExactMatMul", "ExactAdd", "ExactGlobalAveragePool", "ExactSoftmax", "install_exact_eval"]
+__all__ = ["ExactConv", "ExactMatMul", "ExactAdd", "ExactMul", "ExactLookup", "ExactGlobalAveragePool", "ExactSoftmax",
+           "install_exact_eval"]
 
-UINT32_MAX = 2.0**32 - 1
 _FLOAT32_EXACT = 2.0**24  # integers up to this magnitude are exact in float32
 _GATHER_LIMIT = 2**22  # input codes gathered at once to emulate saturating pairs (16 MiB of float32)
 _CONTAINER = {True: (-128, 127), False: (0, 255)}
@@ -292,6 +295,48 @@ class ExactAdd(nn.Module):
         return _dequantized(_round_clamp(v, 0, self.y_signed), self.z_y, self.s_y)
 
 
+class ExactMul(nn.Module):
+    """QLinearMul (MLAS's SSE2 kernel; broadcasting as onnxruntime broadcasts): the int32 product of the
+    codes, then float32 steps:  y_q = clamp(rne(float32(float32(r M) + z_y))),  r = (a_q - z_a)(b_q - z_b),
+    M = float32(float32(s_a s_b) / s_y)."""
+
+    def __init__(self, a: TensorQuant, b: TensorQuant, y: TensorQuant):
+        super().__init__()
+        self.s_a, _ = _scalar(a)
+        self.s_b, _ = _scalar(b)
+        self.s_y, self.z_y = _scalar(y)
+        self.y_signed = y.signed
+        self.ratio = np.float32(np.float32(self.s_a * self.s_b) / self.s_y)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        r = torch.round(a / torch.tensor(self.s_a)) * torch.round(b / torch.tensor(self.s_b))  # exact: |r| < 2^17
+        v = (r * torch.tensor(self.ratio)) + torch.tensor(np.float32(self.z_y))  # two float32 roundings, no fma
+        return _dequantized(_round_clamp(v, 0, self.y_signed), self.z_y, self.s_y)
+
+
+class ExactLookup(nn.Module):
+    """An elementwise op onnxruntime runs as a 256-entry table over the input codes (QLinearSigmoid:
+    MLAS's logistic approximation, not torch's sigmoid, then quantized). The table is onnxruntime's own:
+    the 256 codes run once through DQ -> op -> Q on the CPU execution provider."""
+
+    def __init__(self, op: str, x: TensorQuant, y: TensorQuant):
+        super().__init__()
+        self.s_x, self.z_x = _scalar(x)
+        self.s_y, self.z_y = _scalar(y)
+        self.x_signed = x.signed
+        lo, _ = _CONTAINER[x.signed]
+        codes = np.arange(lo, lo + 256)
+        dt = np.int8 if x.signed else np.uint8
+        sess = _qdq_session(op, {}, self.s_x, self.z_x, x.signed, self.s_y, self.z_y, y.signed, 1)
+        table = sess.run(None, {"x": codes.astype(dt)})[0].astype(np.float32)
+        self.register_buffer("table", torch.from_numpy(table), persistent=False)
+        self.lo = lo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = (torch.round(x / torch.tensor(self.s_x)) + self.z_x - self.lo).long().clamp(0, 255)
+        return _dequantized(self.table.to(x.device)[idx], self.z_y, self.s_y)
+
+
 class ExactGlobalAveragePool(nn.Module):
     """QLinearGlobalAveragePool."""
 
@@ -310,44 +355,66 @@ class ExactGlobalAveragePool(nn.Module):
 
 
 class ExactSoftmax(nn.Module):
-    """com.microsoft QLinearSoftmax, which onnxruntime fuses DQ -> Softmax -> Q into (opset >= 13).
+    """com.microsoft QLinearSoftmax, which onnxruntime fuses DQ -> Softmax -> Q into (opset >= 13), run
+    by onnxruntime itself on the input codes (a one-node QDQ session with this layer's scales, built once).
 
-    Per row along the axis: t = float32(exp(float64((x_q - max x_q + shift) s_x))), a table over the
-    256 code differences, shift = max(0, ln((2^32 - 1) / D) - 3) / s_x (the constants of the kernel's
-    uint32 version; the float32 table with ln(FLT_MAX / D) - 5 of the current sources overflows
-    t * floor(1 / s_y) and is not what onnxruntime 1.32 computes: measured on the zoo ViT's codes);
-    sum = the float32 sum of t in row order; y_q = rne(float32(t * floor(1 / s_y)) / sum) + z_y, an
-    unsigned result clamped at 255 only. floor(1 / s_y) is not 1 / s_y: a calibrated output scale of
-    0.9 / 255 runs as 1 / 283, not 1 / 283.3, which moves about one element in seventy by a code.
+    The kernel exponentiates through a table over the 256 code differences, sums the row in float32 and
+    scales by floor(1 / s_y), not 1 / s_y: a calibrated output scale of 0.9 / 255 runs as 1 / 283, not
+    1 / 283.3, which moves about one element in seventy by a code against a float softmax. A formula
+    of those steps (float32 table exp((x_q - max x_q + shift) s_x), a sequential float32 sum) matched
+    onnxruntime 1.32 except at near-ties, 2e-5 of the elements of the zoo ViT after QAT, and one
+    flipped code grew to 4-7 output steps through the next LayerNormalization; so it is not emulated
+    but run. Eval only (no gradient), on the CPU.
     """
 
     def __init__(self, axis: int, x: TensorQuant, y: TensorQuant):
         super().__init__()
         self.axis = axis
-        self.s_x, _ = _scalar(x)
+        self.s_x, self.z_x = _scalar(x)
         self.s_y, self.z_y = _scalar(y)
-        self.y_signed = y.signed
-        self.inv_y = np.float32(np.floor(np.float32(1.0) / self.s_y))
+        self.x_signed, self.y_signed = x.signed, y.signed
+        self._sessions: dict[int, object] = {}  # by input rank
 
-    def table(self, d: int) -> torch.Tensor:
-        """exp of (code difference + shift) * s_x for code differences -255..0 (index 0..255)."""
-        shift = max(0.0, float(np.log(UINT32_MAX / d)) - 3.0) / float(self.s_x)
-        i = np.arange(256, dtype=np.float64)
-        return torch.from_numpy(np.exp((i - 255 + shift) * np.float64(self.s_x)).astype(np.float32))
+    def session(self, rank: int):
+        if rank not in self._sessions:
+            self._sessions[rank] = _qdq_session("Softmax", {"axis": self.axis}, self.s_x, self.z_x, self.x_signed,
+                                                self.s_y, self.z_y, self.y_signed, rank)
+        return self._sessions[rank]
+
+    def __getstate__(self):  # sessions do not pickle or deepcopy: rebuilt on first use
+        state = self.__dict__.copy()
+        state["_sessions"] = {}
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.movedim(self.axis, -1)
-        cx = torch.round(x / torch.tensor(self.s_x))  # x_q - z_x: the zero point cancels in x_q - max x_q
-        diff = (cx - cx.amax(-1, keepdim=True) + 255).long().clamp(0, 255)
-        t = self.table(x.shape[-1]).to(x.device)[diff]
-        total = t[..., 0].clone()
-        for j in range(1, t.shape[-1]):  # the kernel's sequential float32 sum (torch.sum pairs, cumsum uses float64)
-            total = total + t[..., j]
-        q = torch.round((t * torch.tensor(self.inv_y)) / total[..., None]) + self.z_y
-        q = torch.where(q > 255, torch.tensor(255.0), q)
-        if self.y_signed:  # int8: the same > 255 test, then a wrapping int8 cast
-            q = torch.remainder(q + 128, 256) - 128
-        return _dequantized(q, self.z_y, self.s_y).movedim(-1, self.axis)
+        lo, hi = _CONTAINER[self.x_signed]
+        codes = (torch.round(x / torch.tensor(self.s_x)) + self.z_x).clamp(lo, hi)
+        dt = np.int8 if self.x_signed else np.uint8
+        out = self.session(x.dim()).run(None, {"x": codes.detach().cpu().numpy().astype(dt)})[0]
+        return _dequantized(torch.from_numpy(out.astype(np.float32)).to(x.device), self.z_y, self.s_y)
+
+
+def _qdq_session(op: str, attrs: dict, s_x, z_x: int, x_signed: bool, s_y, z_y: int, y_signed: bool, rank: int):
+    """An onnxruntime session of DQ -> op -> Q on integer codes of any shape of `rank` dimensions: what
+    onnxruntime fuses the group into (QLinearSigmoid, QLinearSoftmax) runs on them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    dt = {True: (np.int8, TensorProto.INT8), False: (np.uint8, TensorProto.UINT8)}
+    inits = [numpy_helper.from_array(np.array(s_x, np.float32), "sx"),
+             numpy_helper.from_array(np.array(z_x, dt[x_signed][0]), "zx"),
+             numpy_helper.from_array(np.array(s_y, np.float32), "sy"),
+             numpy_helper.from_array(np.array(z_y, dt[y_signed][0]), "zy")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xd"]), helper.make_node(op, ["xd"], ["f"], **attrs),
+             helper.make_node("QuantizeLinear", ["f", "sy", "zy"], ["y"])]
+    dims = [f"d{i}" for i in range(rank)]
+    g = helper.make_graph(nodes, op.lower(), [helper.make_tensor_value_info("x", dt[x_signed][1], dims)],
+                          [helper.make_tensor_value_info("y", dt[y_signed][1], dims)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _absorbs(tq: TensorQuant) -> bool:
@@ -429,6 +496,17 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
             if a is not None and b is not None and np.asarray(a.scale).size == 1 \
                     and (np.asarray(b.scale).size == 1 or per_column):
                 lifted.set_eval_override(outs[0], ExactMatMul(a, b, y, b_is_weight=w is not None))
+                done.append(outs[0])
+        elif op == "Mul" and len(ins) == 2:
+            a, b = quant_of(ins[0]), quant_of(ins[1])
+            if a is not None and b is not None and all(np.asarray(t.scale).size == 1 for t in (a, b)) \
+                    and lifted.constant(ins[1]) is None and lifted.constant(ins[0]) is None:
+                lifted.set_eval_override(outs[0], ExactMul(a, b, y))
+                done.append(outs[0])
+        elif op == "Sigmoid":
+            x = quant_of(ins[0])
+            if x is not None and np.asarray(x.scale).size == 1:
+                lifted.set_eval_override(outs[0], ExactLookup(op, x, y))
                 done.append(outs[0])
         elif op == "Add" and len(ins) == 2:
             a, b = quant_of(ins[0]), quant_of(ins[1])

@@ -434,3 +434,61 @@ def test_matmul_matches_qlinearmatmul(weight):
     np.testing.assert_array_equal(_codes(mm(a_fq, b_fq).numpy(), sy, zy), ref)
     plain = (torch.round(torch.matmul(a_fq, b_fq) / torch.tensor(sy)) + float(zy)).clamp(0, 255)
     assert (plain.numpy() != ref).any()  # float sums (and, for the weight, saturation) move codes
+
+
+def test_sigmoid_matches_qlinearsigmoid_exhaustively():
+    """Every input code at 12 random scales: ExactLookup is onnxruntime's QLinearSigmoid table (MLAS's
+    logistic approximation), read by code."""
+    from qtool.ortexact import ExactLookup
+
+    rng = np.random.default_rng(11)
+    for _ in range(12):
+        sx, zx = f32(rng.uniform(0.01, 0.1)), np.uint8(rng.integers(60, 200))
+        sy, zy = f32(rng.uniform(0.9, 1.0) / 255), np.uint8(0)
+        x = ((np.arange(256) - int(zx)) * sx).astype(f32).reshape(1, 256)
+        inits = dict(sx=np.array(sx), zx=np.array(zx), sy=np.array(sy), zy=np.array(zy))
+        nodes = _qdq("x", "sx", "zx") + [h.make_node("Sigmoid", ["x_d"], ["s"])] + _qdq("s", "sy", "zy")
+        nodes[-1].output[0] = "y"
+        ref = _codes(_run(nodes, inits, {"x": x}, "QLinearSigmoid"), sy, zy)
+        lut = ExactLookup("Sigmoid", _act(sx, zx), _act(sy, zy))
+        np.testing.assert_array_equal(_codes(lut(torch.from_numpy(x)).numpy(), sy, zy), ref)
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_mul_matches_qlinearmul(broadcast):
+    """All code pairs (SiLU's x * sigmoid(x)) at 6 random scales, and a per-channel gate broadcast over
+    H, W (squeeze-excite)."""
+    from qtool.ortexact import ExactMul
+
+    rng = np.random.default_rng(12 + broadcast)
+    codes = np.arange(256)
+    for _ in range(6):
+        sa, za, sb, zb = f32(rng.uniform(0.01, 0.05)), np.uint8(rng.integers(40, 120)), f32(1 / 255), np.uint8(0)
+        sy, zy = f32(rng.uniform(0.01, 0.03)), np.uint8(rng.integers(0, 60))
+        if broadcast:
+            a = ((rng.integers(0, 256, (2, 8, 5, 5)) - int(za)) * sa).astype(f32)
+            b = ((rng.integers(0, 256, (2, 8, 1, 1)) - int(zb)) * sb).astype(f32)
+        else:
+            a = ((np.repeat(codes, 256) - int(za)) * sa).astype(f32).reshape(256, 256)
+            b = ((np.tile(codes, 256) - int(zb)) * sb).astype(f32).reshape(256, 256)
+        inits = dict(sa=np.array(sa), za=np.array(za), sb=np.array(sb), zb=np.array(zb), sy=np.array(sy),
+                     zy=np.array(zy))
+        nodes = _qdq("a", "sa", "za") + _qdq("b", "sb", "zb") + [h.make_node("Mul", ["a_d", "b_d"], ["c"])] \
+            + _qdq("c", "sy", "zy")
+        nodes[-1].output[0] = "y"
+        ref = _codes(_run(nodes, inits, {"a": a, "b": b}, "QLinearMul"), sy, zy)
+        mul = ExactMul(_act(sa, za), _act(sb, zb), _act(sy, zy))
+        np.testing.assert_array_equal(_codes(mul(torch.from_numpy(a), torch.from_numpy(b)).numpy(), sy, zy), ref)
+
+
+def test_softmax_override_pickles_and_copies():
+    import copy
+    import pickle
+
+    from qtool.ortexact import ExactSoftmax
+
+    sm = ExactSoftmax(-1, _act(0.05, 100), _act(1 / 256, 0))
+    x = torch.randn(2, 3, 8)
+    y = sm(x)
+    for clone in (copy.deepcopy(sm), pickle.loads(pickle.dumps(sm))):
+        assert torch.equal(clone(x), y)
