@@ -13,6 +13,10 @@ Without the trained ResNet-20 or the shared data the script runs the same rows o
 for a few epochs on the embedded digits set, under a different key (a smoke run, not a result).
 
 Usage: python -m benchmarks.qat [--quick] [--epochs N] [--train-limit N] [--algos lsq,pact,dorefa]
+       python -m benchmarks.qat --model vit_cifar --rows w8a8,w4a8   # results/qat_vit_cifar.*
+--model NAME: another model trained by benchmarks.train_resnet20 (benchmarks/models/NAME_cifar10.onnx);
+--rows: instead of the W8A8 + W4A4 algorithm rows, PTQ and LSQ QAT at each of these bits (w4a8: 4-bit
+weights, first and last layer 8-bit), e.g. the ViT's PTQ vs QAT comparison.
 --quick: 2000 training images, 1 epoch, 1000 val images (about 10 minutes on 2 busy cores).
 Default: 1 epoch over 10000 training images per row, full 5k val (about 45 minutes on 2 cores;
 a fake-quant ResNet-20 step of 128 images takes several seconds there). More: --epochs/--train-limit.
@@ -61,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-limit", type=int, default=None, help="training images per epoch [quick 2000, else 10000]")
     ap.add_argument("--algos", default="lsq,pact,dorefa", help="W4A4 algorithms")
     ap.add_argument("--lr", type=float, default=0.01, help="SGD peak learning rate (cosine)")
+    ap.add_argument("--model", default="resnet20", help="trained CIFAR-10 model (benchmarks/models/NAME_cifar10.onnx)")
+    ap.add_argument("--rows", default=None, help="bits rows, e.g. w8a8,w4a8: PTQ and LSQ QAT at each")
     ap.add_argument("--name", default=None,
                     help="result file name [qat, qat_quick]; only the run named qat replaces benchmarks/models/*.qat_*")
     args = ap.parse_args(argv)
@@ -68,9 +74,9 @@ def main(argv=None) -> int:
     train_limit = args.train_limit or (2000 if args.quick else 10000)
     val_limit = 1000 if args.quick else None
 
-    spec, src = cifar_spec(), MODELS / "resnet20_cifar10.onnx"
+    spec, src = cifar_spec(), MODELS / f"{args.model}_cifar10.onnx"
     if spec and src.exists():
-        key, model = "resnet20_cifar10", load_model(src)
+        key, model = f"{args.model}_cifar10", load_model(src)
     else:
         print("trained ResNet-20 or shared CIFAR-10 absent: smoke run on LeNet-5 / digits", file=sys.stderr)
         key, spec, model = "lenet5_digits_smoke", "digits", _lenet_digits()
@@ -83,29 +89,39 @@ def main(argv=None) -> int:
     ptq_model, _ = quantize(model, calib, QuantConfig())
     ptq = evaluate_model(ptq_model, spec, EvalConfig(limit=val_limit)).accuracy
     base = dict(epochs=epochs, train_limit=train_limit, batch_size=128, lr=args.lr, optimizer="sgd")
-    rows = {"qat_w8a8_lsq": QATConfig(weight_bits=8, act_bits=8, algo="lsq", **base)}
-    for algo in [a.strip() for a in args.algos.split(",") if a.strip()]:
-        rows[f"qat_w4a4_{algo}"] = QATConfig(weight_bits=4, act_bits=4, first_last_bits=8, algo=algo, **base)
+    ptq_rows = {}
+    if args.rows:
+        rows = {}
+        for b in [b.strip() for b in args.rows.split(",") if b.strip()]:
+            wb, ab = (int(v) for v in b.lstrip("w").split("a"))
+            q, _ = quantize(model, calib, QuantConfig(weight_bits=wb, act_bits=ab))
+            acc = evaluate_model(q, spec, EvalConfig(limit=val_limit)).accuracy
+            ptq_rows[f"ptq_{b}"] = {"acc_ort": acc, "drop_pp_vs_fp32": (fp32 - acc) * 100}
+            rows[f"qat_{b}_lsq"] = QATConfig(weight_bits=wb, act_bits=ab, first_last_bits=8, algo="lsq", **base)
+    else:
+        rows = {"qat_w8a8_lsq": QATConfig(weight_bits=8, act_bits=8, algo="lsq", **base)}
+        for algo in [a.strip() for a in args.algos.split(",") if a.strip()]:
+            rows[f"qat_w4a4_{algo}"] = QATConfig(weight_bits=4, act_bits=4, first_last_bits=8, algo=algo, **base)
     results = {}
     for name, cfg in rows.items():
         print(f"== {name}", file=sys.stderr)
         r = qat(model, train, val, cfg)
         results[name] = _row(r, fp32)
-        if key == "resnet20_cifar10" and not args.quick and args.name in (None, "qat"):  # timed by the suite
+        if key == "resnet20_cifar10" and not args.rows and not args.quick and args.name in (None, "qat"):  # the suite times these
             save_model(r.model, MODELS / f"{key}.{name}.onnx")
         print(f"{name}: fake-quant {r.fidelity['acc_fakequant']:.4f} ort {r.fidelity['acc_ort']:.4f} "
               f"(diff {r.fidelity['diff_pp']:+.2f} pp), drop vs fp32 {results[name]['drop_pp_vs_fp32']:+.2f} pp",
               file=sys.stderr)
     worst = max(abs(v["fidelity_diff_pp"]) for v in results.values())
-    payload = {"settings": {"quick": args.quick, "epochs": epochs, "train_limit": train_limit, "lr": args.lr,
+    payload = {"settings": {"quick": args.quick, "model": args.model, "rows": args.rows, "epochs": epochs, "train_limit": train_limit, "lr": args.lr,
                             "batch_size": 128, "optimizer": "sgd + cosine", "val_images": len(val),
                             "activations": "uint8 asymmetric (PTQ placement)", "weights": "int per-channel symmetric",
                             "first_last_bits": 8},
-               key: {"fp32_acc": fp32, "ptq_w8a8_acc": ptq, "ptq_w8a8_drop_pp": (fp32 - ptq) * 100, **results,
+               key: {"fp32_acc": fp32, "ptq_w8a8_acc": ptq, "ptq_w8a8_drop_pp": (fp32 - ptq) * 100, **ptq_rows, **results,
                      "worst_fidelity_diff_pp": worst, "fidelity_target_pp": 0.1, "meets_fidelity_target": worst <= 0.1,
                      "wall_time_s": round(time.perf_counter() - t0, 1)}}
-    name = args.name or ("qat_quick" if args.quick else "qat")
-    p = write_result(name if key == "resnet20_cifar10" else "qat_smoke", payload, table="qat")
+    name = args.name or ("qat_quick" if args.quick else "qat" if args.model == "resnet20" else f"qat_{args.model}")
+    p = write_result(name if key != "lenet5_digits_smoke" else "qat_smoke", payload, table="qat")
     print(p.read_text())
     return 0
 

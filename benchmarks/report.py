@@ -112,6 +112,10 @@ def qat_table(d: dict) -> str:
              f"{s['first_last_bits']} bits.", ""]
     lines += _table(["QAT", "top-1 fake-quant", "top-1 ORT", "fake-quant − ORT (pp)", "argmax agreement",
                      "max logit diff (quant. steps)", "drop vs FP32 (pp)", "wall (s)"], rows)
+    ptq = [[name[4:], _pct(v["acc_ort"]), _pp(v["drop_pp_vs_fp32"])] for name, v in r.items()
+           if name.startswith("ptq_w") and isinstance(v, dict)]
+    if ptq:
+        lines += ["", *_table(["PTQ (qtool quantize, same calibration)", "top-1 ORT", "drop vs FP32 (pp)"], ptq)]
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
@@ -509,8 +513,11 @@ def _qat_cmd(d: dict, name: str) -> str:
     s = d["settings"]
     if s["quick"]:
         return "python -m benchmarks.qat --quick"
-    return (f"python -m benchmarks.qat --epochs {s['epochs']} --train-limit {s['train_limit']}"
-            + ("" if name == "qat" else f" --name {name}"))
+    extra = (f" --model {s['model']}" if s.get("model", "resnet20") != "resnet20" else "") \
+        + (f" --rows {s['rows']}" if s.get("rows") else "")
+    default = "qat" if not extra else f"qat_{s['model']}"
+    return (f"python -m benchmarks.qat --epochs {s['epochs']} --train-limit {s['train_limit']}{extra}"
+            + ("" if name == default else f" --name {name}"))
 
 
 @dataclass(frozen=True)
