@@ -217,14 +217,14 @@ def test_gradient_reaches_float_input_and_weights(one_thread):
     assert grads and all(g is not None for g in grads)
 
 
-@pytest.mark.parametrize("name", ["vit", "bert"])
+@pytest.mark.parametrize("name", ["vit", "bert", "efficientnet"])
 def test_qat_fake_quant_equals_onnxruntime_on_attention(name, one_thread):
     """W8A8 QAT (distillation, no labels) of a transformer: the eval-mode fake-quant model computes what
-    onnxruntime's QLinearSoftmax / QLinearMatMul / QGemm compute, so the outputs are 0 steps apart and the
-    fidelity gate passes without --accept-fidelity. Before qtool.ortexact emulated them the zoo ViT was
-    19-51 steps off and BERT 2.3."""
+    onnxruntime's QLinearSoftmax / QLinearMatMul / QGemm (and EfficientNet's QLinearMul / QLinearSigmoid)
+    compute, so the outputs are 0 steps apart and the fidelity gate passes without --accept-fidelity.
+    Before qtool.ortexact emulated them the zoo ViT was 19-51 steps off and BERT 2.3."""
     from qtool.feeds import FeedSet
-    from qtool.ortexact import ExactMatMul, ExactSoftmax
+    from qtool.ortexact import ExactLookup, ExactMatMul, ExactMul, ExactSoftmax
     from qtool.qat_config import QATConfig
     from qtool.qat_train import qat
 
@@ -244,4 +244,5 @@ def test_qat_fake_quant_equals_onnxruntime_on_attention(name, one_thread):
     assert all(o["max_steps"] == 0 for o in r.fidelity["outputs"].values()), r.fidelity
     kinds = {type(m) for m in r.module.eval_overrides.values()}
     # BERT's Softmax reads the attention mask's large negative values: PTQ keeps it float
-    assert ({ExactMatMul, ExactSoftmax} if name == "vit" else {ExactMatMul}) <= kinds, kinds
+    expected = {"vit": {ExactMatMul, ExactSoftmax}, "bert": {ExactMatMul}, "efficientnet": {ExactMul, ExactLookup}}
+    assert expected[name] <= kinds, kinds
