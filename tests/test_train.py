@@ -68,26 +68,31 @@ def test_eval_on_fixed_batch_model_pads_last_batch(trained, tmp_path):
     assert evaluate_model(m, "digits").accuracy == pytest.approx(full)
 
 
-def test_stopped_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """A run stopped after epoch 1 and started again ends where an unbroken run ends."""
+def _stop_in_epoch_2(monkeypatch, cfg, out):
+    """Run `cfg` into `out` and stop it (as Ctrl-C would) when epoch 2 is scored, after epoch 1's state is saved."""
     import qtool.training as training
 
-    cfg = TrainConfig(model="lenet5", data="digits", epochs=2, batch_size=64, lr=0.05, optimizer="adamw",
-                      label_smoothing=0.1, warmup=0.3)
-    whole = train(cfg, tmp_path / "whole.onnx", quiet=True)
     real, calls = training.evaluate_torch, []
 
-    def stop_in_epoch_2(*a, **kw):
+    def stop(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(training, "evaluate_torch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "split.onnx", quiet=True)
+    with monkeypatch.context() as m:
+        m.setattr(training, "evaluate_torch", stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, out, quiet=True)
+
+
+def test_stopped_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A run stopped after epoch 1 and started again ends where an unbroken run ends."""
+    cfg = TrainConfig(model="lenet5", data="digits", epochs=2, batch_size=64, lr=0.05, optimizer="adamw",
+                      label_smoothing=0.1, warmup=0.3)
+    whole = train(cfg, tmp_path / "whole.onnx", quiet=True)
+    _stop_in_epoch_2(monkeypatch, cfg, tmp_path / "split.onnx")
     assert (tmp_path / "split.resume.pt").exists() and not (tmp_path / "split.onnx").exists()
-    monkeypatch.setattr(training, "evaluate_torch", real)
     split = train(cfg, tmp_path / "split.onnx", quiet=True)
     assert [h["epoch"] for h in split.history] == [1, 2]
     assert split.history[0]["loss"] == whole.history[0]["loss"]
@@ -98,22 +103,9 @@ def test_stopped_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_resume_state_of_another_config_is_not_used(tmp_path, monkeypatch):
-    import qtool.training as training
-
     first = TrainConfig(model="lenet5", data="digits", epochs=2, batch_size=64, lr=0.05)
     other = TrainConfig(model="lenet5", data="digits", epochs=2, batch_size=64, lr=0.02)
-    real, calls = training.evaluate_torch, []
-
-    def stop_in_epoch_2(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(training, "evaluate_torch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(first, tmp_path / "m.onnx", quiet=True)
-    monkeypatch.setattr(training, "evaluate_torch", real)
+    _stop_in_epoch_2(monkeypatch, first, tmp_path / "m.onnx")
     resumed = train(other, tmp_path / "m.onnx", quiet=True)
     fresh = train(other, tmp_path / "fresh.onnx", quiet=True)
     assert resumed.history == [dict(h, elapsed_s=r["elapsed_s"]) for h, r in zip(fresh.history, resumed.history)]
