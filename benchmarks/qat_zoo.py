@@ -1,6 +1,7 @@
 """QAT on the model zoo: W8A8 and W4A8 `qtool qat --loss distill` on unlabeled inputs, per architecture.
 
-    python -m benchmarks qat_zoo [--quick] [--models a,b] [--steps N] [--batch B] [--no-speed]
+    python -m benchmarks qat_zoo [--quick] [--models a,b] [--epochs N] [--batch B] [--no-speed]
+                                 [--workdir D [--rescore]]
                                                          # results/qat_zoo.json + qat_zoo.md (not --quick)
 
 Models: the zoo's architectures (benchmarks.zoo_models: built from transformers configs, random weights,
@@ -92,6 +93,7 @@ def _fidelity(plan_json: Path) -> dict | None:
            for k, o in f["outputs"].items()}
     agree = [o["argmax_agreement"] for o in per.values() if o["argmax_agreement"] is not None]
     return {"gate": f.get("gate"), "val_samples": f.get("n"), "outputs": per,
+            "first_divergence": f.get("first_divergence"),
             "max_steps": max(o["max_steps"] for o in per.values()), "min_argmax_agreement": min(agree) if agree else None}
 
 
@@ -117,22 +119,30 @@ def run_one(key: str, n_train: int, n_test: int, epochs: int, batch: int, workdi
     row: dict = {"desc": zoo_models.SPECS[key].desc, "data": src, "train_samples": n_train, "test_samples": n_test,
                  "qat_val_samples": n_val, "epochs": epochs, "batch": batch, "steps": steps,
                  "build_s": time.perf_counter() - t0, "bits": {}}
+    earlier = {}  # an earlier row of this workdir (rerun to re-score): its steps' seconds
+    if row_path is not None and (row_path.parent / f"{key}.json").is_file():
+        earlier = json.loads((row_path.parent / f"{key}.json").read_text()).get("bits", {})
     for bits in BITS:
         d = workdir / bits
         d.mkdir(exist_ok=True)
         r: dict = {}
         ptq, ptq_plan, qat, qat_plan = d / "ptq.onnx", d / "ptq.json", d / "qat.onnx", d / "qat.json"
         # Resuming (a --workdir run interrupted, e.g. at its time limit): a step whose outputs are there is not
-        # rerun; qtool writes them only on exit 0 (atomically), so they stand for exit 0 (its seconds unknown).
-        reused = {"rc": 0, "seconds": None, "reused": "outputs of an earlier run of this workdir", "lines": []}
-        r["ptq_step"] = dict(reused) if ptq.is_file() and ptq_plan.is_file() else \
+        # rerun; qtool writes them only on exit 0 (atomically), so they stand for exit 0 (seconds: the earlier
+        # row's, else unknown).
+        def reused(step: str) -> dict:
+            was = earlier.get(bits, {}).get(step, {})
+            return {"rc": 0, "seconds": was.get("seconds"), "reused": "outputs of an earlier run of this workdir",
+                    "lines": was.get("lines", [])}
+
+        r["ptq_step"] = reused("ptq_step") if ptq.is_file() and ptq_plan.is_file() else \
             _cli(["quantize", f32, "--data", f"npz:{tr_npz}", "--bits", bits, "--calib-size", n_train,
                   "--plan-out", ptq_plan, "-o", ptq])
         if r["ptq_step"]["rc"] == 0:
             r["before"] = _sqnr(ptq, f32, te_npz)
         bits_args = ["--plan", ptq_plan] if ptq_plan.is_file() else ["--bits", bits]
         r["qat_bits_from"] = "ptq plan" if ptq_plan.is_file() else f"--bits {bits} (first/last layer 8-bit)"
-        r["qat_step"] = dict(reused) if qat.is_file() and qat_plan.is_file() else \
+        r["qat_step"] = reused("qat_step") if qat.is_file() and qat_plan.is_file() else \
             _cli(["qat", f32, "--data", f"npz:{tr_npz}", *bits_args, "--loss", "distill",
                   "--epochs", epochs, "--batch-size", batch, "--accept-fidelity",
                   "--plan-out", qat_plan, "-o", qat])
@@ -204,6 +214,8 @@ def main(argv=None) -> int:
                     help="models of the speed part torch.compile is tried on")
     ap.add_argument("--speed-from", default=None, help="the speed part from a `python -m benchmarks.qat_speed --json` file")
     ap.add_argument("--workdir", default=None, help="keep every model's files here; rerun with it to resume")
+    ap.add_argument("--rescore", action="store_true",
+                    help="with --workdir: score every model again from its files (a model's missing steps run)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -235,10 +247,10 @@ def main(argv=None) -> int:
             later = []
             for key in wanted:
                 row, mark = root / f"{key}.json", root / f"{key}.started"
-                if a.workdir and row.is_file():
+                if a.workdir and row.is_file() and not a.rescore:
                     out["models"][key] = json.loads(row.read_text())
                     continue
-                if a.workdir and mark.exists():
+                if a.workdir and mark.exists() and not a.rescore:
                     later.append(key)
                     continue
                 mark.touch()

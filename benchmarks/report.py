@@ -463,6 +463,10 @@ def qat_zoo_table(d: dict) -> str:
         sm = d.get("summary") or {}
         lines += ["", f"QAT exit 0 in {sm.get('qat_exit_0')} of {sm.get('runs')} runs; gate passed in "
                       f"{sm.get('gate_passed')}; 0 steps in {sm.get('zero_steps')}; SQNR improved in {sm.get('improved')}."]
+        where = [f"- {key} {bits}: {r['fidelity']['first_divergence']}" for key, m in d["models"].items()
+                 for bits, r in m.get("bits", {}).items() if (r.get("fidelity") or {}).get("first_divergence")]
+        if where:
+            lines += ["", "Where fake-quant and onnxruntime part (the gate's trace, qtool.code_trace):", *where]
     sp = d.get("speed")
     if sp:
         lines += ["", sp.get("note", ""), ""]
