@@ -115,6 +115,7 @@ class LiftedModule(nn.Module):
                 if used:
                     raise QtoolError(f"unsupported op {imp.domain}::{used[0].op_type} in node {_label(used[0])}")
 
+        self.opset = opset
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self._init_dtypes = {t.name: t.data_type for t in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in inits]
@@ -196,6 +197,7 @@ class LiftedModule(nn.Module):
                 raise QtoolError(f"unsupported op {node.op_type} in node {_label(node)}")
             run, parse = entry
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs["_onnx_attrs"] = dict(attrs)  # as in the file (qtool.ortexact rebuilds some nodes for onnxruntime)
             attrs["_n_outputs"] = len(node.output)
             if parse is not None:
                 try:

@@ -395,16 +395,20 @@ class ExactSoftmax(nn.Module):
 
 
 class OrtFloatOp(nn.Module):
-    """A float op whose output is quantized, run by onnxruntime's own CPU kernel in eval mode.
+    """A float op run by onnxruntime's own CPU kernel in eval mode (FLOAT_ON_ORT).
 
-    LayerNormalization sums in its own order: torch's result differs in the last bits, which flips a
-    rounding tie of the Q after it now and then (one code on ~1e-5 of the zoo ViT's elements after QAT,
-    three output steps at the logits). Eval only (no gradient), on the CPU; a session per input ranks.
+    Reductions and transcendental functions are computed in each library's own order and
+    approximation: torch's LayerNormalization differs from onnxruntime's in the last bit on about a
+    third of the elements, and so do softmax and erf now and then. Where such a value sits on a rounding
+    tie of a Q after it (directly, or through exact ops such as BERT's Where after its float Softmax) the
+    code flips: one code on ~1e-5 of the elements of the zoo ViT's LayerNorm outputs and of BERT's masked
+    attention probabilities after QAT, three output steps at the end. Eval only (no gradient), on the
+    CPU; one session per input ranks and types.
     """
 
-    def __init__(self, op: str, attrs: dict):
+    def __init__(self, op: str, attrs: dict, opset: int = 17):
         super().__init__()
-        self.op, self.attrs = op, dict(attrs)
+        self.op, self.attrs, self.opset = op, dict(attrs), opset
         self._sessions: dict[tuple, object] = {}
 
     def __getstate__(self):  # sessions do not pickle or deepcopy: rebuilt on first use
@@ -413,22 +417,31 @@ class OrtFloatOp(nn.Module):
         return state
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        key = tuple(x.dim() for x in xs)
+        arrays = [x.detach().cpu().numpy() for x in xs]
+        key = tuple((a.ndim, a.dtype.str) for a in arrays)
         if key not in self._sessions:
-            self._sessions[key] = _float_session(self.op, self.attrs, key)
-        feeds = {f"x{i}": x.detach().cpu().float().numpy() for i, x in enumerate(xs)}
-        return torch.from_numpy(self._sessions[key].run(None, feeds)[0]).to(xs[0].device)
+            self._sessions[key] = _float_session(self.op, self.attrs, arrays, self.opset)
+        out = self._sessions[key].run(None, {f"x{i}": a for i, a in enumerate(arrays)})[0]
+        return torch.from_numpy(out).to(xs[0].device)
 
 
-def _float_session(op: str, attrs: dict, ranks: tuple[int, ...]):
+# Float ops whose torch result can differ from onnxruntime's in the last bits (reductions, transcendental
+# functions); in eval mode they run on onnxruntime (OrtFloatOp). Elementwise + - * / and sqrt are IEEE
+# exact in both and stay in torch.
+FLOAT_ON_ORT = frozenset({"LayerNormalization", "Softmax", "LogSoftmax", "Erf", "Exp", "Log", "Tanh", "Sigmoid",
+                          "Pow", "ReduceMean", "ReduceSum", "InstanceNormalization", "GroupNormalization"})
+
+
+def _float_session(op: str, attrs: dict, arrays: list[np.ndarray], opset: int):
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    names = [f"x{i}" for i in range(len(ranks))]
-    g = helper.make_graph([helper.make_node(op, names, ["y"], **attrs)], op.lower(),
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"{n}_{d}" for d in range(r)])
-                           for n, r in zip(names, ranks)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    names = [f"x{i}" for i in range(len(arrays))]
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), [f"{n}_{d}" for d in range(a.ndim)])
+              for n, a in zip(names, arrays)]
+    g = helper.make_graph([helper.make_node(op, names, ["y"], **attrs)], op.lower(), inputs,
+                          [helper.make_empty_tensor_value_info("y")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -515,6 +528,9 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
     for op, attrs, ins, outs in steps:
         y = output_quant(outs[0])
         if y is None:
+            if op in FLOAT_ON_ORT and all(ins) and len(outs) == 1 and "_onnx_attrs" in attrs:
+                lifted.set_eval_override(outs[0], OrtFloatOp(op, attrs["_onnx_attrs"], getattr(lifted, "opset", 17)))
+                done.append(outs[0])
             continue
         if op in ("Conv", "Gemm") and len(ins) >= 2:
             if op == "Gemm" and not (not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0
@@ -544,6 +560,10 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
                     and lifted.constant(ins[1]) is None and lifted.constant(ins[0]) is None:
                 lifted.set_eval_override(outs[0], ExactMul(a, b, y))
                 done.append(outs[0])
+        elif op in ("Sigmoid", "Softmax") and quant_of(ins[0]) is None and "_onnx_attrs" in attrs:
+            # a float input: onnxruntime runs the float kernel, then the Q
+            lifted.set_eval_override(outs[0], OrtFloatOp(op, attrs["_onnx_attrs"], getattr(lifted, "opset", 17)))
+            done.append(outs[0])
         elif op == "Sigmoid":
             x = quant_of(ins[0])
             if x is not None and np.asarray(x.scale).size == 1:
@@ -559,8 +579,8 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
             if x is not None:
                 lifted.set_eval_override(outs[0], ExactGlobalAveragePool(x, y))
                 done.append(outs[0])
-        elif op == "LayerNormalization" and all(ins) and attrs.get("_n_outputs", 1) == 1:
-            lifted.set_eval_override(outs[0], OrtFloatOp(op, {k: v for k, v in attrs.items() if k in ("axis", "epsilon")}))
+        elif op in FLOAT_ON_ORT - {"Softmax", "Sigmoid"} and all(ins) and len(outs) == 1 and "_onnx_attrs" in attrs:
+            lifted.set_eval_override(outs[0], OrtFloatOp(op, attrs["_onnx_attrs"], getattr(lifted, "opset", 17)))
             done.append(outs[0])
         elif op == "Softmax":
             x = quant_of(ins[0])
