@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qtool.errors import QtoolError
+from qtool.plan import BIAS_CODE_LIMIT
 
 MAX_SHIFT = 62
 
@@ -50,7 +51,7 @@ def fixed_point_common(ms: list[float]) -> tuple[list[int], int]:
 def bias_int32(bias: np.ndarray, s_in: float, s_w) -> np.ndarray:
     """Exactly passes.qdq's int32 bias: round(b / float32(s_in * s_w)), saturated."""
     s = (np.float64(np.float32(s_in)) * np.asarray(s_w, np.float32).astype(np.float64)).astype(np.float32)
-    return np.clip(np.rint(bias.astype(np.float64) / s.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+    return np.clip(np.rint(bias.astype(np.float64) / s.astype(np.float64)), -BIAS_CODE_LIMIT, BIAS_CODE_LIMIT).astype(np.int32)
 
 
 def source_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

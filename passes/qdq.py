@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.core import PassResult, QPass, names_in, new_initializer, unique_name
+from qtool.plan import BIAS_CODE_LIMIT
 from passes.units import ANCHOR_OPS, unit_activation
 
 log = logging.getLogger(__name__)
@@ -374,8 +375,12 @@ class InsertQDQPass(QPass):
         s = (np.float64(np.float32(ti.scale)) * s_w.astype(np.float32).astype(np.float64)).astype(np.float32)
         bias = b.const_value.numpy().astype(np.float64)
         per_channel = s.ndim == 1
-        q = np.clip(np.rint(bias / (s.astype(np.float64) if per_channel else float(s))),
-                    -(2**31), 2**31 - 1).astype(np.int32)
+        q = np.rint(bias / (s.astype(np.float64) if per_channel else float(s)))
+        held = np.abs(q) > BIAS_CODE_LIMIT
+        if held.any():
+            log.warning("bias %s: %d of %d values exceed %d int32 codes (weight scale %.3g) and are saturated there",
+                        b.name, int(held.sum()), q.size, BIAS_CODE_LIMIT, float(np.min(s_w)))
+        q = np.clip(q, -BIAS_CODE_LIMIT, BIAS_CODE_LIMIT).astype(np.int32)
         name = b.name
         s_v = self._init(g, s, f"{name}_scale")
         z_v = self._init(g, np.zeros(s.shape, np.int32), f"{name}_zero_point")

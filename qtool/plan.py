@@ -34,6 +34,11 @@ from qtool.errors import QtoolError
 from qtool.io import atomic_write_text
 
 PLAN_VERSION = 1
+# int32 bias codes are held to +-2^30, not +-2^31: onnxruntime adds the bias to the int32 sum of products
+# and wraps on overflow, so a bias saturated at -2^31 plus a negative sum came out as a large positive
+# value (a random-weight MobileNetV2 channel whose folded BN bias is ~1e9 codes: 18 output codes off).
+# The sum of products stays below 2^30 up to K = 33,000 full-range uint8 x int8 products.
+BIAS_CODE_LIMIT = 2**30
 KINDS = ("activation", "weight")
 GRANULARITIES = ("per_tensor", "per_channel")
 

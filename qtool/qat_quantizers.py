@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from qtool.errors import QtoolError
+from qtool.plan import BIAS_CODE_LIMIT
 from qtool.fakequant import FakeQuant, LSQFakeQuant, QParams, fake_quant
 from qtool.plan import TensorQuant, range_quant
 
@@ -118,7 +119,7 @@ class BiasFakeQuant(nn.Module):
         if in_quant_delay(ra, stepped=False) or in_quant_delay(w, stepped=True):
             return b
         s = _scale_of(a) * _scale_of(w)  # float32 product == passes.qdq's rounded float64 product
-        q = torch.round(b.detach().double() / s.double()).clamp(-2.0**31, 2.0**31 - 1)
+        q = torch.round(b.detach().double() / s.double()).clamp(-float(BIAS_CODE_LIMIT), float(BIAS_CODE_LIMIT))
         exact = q.float() * s
         return exact + (b - b.detach())  # value exactly `exact`, straight-through gradient
 

@@ -335,3 +335,23 @@ def test_exclude_keeps_chosen_nodes_in_float(tmp_path, capsys):
     assert cli_main(argv + ["--exclude", "fc3"]) == 2
     assert "exclude pattern 'fc3' matches no node" in capsys.readouterr().err and not (tmp_path / "q.onnx").exists()
     assert cli_main(argv + ["--exclude", "fc2"]) == 0
+
+
+def test_bias_beyond_int32_codes_does_not_wrap_on_onnxruntime():
+    """A channel whose bias is ~1e9 of its int32 codes (tiny weights, large bias: a dead channel after BN
+    folding). onnxruntime adds the int32 bias to the int32 sum and wraps on overflow: a bias saturated at
+    -2^31 plus a negative sum came out as a large positive value. Codes are held to +-2^30, so the
+    channel reads what its float model reads: Relu(large negative) = 0."""
+    rng = np.random.default_rng(0)
+    w = np.array([[[[-1e-7]]], [[[0.5]]]], np.float32)  # channel 0: ~0 weights, -1e4 bias
+    b = np.array([-1e4, 0.1], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.uniform(0.5, 1.0, (16, 1, 8, 8)).astype(np.float32)
+    q, plan = quantize(model, [{"x": x}], QuantConfig(calib="minmax"))
+    y = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.all(y[:, 0] == 0.0), y[:, 0].max()  # wrapped (limit 2^31 - 1) it read 0.007 here
+    np.testing.assert_allclose(y[:, 1], 0.5 * x[:, 0] + 0.1, atol=0.01)
