@@ -51,7 +51,8 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)))
+    err = np.sum((ref - got) ** 2)
+    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref ** 2) / err))
 
 
 def weight_codes(qdq: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
