@@ -25,17 +25,18 @@ inputs in tests/test_ortexact.py):
 - QLinearSoftmax: run by onnxruntime on the codes (ExactSoftmax: its exp table, float32 row sum and
   floor(1 / s_y) for 1 / s_y; a formula of those matched but for near-ties, which LayerNorm amplifies).
 - QLinearMul: the exact product of the codes, then float32 multiply and add (ExactMul).
-- QLinearSigmoid: onnxruntime's own 256-entry table (ExactLookup; MLAS's logistic is an
-  approximation, so torch's sigmoid differs by a code now and then: EfficientNet's SiLU and
-  squeeze-excite gating were 134 steps apart on the logits without these two).
+- QLinearSigmoid: onnxruntime's own 256-entry table (ExactLookup: MLAS's logistic is an
+  approximation of its own; on the inputs tested torch's sigmoid gave the same codes).
+- Float ops whose torch result can differ in the last bits (FLOAT_ON_ORT: LayerNorm, softmax,
+  erf, reductions, ...) run on onnxruntime's kernels (OrtFloatOp).
 
 Each override returns the dequantized output `(y_q - z_y) s_y`, which the layer's output fake-quant
 maps back to exactly `y_q` (and narrows to its b-bit range, as the exported Clip does). Training is
 untouched: overrides run only when the module is in eval mode. A group onnxruntime would not fuse
 (an output that is not quantized, a Relu before a Q with a zero point above the container minimum,
 a Clip (ReLU6) whose range does not hold the Q's whole range, other activations) keeps the float
-fake-quant path. The overrides snapshot the scales and zero points at install time (qtool.qat installs them once training is over); after training a module further,
-install them again.
+fake-quant path. The overrides snapshot the scales and zero points at install time (qtool.qat
+installs them once training is over); after training a module further, install them again.
 """
 from __future__ import annotations
 
@@ -161,7 +162,6 @@ class ExactMatMul(nn.Module):
         self.y_signed, self.a_signed = y.signed, a.signed
         s_b = np.asarray(b.scale, np.float32).reshape(-1)
         self.register_buffer("s_b", torch.from_numpy(s_b), persistent=False)
-        self.z_b = np.asarray(b.zero_point, np.float64).reshape(-1)
         self.register_buffer("m", torch.from_numpy(((self.s_a * s_b).astype(np.float32) / self.s_y).astype(np.float32)),
                              persistent=False)
         self.b_is_weight = b_is_weight
@@ -354,7 +354,26 @@ class ExactGlobalAveragePool(nn.Module):
         return _dequantized(_round_clamp(v, self.z_y, self.y_signed), self.z_y, self.s_y)
 
 
-class ExactSoftmax(nn.Module):
+class _RunsOnnxruntime(nn.Module):
+    """An eval-mode override that runs onnxruntime sessions, built on first use and cached by `key`;
+    sessions do not pickle or deepcopy, so a copy starts without them."""
+
+    def __init__(self):
+        super().__init__()
+        self._sessions: dict = {}
+
+    def session(self, key, build: Callable):
+        if key not in self._sessions:
+            self._sessions[key] = build()
+        return self._sessions[key]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_sessions"] = {}
+        return state
+
+
+class ExactSoftmax(_RunsOnnxruntime):
     """com.microsoft QLinearSoftmax, which onnxruntime fuses DQ -> Softmax -> Q into (opset >= 13), run
     by onnxruntime itself on the input codes (a one-node QDQ session with this layer's scales, built once).
 
@@ -373,28 +392,18 @@ class ExactSoftmax(nn.Module):
         self.s_x, self.z_x = _scalar(x)
         self.s_y, self.z_y = _scalar(y)
         self.x_signed, self.y_signed = x.signed, y.signed
-        self._sessions: dict[int, object] = {}  # by input rank
-
-    def session(self, rank: int):
-        if rank not in self._sessions:
-            self._sessions[rank] = _qdq_session("Softmax", {"axis": self.axis}, self.s_x, self.z_x, self.x_signed,
-                                                self.s_y, self.z_y, self.y_signed, rank)
-        return self._sessions[rank]
-
-    def __getstate__(self):  # sessions do not pickle or deepcopy: rebuilt on first use
-        state = self.__dict__.copy()
-        state["_sessions"] = {}
-        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = _CONTAINER[self.x_signed]
         codes = (torch.round(x / torch.tensor(self.s_x)) + self.z_x).clamp(lo, hi)
         dt = np.int8 if self.x_signed else np.uint8
-        out = self.session(x.dim()).run(None, {"x": codes.detach().cpu().numpy().astype(dt)})[0]
+        sess = self.session(x.dim(), lambda: _qdq_session("Softmax", {"axis": self.axis}, self.s_x, self.z_x,
+                                                          self.x_signed, self.s_y, self.z_y, self.y_signed, x.dim()))
+        out = sess.run(None, {"x": codes.detach().cpu().numpy().astype(dt)})[0]
         return _dequantized(torch.from_numpy(out.astype(np.float32)).to(x.device), self.z_y, self.s_y)
 
 
-class OrtFloatOp(nn.Module):
+class OrtFloatOp(_RunsOnnxruntime):
     """A float op run by onnxruntime's own CPU kernel in eval mode (FLOAT_ON_ORT).
 
     Reductions and transcendental functions are computed in each library's own order and
@@ -409,19 +418,12 @@ class OrtFloatOp(nn.Module):
     def __init__(self, op: str, attrs: dict, opset: int = 17):
         super().__init__()
         self.op, self.attrs, self.opset = op, dict(attrs), opset
-        self._sessions: dict[tuple, object] = {}
-
-    def __getstate__(self):  # sessions do not pickle or deepcopy: rebuilt on first use
-        state = self.__dict__.copy()
-        state["_sessions"] = {}
-        return state
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         arrays = [x.detach().cpu().numpy() for x in xs]
-        key = tuple((a.ndim, a.dtype.str) for a in arrays)
-        if key not in self._sessions:
-            self._sessions[key] = _float_session(self.op, self.attrs, arrays, self.opset)
-        out = self._sessions[key].run(None, {f"x{i}": a for i, a in enumerate(arrays)})[0]
+        sess = self.session(tuple((a.ndim, a.dtype.str) for a in arrays),
+                            lambda: _float_session(self.op, self.attrs, arrays, self.opset))
+        out = sess.run(None, {f"x{i}": a for i, a in enumerate(arrays)})[0]
         return torch.from_numpy(out).to(xs[0].device)
 
 
@@ -433,15 +435,21 @@ FLOAT_ON_ORT = frozenset({"LayerNormalization", "Softmax", "LogSoftmax", "Erf", 
 
 
 def _float_session(op: str, attrs: dict, arrays: list[np.ndarray], opset: int):
-    import onnxruntime as ort
     from onnx import helper
 
     names = [f"x{i}" for i in range(len(arrays))]
     inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), [f"{n}_{d}" for d in range(a.ndim)])
               for n, a in zip(names, arrays)]
-    g = helper.make_graph([helper.make_node(op, names, ["y"], **attrs)], op.lower(), inputs,
-                          [helper.make_empty_tensor_value_info("y")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    return _session(helper.make_graph([helper.make_node(op, names, ["y"], **attrs)], op.lower(), inputs,
+                                      [helper.make_empty_tensor_value_info("y")]), opset)
+
+
+def _session(graph, opset: int = 17):
+    """A one-thread CPU onnxruntime session of `graph`."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -451,7 +459,6 @@ def _float_session(op: str, attrs: dict, arrays: list[np.ndarray], opset: int):
 def _qdq_session(op: str, attrs: dict, s_x, z_x: int, x_signed: bool, s_y, z_y: int, y_signed: bool, rank: int):
     """An onnxruntime session of DQ -> op -> Q on integer codes of any shape of `rank` dimensions: what
     onnxruntime fuses the group into (QLinearSigmoid, QLinearSoftmax) runs on them."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     dt = {True: (np.int8, TensorProto.INT8), False: (np.uint8, TensorProto.UINT8)}
@@ -462,13 +469,8 @@ def _qdq_session(op: str, attrs: dict, s_x, z_x: int, x_signed: bool, s_y, z_y: 
     nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xd"]), helper.make_node(op, ["xd"], ["f"], **attrs),
              helper.make_node("QuantizeLinear", ["f", "sy", "zy"], ["y"])]
     dims = [f"d{i}" for i in range(rank)]
-    g = helper.make_graph(nodes, op.lower(), [helper.make_tensor_value_info("x", dt[x_signed][1], dims)],
-                          [helper.make_tensor_value_info("y", dt[y_signed][1], dims)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return _session(helper.make_graph(nodes, op.lower(), [helper.make_tensor_value_info("x", dt[x_signed][1], dims)],
+                                      [helper.make_tensor_value_info("y", dt[y_signed][1], dims)], inits))
 
 
 def _absorbs(tq: TensorQuant) -> bool:
@@ -527,10 +529,14 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
     done = []
     for op, attrs, ins, outs in steps:
         y = output_quant(outs[0])
+        # A quantized Softmax / Sigmoid of a quantized input is onnxruntime's QLinear kernel (below);
+        # any other of these ops runs in float there, quantized after or not.
+        qlinear = op in ("Softmax", "Sigmoid") and y is not None and quant_of(ins[0]) is not None
+        if op in FLOAT_ON_ORT and not qlinear and all(ins) and len(outs) == 1 and "_onnx_attrs" in attrs:
+            lifted.set_eval_override(outs[0], OrtFloatOp(op, attrs["_onnx_attrs"], lifted.opset))
+            done.append(outs[0])
+            continue
         if y is None:
-            if op in FLOAT_ON_ORT and all(ins) and len(outs) == 1 and "_onnx_attrs" in attrs:
-                lifted.set_eval_override(outs[0], OrtFloatOp(op, attrs["_onnx_attrs"], getattr(lifted, "opset", 17)))
-                done.append(outs[0])
             continue
         if op in ("Conv", "Gemm") and len(ins) >= 2:
             if op == "Gemm" and not (not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0
@@ -560,10 +566,6 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
                     and lifted.constant(ins[1]) is None and lifted.constant(ins[0]) is None:
                 lifted.set_eval_override(outs[0], ExactMul(a, b, y))
                 done.append(outs[0])
-        elif op in ("Sigmoid", "Softmax") and quant_of(ins[0]) is None and "_onnx_attrs" in attrs:
-            # a float input: onnxruntime runs the float kernel, then the Q
-            lifted.set_eval_override(outs[0], OrtFloatOp(op, attrs["_onnx_attrs"], getattr(lifted, "opset", 17)))
-            done.append(outs[0])
         elif op == "Sigmoid":
             x = quant_of(ins[0])
             if x is not None and np.asarray(x.scale).size == 1:
@@ -579,9 +581,6 @@ def install_exact_eval(lifted, quant_of: Callable[[str], TensorQuant | None],
             if x is not None:
                 lifted.set_eval_override(outs[0], ExactGlobalAveragePool(x, y))
                 done.append(outs[0])
-        elif op in FLOAT_ON_ORT - {"Softmax", "Sigmoid"} and all(ins) and len(outs) == 1 and "_onnx_attrs" in attrs:
-            lifted.set_eval_override(outs[0], OrtFloatOp(op, attrs["_onnx_attrs"], getattr(lifted, "opset", 17)))
-            done.append(outs[0])
         elif op == "Softmax":
             x = quant_of(ins[0])
             if x is not None and np.asarray(x.scale).size == 1:

@@ -30,8 +30,10 @@ def lsq_activation(bits: int, rmin: float, rmax: float, quant_delay: int = 0,
     the calibrated range gives it, else the calibrated zero point held fixed (`LSQAffineFakeQuant`), so
     signedness and QDQ types stay PTQ's. `start`: (scale, zero point) to begin at instead (a PTQ plan's).
     `qtool qat --algo lsq` and the dynamic trainer."""
-    scale, zp = start if start is not None else (lambda tq: (float(tq.scale), int(tq.zero_point)))(
-        range_quant(rmin, rmax, bits))
+    if start is None:
+        tq = range_quant(rmin, rmax, bits)
+        start = float(tq.scale), int(tq.zero_point)
+    scale, zp = start
     if zp == 0:
         return LSQFakeQuant(bits, signed=False, quant_delay=quant_delay, init_scale=scale)
     return LSQAffineFakeQuant(bits, zp, scale, quant_delay)
