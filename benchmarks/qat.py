@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from benchmarks.common import MODELS, cifar_spec, write_result
+from qtool.cli import parse_bits
 from qtool.data import calib_inputs, load_dataset
 from qtool.evaluation import EvalConfig, evaluate_model
 from qtool.io import load_model, save_model
@@ -93,9 +94,12 @@ def main(argv=None) -> int:
     if args.rows:
         rows = {}
         for b in [b.strip() for b in args.rows.split(",") if b.strip()]:
-            wb, ab = (int(v) for v in b.lstrip("w").split("a"))
-            q, _ = quantize(model, calib, QuantConfig(weight_bits=wb, act_bits=ab))
-            acc = evaluate_model(q, spec, EvalConfig(limit=val_limit)).accuracy
+            wb, ab = parse_bits(b)
+            if (wb, ab) == (8, 8):  # the default PTQ above
+                acc = ptq
+            else:
+                q, _ = quantize(model, calib, QuantConfig(weight_bits=wb, act_bits=ab))
+                acc = evaluate_model(q, spec, EvalConfig(limit=val_limit)).accuracy
             ptq_rows[f"ptq_{b}"] = {"acc_ort": acc, "drop_pp_vs_fp32": (fp32 - acc) * 100}
             rows[f"qat_{b}_lsq"] = QATConfig(weight_bits=wb, act_bits=ab, first_last_bits=8, algo="lsq", **base)
     else:
