@@ -165,9 +165,7 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
             if epoch + 1 < cfg.epochs:
                 _save_resume(resume, cfg, model, opt, sched, gen, history, epoch + 1, time.perf_counter() - t0)
     wall = time.perf_counter() - t0
-    buf = io.BytesIO()
-    torch.save({"model": cfg.model, "state_dict": model.state_dict(), "config": asdict(cfg)}, buf)
-    atomic_write_bytes(ckpt, buf.getvalue())
+    _torch_save({"model": cfg.model, "state_dict": model.state_dict(), "config": asdict(cfg)}, ckpt)
     m = export_onnx(model, train_ds.shape, pre)
     save_model(m, out)
     from qtool.evaluation import evaluate_model
@@ -178,12 +176,17 @@ def train(cfg: TrainConfig, out: str | Path, checkpoint: str | Path | None = Non
                        onnx_acc, history)
 
 
-def _save_resume(path: Path, cfg: TrainConfig, model, opt, sched, gen, history, epoch: int, elapsed: float) -> None:
+def _torch_save(obj, path: Path) -> None:
+    """torch.save, written atomically (a stopped run leaves the previous file whole)."""
     buf = io.BytesIO()
-    torch.save({"config": asdict(cfg), "epoch": epoch, "elapsed_s": elapsed, "history": history,
-                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "gen": gen.get_state(), "rng": torch.get_rng_state()}, buf)
+    torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _save_resume(path: Path, cfg: TrainConfig, model, opt, sched, gen, history, epoch: int, elapsed: float) -> None:
+    _torch_save({"config": asdict(cfg), "epoch": epoch, "elapsed_s": elapsed, "history": history,
+                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "gen": gen.get_state(), "rng": torch.get_rng_state()}, path)
 
 
 def _load_resume(path: Path, cfg: TrainConfig) -> dict | None:
