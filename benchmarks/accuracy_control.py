@@ -13,7 +13,8 @@ tools tunes on the first ("control" columns), and every model is also scored on 
 tool saw ("held-out" columns). Rows: uniform W8A8 and W4A8 (qtool, mse calibration), qtool
 `--bits w4a8 --max-drop 0.5` and `--bits w8a8 --max-drop 0.5`, and NNCF 3.4 (ONNX backend, run as a
 subprocess by the NNCF environment's interpreter, benchmarks/nncf_driver.py) with max_drop=0.005 (absolute,
-top-1 in [0, 1]: the same 0.5 pp) and its defaults otherwise. Top-1 on onnxruntime; latency: median, batch 1,
+top-1 in [0, 1]: the same 0.5 pp) and its defaults otherwise (model_type=TRANSFORMER for a graph with
+LayerNormalization or Softmax, as its users are told to pass). Top-1 on onnxruntime; latency: median, batch 1,
 2 threads, every model interleaved in one measurement (`qtool.latency.median_latency_ms`); size: the ONNX
 file (int8 containers), and for 4-bit weights also packed as INT4 (`export --int4-weights on`); wall time of
 each quantization in one process (NNCF: measured inside its driver, without its imports).
@@ -54,9 +55,13 @@ def top1(model: onnx.ModelProto, fs) -> float:
     return float(np.mean(next(iter(run_feeds(model, fs).values())).argmax(1) == fs.labels))
 
 
-def run_nncf(python: str, fused: Path, calib: Path, val: Path, out: Path) -> dict:
+TRANSFORMER_OPS = {"LayerNormalization", "Softmax"}  # what makes NNCF's user pass model_type=TRANSFORMER
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def run_nncf(python: str, fused: Path, calib: Path, val: Path, out: Path, transformer: bool) -> dict:
     cmd = [python, str(DRIVER), str(fused), str(calib), str(val), str(out), "--max-drop", str(MAX_DROP_PP / 100),
-           "--subset-size", str(N_CAL)]
+           "--subset-size", str(N_CAL)] + (["--model-type", "transformer"] if transformer else [])
     info, error, wall = run_driver(cmd)
     if info is None:
         return {"error": error, "wall_s_subprocess": wall}
@@ -131,16 +136,18 @@ def main(argv=None) -> int:
             np.savez(paths["calib"], x=np.concatenate([b[name] for b in calib]), input=np.array(name))
             np.savez(paths["val"], x=ctl.arrays[name], labels=ctl.labels)
             tool = f"NNCF quantize_with_accuracy_control(max_drop={MAX_DROP_PP / 100:g})"
-            res = run_nncf(args.nncf_python, paths["fused"], paths["calib"], paths["val"], paths["q"])
+            transformer = any(n.op_type in TRANSFORMER_OPS for n in fused.graph.node)
+            res = run_nncf(args.nncf_python, paths["fused"], paths["calib"], paths["val"], paths["q"], transformer)
             if "error" in res:
                 out["rows"][tool] = res
                 print(f"[accuracy_control] {tool}: failed: {res['error']}", file=sys.stderr, flush=True)
             else:
                 q = onnx.load(paths["q"])
-                n_float = sum(1 for n in q.graph.node if n.op_type in ("Conv", "Gemm"))
+                n_float = sum(1 for n in q.graph.node if n.op_type in COMPUTE_OPS)
                 n_dq_in = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-                quantized = sum(1 for n in q.graph.node if n.op_type in ("Conv", "Gemm") and n.input[0] in n_dq_in)
-                record(tool, q, res.pop("seconds"), units_quantized=quantized, units_float=n_float - quantized, **res)
+                quantized = sum(1 for n in q.graph.node if n.op_type in COMPUTE_OPS and n.input[0] in n_dq_in)
+                record(tool, q, res.pop("seconds"), units_quantized=quantized, units_float=n_float - quantized,
+                       model_type="transformer" if transformer else None, **res)
     runs = args.runs or (50 if args.quick else 300)
     feed = next(ctl.batches(1))
     lat = median_latency_ms(models, feed, threads=2, warmup=10, runs=runs)

@@ -5,8 +5,7 @@ Sub-8-bit weights. A b-bit weight (2..7) is stored as int8 codes in the narrowed
 [-7, 7], int2: [-1, 1]) with an int8 DequantizeLinear: exact, runs everywhere, but takes 1 byte per
 weight. With `int4="on"|"auto"` weights of <= 4 bits are instead written as packed INT4 / UINT4
 initializers (2 per byte) with an INT4 zero point, which needs DequantizeLinear-21 (the default opset
-is raised to 21, IR version to 10; the ops of a fused CNN keep their semantics across that range,
-the checker verifies it). Whether onnxruntime then still runs the layer as an integer kernel depends
+is converted to 21 by onnx's version converter, IR version raised to 10; the checker verifies the result). Whether onnxruntime then still runs the layer as an integer kernel depends
 on the EP; `int4="auto"` measures it with qtool.ortgraph and keeps the int8 containers when the
 int4 graph loses integer kernels (logged and written into the report's notes).
 """
@@ -58,8 +57,7 @@ def _tensor_4bit(array: np.ndarray, name: str, signed: bool) -> onnx.TensorProto
 
 def pack_int4_weights(qdq: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, list[str]]:
     """Copy of a QDQ model with the weights of <= 4 bits as packed INT4/UINT4 initializers."""
-    out = onnx.ModelProto()
-    out.CopyFrom(qdq)
+    out = _at_least_opset(qdq, INT4_OPSET)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
     uses: dict[str, int] = {}
@@ -93,11 +91,25 @@ def pack_int4_weights(qdq: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.Model
     keep = [vi for vi in g.value_info if vi.name not in retyped]
     del g.value_info[:]
     g.value_info.extend(keep)
-    for imp in out.opset_import:
-        if imp.domain in ("", "ai.onnx") and imp.version < INT4_OPSET:
-            imp.version = INT4_OPSET
     out.ir_version = max(out.ir_version, INT4_IR_VERSION)
     return out, packed
+
+
+def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A copy of `model` at default-domain opset >= `opset`, converted by onnx's version converter: ops whose
+    signature changed on the way (ReduceMean's axes became an input at 18, ...) are rewritten, not relabelled."""
+    from onnx import version_converter
+
+    now = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), opset)
+    if now >= opset:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as e:
+        raise QtoolError(f"packed int4 weights need opset {opset}; onnx cannot convert this opset-{now} model: "
+                         f"{str(e).strip().splitlines()[0][:200]} (export with int4 weights off)") from None
 
 
 def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:

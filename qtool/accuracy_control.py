@@ -320,7 +320,9 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
     space = _Space(model, config, calib, units)
     # Searchable: units the plan quantizes (not excluded by config.exclude / non-finite tensors).
     full = space.plan(tuple(len(space.choices) - 1 for _ in units))
-    search = [i for i, u in enumerate(units) if u.weight in full.tensors]
+    inits = {t.name: t for t in model.graph.initializer}
+    # A MatMul of two activations (attention) is a unit without a weight to narrow: it stays at int8.
+    search = [i for i, u in enumerate(units) if u.weight in full.tensors and u.weight in inits]
     space.search = set(search)
     if not search:
         raise QtoolError("the accuracy control found no quantization unit to choose for (no Conv/Gemm/MatMul "
@@ -352,7 +354,6 @@ def accuracy_control(model: onnx.ModelProto, calib_batches: Iterable[dict[str, n
     int8 = next(i for i, (_, b) in enumerate(space.choices) if b == 8)
     uniform8 = tuple(int8 if i in search else 0 for i in range(len(units)))
     proxies: dict[int, float] = {}
-    inits = {t.name: t for t in model.graph.initializer}
     elems = {i: int(np.prod(inits[units[i].weight].dims)) for i in search}
     bytes8 = float(sum(elems.values()))
     known: dict[int, tuple] = {}  # unit -> (its level, state measured from, score, next state, Measure, cost)

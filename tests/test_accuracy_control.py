@@ -115,6 +115,36 @@ def test_budget_already_met_raises_nothing():
     assert plain.plan.tensors == r.plan.tensors  # nothing raised: the plain plan
 
 
+def attention_like(seed: int = 0) -> onnx.ModelProto:
+    """x (N x 4 x 6) -> MatMul W -> q; MatMul(q, q^T) (two activations, no weight) -> MatMul(., q) -> flat -> Gemm."""
+    r = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(r.normal(size=(6, 6)).astype(np.float32) * 0.5, "wq"),
+             numpy_helper.from_array(r.normal(size=(10, 24)).astype(np.float32) * 0.3, "wf"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "bf"),
+             numpy_helper.from_array(np.array([0, -1], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="proj"),
+             helper.make_node("Transpose", ["q"], ["qt"], name="t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "qt"], ["s"], name="scores"),
+             helper.make_node("MatMul", ["s", "q"], ["o"], name="mix"),
+             helper.make_node("Reshape", ["o", "shape"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "att", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return fuse(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))[0]
+
+
+def test_matmuls_of_two_activations_are_not_searched():
+    # their second input is an activation, not a weight to narrow; it stays int8 (was a KeyError on a ViT)
+    m = attention_like()
+    x = np.random.default_rng(1).normal(size=(192, 4, 6)).astype(np.float32)
+    fs = FeedSet({"x": x}, run_feeds(m, FeedSet({"x": x}))["y"].argmax(1))
+    r = control(m, fs, weight_bits=4, max_drop=50.0)
+    choice = {u.unit: u.choice for u in r.control.units}
+    assert choice["scores"] == choice["mix"] == "not searched"
+    assert choice["proj"] != "not searched" and choice["fc"] != "not searched"
+    assert r.plan.tensors["qt"].kind == "activation" and r.plan.tensors["qt"].bits == 8
+
+
 def test_unreachable_budget_is_an_error_naming_the_measured_drop():
     m = cnn(outlier=40.0)
     fs = data(m)

@@ -221,6 +221,27 @@ def test_int4_weights_pack_and_fall_back():
     assert any("stored as int8 codes" in n for n in off.report.notes)
 
 
+def test_int4_weights_convert_ops_whose_signature_changed():
+    """Packing needs opset 21; an opset-17 ReduceMean (axes an attribute, an input from 18 on) must be
+    converted, not relabelled — relabelling failed onnx.checker on a ViT's mean pool."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(size=(6, 5)).astype(np.float32), "w"),
+             numpy_helper.from_array(r.normal(size=5).astype(np.float32), "b")]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["m", "w", "b"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = r.normal(size=(8, 4, 6)).astype(np.float32)
+    _, plan = quantize(m, [{"x": x}], QuantConfig(weight_bits=4))
+    off = export_model(m, plan, ExportConfig(format="qdq", int4="off"))
+    on = export_model(m, plan, ExportConfig(format="qdq", int4="on"))
+    assert on.report.int4_weights == 1 and on.report.opset == 21
+    rm = next(n for n in on.model.graph.node if n.op_type == "ReduceMean")
+    assert len(rm.input) == 2 and not any(a.name == "axes" for a in rm.attribute)
+    np.testing.assert_allclose(ort_run(on.model, x), ort_run(off.model, x), rtol=1e-6, atol=1e-6)
+
+
 def test_pot_requant():
     fused, _, plan = make(NO_SATURATION)
     pot = QuantPlan({k: TensorQuant(t.kind, t.bits, t.signed, t.granularity, t.axis,
