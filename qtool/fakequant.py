@@ -182,7 +182,8 @@ class FakeQuant(nn.Module):
         if self.training:
             self.step += 1
             self._observe(x)
-            if int(self.step) <= self.quant_delay:
+            # tested in Python first: without a delay, no data-dependent branch (a torch.compile graph break)
+            if self.quant_delay and int(self.step) <= self.quant_delay:
                 return x
         return self._quantize(x)
 
@@ -314,6 +315,13 @@ class LSQFakeQuant(FakeQuant):
         shape = () if axis is None else (num_channels,)
         self.scale = nn.Parameter(torch.full(shape, 1.0 if init_scale is None else init_scale))
         self.register_buffer("initialized", torch.tensor(init_scale is not None))
+        # A Python mirror of the buffer, branched on instead of bool(buffer): torch.compile guards on it
+        # (one recompile when it flips) instead of breaking the graph at every quantizer.
+        self._ready = init_scale is not None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
@@ -322,13 +330,14 @@ class LSQFakeQuant(FakeQuant):
         mean_abs = a.mean() if self.axis is None else a.mean(dim=_reduce_dims(a, self.axis))
         self.scale.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(_MIN_LEARNED))
         self.initialized.fill_(True)
+        self._ready = True
 
     def _observe(self, x: torch.Tensor) -> None:
-        if not bool(self.initialized):
+        if not self._ready:
             self.init_from(x)
 
     def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not bool(self.initialized):
+        if not self._ready:
             raise QtoolError("LSQFakeQuant scale not initialized: run a batch through it first")
         s = self.scale.clamp_min(_MIN_LEARNED)
         return s, torch.zeros_like(s.detach())

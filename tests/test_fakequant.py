@@ -306,3 +306,20 @@ def test_errors_and_state_roundtrip():
     b = MinMaxFakeQuant(8, axis=0)
     b.load_state_dict(a.state_dict())
     assert np.array_equal(a.qparams().scale, b.qparams().scale)
+
+
+@pytest.mark.parametrize("make", [lambda: LSQFakeQuant(8, signed=False),
+                                  lambda: LSQFakeQuant(4, axis=0, num_channels=3, narrow_range=True),
+                                  lambda: EMAFakeQuant(8, signed=False)], ids=["lsq", "lsq-per-channel", "ema"])
+def test_training_forward_traces_without_graph_breaks(make):
+    # torch.compile of a QAT model is only worth trying when its quantizers trace as one graph
+    import torch._dynamo
+
+    fq = make().train()
+    x = torch.randn(3, 5)
+    fq(x)  # initialized (LSQ) / observed (EMA): the steady state of training
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(fq)(x)
+    assert ex.graph_break_count == 0, ex.break_reasons
+    ready = make().train()  # a fresh LSQ quantizer initializes on its first batch: a Python flag, no break
+    assert torch._dynamo.explain(ready)(x).graph_break_count == 0
