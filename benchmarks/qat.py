@@ -15,8 +15,9 @@ for a few epochs on the embedded digits set, under a different key (a smoke run,
 Usage: python -m benchmarks.qat [--quick] [--epochs N] [--train-limit N] [--algos lsq,pact,dorefa]
        python -m benchmarks.qat --model vit_cifar --rows w8a8,w4a8   # results/qat_vit_cifar.*
 --model NAME: another model trained by benchmarks.train_resnet20 (benchmarks/models/NAME_cifar10.onnx);
---rows: instead of the W8A8 + W4A4 algorithm rows, PTQ and LSQ QAT at each of these bits (w4a8: 4-bit
-weights, first and last layer 8-bit), e.g. the ViT's PTQ vs QAT comparison.
+--rows: instead of the W8A8 + W4A4 algorithm rows, PTQ (qtool quantize's defaults) and LSQ QAT started at
+that PTQ plan (its bits, scales and zero points, as `qtool qat --plan`) at each of these bits, e.g. the ViT's
+PTQ vs QAT comparison (--optimizer adam --lr 1e-4).
 --quick: 2000 training images, 1 epoch, 1000 val images (about 10 minutes on 2 busy cores).
 Default: 1 epoch over 10000 training images per row, full 5k val (about 45 minutes on 2 cores;
 a fake-quant ResNet-20 step of 128 images takes several seconds there). More: --epochs/--train-limit.
@@ -35,6 +36,7 @@ from qtool.cli import parse_bits
 from qtool.data import calib_inputs, load_dataset
 from qtool.evaluation import EvalConfig, evaluate_model
 from qtool.io import load_model, save_model
+from qtool.qat_config import plan_bits_of, plan_init_of
 from qtool.qat_train import QATConfig, qat
 from qtool.ptq import QuantConfig, quantize
 
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="QAT epochs per row")
     ap.add_argument("--train-limit", type=int, default=None, help="training images per epoch [quick 2000, else 10000]")
     ap.add_argument("--algos", default="lsq,pact,dorefa", help="W4A4 algorithms")
-    ap.add_argument("--lr", type=float, default=0.01, help="SGD peak learning rate (cosine)")
+    ap.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine)")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="QAT optimizer (the ViT: adam)")
     ap.add_argument("--model", default="resnet20", help="trained CIFAR-10 model (benchmarks/models/NAME_cifar10.onnx)")
     ap.add_argument("--rows", default=None, help="bits rows, e.g. w8a8,w4a8: PTQ and LSQ QAT at each")
     ap.add_argument("--name", default=None,
@@ -87,21 +90,23 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     fp32 = evaluate_model(model, spec, EvalConfig(limit=val_limit)).accuracy
     calib = list(calib_inputs(model, spec, n=512))
-    ptq_model, _ = quantize(model, calib, QuantConfig())
+    ptq_model, ptq_plan = quantize(model, calib, QuantConfig())
     ptq = evaluate_model(ptq_model, spec, EvalConfig(limit=val_limit)).accuracy
-    base = dict(epochs=epochs, train_limit=train_limit, batch_size=128, lr=args.lr, optimizer="sgd")
+    base = dict(epochs=epochs, train_limit=train_limit, batch_size=128, lr=args.lr, optimizer=args.optimizer)
     ptq_rows = {}
     if args.rows:
         rows = {}
         for b in [b.strip() for b in args.rows.split(",") if b.strip()]:
             wb, ab = parse_bits(b)
             if (wb, ab) == (8, 8):  # the default PTQ above
-                acc = ptq
+                acc, plan = ptq, ptq_plan
             else:
-                q, _ = quantize(model, calib, QuantConfig(weight_bits=wb, act_bits=ab))
+                q, plan = quantize(model, calib, QuantConfig(weight_bits=wb, act_bits=ab))
                 acc = evaluate_model(q, spec, EvalConfig(limit=val_limit)).accuracy
             ptq_rows[f"ptq_{b}"] = {"acc_ort": acc, "drop_pp_vs_fp32": (fp32 - acc) * 100}
-            rows[f"qat_{b}_lsq"] = QATConfig(weight_bits=wb, act_bits=ab, first_last_bits=8, algo="lsq", **base)
+            # QAT starts at this PTQ plan (its bits, scales and zero points), as `qtool qat --plan` does
+            rows[f"qat_{b}_lsq"] = QATConfig(plan_bits=plan_bits_of(plan), plan_init=plan_init_of(plan), algo="lsq",
+                                             **base)
     else:
         rows = {"qat_w8a8_lsq": QATConfig(weight_bits=8, act_bits=8, algo="lsq", **base)}
         for algo in [a.strip() for a in args.algos.split(",") if a.strip()]:
@@ -118,9 +123,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
     worst = max(abs(v["fidelity_diff_pp"]) for v in results.values())
     payload = {"settings": {"quick": args.quick, "model": args.model, "rows": args.rows, "epochs": epochs, "train_limit": train_limit, "lr": args.lr,
-                            "batch_size": 128, "optimizer": "sgd + cosine", "val_images": len(val),
+                            "batch_size": 128, "optimizer": f"{args.optimizer} + cosine", "val_images": len(val),
                             "activations": "uint8 asymmetric (PTQ placement)", "weights": "int per-channel symmetric",
-                            "first_last_bits": 8},
+                            "first_last_bits": 8, "qat_from": "ptq plan" if args.rows else "calibration"},
                key: {"fp32_acc": fp32, "ptq_w8a8_acc": ptq, "ptq_w8a8_drop_pp": (fp32 - ptq) * 100, **ptq_rows, **results,
                      "worst_fidelity_diff_pp": worst, "fidelity_target_pp": 0.1, "meets_fidelity_target": worst <= 0.1,
                      "wall_time_s": round(time.perf_counter() - t0, 1)}}

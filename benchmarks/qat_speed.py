@@ -110,8 +110,11 @@ def run(models=("resnet50", "vit_s"), resnet_batch: int = 32, vit_batch: int = 3
         compile_on=("resnet50", "vit_s")) -> dict:
     """Per model: every variant warmed up, then `steps` rounds of one step of each variant in turn
     (interleaved, so a change in the machine's load hits all variants alike)."""
+    import os
+
     import torch
 
+    load_start = os.getloadavg()[0]
     rows = []
     for key in models:
         batch = vit_batch if key == "vit_s" else resnet_batch
@@ -153,13 +156,16 @@ def run(models=("resnet50", "vit_s"), resnet_batch: int = 32, vit_batch: int = 3
                 r["compile_s"] = r["first_step_s"] - r["step_s"]
             print(f"[qat_speed] {key} {v}: {r['step_s']:.2f} s/step, first {r['first_step_s']:.1f} s, "
                   f"max |out - eager| {r['max_abs_diff']:.3g}", file=sys.stderr, flush=True)
-    return {"rows": rows, "threads": torch.get_num_threads(), "steps": steps,
+    load = (load_start, os.getloadavg()[0])
+    busy = max(load) > 1.5 * (os.cpu_count() or 1)
+    return {"rows": rows, "threads": torch.get_num_threads(), "steps": steps, "load_avg_1min": load,
             "note": (f"Fake-quant W8A8 QAT training step (LSQ, loss distill with the lifted FP32 teacher, SGD), "
                      f"median of {steps} steps after one warm-up, the variants interleaved, torch {torch.__version__}, "
-                     f"{torch.get_num_threads()} threads; measured while other jobs loaded the machine (load 8-12 on "
-                     "2 cores), so the absolute times are inflated; the ratios within one model are the result. "
-                     "max |out - eager|: the fake-quant model's logits (train mode, before any step) vs eager's; FP32: "
-                     "the lifted FP32 teacher's.")}
+                     f"{torch.get_num_threads()} threads; 1-minute load average {load[0]:.1f} at the start, "
+                     f"{load[1]:.1f} at the end on {os.cpu_count()} cores"
+                     + (" (a loaded machine: the absolute times are inflated, the ratios within one model are the "
+                        "result)" if busy else "") + ". max |out - eager|: the fake-quant model's logits (train mode, "
+                     "before any step) vs eager's; FP32: the lifted FP32 teacher's.")}
 
 
 def main(argv=None) -> int:

@@ -158,8 +158,13 @@ def load_plan_init(path: str | Path) -> tuple[tuple[str, tuple[float, ...], tupl
     """(tensor, scales, zero points) of every tensor of a QuantPlan JSON that has them."""
     from qtool.plan import QuantPlan
 
+    return plan_init_of(QuantPlan.load(path))
+
+
+def plan_init_of(plan) -> tuple[tuple[str, tuple[float, ...], tuple[int, ...]], ...]:
+    """QATConfig.plan_init of a QuantPlan: (tensor, scales, zero points) of every tensor that has them."""
     out = []
-    for name, tq in QuantPlan.load(path).tensors.items():
+    for name, tq in plan.tensors.items():
         if tq.scale is None:
             continue
         scales = tuple(float(v) for v in np.asarray(tq.scale, np.float64).reshape(-1))
@@ -175,6 +180,11 @@ def load_plan_bits(path: str | Path) -> tuple[tuple[str, int], ...]:
     plan = QuantPlan.load(path)
     if not plan.tensors:
         raise QtoolError(f"plan {path} has no tensors")
+    return plan_bits_of(plan)
+
+
+def plan_bits_of(plan) -> tuple[tuple[str, int], ...]:
+    """QATConfig.plan_bits of a QuantPlan."""
     return tuple((name, tq.bits) for name, tq in plan.tensors.items())
 
 
