@@ -78,7 +78,8 @@ class LSQAffineFakeQuant(LSQFakeQuant):
 
 def in_quant_delay(fq: FakeQuant, stepped: bool) -> bool:
     """Whether `fq` is inside its quant_delay this training step (`stepped`: it already ran)."""
-    return fq.training and int(fq.step) < fq.quant_delay + int(stepped)
+    # quant_delay tested first: without one, no data-dependent branch (a torch.compile graph break)
+    return bool(fq.quant_delay) and fq.training and int(fq.step) < fq.quant_delay + int(stepped)
 
 
 class SharedFakeQuant(nn.Module):

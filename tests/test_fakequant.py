@@ -323,3 +323,26 @@ def test_training_forward_traces_without_graph_breaks(make):
     assert ex.graph_break_count == 0, ex.break_reasons
     ready = make().train()  # a fresh LSQ quantizer initializes on its first batch: a Python flag, no break
     assert torch._dynamo.explain(ready)(x).graph_break_count == 0
+
+
+def test_shared_and_bias_quantizers_trace_without_graph_breaks():
+    # as in a lifted QAT module: the root quantizers are submodules, the shared / bias ones read them
+    import torch._dynamo
+
+    from qtool.qat_quantizers import BiasFakeQuant, SharedFakeQuant
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act, self.w = LSQFakeQuant(8, signed=False), LSQFakeQuant(8, axis=0, num_channels=4)
+            self.shared, self.bias = SharedFakeQuant(self.act), BiasFakeQuant(self.act, self.w)
+
+        def forward(self, x, wt, b):
+            return self.shared(self.act(x)), self.w(wt), self.bias(b)
+
+    net = Net().train()
+    args = torch.rand(3, 5), torch.randn(4, 5), torch.randn(4)
+    net(*args)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(net)(*args)
+    assert ex.graph_break_count == 0, ex.break_reasons
