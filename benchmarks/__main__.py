@@ -2,6 +2,7 @@
 python -m benchmarks zoo [--quick]: the model zoo vs onnxruntime's tools (benchmarks/zoo.py);
 python -m benchmarks nbits [--quick]: weight-only 4-bit MatMulNBits vs int8 and ORT's (benchmarks/nbits.py);
 python -m benchmarks lowbit / accuracy_control [--quick]: low-bit PTQ vs AIMET, accuracy control vs NNCF;
+python -m benchmarks smoothquant [--quick]: W8A8 of the small ViT with / without SmoothQuant vs ORT and NNCF;
 python -m benchmarks qat_zoo [--quick]: QAT (distill) on the zoo (benchmarks/qat_zoo.py);
 python -m benchmarks results: benchmarks/RESULTS.md from the JSON results (benchmarks/report.py)."""
 import sys
@@ -12,7 +13,8 @@ USAGE = ("usage: python -m benchmarks run [--quick] [--models a,b]\n"
          "       python -m benchmarks results [--tables] [-o FILE] [--results DIR]\n"
          "       python -m benchmarks lowbit [--quick] [--iters N]\n"
          "       python -m benchmarks nbits [--quick] [--models bert,vit] [--runs N]\n"
-         "       python -m benchmarks accuracy_control [--quick]")
+         "       python -m benchmarks accuracy_control [--quick]\n"
+         "       python -m benchmarks smoothquant [--quick] [--alphas 0.25,0.5,0.75]")
 
 cmd = sys.argv[1] if len(sys.argv) > 1 else None
 if cmd == "run":
@@ -39,6 +41,10 @@ if cmd == "accuracy_control":
     from benchmarks import accuracy_control
 
     sys.exit(accuracy_control.main(sys.argv[2:]))
+if cmd == "smoothquant":
+    from benchmarks import smoothquant
+
+    sys.exit(smoothquant.main(sys.argv[2:]))
 if cmd == "results":
     from benchmarks import report
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.common import MODELS, cifar_spec, run_driver, timed, write_result
+from benchmarks.common import MODELS, add_latency, cifar_spec, run_driver, timed, write_result
 from exporters.qdq import apply_plan
 from qtool.api import quantize
 from qtool.data import calib_inputs, model_image_input
@@ -41,7 +41,6 @@ from qtool.exporting import ExportConfig, export_model
 from qtool.feeds import feeds_for
 from qtool.fusion import fuse
 from qtool.io import load_model
-from qtool.latency import median_latency_ms
 from qtool.ptq import QuantConfig, quantize_plan
 
 NNCF_PYTHON = os.environ.get("QTOOL_NNCF_PYTHON", "/work/venvs/nncf/bin/python")
@@ -150,10 +149,7 @@ def main(argv=None) -> int:
                        model_type="transformer" if transformer else None, **res)
     runs = args.runs or (50 if args.quick else 300)
     feed = next(ctl.batches(1))
-    lat = median_latency_ms(models, feed, threads=2, warmup=10, runs=runs)
-    out["latency"] = {"runs": runs, "threads": 2, "batch": 1}
-    for k, ms in lat.items():
-        (out["rows"][k] if k in out["rows"] else out.setdefault("fp32", {}))["latency_ms"] = ms
+    add_latency(out, models, feed, runs)
     out["wall_s"] = time.perf_counter() - t_all
     write_result(result, out, table="accuracy_control")
     return 0

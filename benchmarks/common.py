@@ -58,3 +58,14 @@ def run_driver(cmd: list[str]) -> tuple[dict | None, list[str], float]:
     if p.returncode != 0:
         return None, (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"], wall
     return json.loads(p.stdout.strip().splitlines()[-1]), [], wall
+
+
+def add_latency(out: dict, models: dict, feed: dict, runs: int) -> None:
+    """Median batch-1 latency of every model, interleaved in one measurement (2 threads), into `out`: each
+    row of out["rows"] gets its latency_ms, "FP32" (not a row) goes to out["fp32"]."""
+    from qtool.latency import median_latency_ms
+
+    lat = median_latency_ms(models, feed, threads=2, warmup=10, runs=runs)
+    out["latency"] = {"runs": runs, "threads": 2, "batch": 1}
+    for k, ms in lat.items():
+        (out["rows"][k] if k in out["rows"] else out.setdefault("fp32", {}))["latency_ms"] = ms

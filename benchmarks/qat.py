@@ -67,13 +67,17 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="QAT epochs per row")
     ap.add_argument("--train-limit", type=int, default=None, help="training images per epoch [quick 2000, else 10000]")
     ap.add_argument("--algos", default="lsq,pact,dorefa", help="W4A4 algorithms")
-    ap.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine)")
+    ap.add_argument("--lr", default="0.01",
+                    help="peak learning rate (cosine); with --rows also one per row, comma-separated")
+    ap.add_argument("--loss", choices=("auto", "ce", "distill"), default="auto",
+                    help="QAT loss: ce on the labels (auto), or distill: KL to the FP32 model's outputs")
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="QAT optimizer (the ViT: adam)")
     ap.add_argument("--model", default="resnet20", help="trained CIFAR-10 model (benchmarks/models/NAME_cifar10.onnx)")
     ap.add_argument("--rows", default=None, help="bits rows, e.g. w8a8,w4a8: PTQ and LSQ QAT at each")
     ap.add_argument("--name", default=None,
                     help="result file name [qat, qat_quick]; only the run named qat replaces benchmarks/models/*.qat_*")
     args = ap.parse_args(argv)
+    lrs = [float(v) for v in str(args.lr).split(",")]
     epochs = args.epochs
     train_limit = args.train_limit or (2000 if args.quick else 10000)
     val_limit = 1000 if args.quick else None
@@ -92,11 +96,14 @@ def main(argv=None) -> int:
     calib = list(calib_inputs(model, spec, n=512))
     ptq_model, ptq_plan = quantize(model, calib, QuantConfig())
     ptq = evaluate_model(ptq_model, spec, EvalConfig(limit=val_limit)).accuracy
-    base = dict(epochs=epochs, train_limit=train_limit, batch_size=128, lr=args.lr, optimizer=args.optimizer)
+    base = dict(epochs=epochs, train_limit=train_limit, batch_size=128, optimizer=args.optimizer, loss=args.loss)
     ptq_rows = {}
     if args.rows:
         rows = {}
-        for b in [b.strip() for b in args.rows.split(",") if b.strip()]:
+        bits = [b.strip() for b in args.rows.split(",") if b.strip()]
+        if len(lrs) not in (1, len(bits)):
+            ap.error(f"--lr: one rate, or one per row ({len(bits)}), got {len(lrs)}")
+        for b, lr in zip(bits, lrs * len(bits) if len(lrs) == 1 else lrs):
             wb, ab = parse_bits(b)
             if (wb, ab) == (8, 8):  # the default PTQ above
                 acc, plan = ptq, ptq_plan
@@ -106,8 +113,11 @@ def main(argv=None) -> int:
             ptq_rows[f"ptq_{b}"] = {"acc_ort": acc, "drop_pp_vs_fp32": (fp32 - acc) * 100}
             # QAT starts at this PTQ plan (its bits, scales and zero points), as `qtool qat --plan` does
             rows[f"qat_{b}_lsq"] = QATConfig(plan_bits=plan_bits_of(plan), plan_init=plan_init_of(plan), algo="lsq",
-                                             **base)
+                                             lr=lr, **base)
     else:
+        if len(lrs) != 1:
+            ap.error("--lr: one rate per row needs --rows")
+        base["lr"] = lrs[0]
         rows = {"qat_w8a8_lsq": QATConfig(weight_bits=8, act_bits=8, algo="lsq", **base)}
         for algo in [a.strip() for a in args.algos.split(",") if a.strip()]:
             rows[f"qat_w4a4_{algo}"] = QATConfig(weight_bits=4, act_bits=4, first_last_bits=8, algo=algo, **base)
@@ -115,15 +125,16 @@ def main(argv=None) -> int:
     for name, cfg in rows.items():
         print(f"== {name}", file=sys.stderr)
         r = qat(model, train, val, cfg)
-        results[name] = _row(r, fp32)
+        results[name] = _row(r, fp32) | {"lr": cfg.learning_rate}
         if key == "resnet20_cifar10" and not args.rows and not args.quick and args.name in (None, "qat"):  # the suite times these
             save_model(r.model, MODELS / f"{key}.{name}.onnx")
         print(f"{name}: fake-quant {r.fidelity['acc_fakequant']:.4f} ort {r.fidelity['acc_ort']:.4f} "
               f"(diff {r.fidelity['diff_pp']:+.2f} pp), drop vs fp32 {results[name]['drop_pp_vs_fp32']:+.2f} pp",
               file=sys.stderr)
     worst = max(abs(v["fidelity_diff_pp"]) for v in results.values())
-    payload = {"settings": {"quick": args.quick, "model": args.model, "rows": args.rows, "epochs": epochs, "train_limit": train_limit, "lr": args.lr,
-                            "batch_size": 128, "optimizer": f"{args.optimizer} + cosine", "val_images": len(val),
+    payload = {"settings": {"quick": args.quick, "model": args.model, "rows": args.rows, "epochs": epochs, "train_limit": train_limit,
+                            "lr": lrs[0] if len(lrs) == 1 else args.lr,
+                            "batch_size": 128, "optimizer": f"{args.optimizer} + cosine", "loss": args.loss, "val_images": len(val),
                             "activations": "uint8 asymmetric (PTQ placement)", "weights": "int per-channel symmetric",
                             "first_last_bits": 8, "qat_from": "ptq plan" if args.rows else "calibration"},
                key: {"fp32_acc": fp32, "ptq_w8a8_acc": ptq, "ptq_w8a8_drop_pp": (fp32 - ptq) * 100, **ptq_rows, **results,

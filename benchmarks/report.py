@@ -90,9 +90,10 @@ def suite_table(results: dict) -> str:
 def train_table(d: dict) -> str:
     """benchmarks.train_resnet20: FP32 training and the ONNX export's accuracy on onnxruntime."""
     c = d["config"]
-    lines = _table(["model", "epochs", "batch", "peak lr", "wall time (min)", "val top-1 PyTorch",
+    lines = _table(["model", "epochs", "batch", "optimizer", "peak lr", "wall time (min)", "val top-1 PyTorch",
                     "val top-1 ONNX on ORT", "ORT vs PyTorch (pp)"],
-                   [[c["model"], d["epochs"], c["batch_size"], c["lr"], f"{d['wall_time_s'] / 60:.1f}",
+                   [[c["model"], d["epochs"], c["batch_size"], c.get("optimizer", "sgd"), c["lr"],
+                     f"{d['wall_time_s'] / 60:.1f}",
                      _pct(d["val_acc_torch"]), _pct(d["val_acc_onnx"]), f"{d['onnx_vs_torch_gap_pp']:.2f}"]])
     return "\n".join(lines + ["", f"Data: {d['data']}. " + _machine(d)]) + "\n"
 
@@ -108,8 +109,11 @@ def qat_table(d: dict) -> str:
             for name, v in r.items() if name.startswith("qat_") and isinstance(v, dict)]
     lines = [f"Model {key}: FP32 {_pct(r['fp32_acc'])} %, qtool PTQ W8A8 {_pct(r['ptq_w8a8_acc'])} % on "
              f"{s['val_images']} val images. QAT: {s['epochs']} epoch x {s['train_limit']} images, batch "
-             f"{s['batch_size']}, {s['optimizer']}, lr {s['lr']}; W4A4 rows keep the first and last layer at "
-             f"{s['first_last_bits']} bits.", ""]
+             f"{s['batch_size']}, {s['optimizer']}, lr {s['lr']}"
+             + (", loss: KL to the FP32 model's logits" if s.get("loss") == "distill" else "") + "; "
+             + ("each QAT row starts at the PTQ plan of its bits (its bits, scales and zero points)."
+                if s.get("qat_from") == "ptq plan" else
+                f"W4A4 rows keep the first and last layer at {s['first_last_bits']} bits."), ""]
     lines += _table(["QAT", "top-1 fake-quant", "top-1 ORT", "fake-quant − ORT (pp)", "argmax agreement",
                      "max logit diff (quant. steps)", "drop vs FP32 (pp)", "wall (s)"], rows)
     ptq = [[name[4:], _pct(v["acc_ort"]), _pp(v["drop_pp_vs_fp32"])] for name, v in r.items()
@@ -394,6 +398,15 @@ def nbits_table(d: dict) -> str:
     return "\n".join(lines + [_machine(d)]) + "\n"
 
 
+def _ms_vs(ms: float | None, fp32_ms: float | None) -> str:
+    """A latency cell: ms, and its ratio to FP32's when known."""
+    return "—" if ms is None else f"{ms:.3f}" + (f" ({ms / fp32_ms:.2f}x)" if fp32_ms else "")
+
+
+def _failed_row(tool: str, r: dict, width: int) -> list:
+    return [tool, "failed: " + " ".join(r["error"])[:80]] + ["—"] * width
+
+
 def accuracy_control_table(d: dict) -> str:
     """benchmarks.accuracy_control: uniform W8A8 / W4A8, qtool --max-drop, NNCF quantize_with_accuracy_control."""
     fp, fl = d["fp32_top1"], d.get("fp32", {}).get("latency_ms")
@@ -405,7 +418,7 @@ def accuracy_control_table(d: dict) -> str:
     rows = []
     for tool, r in d["rows"].items():
         if "error" in r:
-            rows.append([tool, "failed: " + " ".join(r["error"])[:80]] + ["—"] * 7)
+            rows.append(_failed_row(tool, r, 7))
             continue
         if "choices" in r:
             units = ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items()))
@@ -413,8 +426,7 @@ def accuracy_control_table(d: dict) -> str:
             units = f"float {r['units_float']}, int8 {r['units_quantized']}"
         else:
             units = "uniform"
-        ms = r.get("latency_ms")
-        lat = "—" if ms is None else f"{ms:.3f}" + (f" ({ms / fl:.2f}x)" if fl else "")
+        lat = _ms_vs(r.get("latency_ms"), fl)
         size = f"{r['size_bytes'] / 1024:.0f}" + (f" ({r['int4_packed_bytes'] / 1024:.0f})" if "int4_packed_bytes" in r
                                                    else "")
         rows.append([tool, _pct(r["top1"]["control"]), _pp(-r["drop_pp"]["control"]), _pct(r["top1"]["held_out"]),
@@ -481,10 +493,33 @@ def qat_zoo_table(d: dict) -> str:
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
+def smoothquant_table(d: dict) -> str:
+    """benchmarks.smoothquant: W8A8 static with and without SmoothQuant, onnxruntime and NNCF side by side."""
+    fp, fl = d["fp32_top1"], d.get("fp32", {}).get("latency_ms")
+    lines = [f"Model {d['model']} (fused), {d['calibration_images']} calibration images for every tool; top-1 and "
+             f"logit SQNR vs FP32 on onnxruntime on {d['val_images']} val images; FP32 top-1 {_pct(fp)} %"
+             + (f", {fl:.3f} ms" if fl else "") + ". Latency: median, batch 1, 2 threads, interleaved.", ""]
+    rows = []
+    for tool, r in d["rows"].items():
+        if "error" in r:
+            rows.append(_failed_row(tool, r, 5))
+            continue
+        rows.append([tool, _pct(r["top1"]), _pp(-r["drop_pp"]), f"{r['sqnr_db']:.2f}",
+                     _pct(r["top1_agreement"]), _ms_vs(r.get("latency_ms"), fl),
+                     f"{r['seconds']:.1f}"])
+    lines += _table(["tool", "top-1", "− FP32 (pp)", "SQNR dB", "argmax = FP32 (%)", "latency ms (x FP32)",
+                     "quantize s"], rows)
+    if not d.get("nncf_available", True):
+        lines += ["", "NNCF row absent: no NNCF interpreter on this machine."]
+    if d.get("quick"):
+        lines += ["", "Quick run (small val slice): a smoke test of the benchmark, not a result."]
+    return "\n".join(lines + ["", _machine(d)]) + "\n"
+
+
 RENDER = {"suite": suite_table, "train": train_table, "qat": qat_table, "export": export_table,
           "search": search_table, "dynamic": dynamic_table, "calibration": calibration_table, "zoo": zoo_table,
           "lowbit": lowbit_table, "nbits": nbits_table,
-          "accuracy_control": accuracy_control_table, "qat_zoo": qat_zoo_table}
+          "accuracy_control": accuracy_control_table, "qat_zoo": qat_zoo_table, "smoothquant": smoothquant_table}
 
 
 def write_table(kind: str, name: str, data: dict, results: Path = RESULTS) -> Path:
@@ -517,8 +552,11 @@ def _qat_cmd(d: dict, name: str) -> str:
     s = d["settings"]
     if s["quick"]:
         return "python -m benchmarks.qat --quick"
+    opt = s["optimizer"].split()[0]
     extra = (f" --model {s['model']}" if s.get("model", "resnet20") != "resnet20" else "") \
-        + (f" --rows {s['rows']}" if s.get("rows") else "")
+        + (f" --rows {s['rows']}" if s.get("rows") else "") + (f" --optimizer {opt}" if opt != "sgd" else "") \
+        + (f" --lr {s['lr']}" if isinstance(s["lr"], str) else f" --lr {s['lr']:g}" if s["lr"] != 0.01 else "") \
+        + (f" --loss {s['loss']}" if s.get("loss", "auto") != "auto" else "")
     default = "qat" if not extra else f"qat_{s['model']}"
     return (f"python -m benchmarks.qat --epochs {s['epochs']} --train-limit {s['train_limit']}{extra}"
             + ("" if name == default else f" --name {name}"))
@@ -569,23 +607,34 @@ SECTIONS = (
             "on held-out samples, quantize wall time.",
             (("nbits", "python -m benchmarks nbits"),)),
     Section("accuracy_control", "Accuracy-aware PTQ: qtool --max-drop vs NNCF quantize_with_accuracy_control",
-            "The trained ResNet-20 within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
+            "The trained ResNet-20 (and the small ViT) within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
             "(`--bits w4a8 --max-drop 0.5`, and `--bits w8a8`) against NNCF's `quantize_with_accuracy_control` "
             "(W8A8 with float fallback) and uniform W8A8 / W4A8, with the same calibration and control images: top-1 "
             "on onnxruntime on the control images and on held-out ones, latency, size, wall time.",
             (("accuracy_control", lambda d, name: "python -m benchmarks accuracy_control"
-              + (" --quick" if d.get("quick") else "")),)),
-    Section("train", "ResNet-20 FP32 training",
-            "FP32 training of the zoo's ResNet-20 on the shared CIFAR-10 split (45k train / 5k val) and the accuracy "
-            "of its ONNX export on onnxruntime; the model is benchmarks/models/resnet20_cifar10.onnx, which the "
-            "other benchmarks quantize.",
-            (("train_resnet20", "python -m benchmarks.train_resnet20"),)),
+              + (" --quick" if d.get("quick") else "")),
+             ("accuracy_control_vit_cifar", "python -m benchmarks accuracy_control --model vit_cifar_cifar10"))),
+    Section("smoothquant", "SmoothQuant on the small ViT: W8A8 static vs onnxruntime and NNCF",
+            "W8A8 static PTQ of the ViT trained on CIFAR-10 (benchmarks/models/vit_cifar_cifar10.onnx) with and "
+            "without `--smoothquant ALPHA`, against onnxruntime's `quantize_static` and NNCF's `quantize` with "
+            "model_type=TRANSFORMER (its own SmoothQuant), the same calibration images: top-1 and logit SQNR vs "
+            "FP32 on onnxruntime, latency, quantize wall time.",
+            (("smoothquant", "python -m benchmarks smoothquant"),)),
+    Section("train", "FP32 training of the CIFAR-10 models",
+            "FP32 training of the zoo's ResNet-20 and of its small ViT (`vit_cifar`: conv tokenizer, 4 pre-norm "
+            "blocks, 0.58M parameters; AdamW, label smoothing) on the shared CIFAR-10 split (45k train / 5k val) and "
+            "the accuracy of the ONNX export on onnxruntime; the models are benchmarks/models/*_cifar10.onnx, which "
+            "the other benchmarks quantize. The ViT's wall time includes the hours its resumable run was paused.",
+            (("train_resnet20", "python -m benchmarks.train_resnet20"),
+             ("train_vit_cifar", lambda d, name: f"python -m benchmarks.train_resnet20 --model vit_cifar "
+              f"--epochs {d['epochs']}"))),
     Section("qat", "QAT: fidelity to onnxruntime and accuracy",
             "QAT of ResNet-20 at W8A8 (LSQ) and W4A4 (LSQ, PACT, DoReFa; first and last layer 8-bit): the fake-quant "
             "model's accuracy vs the exported QDQ model's on onnxruntime, argmax agreement, the largest logit "
             "difference in quantization steps, and the drop from FP32. The first run is the accuracy run (before the "
-            "eval-mode emulation of ORT's integer kernels, `qtool.ortexact`); the second repeats a short run with it.",
-            (("qat", _qat_cmd), ("qat_fidelity", _qat_cmd))),
+            "eval-mode emulation of ORT's integer kernels, `qtool.ortexact`); the second repeats a short run with it. "
+            "The third is the small ViT: PTQ vs LSQ QAT started at the PTQ plan, at W8A8 and W4A8.",
+            (("qat", _qat_cmd), ("qat_fidelity", _qat_cmd), ("qat_vit_cifar", _qat_cmd))),
     Section("export", "Export formats",
             "One W8A8 PTQ plan of ResNet-20 exported as QDQ, QOperator and integer-only: top-1 on onnxruntime, "
             "integer kernels vs float fallbacks, size; the same for short QAT plans; `qtool.intsim` against "

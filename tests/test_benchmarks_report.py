@@ -22,7 +22,8 @@ def probe(kind: str, d: dict) -> str:
     if kind == "train":
         return f"{d['val_acc_onnx'] * 100:.2f}"
     if kind == "qat":
-        return f"{d['resnet20_cifar10']['qat_w4a4_pact']['acc_ort'] * 100:.2f}"
+        r = next(v for v in d.values() if isinstance(v, dict) and "fp32_acc" in v)
+        return f"{next(v for k, v in r.items() if k.startswith('qat_'))['acc_ort'] * 100:.2f}"
     if kind == "export":
         return str(d["w4a8_int4_weights"]["int4_packed_bytes"])
     if kind == "search":
@@ -42,6 +43,8 @@ def probe(kind: str, d: dict) -> str:
         return f"{d['models']['bert']['variants']['qtool_gptq']['sqnr']['min_sqnr_db']:.2f}"
     if kind == "accuracy_control":
         return f"{d['rows']['qtool --bits w4a8 --max-drop 0.5']['top1']['held_out'] * 100:.2f}"
+    if kind == "smoothquant":
+        return f"{d['rows']['qtool W8A8 --smoothquant 0.5']['sqnr_db']:.2f}"
     raise AssertionError(kind)
 
 
