@@ -8,9 +8,9 @@ MODEL is the BN-folded float model; CALIB holds the calibration images as `x` (n
 in `input`), VAL the validation images `x` and their `labels`. `nncf.quantize_with_accuracy_control` with its
 defaults other than max_drop (absolute, on top-1 in [0, 1]) and subset_size (all calibration images): the
 validation function returns top-1 on onnxruntime and each item's correctness (NNCF's per-item metric mode,
-which its ranking uses). --model-type transformer: NNCF's model_type for transformers (its SmoothQuant, alpha 0.95 on MatMuls, and its
-mixed preset). --plain: `nncf.quantize` instead (no validation data). Writes the QDQ model and prints one JSON line: seconds, NNCF's
-version.
+which its ranking uses). --model-type transformer: NNCF's model_type for transformers (its SmoothQuant,
+alpha 0.95 on MatMuls, and its mixed preset). --plain: `nncf.quantize` instead (no validation data).
+Writes the QDQ model and prints one JSON line: seconds, NNCF's version.
 """
 from __future__ import annotations
 

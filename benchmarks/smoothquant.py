@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         src, cal = tmp / "fused.onnx", tmp / "calib.npz"
         onnx.save(fused, src)
         name = model_image_input(fused)[0]
-        np.savez(cal, **{name: np.concatenate([b[name] for b in calib])})
+        x_cal = np.concatenate([b[name] for b in calib])
+        np.savez(cal, **{name: x_cal})
         dst = tmp / "ort.onnx"
         p, t = timed(lambda: subprocess.run([sys.executable, "-m", "benchmarks.zoo_ort", "static", str(src), str(dst),
                                              str(cal)], capture_output=True, text=True))
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
             failed("ORT quantize_static (defaults)", (p.stderr or p.stdout).strip().splitlines()[-1:])
         if out["nncf_available"]:
             npz = tmp / "nncf_calib.npz"
-            np.savez(npz, x=np.concatenate([b[name] for b in calib]), input=np.array(name))
+            np.savez(npz, x=x_cal, input=np.array(name))
             q = tmp / "nncf.onnx"
             tool = "NNCF quantize(model_type=TRANSFORMER)"
             info, error, wall = run_driver([args.nncf_python, str(DRIVER), str(src), str(npz), "-", str(q), "--plain",

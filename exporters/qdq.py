@@ -4,9 +4,9 @@ optionally with packed 4-bit weights.
 Sub-8-bit weights. A b-bit weight (2..7) is stored as int8 codes in the narrowed b-bit range (int4:
 [-7, 7], int2: [-1, 1]) with an int8 DequantizeLinear: exact, runs everywhere, but takes 1 byte per
 weight. With `int4="on"|"auto"` weights of <= 4 bits are instead written as packed INT4 / UINT4
-initializers (2 per byte) with an INT4 zero point, which needs DequantizeLinear-21 (the default opset
-is converted to 21 by onnx's version converter, IR version raised to 10; the checker verifies the result). Whether onnxruntime then still runs the layer as an integer kernel depends
-on the EP; `int4="auto"` measures it with qtool.ortgraph and keeps the int8 containers when the
+initializers (2 per byte) with an INT4 zero point, which needs DequantizeLinear-21 (the model is
+converted to opset 21 by onnx's version converter, IR version raised to 10; the checker verifies the
+result). Whether onnxruntime then still runs the layer as an integer kernel depends on the EP; `int4="auto"` measures it with qtool.ortgraph and keeps the int8 containers when the
 int4 graph loses integer kernels (logged and written into the report's notes).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import passes
 from qtool.errors import QtoolError
-from qtool.io import check_model
+from qtool.io import check_model, default_opset
 from qtool.plan import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     signature changed on the way (ReduceMean's axes became an input at 18, ...) are rewritten, not relabelled."""
     from onnx import version_converter
 
-    now = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), opset)
+    now = default_opset(model)
     if now >= opset:
         out = onnx.ModelProto()
         out.CopyFrom(model)

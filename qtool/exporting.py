@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from qtool.errors import QtoolError
-from qtool.io import check_model, save_model
+from qtool.io import check_model, default_opset, save_model
 from qtool.plan import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,6 @@ def _check_plan(model: onnx.ModelProto, plan: QuantPlan) -> None:
         raise QtoolError(f"plan has tensors without scale/zero_point (calibrate first): {missing}")
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
-
-
 def _export_qdq(model: onnx.ModelProto, plan: QuantPlan, int4: str, providers) -> tuple[onnx.ModelProto, list[str], int]:
     from exporters.qdq import pack_int4_weights
     from qtool.ortgraph import integer_kernel_report
@@ -180,7 +176,7 @@ def export_model(model: onnx.ModelProto, plan: QuantPlan, config: ExportConfig =
     out.metadata_props.extend(keep)
     check_model(out, f"exported {fmt}")
     r = integer_kernel_report(out, providers)  # builds an onnxruntime session: the load check
-    report = ExportReport(fmt, out.ByteSize(), _opset(out), dict(Counter(n.op_type for n in out.graph.node)),
+    report = ExportReport(fmt, out.ByteSize(), default_opset(out), dict(Counter(n.op_type for n in out.graph.node)),
                           r.integer_compute, r.float_compute, r.float_fallbacks, dict(r.integer_ops), int4_count, notes)
     return ExportResult(out, report)
 
