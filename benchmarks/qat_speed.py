@@ -108,11 +108,49 @@ def _prepare(qm, teacher, cfg, x, variant: str):
 
 def run(models=("resnet50", "vit_s"), resnet_batch: int = 32, vit_batch: int = 32, steps: int = 3,
         compile_on=("resnet50", "vit_s")) -> dict:
-    """Per model: every variant warmed up, then `steps` rounds of one step of each variant in turn
-    (interleaved, so a change in the machine's load hits all variants alike)."""
+    """Per model, in a process of its own (so one model's memory, which the allocator keeps after its
+    steps, is gone before the next is built): every variant warmed up, then `steps` rounds of one step
+    of each variant in turn (interleaved, so a change in the machine's load hits all variants alike)."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    load_start = os.getloadavg()[0]
+    rows = []
+    for key in models:
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "rows.json"
+            subprocess.run([sys.executable, "-m", "benchmarks.qat_speed", "--in-process", "--models", key,
+                            "--batch", str(vit_batch if key == "vit_s" else resnet_batch), "--steps", str(steps),
+                            "--compile-on", ",".join(compile_on), "--json", str(out)], check=True)
+            rows += json.loads(out.read_text())["rows"]
+    return _result(rows, steps, load_start)
+
+
+def _result(rows: list, steps: int, load_start: float) -> dict:
     import os
 
     import torch
+
+    load = (load_start, os.getloadavg()[0])
+    busy = max(load) > 1.5 * (os.cpu_count() or 1)
+    return {"rows": rows, "threads": torch.get_num_threads(), "steps": steps, "load_avg_1min": load,
+            "note": (f"Fake-quant W8A8 QAT training step (LSQ, loss distill with the lifted FP32 teacher, SGD), "
+                     f"median of {steps} steps after one warm-up, the variants interleaved, torch {torch.__version__}, "
+                     f"{torch.get_num_threads()} threads, one process per model; 1-minute load average "
+                     f"{load[0]:.1f} at the start, {load[1]:.1f} at the end on {os.cpu_count()} cores"
+                     + (" (a loaded machine: the absolute times are inflated, the ratios within one model are the "
+                        "result)" if busy else "") + ". max |out - eager|: the fake-quant model's logits (train mode, "
+                     "before any step) vs eager's; FP32: the lifted FP32 teacher's. peak_rss_gib: the model's "
+                     "process, all its variants.")}
+
+
+def run_in_process(models, resnet_batch: int, vit_batch: int, steps: int, compile_on) -> dict:
+    import os
+    import resource
 
     load_start = os.getloadavg()[0]
     rows = []
@@ -156,16 +194,11 @@ def run(models=("resnet50", "vit_s"), resnet_batch: int = 32, vit_batch: int = 3
                 r["compile_s"] = r["first_step_s"] - r["step_s"]
             print(f"[qat_speed] {key} {v}: {r['step_s']:.2f} s/step, first {r['first_step_s']:.1f} s, "
                   f"max |out - eager| {r['max_abs_diff']:.3g}", file=sys.stderr, flush=True)
-    load = (load_start, os.getloadavg()[0])
-    busy = max(load) > 1.5 * (os.cpu_count() or 1)
-    return {"rows": rows, "threads": torch.get_num_threads(), "steps": steps, "load_avg_1min": load,
-            "note": (f"Fake-quant W8A8 QAT training step (LSQ, loss distill with the lifted FP32 teacher, SGD), "
-                     f"median of {steps} steps after one warm-up, the variants interleaved, torch {torch.__version__}, "
-                     f"{torch.get_num_threads()} threads; 1-minute load average {load[0]:.1f} at the start, "
-                     f"{load[1]:.1f} at the end on {os.cpu_count()} cores"
-                     + (" (a loaded machine: the absolute times are inflated, the ratios within one model are the "
-                        "result)" if busy else "") + ". max |out - eager|: the fake-quant model's logits (train mode, "
-                     "before any step) vs eager's; FP32: the lifted FP32 teacher's.")}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        for r in rows:
+            if r["key"] == key:
+                r["peak_rss_gib"] = round(peak, 2)
+    return _result(rows, steps, load_start)
 
 
 def main(argv=None) -> int:
@@ -176,8 +209,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile-on", default="resnet50,vit_s", help="models to try torch.compile on ('' for none)")
     ap.add_argument("--json", default=None, help="also write the result here (qat_zoo --speed-from reads it)")
+    ap.add_argument("--in-process", action="store_true", help="all models in this process (run() starts one per model)")
     a = ap.parse_args(argv)
-    r = run(tuple(a.models.split(",")), a.batch, a.batch, a.steps, tuple(filter(None, a.compile_on.split(","))))
+    r = (run_in_process if a.in_process else run)(tuple(a.models.split(",")), a.batch, a.batch, a.steps, tuple(filter(None, a.compile_on.split(","))))
     print(json.dumps(r["rows"], indent=1, default=float))
     if a.json:
         from pathlib import Path
