@@ -100,22 +100,22 @@ class _FakeQuantFn(torch.autograd.Function):
         q = torch.round(v)
         need_scale = ctx.needs_input_grad[1]
         frac = q - v if need_scale else None  # round(v) - v
+        del v
         q += zero_point
         inside = (q >= qmin).logical_and_(q <= qmax)
         q.clamp_(qmin, qmax)
         q -= zero_point
-        ctx.save_for_backward(inside, frac, q if need_scale else None)
+        # d y / d scale, the one float tensor backward needs (not frac and q both: a third less
+        # memory per quantized activation): round(v) - v inside the range, (q_bound - zp) where saturated.
+        ctx.save_for_backward(inside, torch.where(inside, frac, q, out=frac) if need_scale else None)
         ctx.scale_shape = scale.shape
-        return q * scale if need_scale else q.mul_(scale)
+        return q.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        inside, frac, qz = ctx.saved_tensors
+        inside, dscale = ctx.saved_tensors
         gx = grad * inside if ctx.needs_input_grad[0] else None
-        gs = None
-        if ctx.needs_input_grad[1]:
-            # d y / d scale: (round(v) - v) inside the range, (q_bound - zp) where saturated.
-            gs = _sum_to_shape(grad * torch.where(inside, frac, qz), ctx.scale_shape)
+        gs = _sum_to_shape(grad * dscale, ctx.scale_shape) if ctx.needs_input_grad[1] else None
         return gx, gs, None, None, None
 
 
