@@ -486,10 +486,11 @@ def qat_zoo_table(d: dict) -> str:
                  "—" if r.get("compile_s") is None else f"{r['compile_s']:.0f}",
                  "—" if r.get("vs_eager") is None else f"{r['vs_eager']:.2f}",
                  "—" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.2g}",
-                 "—" if r.get("fp32_max_abs_diff") is None else f"{r['fp32_max_abs_diff']:.2g}", r.get("error", "")[:100]]
+                 "—" if r.get("fp32_max_abs_diff") is None else f"{r['fp32_max_abs_diff']:.2g}",
+                 "—" if r.get("peak_rss_gib") is None else f"{r['peak_rss_gib']:.1f}", r.get("error", "")[:100]]
                 for r in sp["rows"]]
         lines += _table(["model", "batch", "variant", "train step s (median)", "compile s", "vs eager",
-                         "max |out - eager| fake-quant", "FP32", "error"], rows)
+                         "max |out - eager| fake-quant", "FP32", "peak RSS GiB", "error"], rows)
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
