@@ -18,6 +18,11 @@ LayerNormalization or Softmax, as its users are told to pass). Top-1 on onnxrunt
 2 threads, every model interleaved in one measurement (`qtool.latency.median_latency_ms`); size: the ONNX
 file (int8 containers), and for 4-bit weights also packed as INT4 (`export --int4-weights on`); wall time of
 each quantization in one process (NNCF: measured inside its driver, without its imports).
+`--search`: also `qtool search --target cpu --eval ptq --objectives acc,latency,size` (NSGA-III over float /
+int8 / w4a8 per layer, each candidate a plain PTQ scored on onnxruntime on the control images; its own
+256 calibration images of the train split); every front member is then measured like the rows (top-1 on
+both halves, latency in the same interleaved run, file size) and plotted with them
+(results/accuracy_control[_MODEL]_front.png: the front, the uniform rows, the accuracy controls).
 Without the shared CIFAR-10 archive (or QTOOL_CIFAR) it prints why and exits 0 having written nothing.
 """
 from __future__ import annotations
@@ -75,6 +80,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nncf-python", default=NNCF_PYTHON, help="interpreter of the environment with nncf")
     ap.add_argument("--runs", type=int, default=None, help="timed latency runs per model (default 300; quick 50)")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="a trained model in benchmarks/models (without .onnx)")
+    ap.add_argument("--search", action="store_true", help="also the NSGA-III search (qtool search --eval ptq), plotted")
+    ap.add_argument("--pop", type=int, default=16, help="search population [16]")
+    ap.add_argument("--gens", type=int, default=8, help="search generations [8]")
     args = ap.parse_args(argv)
     path = MODELS / f"{args.model}.onnx"
     if not path.exists():
@@ -100,6 +108,7 @@ def main(argv=None) -> int:
     models: dict[str, onnx.ModelProto] = {"FP32": fused}
     fp = {"control": top1(fused, ctl), "held_out": top1(fused, held)}
     out["fp32_top1"] = fp
+    out["fp32"] = {"size_bytes": fused.ByteSize()}
 
     def record(tool, model, seconds, **extra):
         models[tool] = model
@@ -147,12 +156,72 @@ def main(argv=None) -> int:
                 quantized = sum(1 for n in q.graph.node if n.op_type in COMPUTE_OPS and n.input[0] in n_dq_in)
                 record(tool, q, res.pop("seconds"), units_quantized=quantized, units_float=n_float - quantized,
                        model_type="transformer" if transformer else None, **res)
-    runs = args.runs or (50 if args.quick else 300)
-    feed = next(ctl.batches(1))
-    add_latency(out, models, feed, runs)
+    front = {}
+    with tempfile.TemporaryDirectory() as wd:
+        if args.search:
+            front = run_search(fused, spec, len(ctl), args.pop, args.gens, Path(wd), out, models, ctl, held)
+        runs = args.runs or (50 if args.quick else 300)
+        feed = next(ctl.batches(1))
+        add_latency(out, models, feed, runs, more=front)
     out["wall_s"] = time.perf_counter() - t_all
     write_result(result, out, table="accuracy_control")
+    if args.search:
+        plot_front(MODELS.parent / "results" / f"{result}_front.png", out)
     return 0
+
+
+def run_search(fused, spec, n_control: int, pop: int, gens: int, workdir: Path, out: dict, models: dict, ctl,
+               held) -> dict:
+    """qtool search --target cpu --eval ptq on the control images; each front member measured like a row
+    (its model into `models`, its record into out["search"]["front"]); returns name -> record."""
+    from collections import Counter
+
+    from qtool.api import search
+    from qtool.bitsearch.config import SearchConfig
+
+    cfg = SearchConfig(target="cpu", objectives=("acc", "latency", "size"), evaluator="ptq", pop=pop, gens=gens,
+                       val_limit=n_control)
+    res, t = timed(lambda: search(fused, spec, cfg, workdir=workdir, progress=False))
+    out["search"] = {"command": f"qtool search --target cpu --eval ptq --objectives acc,latency,size --pop {pop} "
+                                f"--gens {gens} --val-limit {n_control}",
+                     "seconds": t, "evaluated": res.evaluated, "front": []}
+    named = {}
+    for m in res.front:
+        q = load_model(workdir / m["qdq_file"])
+        name = f"search front {m['index']}"
+        models[name] = q
+        t1 = {"control": top1(q, ctl), "held_out": top1(q, held)}
+        fp = out["fp32_top1"]
+        rec = {"name": name, "search_acc": m["acc"], "acc_ort": m["acc_ort"], "top1": t1,
+               "drop_pp": {k: (fp[k] - t1[k]) * 100 for k in t1}, "size_bytes": q.ByteSize(),
+               "choices": dict(Counter(m["choices"].values()))}
+        out["search"]["front"].append(rec)
+        named[name] = rec
+    print(f"[accuracy_control] search: {len(res.front)} front members of {res.evaluated} evaluations, {t:.0f} s",
+          file=sys.stderr, flush=True)
+    return named
+
+
+def plot_front(path: Path, out: dict) -> None:
+    """The search front (control top-1 against measured latency and file size) with the uniform rows as
+    baselines and the accuracy controls as labelled points, all measured in the same run."""
+    from types import SimpleNamespace
+
+    from qtool.bitsearch.report import plot_pareto
+
+    def objs(r: dict) -> dict:
+        return {"acc": r["top1"]["control"], "latency": r["latency_ms"], "size": r["size_bytes"]}
+
+    rows = out["rows"]
+    fp32 = {"name": "float", "objectives": {"acc": out["fp32_top1"]["control"], "latency": out["fp32"]["latency_ms"],
+                                            "size": out["fp32"].get("size_bytes", 0)}}
+    base = [fp32] + [{"name": k.split("(")[0].replace("qtool ", "").strip(), "objectives": objs(r)}
+                     for k, r in rows.items() if "(uniform)" in k and "error" not in r]
+    front = [{"objectives": objs(r)} for r in out["search"]["front"]]
+    for m in front + base:
+        m["acc_ort"] = m["objectives"]["acc"]
+    extra = [(k, objs(r)) for k, r in rows.items() if "(uniform)" not in k and "error" not in r]
+    plot_pareto(path, SimpleNamespace(objectives=["acc", "latency", "size"], front=front, baselines=base), extra=extra)
 
 
 if __name__ == "__main__":

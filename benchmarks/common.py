@@ -60,12 +60,14 @@ def run_driver(cmd: list[str]) -> tuple[dict | None, list[str], float]:
     return json.loads(p.stdout.strip().splitlines()[-1]), [], wall
 
 
-def add_latency(out: dict, models: dict, feed: dict, runs: int) -> None:
+def add_latency(out: dict, models: dict, feed: dict, runs: int, more: dict | None = None) -> None:
     """Median batch-1 latency of every model, interleaved in one measurement (2 threads), into `out`: each
-    row of out["rows"] gets its latency_ms, "FP32" (not a row) goes to out["fp32"]."""
+    row of out["rows"] gets its latency_ms, a model named in `more` (name -> dict) its dict, "FP32" (not a
+    row) goes to out["fp32"]."""
     from qtool.latency import median_latency_ms
 
     lat = median_latency_ms(models, feed, threads=2, warmup=10, runs=runs)
     out["latency"] = {"runs": runs, "threads": 2, "batch": 1}
     for k, ms in lat.items():
-        (out["rows"][k] if k in out["rows"] else out.setdefault("fp32", {}))["latency_ms"] = ms
+        target = out["rows"].get(k) or (more or {}).get(k)
+        (target if target is not None else out.setdefault("fp32", {}))["latency_ms"] = ms

@@ -433,6 +433,16 @@ def accuracy_control_table(d: dict) -> str:
                      _pp(-r["drop_pp"]["held_out"]), units, lat, size, f"{r['seconds']:.1f}"])
     lines += _table(["tool", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
                      "latency ms (x FP32)", "size KiB (INT4 packed)", "wall s"], rows)
+    se = d.get("search")
+    if se:
+        lines += ["", f"`{se['command']}`: {se['evaluated']} evaluations in {se['seconds']:.0f} s; each front member "
+                      "measured like the rows above (latency in the same interleaved run):", ""]
+        lines += _table(["front member", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
+                         "latency ms (x FP32)", "size KiB"],
+                        [[m["name"], _pct(m["top1"]["control"]), _pp(-m["drop_pp"]["control"]),
+                          _pct(m["top1"]["held_out"]), _pp(-m["drop_pp"]["held_out"]),
+                          ", ".join(f"{k} {v}" for k, v in sorted(m["choices"].items())),
+                          _ms_vs(m.get("latency_ms"), fl), f"{m['size_bytes'] / 1024:.0f}"] for m in se["front"]])
     if not d.get("nncf_available", True):
         lines += ["", "NNCF row absent: no NNCF interpreter on this machine."]
     if d.get("quick"):
@@ -608,12 +618,13 @@ SECTIONS = (
             "on held-out samples, quantize wall time.",
             (("nbits", "python -m benchmarks nbits"),)),
     Section("accuracy_control", "Accuracy-aware PTQ: qtool --max-drop vs NNCF quantize_with_accuracy_control",
-            "The trained ResNet-20 (and the small ViT) within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
+            "The trained ResNet-20, MobileNetV2 x0.5 and small ViT within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
             "(`--bits w4a8 --max-drop 0.5`, and `--bits w8a8`) against NNCF's `quantize_with_accuracy_control` "
             "(W8A8 with float fallback) and uniform W8A8 / W4A8, with the same calibration and control images: top-1 "
-            "on onnxruntime on the control images and on held-out ones, latency, size, wall time.",
+            "on onnxruntime on the control images and on held-out ones, latency, size, wall time; with `--search`, "
+            "also the front of `qtool search --eval ptq` over the same choices, measured the same way and plotted.",
             (("accuracy_control", lambda d, name: "python -m benchmarks accuracy_control"
-              + (" --quick" if d.get("quick") else "")),
+              + (" --quick" if d.get("quick") else "") + (" --search" if d.get("search") else "")),
              ("accuracy_control_vit_cifar", "python -m benchmarks accuracy_control --model vit_cifar_cifar10"))),
     Section("smoothquant", "SmoothQuant on the small ViT: W8A8 static vs onnxruntime and NNCF",
             "W8A8 static PTQ of the ViT trained on CIFAR-10 (benchmarks/models/vit_cifar_cifar10.onnx) with and "

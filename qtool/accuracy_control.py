@@ -45,7 +45,6 @@ import onnx
 
 import passes
 from exporters.qdq import apply_plan
-from qtool.calibrate import collect_stats
 from qtool.control_config import TARGET_CHOICES
 from qtool.errorreport import error_report
 from qtool.errors import QtoolError
@@ -55,7 +54,7 @@ from qtool.fusion import fuse, is_fused, untie_biases
 from qtool.latency import median_latency_ms
 from qtool.plan import QuantPlan
 from qtool.progress import progress as progress_bar
-from qtool.ptq import QuantConfig, build_plan, excluder, nonfinite_excluder, pair_inputs
+from qtool.ptq import QuantConfig, build_plan, calibration_stats
 
 log = logging.getLogger(__name__)
 
@@ -268,17 +267,8 @@ class _Space:
 
     def __init__(self, model: onnx.ModelProto, config: QuantConfig, calib: list, units: list[passes.Unit]):
         self.model, self.config, self.units = model, config, units
-        base = excluder(model, config.exclude)
-        marks = passes.mark_tensors(passes.to_ir(model).graph, base)
         # Every marked activation, not only the roots: a unit kept float can turn a shared tensor into a root.
-        acts = marks.activations()
-        g = passes.to_ir(model).graph
-        weights = [k for k, r in marks.tensors.items() if r.kind == "weight"]
-        # The pair bound's per-channel input codes, as plain quantize calibrates them (ptq.quantize_plan).
-        self.stats = collect_stats(model, calib, acts, bins=config.bins, max_batches=config.max_batches,
-                                   histograms=config.calib != "minmax",
-                                   channel_axes=pair_inputs(g, weights, config.weight_range, config.act_signed))
-        self.base = nonfinite_excluder(self.stats, base)
+        self.stats, self.base = calibration_stats(model, calib, config, all_activations=True)
         self.choices = TARGET_CHOICES[config.target]
         top = next(i for i, (_, b) in enumerate(self.choices) if b == config.weight_bits)
         self.choices = self.choices[:top + 1]

@@ -389,7 +389,10 @@ def qat(model, data, mean, std, input_shapes, bits, plan, config, algo, epochs, 
 @click.option("--bits", default=None, help="candidate bit-widths of --target grid [default: 2,4,8]")
 @click.option("--pop", default=16, show_default=True, type=int)
 @click.option("--gens", default=10, show_default=True, type=int)
-@click.option("--eval", "evaluator", default="supernet", show_default=True, type=click.Choice(["supernet", "qat"]))
+@click.option("--eval", "evaluator", default="supernet", show_default=True, type=click.Choice(["supernet", "qat", "ptq"]),
+              help="how a candidate is scored: supernet (one shared multi-bit net trained once, BN re-calibrated "
+                   "per candidate), qat (a short QAT fine-tune each), ptq (plain PTQ of the candidate's bits, "
+                   "scored on onnxruntime: no training, the deployed accuracy)")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
 @click.option("--workers", default=1, show_default=True, type=int, help="parallel evaluations (local: 1 = in-process)")
 @click.option("--workdir", required=True, help="log, checkpoints, front.json/csv and plots go here")

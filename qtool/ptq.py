@@ -359,21 +359,10 @@ def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.n
         model, rescale_notes = rescale(model, calib_batches, config)
         if on_rescaled is not None:
             on_rescaled(model)
-    exclude = excluder(model, config.exclude)
-    g = passes.to_ir(model).graph
-    marks = passes.mark_tensors(g, exclude)
-    if not marks.tensors:
-        raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
-                         "other quantizable op (Add, Concat, pooling)")
-    roots = list(dict.fromkeys(marks.root(a) for a in marks.activations()))
     if needs_refine(config):
         calib_batches = list(calib_batches)  # read again by the refinement
-    # minmax needs no histogram: skipping it makes calibration about one inference pass over the data
-    weights = [k for k, r in marks.tensors.items() if r.kind == "weight"]
-    stats = collect_stats(model, calib_batches, roots, bins=config.bins, max_batches=config.max_batches,
-                          histograms=config.calib != "minmax", on_outputs=on_outputs,
-                          channel_axes=pair_inputs(g, weights, config.weight_range, config.act_signed))
-    plan = build_plan(model, config, stats, nonfinite_excluder(stats, exclude))
+    stats, exclude = calibration_stats(model, calib_batches, config, on_outputs=on_outputs)
+    plan = build_plan(model, config, stats, exclude)
     if rescale_notes is not None:
         plan.meta["rescale"] = rescale_notes
     if needs_refine(config):
@@ -381,6 +370,27 @@ def quantize_plan(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.n
 
         model = refine(model, plan, calib_batches, config)
     return model, plan
+
+
+def calibration_stats(model: onnx.ModelProto, calib_batches: Iterable[dict[str, np.ndarray]], config: QuantConfig,
+                      *, all_activations: bool = False, on_outputs=None):
+    """What `build_plan` needs of a fused model's calibration: (activation stats, node exclude predicate:
+    config.exclude plus the nodes of tensors that held inf / NaN). Stats of the activation roots, or with
+    `all_activations` of every marked activation (for callers that keep more nodes float later: a node
+    left float can turn a shared tensor into a root)."""
+    exclude = excluder(model, config.exclude)
+    g = passes.to_ir(model).graph
+    marks = passes.mark_tensors(g, exclude)
+    if not marks.tensors:
+        raise QtoolError("nothing to quantize: the model has no Conv/Gemm/MatMul with constant weights and no "
+                         "other quantizable op (Add, Concat, pooling)")
+    acts = marks.activations() if all_activations else list(dict.fromkeys(marks.root(a) for a in marks.activations()))
+    # minmax needs no histogram: skipping it makes calibration about one inference pass over the data
+    weights = [k for k, r in marks.tensors.items() if r.kind == "weight"]
+    stats = collect_stats(model, calib_batches, acts, bins=config.bins, max_batches=config.max_batches,
+                          histograms=config.calib != "minmax", on_outputs=on_outputs,
+                          channel_axes=pair_inputs(g, weights, config.weight_range, config.act_signed))
+    return stats, nonfinite_excluder(stats, exclude)
 
 
 def quantize_dynamic(model: onnx.ModelProto, config: QuantConfig) -> tuple[onnx.ModelProto, QuantPlan]:

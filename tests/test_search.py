@@ -749,3 +749,42 @@ def test_default_objectives_follow_the_target():
     assert SearchConfig(objectives=("acc", "size")).objectives == ("acc", "size")
     with pytest.raises(QtoolError, match="at least two"):
         SearchConfig(objectives=("acc",))
+
+
+# -- the ptq evaluator ----------------------------------------------------------------------------
+def test_ptq_evaluator_uniform_int8_is_qtool_quantize_and_float_layers_leave_the_plan(cpu_problem):
+    from qtool.bitsearch.evaluators import make_evaluator
+    from qtool.bitsearch.report import ort_accuracy
+    from qtool.data import model_image_input
+    from qtool.ptq import QuantConfig, quantize_plan
+
+    sp, data = cpu_problem.space, cpu_problem.data
+    ev = make_evaluator("ptq")
+    ev.prepare(cpu_problem.fused, sp, data, seed=0)
+    name, _ = model_image_input(cpu_problem.fused)
+    calib = [{name: data.pre.apply(data.calib_images[i:i + 64])} for i in range(0, len(data.calib_images), 64)]
+    _, ref = quantize_plan(cpu_problem.fused, calib, QuantConfig())
+    int8 = ev.plan(_uniform(sp, "int8"))
+    assert int8.tensors == ref.tensors  # every layer int8: exactly what `qtool quantize` plans
+    assert ev.evaluate(_uniform(sp, "int8")) == ort_accuracy(apply_plan(cpu_problem.fused, ref), data)
+    w4 = ev.plan(_uniform(sp, "w4a8"))
+    inner = [l for i, l in enumerate(sp.layers) if i not in sp.fixed]
+    assert inner and all(w4.tensors[l.weight].bits == 4 and w4.tensors[l.input].bits == 8 for l in inner)
+    assert all(int8.tensors[l.weight].bits == 8 for l in inner)
+    c = sp.decode([g % sp.levels for g in range(sp.n_var)])  # float, int8, w4a8, ...
+    model, plan, acc = ev.materialize(c)
+    _check_float_export(sp, c, model, plan, acc, data)
+    assert ort_accuracy(apply_plan(model, plan), data) == acc  # the searched accuracy is the deployed one
+    assert ev.evaluate(_uniform(sp, "float")) == ort_accuracy(cpu_problem.fused, data)
+
+
+def test_cli_search_eval_ptq_front_is_rechecked_equal(lenet, tmp_path, capsys):
+    from qtool.cli import main
+
+    w = tmp_path / "w"
+    rc = main(["search", str(lenet[1]), "--eval", "ptq", "--objectives", "acc,latency,size", "--workdir", str(w),
+               "--pop", "6", "--gens", "2", "--val-limit", "300"])
+    assert rc == 0 and "Pareto front" in capsys.readouterr().out
+    d = json.loads((w / "front.json").read_text())
+    assert d["front"] and all(m["acc_ort"] == m["acc"] for m in d["front"] + d["baselines"] if "acc" in m)
+    assert (w / "pareto.png").exists()

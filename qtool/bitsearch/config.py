@@ -7,7 +7,7 @@ from qtool.bitsearch.objectives import make_objectives
 from qtool.bitsearch.space import TARGETS, target_options
 from qtool.errors import QtoolError
 
-EVALUATORS = ("supernet", "qat")
+EVALUATORS = ("supernet", "qat", "ptq")
 EXECUTORS = ("local", "ray")
 DEFAULT_BITS = (2, 4, 8)
 # What each target rewards: on CPU only float vs int8 changes the measured latency (bitsearch.objectives),
@@ -29,7 +29,8 @@ class SearchConfig:
     # Start NSGA-III from the uniform members (cpu: float, int8, w4a8; grid: W8A8, W4A8, ..., W2A2;
     # False: random genes only).
     seed_uniform: bool = True
-    evaluator: str = "supernet"  # supernet (one shared multi-bit net) | qat (a fine-tune per candidate)
+    # supernet (one shared multi-bit net) | qat (a fine-tune per candidate) | ptq (plain PTQ on onnxruntime)
+    evaluator: str = "supernet"
     executor: str = "local"  # local | ray
     workers: int = 1  # parallel evaluations (local: 1 = in-process)
     resume: bool = False  # continue the search in the workdir, reusing every logged evaluation

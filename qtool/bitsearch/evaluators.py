@@ -454,4 +454,8 @@ def make_evaluator(name: str, **kw) -> Evaluator:
         return SupernetEvaluator(**kw)
     if name == "qat":
         return QATEvaluator(**kw)
-    raise QtoolError(f"unknown evaluator {name!r}; choose supernet or qat")
+    if name == "ptq":
+        from qtool.bitsearch.ptq_evaluator import PTQEvaluator
+
+        return PTQEvaluator(**kw)
+    raise QtoolError(f"unknown evaluator {name!r}; choose supernet, qat or ptq")

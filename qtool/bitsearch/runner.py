@@ -336,8 +336,8 @@ def run_search(model: onnx.ModelProto, data: str, config: SearchConfig, workdir:
     algo = NSGA3Config(pop=c.pop, gens=c.gens, seed=c.seed, seed_uniform=c.seed_uniform)
     kw = {"batch_size": c.batch_size, "lr": c.lr, "device": c.device}
     ev = make_evaluator(c.evaluator, **(dict(epochs=c.supernet_epochs, sandwich_low=c.sandwich_low, **kw)
-                                        if c.evaluator == "supernet" else dict(steps=c.qat_steps, distill=c.qat_distill,
-                                                                    loss=c.qat_loss, **kw)))
+                                        if c.evaluator == "supernet" else {"device": c.device} if c.evaluator == "ptq"
+                                        else dict(steps=c.qat_steps, distill=c.qat_distill, loss=c.qat_loss, **kw)))
     ex = make_executor(c.executor, c.workers)  # ray missing: exit 2 before any work
     try:
         fb = c.fixed_bits or None
