@@ -633,11 +633,14 @@ SECTIONS = (
             "FP32 on onnxruntime, latency, quantize wall time.",
             (("smoothquant", "python -m benchmarks smoothquant"),)),
     Section("train", "FP32 training of the CIFAR-10 models",
-            "FP32 training of the zoo's ResNet-20 and of its small ViT (`vit_cifar`: conv tokenizer, 4 pre-norm "
+            "FP32 training of the zoo's ResNet-20, its MobileNetV2 x0.5 (`mobilenetv2_050`, CIFAR strides) and its "
+            "small ViT (`vit_cifar`: conv tokenizer, 4 pre-norm "
             "blocks, 0.58M parameters; AdamW, label smoothing) on the shared CIFAR-10 split (45k train / 5k val) and "
             "the accuracy of the ONNX export on onnxruntime; the models are benchmarks/models/*_cifar10.onnx, which "
             "the other benchmarks quantize. The ViT's wall time includes the hours its resumable run was paused.",
             (("train_resnet20", "python -m benchmarks.train_resnet20"),
+             ("train_mobilenetv2_050", lambda d, name: f"python -m benchmarks.train_resnet20 --model mobilenetv2_050 "
+              f"--epochs {d['epochs']}"),
              ("train_vit_cifar", lambda d, name: f"python -m benchmarks.train_resnet20 --model vit_cifar "
               f"--epochs {d['epochs']}"))),
     Section("qat", "QAT: fidelity to onnxruntime and accuracy",
