@@ -350,7 +350,8 @@ def zoo_table(d: dict) -> str:
 def lowbit_table(d: dict) -> str:
     """benchmarks.lowbit: qtool mse / AdaRound / + bias correction vs AIMET QuantSim / AdaRound at W4A8, W4A4."""
     fp = d["fp32_top1"]
-    brecq = (f"; qtool's BRECQ at {d['brecq_iterations']} iterations per block" if "brecq_iterations" in d else "")
+    brecq = (f"; qtool's BRECQ at {d['brecq_iterations']} iterations per block" if "brecq_iterations" in d
+             and any("brecq" in t for tools in d["bits"].values() for t in tools) else "")
     lines = [f"Model {d['model']} (BN folded), {d['calibration_images']} calibration images, AdaRound on "
              f"{d['adaround_samples']} of them at {d['adaround_iterations']} iterations per layer (both tools){brecq}; "
              f"top-1 on onnxruntime on {d['val_images']} val images; FP32 {_pct(fp)} %.", ""]
@@ -607,10 +608,12 @@ SECTIONS = (
             "(the tools interleaved), and where qtool's time goes.",
             (("calibration", "python -m benchmarks.calibration"),)),
     Section("lowbit", "Low-bit PTQ: qtool AdaRound / bias correction vs AIMET",
-            "W4A8 and W4A4 post-training quantization of the trained ResNet-20: qtool's mse calibration, learned "
+            "W4A8 and W4A4 post-training quantization of the trained ResNet-20 (and W4A8 of the trained MobileNetV2 "
+            "x0.5): qtool's mse calibration, learned "
             "rounding (`--algo adaround`) and bias correction against AIMET's QuantSim (min_max, tf_enhanced) and "
             "AdaRound with the same calibration images and iterations: top-1 on onnxruntime and wall time.",
-            (("lowbit", "python -m benchmarks lowbit"),)),
+            (("lowbit", "python -m benchmarks lowbit"),
+             ("lowbit_mobilenetv2_050", "python -m benchmarks lowbit --model mobilenetv2_050_cifar10 --bits W4A8"))),
     Section("nbits", "Weight-only 4-bit MatMul (MatMulNBits) vs int8 and onnxruntime's 4-bit quantizer",
             "The zoo's BERT and ViT (random weights) as FP32, qtool W8A8 static and dynamic, qtool `--activations "
             "none` (MatMulNBits, RTN and GPTQ, symmetric and with zero points) and onnxruntime's "
