@@ -628,6 +628,8 @@ SECTIONS = (
             "also the front of `qtool search --eval ptq` over the same choices, measured the same way and plotted.",
             (("accuracy_control", lambda d, name: "python -m benchmarks accuracy_control"
               + (" --quick" if d.get("quick") else "") + (" --search" if d.get("search") else "")),
+             ("accuracy_control_mobilenetv2_050", lambda d, name: "python -m benchmarks accuracy_control --model "
+              "mobilenetv2_050_cifar10" + (" --search" if d.get("search") else "")),
              ("accuracy_control_vit_cifar", "python -m benchmarks accuracy_control --model vit_cifar_cifar10"))),
     Section("smoothquant", "SmoothQuant on the small ViT: W8A8 static vs onnxruntime and NNCF",
             "W8A8 static PTQ of the ViT trained on CIFAR-10 (benchmarks/models/vit_cifar_cifar10.onnx) with and "
