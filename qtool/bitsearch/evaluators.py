@@ -1,11 +1,12 @@
 """Evaluators: candidate -> validation accuracy (and, for the front, tuned weights + plan).
 
 An evaluator is prepared once in the main process (`prepare`: load data, train the supernet), then
-pickled to the executor's workers, where `evaluate(candidate)` runs. Two are provided:
+pickled to the executor's workers, where `evaluate(candidate)` runs. Three are provided:
 
 - `QATEvaluator` ("qat"): a short QAT fine-tune of each candidate from the FP32 weights by `qtool qat`'s
   own code (`qtool.qat_model.qat_finetune`, the candidate's bits as plan bits; `steps` x `batch_size`
   images, SGD + cosine), validation. Costly, faithful.
+- `PTQEvaluator` ("ptq"): each candidate as plain PTQ, scored on onnxruntime; no training (its docstring).
 - `SupernetEvaluator` ("supernet"): ONE shared-weight multi-bit QAT model trained once, then each
   candidate costs a BN re-calibration (a few calibration batches in train mode, see
   `qtool.bitsearch.supernet`) and one validation pass: seconds. Training uses the sandwich rule
@@ -38,7 +39,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +57,8 @@ from qtool.errors import QtoolError
 from qtool.io import atomic_write_bytes
 from qtool.plan import QuantPlan
 from qtool.preprocess import Preprocess, resolve_preprocess
-from qtool.bitsearch.space import Candidate, SearchSpace
+from qtool.ptq import QuantConfig, build_plan, calibration_stats
+from qtool.bitsearch.space import FLOAT, Candidate, SearchSpace
 from qtool.bitsearch.supernet import QuantNet
 from qtool.trainloop import train_loop
 
@@ -438,6 +440,64 @@ class SupernetEvaluator(Evaluator):
         return self.net
 
 
+class PTQEvaluator(Evaluator):
+    """Each candidate as plain post-training quantization, scored on onnxruntime.
+
+    One calibration (`qtool.ptq.calibration_stats`, `qtool quantize`'s, with its QuantConfig), then per
+    bit-width the plan `build_plan` gives (weights at w bits with the config's 8-bit activations, for the
+    kernel pair bound; activations at a bits). A candidate's plan takes each tensor the search space
+    quantizes from the plan of its bits and leaves the float ones out, which is what `--max-drop` builds for
+    a choice of units. Its QDQ model (`exporters.qdq.apply_plan`) is scored on the validation images on
+    onnxruntime: no training, and the searched accuracy is the deployed one (the front's re-check on
+    onnxruntime gives the same number). Seconds per candidate; the accuracy a PTQ of those bits can reach,
+    not what a fine-tune would (evaluators "supernet" / "qat").
+    """
+    name = "ptq"
+
+    def __init__(self, *, config: QuantConfig | None = None, threads: int | None = 1, device: str = "cpu"):
+        super().__init__(threads=threads, device=device)
+        self.config = config or QuantConfig()
+        self.weight_plans: dict[int, dict] = {}
+        self.act_plans: dict[int, dict] = {}
+
+    def settings(self) -> dict:
+        return {"evaluator": self.name, "config": asdict(self.config)}
+
+    def prepare(self, fused: onnx.ModelProto, space: SearchSpace, data: SearchData, *, workdir: Path | None = None,
+                seed: int = 0, progress=None) -> None:
+        super().prepare(fused, space, data, workdir=workdir, seed=seed)
+        name, _ = model_image_input(fused)
+        calib = [{name: data.pre.apply(data.calib_images[i:i + 64])} for i in range(0, len(data.calib_images), 64)]
+        stats, exclude = calibration_stats(fused, calib, self.config, all_activations=True)
+        w_bits, a_bits = set(), set()
+        for root, opts in space.group_bit_options().items():
+            (w_bits if root in space.weights else a_bits).update(b for b in opts if b != FLOAT)
+        cfg = self.config
+        self.weight_plans = {b: build_plan(fused, replace(cfg, weight_bits=b), stats, exclude).tensors for b in w_bits}
+        self.act_plans = {b: build_plan(fused, replace(cfg, act_bits=b), stats, exclude).tensors for b in a_bits}
+
+    def plan(self, c: Candidate) -> QuantPlan:
+        plan = QuantPlan(meta={"producer": "qtool.search (ptq)", "candidate": c.key, "config": asdict(self.config)})
+        for t, b in self.space.quantized_bits(c).items():
+            tq = (self.weight_plans if t in self.space.weights else self.act_plans)[b].get(t)
+            if tq is not None:  # absent: excluded by the config or held inf / NaN in calibration
+                plan.tensors[t] = tq
+        return plan
+
+    def correct(self, c: Candidate) -> np.ndarray:
+        from exporters.qdq import apply_plan
+        from qtool.evaluation import make_session
+
+        plan = self.plan(c)
+        sess = make_session(apply_plan(self.fused, plan) if plan.tensors else self.fused, threads=self.threads)
+        name, val = sess.get_inputs()[0].name, self.data.val
+        return np.concatenate([sess.run(None, {name: self.data.pre.apply(val.images[i:i + 256])})[0].argmax(1)
+                               == val.labels[i:i + 256] for i in range(0, len(val), 256)])
+
+    def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, QuantPlan, float]:
+        return self.fused, self.plan(c), self.evaluate(c)
+
+
 def rank_correlation(candidates: list[Candidate], a: Evaluator, b: Evaluator) -> dict:
     """Kendall's tau between two prepared evaluators' accuracies on `candidates` (scipy.stats.kendalltau)."""
     from scipy.stats import kendalltau
@@ -455,7 +515,5 @@ def make_evaluator(name: str, **kw) -> Evaluator:
     if name == "qat":
         return QATEvaluator(**kw)
     if name == "ptq":
-        from qtool.bitsearch.ptq_evaluator import PTQEvaluator
-
         return PTQEvaluator(**kw)
     raise QtoolError(f"unknown evaluator {name!r}; choose supernet, qat or ptq")
