@@ -630,7 +630,8 @@ SECTIONS = (
               + (" --quick" if d.get("quick") else "") + (" --search" if d.get("search") else "")),
              ("accuracy_control_mobilenetv2_050", lambda d, name: "python -m benchmarks accuracy_control --model "
               "mobilenetv2_050_cifar10" + (" --search" if d.get("search") else "")),
-             ("accuracy_control_vit_cifar", "python -m benchmarks accuracy_control --model vit_cifar_cifar10"))),
+             ("accuracy_control_vit_cifar", lambda d, name: "python -m benchmarks accuracy_control --model "
+              "vit_cifar_cifar10" + (" --search" if d.get("search") else "")))),
     Section("smoothquant", "SmoothQuant on the small ViT: W8A8 static vs onnxruntime and NNCF",
             "W8A8 static PTQ of the ViT trained on CIFAR-10 (benchmarks/models/vit_cifar_cifar10.onnx) with and "
             "without `--smoothquant ALPHA`, against onnxruntime's `quantize_static` and NNCF's `quantize` with "
