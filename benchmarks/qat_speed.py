@@ -56,7 +56,7 @@ def _qat_parts(model, batch: int):
     from qtool.feeds import FeedSet
     from qtool.preprocess import resolve_preprocess
     from qtool.qat_config import QATConfig
-    from qtool.qat_model import build_qat_model, objective_loss, resolve_objective
+    from qtool.qat_model import build_qat_model, resolve_objective
 
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     x = np.random.default_rng(1).standard_normal((max(batch, 8), *dims)).astype(np.float32)
@@ -115,8 +115,6 @@ def run(models=("resnet50", "vit_s"), resnet_batch: int = 32, vit_batch: int = 3
     import subprocess
     import tempfile
     from pathlib import Path
-
-    import torch
 
     load_start = os.getloadavg()[0]
     rows = []
@@ -211,7 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the result here (qat_zoo --speed-from reads it)")
     ap.add_argument("--in-process", action="store_true", help="all models in this process (run() starts one per model)")
     a = ap.parse_args(argv)
-    r = (run_in_process if a.in_process else run)(tuple(a.models.split(",")), a.batch, a.batch, a.steps, tuple(filter(None, a.compile_on.split(","))))
+    r = (run_in_process if a.in_process else run)(tuple(a.models.split(",")), a.batch, a.batch, a.steps,
+                                                  tuple(filter(None, a.compile_on.split(","))))
     print(json.dumps(r["rows"], indent=1, default=float))
     if a.json:
         from pathlib import Path

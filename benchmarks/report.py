@@ -408,6 +408,22 @@ def _failed_row(tool: str, r: dict, width: int) -> list:
     return [tool, "failed: " + " ".join(r["error"])[:80]] + ["—"] * width
 
 
+def _halves(r: dict) -> list:
+    """Top-1 and its change from FP32 on the control and the held-out images (accuracy_control cells)."""
+    return [c for k in ("control", "held_out") for c in (_pct(r["top1"][k]), _pp(-r["drop_pp"][k]))]
+
+
+def _counts(choices: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(choices.items()))
+
+
+def _peer_notes(d: dict) -> list[str]:
+    """The notes under a side-by-side table: a peer's row missing, a smoke run."""
+    return ((["", "NNCF row absent: no NNCF interpreter on this machine."] if not d.get("nncf_available", True) else [])
+            + (["", "Quick run (small val slice): a smoke test of the benchmark, not a result."] if d.get("quick")
+               else []))
+
+
 def accuracy_control_table(d: dict) -> str:
     """benchmarks.accuracy_control: uniform W8A8 / W4A8, qtool --max-drop, NNCF quantize_with_accuracy_control."""
     fp, fl = d["fp32_top1"], d.get("fp32", {}).get("latency_ms")
@@ -422,7 +438,7 @@ def accuracy_control_table(d: dict) -> str:
             rows.append(_failed_row(tool, r, 7))
             continue
         if "choices" in r:
-            units = ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items()))
+            units = _counts(r["choices"])
         elif "units_float" in r:
             units = f"float {r['units_float']}, int8 {r['units_quantized']}"
         else:
@@ -430,8 +446,7 @@ def accuracy_control_table(d: dict) -> str:
         lat = _ms_vs(r.get("latency_ms"), fl)
         size = f"{r['size_bytes'] / 1024:.0f}" + (f" ({r['int4_packed_bytes'] / 1024:.0f})" if "int4_packed_bytes" in r
                                                    else "")
-        rows.append([tool, _pct(r["top1"]["control"]), _pp(-r["drop_pp"]["control"]), _pct(r["top1"]["held_out"]),
-                     _pp(-r["drop_pp"]["held_out"]), units, lat, size, f"{r['seconds']:.1f}"])
+        rows.append([tool, *_halves(r), units, lat, size, f"{r['seconds']:.1f}"])
     lines += _table(["tool", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
                      "latency ms (x FP32)", "size KiB (INT4 packed)", "wall s"], rows)
     se = d.get("search")
@@ -440,14 +455,9 @@ def accuracy_control_table(d: dict) -> str:
                       "measured like the rows above (latency in the same interleaved run):", ""]
         lines += _table(["front member", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
                          "latency ms (x FP32)", "size KiB"],
-                        [[m["name"], _pct(m["top1"]["control"]), _pp(-m["drop_pp"]["control"]),
-                          _pct(m["top1"]["held_out"]), _pp(-m["drop_pp"]["held_out"]),
-                          ", ".join(f"{k} {v}" for k, v in sorted(m["choices"].items())),
-                          _ms_vs(m.get("latency_ms"), fl), f"{m['size_bytes'] / 1024:.0f}"] for m in se["front"]])
-    if not d.get("nncf_available", True):
-        lines += ["", "NNCF row absent: no NNCF interpreter on this machine."]
-    if d.get("quick"):
-        lines += ["", "Quick run (small val slice): a smoke test of the benchmark, not a result."]
+                        [[m["name"], *_halves(m), _counts(m["choices"]), _ms_vs(m.get("latency_ms"), fl),
+                          f"{m['size_bytes'] / 1024:.0f}"] for m in se["front"]])
+    lines += _peer_notes(d)
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 
@@ -521,10 +531,7 @@ def smoothquant_table(d: dict) -> str:
                      f"{r['seconds']:.1f}"])
     lines += _table(["tool", "top-1", "− FP32 (pp)", "SQNR dB", "argmax = FP32 (%)", "latency ms (x FP32)",
                      "quantize s"], rows)
-    if not d.get("nncf_available", True):
-        lines += ["", "NNCF row absent: no NNCF interpreter on this machine."]
-    if d.get("quick"):
-        lines += ["", "Quick run (small val slice): a smoke test of the benchmark, not a result."]
+    lines += _peer_notes(d)
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 
 

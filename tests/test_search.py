@@ -761,9 +761,7 @@ def test_ptq_evaluator_uniform_int8_is_qtool_quantize_and_float_layers_leave_the
     sp, data = cpu_problem.space, cpu_problem.data
     ev = make_evaluator("ptq")
     ev.prepare(cpu_problem.fused, sp, data, seed=0)
-    name, _ = model_image_input(cpu_problem.fused)
-    calib = [{name: data.pre.apply(data.calib_images[i:i + 64])} for i in range(0, len(data.calib_images), 64)]
-    _, ref = quantize_plan(cpu_problem.fused, calib, QuantConfig())
+    _, ref = quantize_plan(cpu_problem.fused, data.calib_feeds(model_image_input(cpu_problem.fused)[0]), QuantConfig())
     int8 = ev.plan(_uniform(sp, "int8"))
     assert int8.tensors == ref.tensors  # every layer int8: exactly what `qtool quantize` plans
     assert ev.evaluate(_uniform(sp, "int8")) == ort_accuracy(apply_plan(cpu_problem.fused, ref), data)

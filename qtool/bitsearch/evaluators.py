@@ -100,6 +100,11 @@ class SearchData:
     def x(self, images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.pre.apply(images))
 
+    def calib_feeds(self, input_name: str, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
+        """The calibration images, preprocessed, as onnxruntime feeds of `input_name`."""
+        return [{input_name: self.pre.apply(self.calib_images[i:i + batch_size])}
+                for i in range(0, len(self.calib_images), batch_size)]
+
     def calib_batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
         return [self.x(self.calib_images[i:i + batch_size]) for i in range(0, min(n * batch_size, len(self.calib_images)),
                                                                             batch_size)]
@@ -466,9 +471,8 @@ class PTQEvaluator(Evaluator):
     def prepare(self, fused: onnx.ModelProto, space: SearchSpace, data: SearchData, *, workdir: Path | None = None,
                 seed: int = 0, progress=None) -> None:
         super().prepare(fused, space, data, workdir=workdir, seed=seed)
-        name, _ = model_image_input(fused)
-        calib = [{name: data.pre.apply(data.calib_images[i:i + 64])} for i in range(0, len(data.calib_images), 64)]
-        stats, exclude = calibration_stats(fused, calib, self.config, all_activations=True)
+        stats, exclude = calibration_stats(fused, data.calib_feeds(model_image_input(fused)[0]), self.config,
+                                           all_activations=True)
         w_bits, a_bits = set(), set()
         for root, opts in space.group_bit_options().items():
             (w_bits if root in space.weights else a_bits).update(b for b in opts if b != FLOAT)
@@ -486,13 +490,10 @@ class PTQEvaluator(Evaluator):
 
     def correct(self, c: Candidate) -> np.ndarray:
         from exporters.qdq import apply_plan
-        from qtool.evaluation import make_session
+        from qtool.bitsearch.report import ort_correct
 
         plan = self.plan(c)
-        sess = make_session(apply_plan(self.fused, plan) if plan.tensors else self.fused, threads=self.threads)
-        name, val = sess.get_inputs()[0].name, self.data.val
-        return np.concatenate([sess.run(None, {name: self.data.pre.apply(val.images[i:i + 256])})[0].argmax(1)
-                               == val.labels[i:i + 256] for i in range(0, len(val), 256)])
+        return ort_correct(apply_plan(self.fused, plan) if plan.tensors else self.fused, self.data, self.threads)
 
     def materialize(self, c: Candidate) -> tuple[onnx.ModelProto, QuantPlan, float]:
         return self.fused, self.plan(c), self.evaluate(c)

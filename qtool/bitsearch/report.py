@@ -16,16 +16,18 @@ from qtool.bitsearch.objectives import metric
 from qtool.bitsearch.space import FLOAT, Candidate
 
 
-def ort_accuracy(model, data) -> float:
+def ort_correct(model, data, threads: int | None = None) -> np.ndarray:
+    """Whether onnxruntime classifies each validation image right (bool)."""
     from qtool.evaluation import make_session
 
-    sess = make_session(model)
-    name = sess.get_inputs()[0].name
-    correct = 0
-    for i in range(0, len(data.val), 256):
-        out = sess.run(None, {name: data.pre.apply(data.val.images[i:i + 256])})[0]
-        correct += int((out.argmax(1) == data.val.labels[i:i + 256]).sum())
-    return correct / len(data.val)
+    sess = make_session(model, threads=threads)
+    name, val = sess.get_inputs()[0].name, data.val
+    return np.concatenate([sess.run(None, {name: data.pre.apply(val.images[i:i + 256])})[0].argmax(1)
+                           == val.labels[i:i + 256] for i in range(0, len(val), 256)])
+
+
+def ort_accuracy(model, data) -> float:
+    return float(ort_correct(model, data).mean())
 
 
 def ort_check(problem, evaluator, c: Candidate) -> float:

@@ -65,8 +65,7 @@ class SearchProblem:
         from qtool.data import model_image_input
 
         name, _ = model_image_input(fused)
-        calib = [{name: data.pre.apply(data.calib_images[i:i + 64])} for i in range(0, len(data.calib_images), 64)]
-        stats = collect_stats(fused, calib, list(space.groups))
+        stats = collect_stats(fused, data.calib_feeds(name), list(space.groups))
         ranges = {r: stats[r].range("minmax", signed=False) for r in space.groups}
         metrics = Metrics(fused, space, ranges, latency_threads=latency_threads)
         return cls(fused, space, data, objs, metrics, constraints)
@@ -335,9 +334,10 @@ def run_search(model: onnx.ModelProto, data: str, config: SearchConfig, workdir:
     objs = make_objectives(list(c.objectives))
     algo = NSGA3Config(pop=c.pop, gens=c.gens, seed=c.seed, seed_uniform=c.seed_uniform)
     kw = {"batch_size": c.batch_size, "lr": c.lr, "device": c.device}
-    ev = make_evaluator(c.evaluator, **(dict(epochs=c.supernet_epochs, sandwich_low=c.sandwich_low, **kw)
-                                        if c.evaluator == "supernet" else {"device": c.device} if c.evaluator == "ptq"
-                                        else dict(steps=c.qat_steps, distill=c.qat_distill, loss=c.qat_loss, **kw)))
+    settings = {"supernet": dict(epochs=c.supernet_epochs, sandwich_low=c.sandwich_low, **kw),
+                "qat": dict(steps=c.qat_steps, distill=c.qat_distill, loss=c.qat_loss, **kw),
+                "ptq": {"device": c.device}}  # no training: nothing of the fine-tunes applies
+    ev = make_evaluator(c.evaluator, **settings[c.evaluator])
     ex = make_executor(c.executor, c.workers)  # ray missing: exit 2 before any work
     try:
         fb = c.fixed_bits or None
