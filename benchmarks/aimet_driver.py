@@ -8,7 +8,8 @@ MODEL is the BN-folded float model (aimet-onnx's QuantizationSimModel quantizes 
 holds the calibration images as one array `x` named after the model's input in `input`. AIMET's default
 config (per-channel symmetric weights for Conv/Gemm, asymmetric activations, Conv+Relu supergroups); AdaRound
 with AIMET's own defaults other than the iteration count, on the first `--adaround-samples` images in batches
-of 32; encodings then computed on all calibration images. Writes the QDQ model (`sim.to_onnx_qdq()`) and
+of 32; encodings then computed on all calibration images. `--bits-8`: these tensors' quantizers at 8 bits
+(set before AdaRound and the encodings). Writes the QDQ model (`sim.to_onnx_qdq()`) and
 prints one JSON line: the seconds of each step.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adaround-iters", type=int, default=0, help="0: no AdaRound")
     ap.add_argument("--adaround-samples", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--bits-8", default="", help="comma-separated tensor names whose quantizers take 8 bits "
+                    "(qtool's first/last-layer policy); a name AIMET does not quantize is reported, not an error")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -49,6 +52,14 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     sim = QuantizationSimModel(model, param_type=types[args.weight_bits], activation_type=types[args.act_bits],
                                quant_scheme=args.scheme, providers=["CPUExecutionProvider"])
+    raised, absent = [], []
+    for tensor in filter(None, args.bits_8.split(",")):
+        q = sim.qc_quantize_op_dict.get(tensor)
+        if q is None or not q.enabled:
+            absent.append(tensor)
+        else:
+            q.set_bitwidth(8)
+            raised.append(tensor)
     times["quantsim"] = time.perf_counter() - t
     if args.adaround_iters:
         t = time.perf_counter()
@@ -61,7 +72,8 @@ def main(argv=None) -> int:
     onnx.save(sim.to_onnx_qdq(), args.output)
     times["export"] = time.perf_counter() - t
     times["total_excl_import"] = sum(v for k, v in times.items() if k != "import")
-    print(json.dumps({"seconds": times, "aimet_onnx": aimet_onnx.__version__}))
+    print(json.dumps({"seconds": times, "aimet_onnx": aimet_onnx.__version__, "bits_8": raised,
+                      "bits_8_not_quantized": absent}))
     return 0
 
 

@@ -15,7 +15,10 @@ Top-1 of every exported QDQ model on onnxruntime on the 5k val slice; wall time 
 process (qtool) or measured inside the AIMET driver without its imports (benchmarks/aimet_driver.py, run by
 the AIMET environment's interpreter as a subprocess; aimet-onnx 2.42, torch 2.13.0), on the same machine,
 one after the other. The "adaround + bias correction" row is the AdaRound model of the row above followed
-by qtool.biascorr, which is what `--algo adaround --bias-correction` runs; its time is the sum.
+by qtool.biascorr, which is what `--algo adaround --bias-correction` runs; its time is the sum. At W4A4 the
+rows marked "first/last layer 8-bit" keep the first Conv's weight and input and the last Gemm's weight, input
+and output at 8 bits (`--first-last-bits 8`, the layout of `qtool qat --bits w4a4` and of the AdaRound / BRECQ
+papers); AIMET's row sets the same tensors' quantizers to 8 bits.
 """
 from __future__ import annotations
 
@@ -42,17 +45,22 @@ AIMET_PYTHON = os.environ.get("QTOOL_AIMET_PYTHON", "/work/venvs/aimet/bin/pytho
 DRIVER = Path(__file__).resolve().parent / "aimet_driver.py"
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
 DEFAULT_MODEL = "resnet20_cifar10"
+FIRST_LAST = ", first/last layer 8-bit"
 
 
 def run_aimet(python: str, fused_path: Path, calib_path: Path, out: Path, w: int, a: int, scheme: str, iters: int,
-              samples: int) -> dict:
+              samples: int, bits_8: list[str] = ()) -> dict:
     cmd = [python, str(DRIVER), str(fused_path), str(calib_path), str(out), "--weight-bits", str(w),
-           "--act-bits", str(a), "--scheme", scheme, "--adaround-iters", str(iters), "--adaround-samples", str(samples)]
+           "--act-bits", str(a), "--scheme", scheme, "--adaround-iters", str(iters), "--adaround-samples", str(samples),
+           "--bits-8", ",".join(bits_8)]
     info, error, wall = run_driver(cmd)
     if info is None:
         return {"error": error, "wall_s": wall}
-    return {"seconds": info["seconds"]["total_excl_import"], "steps_s": info["seconds"], "wall_s_subprocess": wall,
-            "aimet_onnx": info["aimet_onnx"]}
+    out = {"seconds": info["seconds"]["total_excl_import"], "steps_s": info["seconds"], "wall_s_subprocess": wall,
+           "aimet_onnx": info["aimet_onnx"]}
+    if bits_8:
+        out["bits_8_not_quantized"] = info["bits_8_not_quantized"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -113,18 +121,27 @@ def main(argv=None) -> int:
             (bc, rep), t_bc = timed(lambda: bias_correct(fused, tuned, plan, calib, samples=n_ada))
             qdq, t_apply = timed(lambda: apply_plan(bc, plan))
             record("qtool adaround + bias correction", qdq, t_ada + t_bc + t_apply)
+            edge = []  # W4A4: the tensors qtool's first/last policy keeps at 8 bits (as `qtool qat` does)
             if a < 8:  # block reconstruction that also learns the activation scales: what W4A4 needs
                 brecq_cfg = replace(ada_cfg, algo="brecq", tune_activations=True, adaround_iters=args.brecq_iters or iters)
-                (tuned, plan), t_b = timed(lambda: quantize_plan(fused, calib, brecq_cfg))
+                for suffix, cfg in (("", brecq_cfg), (FIRST_LAST, replace(brecq_cfg, first_last_bits=8))):
+                    (tuned, plan), t_b = timed(lambda: quantize_plan(fused, calib, cfg))
+                    qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
+                    record("qtool brecq --tune-activations" + suffix, qdq, t_b + t_apply)
+                edge = [k for k, tq in plan.tensors.items() if tq.bits == 8]
+                (tuned, plan), t_ada = timed(lambda: quantize_plan(fused, calib, replace(ada_cfg, first_last_bits=8)))
                 qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
-                record("qtool brecq --tune-activations", qdq, t_b + t_apply)
+                record("qtool adaround" + FIRST_LAST, qdq, t_ada + t_apply)
             if not out["aimet_available"]:
                 continue
-            for tool, scheme, it in (("AIMET QuantSim min_max", "min_max", 0),
-                                     ("AIMET QuantSim tf_enhanced", "tf_enhanced", 0),
-                                     ("AIMET AdaRound (tf_enhanced)", "tf_enhanced", iters)):
-                q_path = tmp / f"aimet_{key}_{scheme}_{it}.onnx"
-                res = run_aimet(args.aimet_python, fused_path, calib_path, q_path, w, a, scheme, it, n_ada)
+            aimet_rows = [("AIMET QuantSim min_max", "min_max", 0, []),
+                          ("AIMET QuantSim tf_enhanced", "tf_enhanced", 0, []),
+                          ("AIMET AdaRound (tf_enhanced)", "tf_enhanced", iters, [])]
+            if edge:
+                aimet_rows.append(("AIMET AdaRound (tf_enhanced)" + FIRST_LAST, "tf_enhanced", iters, edge))
+            for tool, scheme, it, bits_8 in aimet_rows:
+                q_path = tmp / f"aimet_{key}_{scheme}_{it}_{len(bits_8)}.onnx"
+                res = run_aimet(args.aimet_python, fused_path, calib_path, q_path, w, a, scheme, it, n_ada, bits_8)
                 if "error" in res:
                     rows[tool] = res
                     print(f"[lowbit] {key} {tool}: failed: {res['error']}", file=sys.stderr, flush=True)

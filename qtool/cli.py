@@ -229,6 +229,9 @@ def rescale_options(f):
 @click.option("--calib", default="mse", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
 @click.option("--bits", default=None, help="weight/activation bits, e.g. w8a8 (the default); with --activations none "
               "weights only: w4 (the default there)")
+@click.option("--first-last-bits", default=None, type=int, metavar="N",
+              help="bits of the first and last Conv/Gemm/MatMul (weights and inputs, the last one's output too), "
+                   "e.g. 8 with --bits w4a4 as in `qtool qat` [default: --bits everywhere]")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scale granularity")
 @click.option("--symmetric-activations", is_flag=True, help="int8 symmetric activations (S8S8; slower than the default U8S8 on x86 CPUs)")
 @click.option("--weight-range", default="auto", show_default=True, type=click.Choice(["auto", "full", "pair-safe"]),
@@ -271,7 +274,7 @@ def rescale_options(f):
               help="accuracy control: units measured on onnxruntime per greedy step")
 @rescale_options
 @refine_options
-def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, symmetric_activations, weight_range, fmt,
+def quantize(model, data, mean, std, input_shapes, calib, bits, first_last_bits, per_channel, symmetric_activations, weight_range, fmt,
              calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, block_size,
              weight_zero_points, max_drop, min_sqnr_db, metric, target, val_data, eval_size, candidates,
              **refine):
@@ -290,7 +293,8 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, per_channel, sym
             extra["weight_symmetric"] = not weight_zero_points
     elif block_size is not None or weight_zero_points is not None:
         raise QtoolError("--block-size / --weight-zero-points / --symmetric-weights go with --activations none")
-    config = qtool.QuantConfig(weight_bits=w, act_bits=8 if a is None else a, calib=calib, per_channel=per_channel,
+    config = qtool.QuantConfig(weight_bits=w, act_bits=8 if a is None else a, first_last_bits=first_last_bits,
+                               calib=calib, per_channel=per_channel,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
                                exclude=tuple(exclude), per_tensor_report=report_out is not None,

@@ -31,6 +31,7 @@ from qtool.errors import QtoolError
 from qtool.fusion import FuseSummary, fuse, is_fused, untie_biases
 from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, reachable_pair_sums, saturates
 from qtool.plan import QuantPlan, TensorQuant, range_quant, scale_of
+from qtool.quant_points import first_last_tensors, from_marks, node_tensors
 from qtool.control_config import check_control_config
 from qtool.refine_config import check_refine_config, needs_refine
 from qtool.rescale import check_rescale_config, needs_rescale, rescale
@@ -51,6 +52,9 @@ WEIGHT_RANGES = ("auto", "full", "pair-safe")
 class QuantConfig:
     weight_bits: int | None = None  # None: 8, or 4 with activations="none"
     act_bits: int = 8
+    # Bits of the first and last weighted layer (their weights and inputs; the last one's output too), the
+    # policy of `qtool qat` (QATConfig.first_last_bits) and of the low-bit literature; None: uniform bits.
+    first_last_bits: int | None = None
     calib: str = "mse"  # measured best-or-equal on ResNet-20 (benchmarks/results/suite.json)
     per_channel: bool = True
     act_signed: bool = False  # False: asymmetric uint8 (U8S8, fast with VNNI); True: int8
@@ -109,6 +113,16 @@ class QuantConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
                 raise QtoolError(f"{k} must be an integer in 2..8, got {v!r}")
+        if self.first_last_bits is not None:
+            v = self.first_last_bits
+            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
+                raise QtoolError(f"first_last_bits must be an integer in 2..8 or None, got {v!r}")
+            if self.activations != "static":
+                raise QtoolError("first_last_bits sets the bits of static quantization; "
+                                 f"activations={self.activations!r} has its own fixed bits")
+            if self.max_drop is not None or self.min_sqnr_db is not None:
+                raise QtoolError("first_last_bits does not combine with the accuracy control (max_drop / "
+                                 "min_sqnr_db), which chooses every unit's bits itself")
         if self.calib not in METHODS:
             raise QtoolError(f"calib must be one of {', '.join(METHODS)}, got {self.calib!r}")
         for k in ("per_channel", "act_signed", "act_symmetric", "check_collapse", "per_tensor_report",
@@ -306,15 +320,20 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
     m = passes.to_ir(model)
     marks = passes.mark_tensors(m.graph, exclude or excluder(model, config.exclude))
     plan = QuantPlan(meta={"producer": "qtool.quantize", "config": asdict(config)})
+    edge = set()  # tensors (weights, activation roots) at first_last_bits
+    if config.first_last_bits is not None:
+        edge = {marks.root(t) if marks.tensors[t].kind == "activation" else t
+                for t in first_last_tensors(node_tensors(m.graph, from_marks(marks)))}
     acts: dict[str, TensorQuant] = {}
     for name in marks.activations():
         root = marks.root(name)
+        bits = config.first_last_bits if root in edge else config.act_bits
         if stats is None:
-            acts[name] = TensorQuant("activation", config.act_bits, config.act_signed)
+            acts[name] = TensorQuant("activation", bits, config.act_signed)
         elif root in stats:
-            rmin, rmax = stats[root].range(config.calib, signed=config.act_signed, bits=config.act_bits,
+            rmin, rmax = stats[root].range(config.calib, signed=config.act_signed, bits=bits,
                                            percentile=config.percentile)
-            acts[name] = activation_quant(rmin, rmax, config)
+            acts[name] = range_quant(rmin, rmax, bits, config.act_signed, config.act_symmetric)
 
     def codes(x: str, padded: bool):
         tq = acts.get(marks.root(x)) if x in marks.tensors else None
@@ -327,7 +346,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
                 raise QtoolError(f"weight {name!r} has NaN/Inf values; it cannot be quantized")
             axis = role.axis if config.per_channel else None
             pairs = kernel_pairs(m.graph, name, w, config.weight_range, config.act_signed, codes)
-            plan.tensors[name] = weight_quant(w, config.weight_bits, axis, pairs)
+            bits = config.first_last_bits if name in edge else config.weight_bits
+            plan.tensors[name] = weight_quant(w, bits, axis, pairs)
     plan.tensors.update(acts)
     # Pass-through outputs reuse their source's parameters (needed for onnxruntime to drop their QDQ).
     for name in marks.activations():
@@ -447,7 +467,8 @@ class QuantizeSummary:
             out = [f"dynamic activations (uint8, quantized at run time), MatMul/Gemm weights 8-bit {granularity}"]
         else:
             out = [f"calibration: {self.config.calib}, weights {self.config.weight_bits}-bit {granularity}, "
-                   f"activations {'int' if self.config.act_signed else 'uint'}{self.config.act_bits}"]
+                   f"activations {'int' if self.config.act_signed else 'uint'}{self.config.act_bits}"
+                   + (f"; first and last layer {c.first_last_bits}-bit" if c.first_last_bits is not None else "")]
         out.append("quantized tensors: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.tensors.items())))
         q_op = {"dynamic": "DynamicQuantizeLinear", "none": "MatMulNBits"}.get(c.activations, "QuantizeLinear")
         out.append(f"nodes: {sum(self.ops_before.values())} -> {sum(self.ops_after.values())} "

@@ -9,16 +9,11 @@ from dataclasses import dataclass
 import onnx
 
 import passes
-from passes.qdq import ABSORBED_ACTS
-from passes.units import ANCHOR_OPS, unit_activation
 from qtool.errors import QtoolError
 from qtool.qat_config import OP_TYPE_ALIASES, QATConfig, QuantRule
-from qtool.quant_points import QuantPoints, from_marks
+from qtool.quant_points import QUANTIZED, QuantPoints, first_last_tensors, from_marks, node_tensors
 
 __all__ = ["TensorSpec", "resolve_bits"]
-
-_QUANTIZED = ("weight", "activation")  # the quantization points with parameters of their own (not biases)
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -26,26 +21,6 @@ class TensorSpec:
     bits: int
     quant_delay: int
     uniform: bool = True  # bits from the uniform setting (not the first/last policy, a rule or a plan)
-
-
-def _node_tensors(graph, points: QuantPoints) -> list[tuple[object, dict[str, list[str]]]]:
-    """(node, {weight|input|output: [quantized tensor names]}) for every node touching the placement."""
-    out = []
-    for node in graph:
-        ins = [v.name for v in node.inputs if v is not None]
-        weight = [n for n in ins if points.kind(n) == "weight"]
-        inputs = [n for n in ins if points.kind(n) == "activation"]
-        act = unit_activation(node) if node.op_type in ANCHOR_OPS + ("Add", "Mul") else None
-        if node.op_type in ANCHOR_OPS:
-            o = (act or node).outputs[0]
-        elif act is not None and act.op_type in ABSORBED_ACTS:
-            o = act.outputs[0]
-        else:
-            o = node.outputs[0]
-        outputs = [o.name] if o is not None and points.kind(o.name) in _QUANTIZED else []
-        if weight or inputs or outputs:
-            out.append((node, {"weight": weight, "input": inputs, "output": outputs}))
-    return out
 
 
 def _rule_nodes(rule: QuantRule, index: int, entries) -> list:
@@ -70,7 +45,7 @@ def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorS
     """Bits and start step of every tensor the QDQ placement quantizes (left-out tensors stay float)."""
     m = passes.to_ir(fused)
     points = from_marks(passes.mark_tensors(m.graph))
-    tensors = [p for p in points if p.kind in _QUANTIZED]  # biases follow their input and weight
+    tensors = [p for p in points if p.kind in QUANTIZED]  # biases follow their input and weight
     groups: dict[str, list[str]] = defaultdict(list)  # root -> tensors sharing its QDQ parameters
     for p in tensors:
         groups[p.root].append(p.tensor)
@@ -82,7 +57,7 @@ def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorS
     if config.plan_bits:
         given: dict[str, int] = {}
         for name, b in config.plan_bits:
-            if points.kind(name) not in _QUANTIZED:
+            if points.kind(name) not in QUANTIZED:
                 raise QtoolError(f"plan tensor {name!r} is not a quantization point of the fused graph "
                                  "(not an input, weight or output of a quantized op)")
             for t in group(name):
@@ -97,7 +72,7 @@ def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorS
     for p in tensors:
         spec[p.tensor] = TensorSpec(p.kind, config.weight_bits if p.kind == "weight" else config.act_bits,
                                     config.quant_delay)
-    entries = _node_tensors(m.graph, points)
+    entries = node_tensors(m.graph, points)
 
     def assign(t: str, bits: int | None = None, delay: int | None = None) -> None:
         for u in group(t):
@@ -106,10 +81,8 @@ def resolve_bits(fused: onnx.ModelProto, config: QATConfig) -> dict[str, TensorS
                 spec[u] = TensorSpec(s.kind, bits if bits is not None else s.bits,
                                      delay if delay is not None else s.quant_delay, s.uniform and bits is None)
 
-    anchors = [(n, t) for n, t in entries if n.op_type in ANCHOR_OPS and t["weight"]]
-    if config.first_last_bits is not None and anchors:
-        (_, tf), (_, tl) = anchors[0], anchors[-1]
-        for t in tf["weight"] + tf["input"] + tl["weight"] + tl["input"] + tl["output"]:
+    if config.first_last_bits is not None:
+        for t in first_last_tensors(entries):
             assign(t, config.first_last_bits)
     for i, rule in enumerate(config.rules):
         tensors = dict(entries)
@@ -133,7 +106,7 @@ def _check_float_weights(graph, points: QuantPoints, spec: dict[str, TensorSpec]
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
-        if w is not None and points.kind(w.name) in _QUANTIZED and w.name not in spec and x is not None and x.name in spec:
+        if w is not None and points.kind(w.name) in QUANTIZED and w.name not in spec and x is not None and x.name in spec:
             raise QtoolError(f"weight {w.name!r} of {node.op_type} {node.name!r} is left float while its input is "
                              "quantized; onnxruntime would quantize it itself (int8 per-tensor): leave the input "
                              "float too (quant_types: [weight, input]) or quantize the weight")

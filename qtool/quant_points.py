@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import onnx
 
 import passes
+from passes.qdq import ABSORBED_ACTS
+from passes.units import ANCHOR_OPS, unit_activation
 
-__all__ = ["QuantPoint", "QuantPoints", "quant_points", "from_marks"]
+__all__ = ["QuantPoint", "QuantPoints", "quant_points", "from_marks", "node_tensors", "first_last_tensors"]
 
 KINDS = ("weight", "activation", "bias")
+QUANTIZED = ("weight", "activation")  # the points with parameters of their own (biases follow input and weight)
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,35 @@ def from_marks(marks) -> QuantPoints:
 def quant_points(fused: onnx.ModelProto) -> QuantPoints:
     """The quantization points of a fused model (module docstring)."""
     return from_marks(passes.mark_tensors(passes.to_ir(fused).graph))
+
+
+def node_tensors(graph, points: QuantPoints) -> list[tuple[object, dict[str, list[str]]]]:
+    """(node, {weight|input|output: [quantized tensor names]}) for every node of the IR graph touching the
+    placement; an anchor's output is that of its unit (the fused activation's)."""
+    out = []
+    for node in graph:
+        ins = [v.name for v in node.inputs if v is not None]
+        weight = [n for n in ins if points.kind(n) == "weight"]
+        inputs = [n for n in ins if points.kind(n) == "activation"]
+        act = unit_activation(node) if node.op_type in ANCHOR_OPS + ("Add", "Mul") else None
+        if node.op_type in ANCHOR_OPS:
+            o = (act or node).outputs[0]
+        elif act is not None and act.op_type in ABSORBED_ACTS:
+            o = act.outputs[0]
+        else:
+            o = node.outputs[0]
+        outputs = [o.name] if o is not None and points.kind(o.name) in QUANTIZED else []
+        if weight or inputs or outputs:
+            out.append((node, {"weight": weight, "input": inputs, "output": outputs}))
+    return out
+
+
+def first_last_tensors(entries) -> list[str]:
+    """What the first/last-layer policy keeps at higher bits, from `node_tensors`: the first weighted
+    Conv/Gemm/MatMul's weight and input, the last one's weight, input and output (the model's most
+    quantization-sensitive tensors: the raw image and the logits). Empty without a weighted anchor."""
+    anchors = [t for n, t in entries if n.op_type in ANCHOR_OPS and t["weight"]]
+    if not anchors:
+        return []
+    tf, tl = anchors[0], anchors[-1]
+    return tf["weight"] + tf["input"] + tl["weight"] + tl["input"] + tl["output"]

@@ -355,3 +355,36 @@ def test_bias_beyond_int32_codes_does_not_wrap_on_onnxruntime():
     y = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.all(y[:, 0] == 0.0), y[:, 0].max()  # wrapped (limit 2^31 - 1) it read 0.007 here
     np.testing.assert_allclose(y[:, 1], 0.5 * x[:, 0] + 0.1, atol=0.01)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_first_last_bits_keeps_the_edges_at_8_bits_like_qat():
+    from qtool.qat_bits import resolve_bits
+    from qtool.qat_config import QATConfig
+
+    fused, _ = fuse(_torch_cnn_onnx(13))
+    r = qtool.quantize(fused, batches((2, 3, 8, 8)), QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    bits = {k: t.bits for k, t in r.plan.tensors.items()}
+    convs = [n for n in fused.graph.node if n.op_type == "Conv"]
+    fc = next(n for n in fused.graph.node if n.op_type == "Gemm")
+    assert bits[convs[0].input[1]] == bits["x"] == 8 and bits[convs[1].input[1]] == 4
+    assert bits[fc.input[1]] == bits[fc.input[0]] == bits["y"] == 8
+    assert sorted(set(bits.values())) == [4, 8]
+    # the same tensors at the same bits as `qtool qat`'s first/last policy
+    spec = resolve_bits(fused, QATConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    assert {k: s.bits for k, s in spec.items()} == bits
+    assert any("first and last layer 8-bit" in line for line in r.lines())
+    # the uniform plan differs exactly there: the check can fail
+    uni = qtool.quantize(fused, batches((2, 3, 8, 8)), QuantConfig(weight_bits=4, act_bits=4)).plan
+    raised = {k for k, t in uni.tensors.items() if t.bits != bits[k]}
+    assert raised == {k for k, b in bits.items() if b == 8} >= {convs[0].input[1], "x", fc.input[1], "y"}
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(first_last_bits=9), "first_last_bits must be an integer in 2..8 or None"),
+    (dict(first_last_bits=8, activations="dynamic"), "first_last_bits sets the bits of static quantization"),
+    (dict(first_last_bits=8, weight_bits=4, max_drop=0.5), "does not combine with the accuracy control"),
+])
+def test_bad_first_last_bits(kw, msg):
+    with pytest.raises(QtoolError, match=msg):
+        QuantConfig(**kw)
