@@ -449,6 +449,10 @@ def accuracy_control_table(d: dict) -> str:
         rows.append([tool, *_halves(r), units, lat, size, f"{r['seconds']:.1f}"])
     lines += _table(["tool", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
                      "latency ms (x FP32)", "size KiB (INT4 packed)", "wall s"], rows)
+    bounds = [(t, r["final_bound_pp"]) for t, r in d["rows"].items() if r.get("final_bound_pp") is not None]
+    if bounds:
+        lines += ["", "; ".join(f"`{t.removeprefix('qtool ')}`: the control drop's one-sided upper confidence bound "
+                                f"{b:.2f} pp" for t, b in bounds) + " (the budget is checked on it)."]
     se = d.get("search")
     if se:
         lines += ["", f"`{se['command']}`: {se['evaluated']} evaluations in {se['seconds']:.0f} s; each front member "

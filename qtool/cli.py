@@ -262,6 +262,10 @@ def rescale_options(f):
                    "until the top-1 drop vs FP32 (labels; else top-1 disagreement with FP32) is at most PP points on "
                    "evaluation samples disjoint from calibration (--val-data, else the data's val split, else the "
                    "samples after the first --calib-size)")
+@click.option("--confidence", default=None, type=float, metavar="LEVEL",
+              help="accuracy control: --max-drop must hold for the drop's one-sided upper confidence bound at LEVEL "
+                   "(e.g. 0.9; paired over the evaluation samples), which guards against a drop that holds only on "
+                   "the samples measured [default: the measured drop]")
 @click.option("--min-sqnr", "min_sqnr_db", default=None, type=float, metavar="DB",
               help="accuracy control with --metric sqnr: the worst output's SQNR vs FP32 must reach DB")
 @click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "top1", "agreement", "sqnr"]),
@@ -276,7 +280,7 @@ def rescale_options(f):
 @refine_options
 def quantize(model, data, mean, std, input_shapes, calib, bits, first_last_bits, per_channel, symmetric_activations, weight_range, fmt,
              calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, block_size,
-             weight_zero_points, max_drop, min_sqnr_db, metric, target, val_data, eval_size, candidates,
+             weight_zero_points, max_drop, confidence, min_sqnr_db, metric, target, val_data, eval_size, candidates,
              **refine):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan);
     --activations dynamic needs no data (activations are quantized at run time); --activations none
@@ -298,7 +302,7 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, first_last_bits,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
                                exclude=tuple(exclude), per_tensor_report=report_out is not None,
-                               activations=activations, weight_range=weight_range, max_drop=max_drop,
+                               activations=activations, weight_range=weight_range, max_drop=max_drop, confidence=confidence,
                                min_sqnr_db=min_sqnr_db, metric=metric, target=target, eval_size=eval_size,
                                candidates=candidates, **extra, **refine)
     d = make_data(data, mean, std, input_shapes)
@@ -320,7 +324,9 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, first_last_bits,
         echo(f"vs FP32 on {r.report.samples} calibration samples: " + m.line(k))
     if r.control is not None and not r.control.met:
         click.echo(f"qtool: warning: the accuracy budget is not met ({r.control.stop}): "
-                   f"final {r.control.metric} drop {r.control.final_drop:.2f} {r.control.unit}, budget "
+                   f"final {r.control.metric} drop {r.control.final_drop:.2f} {r.control.unit}"
+                   + (f" (upper bound {r.control.final_bound:.2f})" if r.control.final_bound is not None else "")
+                   + ", budget "
                    f"{r.control.budget:g} {r.control.unit}", err=True)
     if report_out:
         r.report.save(report_out)

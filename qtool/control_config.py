@@ -29,6 +29,11 @@ def check_control_config(c) -> None:
         raise QtoolError(f"max_drop must be a number of percentage points >= 0, got {c.max_drop!r}")
     if c.min_sqnr_db is not None and not _num(c.min_sqnr_db):
         raise QtoolError(f"min_sqnr_db must be a finite number of dB, got {c.min_sqnr_db!r}")
+    if c.confidence is not None:
+        if not _num(c.confidence) or not 0.5 <= c.confidence < 1:
+            raise QtoolError(f"confidence must be a level in [0.5, 1), e.g. 0.9, got {c.confidence!r}")
+        if c.max_drop is None:
+            raise QtoolError("confidence bounds the max_drop budget's drop: give max_drop")
     if c.metric not in METRICS:
         raise QtoolError(f"metric must be one of {', '.join(METRICS)}, got {c.metric!r}")
     if c.target not in TARGETS:

@@ -101,6 +101,10 @@ class QuantConfig:
     # from weight_bits until the budget holds on evaluation data disjoint from the calibration samples.
     max_drop: float | None = None  # percentage points of top-1 (labels) or of top-1 agreement with FP32
     min_sqnr_db: float | None = None  # metric "sqnr": the worst output's SQNR vs FP32 must reach this
+    # max_drop must hold for the drop's one-sided upper confidence bound at this level (e.g. 0.9), not only for the
+    # drop measured: the greedy stops at the first state under budget, which on a finite evaluation set
+    # is an optimistic pick (None: the measured drop, as NNCF's accuracy control).
+    confidence: float | None = None
     metric: str = "auto"  # auto (top1 with labels, else agreement for class scores) | top1 | agreement | sqnr
     target: str = "cpu"  # where the model runs: decides the per-unit choices and whose latency is measured
     eval_size: int | None = None  # evaluation samples (None: the whole val split / every non-calibration sample)

@@ -104,6 +104,34 @@ def test_where_int8_cannot_hold_units_go_float_with_their_latency_measured():
     assert c.latency_ms["final_predicted"] > 0 and c.latency_ms["uniform int8"] > 0
 
 
+def test_confidence_checks_the_budget_on_the_upper_bound_of_the_drop():
+    from qtool.accuracy_control import Metric, measure
+
+    m = cnn(outlier=40.0)
+    fs = data(m)
+    calib, ev = split(fs)
+    plain = qtool.quantize(m, calib, QuantConfig(calib="minmax", weight_bits=4))
+    ref = run_feeds(m, ev)
+    got = measure(plain.model, ev, ref)
+    # the paired standard error, from the per-sample correctness of FP32 (here always right) and the quantized model
+    # (one pseudo-sample of each sign, so a model without errors still has a bound above its drop)
+    wrong = (run_feeds(plain.model, ev)["y"].argmax(1) != ev.labels).astype(float)
+    paired = np.concatenate([wrong, [-1.0, 1.0]])
+    assert got.top1_drop_se == pytest.approx(paired.std(ddof=1) / np.sqrt(len(paired)))
+    assert got.disagreement_se < got.top1_drop_se  # labels = FP32's argmax: the pseudo-samples differ only
+    metric = Metric("top1", 5.0, 1.0, 0.9)
+    assert metric.bound(got) == pytest.approx(metric.drop(got) + 1.2816 * got.top1_drop_se * 100, abs=1e-3)
+    # a drop under budget whose bound is not: met without confidence, not with it (the check can fail)
+    near = type(got)(1 - 0.045, None, 30.0, top1_drop_se=0.01)
+    assert Metric("top1", 5.0, 1.0).met(near) and not metric.met(near)
+    loose = control(m, fs, weight_bits=4, max_drop=5.0)
+    tight = control(m, fs, weight_bits=4, max_drop=5.0, confidence=0.9)
+    assert tight.control.met and tight.control.final_bound <= 5.0 + 1e-9
+    assert tight.control.final_bound > tight.control.final_drop
+    assert tight.control.final_drop <= loose.control.final_drop
+    assert "90% upper bound" in "\n".join(tight.lines())
+
+
 def test_budget_already_met_raises_nothing():
     m = cnn()
     fs = data(m)
@@ -185,7 +213,8 @@ def test_bad_combinations_exit_2(tmp_path):
     for args in (["--max-drop", "-1"], ["--max-drop", "1", "--activations", "dynamic"],
                  ["--max-drop", "1", "--bits", "w6a8"], ["--metric", "sqnr", "--max-drop", "1"],
                  ["--max-drop", "1", "--metric", "top1"], ["--max-drop", "1", "--calib-size", "96"],
-                 ["--val-data", f"npz:{npz}"]):
+                 ["--val-data", f"npz:{npz}"], ["--max-drop", "1", "--confidence", "1.5"],
+                 ["--confidence", "0.9"], ["--min-sqnr", "20", "--metric", "sqnr", "--confidence", "0.9"]):
         assert cli_main(["quantize", str(p), "--data", f"npz:{npz}", "-o", str(out), *args]) == 2, args
         assert not out.exists()
 
