@@ -621,8 +621,10 @@ SECTIONS = (
     Section("lowbit", "Low-bit PTQ: qtool AdaRound / bias correction vs AIMET",
             "W4A8 and W4A4 post-training quantization of the trained ResNet-20 (and W4A8 of the trained MobileNetV2 "
             "x0.5): qtool's mse calibration, learned "
-            "rounding (`--algo adaround`) and bias correction against AIMET's QuantSim (min_max, tf_enhanced) and "
-            "AdaRound with the same calibration images and iterations: top-1 on onnxruntime and wall time.",
+            "rounding (`--algo adaround`, at W4A4 also `--algo brecq --tune-activations`) and bias correction against "
+            "AIMET's QuantSim (min_max, tf_enhanced) and AdaRound with the same calibration images and iterations; at "
+            "W4A4 also with the first and last layer at 8 bits (`--first-last-bits 8`, AIMET's same quantizers at 8 "
+            "bits): top-1 on onnxruntime and wall time.",
             (("lowbit", "python -m benchmarks lowbit"),
              ("lowbit_mobilenetv2_050", "python -m benchmarks lowbit --model mobilenetv2_050_cifar10 --bits W4A8"))),
     Section("nbits", "Weight-only 4-bit MatMul (MatMulNBits) vs int8 and onnxruntime's 4-bit quantizer",
