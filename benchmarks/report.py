@@ -634,7 +634,7 @@ SECTIONS = (
             "on held-out samples, quantize wall time.",
             (("nbits", "python -m benchmarks nbits"),)),
     Section("accuracy_control", "Accuracy-aware PTQ: qtool --max-drop vs NNCF quantize_with_accuracy_control",
-            "The trained ResNet-20, MobileNetV2 x0.5 and small ViT within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
+            "The trained ResNet-20, MobileNetV2 x0.5, small ViT and LeNet-5 within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
             "(`--bits w4a8 --max-drop 0.5`, and `--bits w8a8`) against NNCF's `quantize_with_accuracy_control` "
             "(W8A8 with float fallback) and uniform W8A8 / W4A8, with the same calibration and control images: top-1 "
             "on onnxruntime on the control images and on held-out ones, latency, size, wall time; with `--search`, "
@@ -644,7 +644,9 @@ SECTIONS = (
              ("accuracy_control_mobilenetv2_050", lambda d, name: "python -m benchmarks accuracy_control --model "
               "mobilenetv2_050_cifar10" + (" --search" if d.get("search") else "")),
              ("accuracy_control_vit_cifar", lambda d, name: "python -m benchmarks accuracy_control --model "
-              "vit_cifar_cifar10" + (" --search" if d.get("search") else "")))),
+              "vit_cifar_cifar10" + (" --search" if d.get("search") else "")),
+             ("accuracy_control_lenet5", lambda d, name: "python -m benchmarks accuracy_control --model "
+              "lenet5_cifar10" + (" --search" if d.get("search") else "")))),
     Section("smoothquant", "SmoothQuant on the small ViT: W8A8 static vs onnxruntime and NNCF",
             "W8A8 static PTQ of the ViT trained on CIFAR-10 (benchmarks/models/vit_cifar_cifar10.onnx) with and "
             "without `--smoothquant ALPHA`, against onnxruntime's `quantize_static` and NNCF's `quantize` with "
@@ -652,8 +654,8 @@ SECTIONS = (
             "FP32 on onnxruntime, latency, quantize wall time.",
             (("smoothquant", "python -m benchmarks smoothquant"),)),
     Section("train", "FP32 training of the CIFAR-10 models",
-            "FP32 training of the zoo's ResNet-20, its MobileNetV2 x0.5 (`mobilenetv2_050`, CIFAR strides) and its "
-            "small ViT (`vit_cifar`: conv tokenizer, 4 pre-norm "
+            "FP32 training of the zoo's ResNet-20, its MobileNetV2 x0.5 (`mobilenetv2_050`, CIFAR strides), LeNet-5 "
+            "(`lenet5`, BN after each conv, 62k parameters) and its small ViT (`vit_cifar`: conv tokenizer, 4 pre-norm "
             "blocks, 0.58M parameters; AdamW, label smoothing) on the shared CIFAR-10 split (45k train / 5k val) and "
             "the accuracy of the ONNX export on onnxruntime; the models are benchmarks/models/*_cifar10.onnx, which "
             "the other benchmarks quantize. The ViT's wall time includes the hours its resumable run was paused.",
@@ -661,6 +663,8 @@ SECTIONS = (
              ("train_mobilenetv2_050", lambda d, name: f"python -m benchmarks.train_resnet20 --model mobilenetv2_050 "
               f"--epochs {d['epochs']}"),
              ("train_vit_cifar", lambda d, name: f"python -m benchmarks.train_resnet20 --model vit_cifar "
+              f"--epochs {d['epochs']}"),
+             ("train_lenet5", lambda d, name: f"python -m benchmarks.train_resnet20 --model lenet5 "
               f"--epochs {d['epochs']}"))),
     Section("qat", "QAT: fidelity to onnxruntime and accuracy",
             "QAT of ResNet-20 at W8A8 (LSQ) and W4A4 (LSQ, PACT, DoReFa; first and last layer 8-bit): the fake-quant "
