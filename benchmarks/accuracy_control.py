@@ -19,10 +19,11 @@ LayerNormalization or Softmax, as its users are told to pass). Top-1 on onnxrunt
 2 threads, every model interleaved in one measurement (`qtool.latency.median_latency_ms`); size: the ONNX
 file (int8 containers), and for 4-bit weights also packed as INT4 (`export --int4-weights on`); wall time of
 each quantization in one process (NNCF: measured inside its driver, without its imports).
-`--search`: also `qtool search --target cpu --eval ptq --objectives acc,latency,size` (NSGA-III over float /
-int8 / w4a8 per layer, each candidate a plain PTQ scored on onnxruntime on the control images; its own
+`--search`: also `qtool search --target cpu --eval ptq --objectives acc,latency,packed_size` (NSGA-III over float /
+int8 / w4a8 per layer, packed_size counting 4-bit weights at 4 bits, each candidate a plain PTQ scored on onnxruntime on the control images; its own
 256 calibration images of the train split); every front member is then measured like the rows (top-1 on
-both halves, latency in the same interleaved run, file size) and plotted with them
+both halves, latency in the same interleaved run, file size, also with 4-bit weights packed as INT4, which the
+plot shows) and plotted with them
 (results/accuracy_control[_MODEL]_front.png: the front, the uniform rows, the accuracy controls).
 Without the shared CIFAR-10 archive (or QTOOL_CIFAR) it prints why and exits 0 having written nothing.
 """
@@ -47,6 +48,7 @@ from qtool.exporting import ExportConfig, export_model
 from qtool.feeds import feeds_for
 from qtool.fusion import fuse
 from qtool.io import load_model
+from qtool.plan import QuantPlan
 from qtool.ptq import QuantConfig, quantize_plan
 
 NNCF_PYTHON = os.environ.get("QTOOL_NNCF_PYTHON", "/work/venvs/nncf/bin/python")
@@ -184,10 +186,10 @@ def run_search(fused, spec, n_control: int, pop: int, gens: int, workdir: Path, 
     from qtool.api import search
     from qtool.bitsearch.config import SearchConfig
 
-    cfg = SearchConfig(target="cpu", objectives=("acc", "latency", "size"), evaluator="ptq", pop=pop, gens=gens,
-                       val_limit=n_control)
+    cfg = SearchConfig(target="cpu", objectives=("acc", "latency", "packed_size"), evaluator="ptq", pop=pop,
+                       gens=gens, val_limit=n_control)
     res, t = timed(lambda: search(fused, spec, cfg, workdir=workdir, progress=False))
-    out["search"] = {"command": f"qtool search --target cpu --eval ptq --objectives acc,latency,size --pop {pop} "
+    out["search"] = {"command": f"qtool search --target cpu --eval ptq --objectives acc,latency,packed_size --pop {pop} "
                                 f"--gens {gens} --val-limit {n_control}",
                      "seconds": t, "evaluated": res.evaluated, "front": []}
     named = {}
@@ -200,6 +202,10 @@ def run_search(fused, spec, n_control: int, pop: int, gens: int, workdir: Path, 
         rec = {"name": name, "search_acc": m["acc"], "acc_ort": m["acc_ort"], "top1": t1,
                "drop_pp": {k: (fp[k] - t1[k]) * 100 for k in t1}, "size_bytes": q.ByteSize(),
                "choices": dict(Counter(m["choices"].values()))}
+        plan = QuantPlan.load(workdir / m["plan_file"])
+        if any(tq.kind == "weight" and tq.bits <= 4 for tq in plan.tensors.values()):
+            rec["int4_packed_bytes"] = export_model(load_model(workdir / m["model_file"]), plan,
+                                                    ExportConfig(format="qdq", int4="on")).report.size_bytes
         out["search"]["front"].append(rec)
         named[name] = rec
     print(f"[accuracy_control] search: {len(res.front)} front members of {res.evaluated} evaluations, {t:.0f} s",
@@ -215,7 +221,8 @@ def plot_front(path: Path, out: dict) -> None:
     from qtool.bitsearch.report import plot_pareto
 
     def objs(r: dict) -> dict:
-        return {"acc": r["top1"]["control"], "latency": r["latency_ms"], "size": r["size_bytes"]}
+        return {"acc": r["top1"]["control"], "latency": r["latency_ms"],
+                "size": r.get("int4_packed_bytes", r["size_bytes"])}
 
     rows = out["rows"]
     fp32 = {"name": "float", "objectives": {"acc": out["fp32_top1"]["control"], "latency": out["fp32"]["latency_ms"],
@@ -226,7 +233,8 @@ def plot_front(path: Path, out: dict) -> None:
     for m in front + base:
         m["acc_ort"] = m["objectives"]["acc"]
     extra = [(k, objs(r)) for k, r in rows.items() if "(uniform)" not in k and "error" not in r]
-    plot_pareto(path, SimpleNamespace(objectives=["acc", "latency", "size"], front=front, baselines=base), extra=extra)
+    plot_pareto(path, SimpleNamespace(objectives=["acc", "latency", "size"], front=front, baselines=base), extra=extra,
+                labels={"size": "file bytes (4-bit weights packed as INT4)"})
 
 
 if __name__ == "__main__":

@@ -458,9 +458,11 @@ def accuracy_control_table(d: dict) -> str:
         lines += ["", f"`{se['command']}`: {se['evaluated']} evaluations in {se['seconds']:.0f} s; each front member "
                       "measured like the rows above (latency in the same interleaved run):", ""]
         lines += _table(["front member", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
-                         "latency ms (x FP32)", "size KiB"],
+                         "latency ms (x FP32)", "size KiB (INT4 packed)"],
                         [[m["name"], *_halves(m), _counts(m["choices"]), _ms_vs(m.get("latency_ms"), fl),
-                          f"{m['size_bytes'] / 1024:.0f}"] for m in se["front"]])
+                          f"{m['size_bytes'] / 1024:.0f}" + (f" ({m['int4_packed_bytes'] / 1024:.0f})"
+                                                             if "int4_packed_bytes" in m else "")]
+                         for m in se["front"]])
     lines += _peer_notes(d)
     return "\n".join(lines + ["", _machine(d)]) + "\n"
 

@@ -90,12 +90,14 @@ def _savefig(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_pareto(path: Path, result, extra: list[tuple[str, dict]] | None = None) -> None:
+def plot_pareto(path: Path, result, extra: list[tuple[str, dict]] | None = None,
+                labels: dict[str, str] | None = None) -> None:
     """Accuracy against each other objective (one panel each; latency and size are the measured
     onnxruntime milliseconds and QDQ bytes): the front and the uniform baselines, at their top-1 on
     onnxruntime where re-checked (`acc_ort`), else the evaluator's. `extra`: more labelled points,
     (name, objectives dict with "acc" and the x objectives), e.g. another tool's result evaluated the
-    same way; a point lacking an objective is left out of that panel."""
+    same way; a point lacking an objective is left out of that panel. `labels`: axis labels by objective
+    for callers whose numbers measure something else (default: the objective's label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +127,7 @@ def plot_pareto(path: Path, result, extra: list[tuple[str, dict]] | None = None)
         for (name, objs), mk in zip(extra or [], ("*", "h", "p", "8", "<", ">")):
             if o in objs and y_name in objs:
                 ax.plot(objs[o], objs[y_name] * scale, mk, color="tab:green", ms=10, label=name)
-        ax.set_xlabel(metric(o).label)
+        ax.set_xlabel((labels or {}).get(o) or metric(o).label)
         ax.set_ylabel(("top-1 on onnxruntime (%)" if on_ort else "top-1 (%)") if y_name == "acc"
                       else metric(y_name).label)
         if o in ("flops", "bitops", "packed_size"):
