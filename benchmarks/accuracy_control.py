@@ -222,11 +222,11 @@ def plot_front(path: Path, out: dict) -> None:
 
     def objs(r: dict) -> dict:
         return {"acc": r["top1"]["control"], "latency": r["latency_ms"],
-                "size": r.get("int4_packed_bytes", r["size_bytes"])}
+                "size": r.get("int4_packed_bytes", r["size_bytes"]) / 1024}
 
     rows = out["rows"]
     fp32 = {"name": "float", "objectives": {"acc": out["fp32_top1"]["control"], "latency": out["fp32"]["latency_ms"],
-                                            "size": out["fp32"].get("size_bytes", 0)}}
+                                            "size": out["fp32"].get("size_bytes", 0) / 1024}}
     base = [fp32] + [{"name": k.split("(")[0].replace("qtool ", "").strip(), "objectives": objs(r)}
                      for k, r in rows.items() if "(uniform)" in k and "error" not in r]
     front = [{"objectives": objs(r)} for r in out["search"]["front"]]
@@ -234,7 +234,7 @@ def plot_front(path: Path, out: dict) -> None:
         m["acc_ort"] = m["objectives"]["acc"]
     extra = [(k, objs(r)) for k, r in rows.items() if "(uniform)" not in k and "error" not in r]
     plot_pareto(path, SimpleNamespace(objectives=["acc", "latency", "size"], front=front, baselines=base), extra=extra,
-                labels={"size": "file bytes (4-bit weights packed as INT4)"})
+                labels={"size": "file KiB (4-bit weights packed as INT4)"})
 
 
 if __name__ == "__main__":

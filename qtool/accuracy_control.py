@@ -34,16 +34,16 @@ samples, in percentage points; agreement (no labels, class scores): drop = 100 x
 whose argmax differs from FP32's; sqnr: the worst output's SQNR vs FP32 (dB) must reach min_sqnr_db.
 With `confidence` (top1 / agreement) the budget is checked against the drop's one-sided upper confidence
 bound (`Metric.bound`): the greedy and the backward pass stop at the first state under budget, and on a
-finite evaluation set that state's measured drop is optimistic (measured on ResNet-20 W4A8: -0.32 pp on the
-2500 control images, -1.00 pp on 2500 others; benchmarks/results/accuracy_control.md).
+finite evaluation set that state's measured drop is optimistic (in one run on ResNet-20 W4A8: -0.32 pp on the
+2500 control images, -1.00 pp on 2500 others; benchmarks/results/accuracy_control.md has the current one).
 """
 from __future__ import annotations
 
 import logging
 import time
-from statistics import NormalDist
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
+from statistics import NormalDist
 
 import numpy as np
 import onnx

@@ -141,6 +141,7 @@ def plot_pareto(path: Path, result, extra: list[tuple[str, dict]] | None = None,
             labels.setdefault(lab, h)
     fig.legend(list(labels.values()), list(labels), loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=7)
     fig.suptitle("bit-width search: Pareto front vs uniform baselines (same evaluator)")
+    fig.tight_layout()  # else a panel's y label runs into its left neighbour
     _savefig(fig, path)
     plt.close(fig)
 
