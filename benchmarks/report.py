@@ -424,6 +424,26 @@ def _peer_notes(d: dict) -> list[str]:
                else []))
 
 
+def kept_gains(d: dict) -> list[tuple[str, str]]:
+    """Per accuracy-control row, the share it keeps of uniform INT8's latency gain over FP32 (none where INT8
+    is not faster) and of uniform W4A8's size gain (INT4 packed), the issue's two yardsticks."""
+    rows, fp = d["rows"], d.get("fp32", {})
+    i8, w4 = rows.get("qtool W8A8 (uniform)", {}), rows.get("qtool W4A8 (uniform)", {})
+    if "latency_ms" not in fp or "latency_ms" not in i8 or "int4_packed_bytes" not in w4:
+        return []
+    lat_gain, size_gain = fp["latency_ms"] - i8["latency_ms"], fp["size_bytes"] - w4["int4_packed_bytes"]
+    out = []
+    for t, r in rows.items():
+        if "(uniform)" in t or "error" in r or "latency_ms" not in r:
+            continue
+        size = (fp["size_bytes"] - r.get("int4_packed_bytes", r["size_bytes"])) / size_gain
+        kept = (fp["latency_ms"] - r["latency_ms"]) / lat_gain if lat_gain > 0 else None
+        lat = ("no latency gain to keep (INT8 slower than FP32)" if kept is None
+               else "none of the latency gain (slower than FP32)" if kept < 0 else f"{kept:.0%} of the latency gain")
+        out.append((t, f"{lat}, {size:.0%} of the size gain"))
+    return out
+
+
 def accuracy_control_table(d: dict) -> str:
     """benchmarks.accuracy_control: uniform W8A8 / W4A8, qtool --max-drop, NNCF quantize_with_accuracy_control."""
     fp, fl = d["fp32_top1"], d.get("fp32", {}).get("latency_ms")
@@ -449,6 +469,11 @@ def accuracy_control_table(d: dict) -> str:
         rows.append([tool, *_halves(r), units, lat, size, f"{r['seconds']:.1f}"])
     lines += _table(["tool", "top-1 control", "− FP32 (pp)", "top-1 held-out", "− FP32 (pp)", "units",
                      "latency ms (x FP32)", "size KiB (INT4 packed)", "wall s"], rows)
+    gains = kept_gains(d)
+    if gains:
+        lines += ["", "Of the gains over FP32 of uniform INT8 (latency) and uniform W4A8 (size, INT4 packed), each "
+                      "accuracy control keeps: " + "; ".join(f"`{t.removeprefix('qtool ')}` {g}" for t, g in gains)
+                  + "."]
     bounds = [(t, r["final_bound_pp"]) for t, r in d["rows"].items() if r.get("final_bound_pp") is not None]
     if bounds:
         lines += ["", "; ".join(f"`{t.removeprefix('qtool ')}`: the control drop's one-sided upper confidence bound "

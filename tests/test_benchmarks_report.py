@@ -110,3 +110,15 @@ def test_each_table_shows_a_number_of_its_json(kind):
     name = next(n for s, n in KEPT if s.kind == kind)
     d = report.load(name)
     assert probe(kind, d) in report.RENDER[kind](d)
+
+
+def testkept_gains_are_shares_of_the_uniform_gains_over_fp32():
+    row = lambda ms, size, **kw: {"latency_ms": ms, "size_bytes": size, **kw}  # noqa: E731
+    d = {"fp32": {"latency_ms": 2.0, "size_bytes": 1000},
+         "rows": {"qtool W8A8 (uniform)": row(1.0, 300), "qtool W4A8 (uniform)": row(1.0, 300, int4_packed_bytes=200),
+                  "qtool --max-drop": row(1.2, 300, int4_packed_bytes=400), "peer": row(2.5, 300)}}
+    got = dict(report.kept_gains(d))
+    assert got == {"qtool --max-drop": "80% of the latency gain, 75% of the size gain",
+                   "peer": "none of the latency gain (slower than FP32), 88% of the size gain"}
+    d["rows"]["qtool W8A8 (uniform)"]["latency_ms"] = 2.2  # INT8 slower than FP32: no latency gain to share
+    assert dict(report.kept_gains(d))["peer"].startswith("no latency gain to keep")
