@@ -19,11 +19,11 @@ LayerNormalization or Softmax, as its users are told to pass). Top-1 on onnxrunt
 2 threads, every model interleaved in one measurement (`qtool.latency.median_latency_ms`); size: the ONNX
 file (int8 containers), and for 4-bit weights also packed as INT4 (`export --int4-weights on`); wall time of
 each quantization in one process (NNCF: measured inside its driver, without its imports).
-`--search`: also `qtool search --target cpu --eval ptq --objectives acc,latency,packed_size` (NSGA-III over float /
-int8 / w4a8 per layer, packed_size counting 4-bit weights at 4 bits, each candidate a plain PTQ scored on onnxruntime on the control images; its own
-256 calibration images of the train split); every front member is then measured like the rows (top-1 on
-both halves, latency in the same interleaved run, file size, also with 4-bit weights packed as INT4, which the
-plot shows) and plotted with them
+`--search`: also `qtool search --target cpu --eval ptq --objectives acc,latency,packed_size` (NSGA-III over
+float / int8 / w4a8 per layer, packed_size counting 4-bit weights at 4 bits, each candidate a plain PTQ scored
+on onnxruntime on the control images; its own 256 calibration images of the train split); every front member
+is then measured like the rows (top-1 on both halves, latency in the same interleaved run, file size, also
+with 4-bit weights packed as INT4, which the plot shows) and plotted with them
 (results/accuracy_control[_MODEL]_front.png: the front, the uniform rows, the accuracy controls).
 Without the shared CIFAR-10 archive (or QTOOL_CIFAR) it prints why and exits 0 having written nothing.
 """
@@ -189,8 +189,8 @@ def run_search(fused, spec, n_control: int, pop: int, gens: int, workdir: Path, 
     cfg = SearchConfig(target="cpu", objectives=("acc", "latency", "packed_size"), evaluator="ptq", pop=pop,
                        gens=gens, val_limit=n_control)
     res, t = timed(lambda: search(fused, spec, cfg, workdir=workdir, progress=False))
-    out["search"] = {"command": f"qtool search --target cpu --eval ptq --objectives acc,latency,packed_size --pop {pop} "
-                                f"--gens {gens} --val-limit {n_control}",
+    out["search"] = {"command": "qtool search --target cpu --eval ptq --objectives acc,latency,packed_size "
+                                f"--pop {pop} --gens {gens} --val-limit {n_control}",
                      "seconds": t, "evaluated": res.evaluated, "front": []}
     named = {}
     for m in res.front:

@@ -132,7 +132,8 @@ def main(argv=None) -> int:
                     (tuned, plan), t_b = timed(lambda: quantize_plan(fused, calib, cfg))
                     qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
                     record("qtool brecq --tune-activations" + suffix, qdq, t_b + t_apply)
-                edge = [k for k, tq in plan.tensors.items() if tq.bits == 8]
+                    if suffix:
+                        edge = [k for k, tq in plan.tensors.items() if tq.bits == 8]
                 (tuned, plan), t_ada = timed(lambda: quantize_plan(fused, calib, replace(ada_cfg, first_last_bits=8)))
                 qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
                 record("qtool adaround" + FIRST_LAST, qdq, t_ada + t_apply)

@@ -662,7 +662,7 @@ SECTIONS = (
             (("nbits", "python -m benchmarks nbits"),)),
     Section("accuracy_control", "Accuracy-aware PTQ: qtool --max-drop vs NNCF quantize_with_accuracy_control",
             "The trained ResNet-20, MobileNetV2 x0.5, small ViT and LeNet-5 within a 0.5 pp top-1 budget: qtool's per-unit float / int8 / w4a8 choice "
-            "(`--bits w4a8 --max-drop 0.5`, and `--bits w8a8`) against NNCF's `quantize_with_accuracy_control` "
+            "(`--bits w4a8 --max-drop 0.5`, also with `--confidence 0.9`, and `--bits w8a8`) against NNCF's `quantize_with_accuracy_control` "
             "(W8A8 with float fallback) and uniform W8A8 / W4A8, with the same calibration and control images: top-1 "
             "on onnxruntime on the control images and on held-out ones, latency, size, wall time; with `--search`, "
             "also the front of `qtool search --eval ptq` over the same choices, measured the same way and plotted.",

@@ -278,8 +278,8 @@ def rescale_options(f):
               help="accuracy control: units measured on onnxruntime per greedy step")
 @rescale_options
 @refine_options
-def quantize(model, data, mean, std, input_shapes, calib, bits, first_last_bits, per_channel, symmetric_activations, weight_range, fmt,
-             calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, block_size,
+def quantize(model, data, mean, std, input_shapes, calib, bits, first_last_bits, per_channel, symmetric_activations,
+             weight_range, fmt, calib_size, output, plan_out, report_out, exclude, allow_collapse, activations, block_size,
              weight_zero_points, max_drop, confidence, min_sqnr_db, metric, target, val_data, eval_size, candidates,
              **refine):
     """Post-training quantization: calibrate on real data and write a QDQ model (+ its QuantPlan);
@@ -302,8 +302,8 @@ def quantize(model, data, mean, std, input_shapes, calib, bits, first_last_bits,
                                act_signed=symmetric_activations, act_symmetric=symmetric_activations,
                                calib_size=calib_size, format=fmt, check_collapse=not allow_collapse,
                                exclude=tuple(exclude), per_tensor_report=report_out is not None,
-                               activations=activations, weight_range=weight_range, max_drop=max_drop, confidence=confidence,
-                               min_sqnr_db=min_sqnr_db, metric=metric, target=target, eval_size=eval_size,
+                               activations=activations, weight_range=weight_range, max_drop=max_drop,
+                               confidence=confidence, min_sqnr_db=min_sqnr_db, metric=metric, target=target, eval_size=eval_size,
                                candidates=candidates, **extra, **refine)
     d = make_data(data, mean, std, input_shapes)
     if activations != "static" and report_out and d is None:

@@ -113,14 +113,12 @@ class QuantConfig:
     def __post_init__(self):
         if self.weight_bits is None:
             object.__setattr__(self, "weight_bits", 4 if self.activations == "none" else 8)
-        for k in ("weight_bits", "act_bits"):
+        for k in ("weight_bits", "act_bits", "first_last_bits"):
             v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
-                raise QtoolError(f"{k} must be an integer in 2..8, got {v!r}")
+            optional = k == "first_last_bits"
+            if (v is not None or not optional) and (not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8):
+                raise QtoolError(f"{k} must be an integer in 2..8{' or None' if optional else ''}, got {v!r}")
         if self.first_last_bits is not None:
-            v = self.first_last_bits
-            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
-                raise QtoolError(f"first_last_bits must be an integer in 2..8 or None, got {v!r}")
             if self.activations != "static":
                 raise QtoolError("first_last_bits sets the bits of static quantization; "
                                  f"activations={self.activations!r} has its own fixed bits")
@@ -298,8 +296,9 @@ def dynamic_weight_quant(w: np.ndarray, axis: int, per_channel: bool) -> TensorQ
     return weight_quant(w, 8, axis if per_channel else None, pairs)
 
 
-def activation_quant(rmin: float, rmax: float, config: QuantConfig) -> TensorQuant:
-    return range_quant(rmin, rmax, config.act_bits, config.act_signed, config.act_symmetric)
+def activation_quant(rmin: float, rmax: float, config: QuantConfig, bits: int | None = None) -> TensorQuant:
+    """`bits`: other than config.act_bits (the first/last layer's)."""
+    return range_quant(rmin, rmax, bits or config.act_bits, config.act_signed, config.act_symmetric)
 
 
 def excluder(model: onnx.ModelProto, patterns: tuple[str, ...]):
@@ -337,7 +336,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig,
         elif root in stats:
             rmin, rmax = stats[root].range(config.calib, signed=config.act_signed, bits=bits,
                                            percentile=config.percentile)
-            acts[name] = range_quant(rmin, rmax, bits, config.act_signed, config.act_symmetric)
+            acts[name] = activation_quant(rmin, rmax, config, bits)
 
     def codes(x: str, padded: bool):
         tq = acts.get(marks.root(x)) if x in marks.tensors else None

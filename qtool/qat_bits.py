@@ -15,6 +15,7 @@ from qtool.quant_points import QUANTIZED, QuantPoints, first_last_tensors, from_
 
 __all__ = ["TensorSpec", "resolve_bits"]
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     kind: str  # activation | weight

@@ -135,11 +135,11 @@ def plot_pareto(path: Path, result, extra: list[tuple[str, dict]] | None = None,
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on a short log axis
         ax.grid(alpha=0.3)
     # One legend beside the panels: inside them it hides points once there are more than a few labels.
-    labels = {}
+    handles = {}
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            labels.setdefault(lab, h)
-    fig.legend(list(labels.values()), list(labels), loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=7)
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, fontsize=7)
     fig.suptitle("bit-width search: Pareto front vs uniform baselines (same evaluator)")
     fig.tight_layout()  # else a panel's y label runs into its left neighbour
     _savefig(fig, path)
