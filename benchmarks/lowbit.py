@@ -15,7 +15,9 @@ Top-1 of every exported QDQ model on onnxruntime on the 5k val slice; wall time 
 process (qtool) or measured inside the AIMET driver without its imports (benchmarks/aimet_driver.py, run by
 the AIMET environment's interpreter as a subprocess; aimet-onnx 2.42, torch 2.13.0), on the same machine,
 one after the other. The "adaround + bias correction" row is the AdaRound model of the row above followed
-by qtool.biascorr, which is what `--algo adaround --bias-correction` runs; its time is the sum. At W4A4 the
+by qtool.biascorr, which is what `--algo adaround --bias-correction` runs; its time is the sum. The "--qdrop
+0.5" row is AdaRound with QDrop (each element of a layer's input the FP32 model's with probability 0.5,
+redrawn every step). At W4A4 the
 rows marked "first/last layer 8-bit" keep the first Conv's weight and input and the last Gemm's weight, input
 and output at 8 bits (`--first-last-bits 8`, the layout of `qtool qat --bits w4a4` and of the AdaRound / BRECQ
 papers); AIMET's row sets the same tensors' quantizers to 8 bits. The last row of each bit-width gives qtool's
@@ -48,6 +50,7 @@ DRIVER = Path(__file__).resolve().parent / "aimet_driver.py"
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
 DEFAULT_MODEL = "resnet20_cifar10"
 FIRST_LAST = ", first/last layer 8-bit"
+QDROP = 0.5  # the QDrop paper's probability
 
 
 def run_aimet(python: str, fused_path: Path, calib_path: Path, out: Path, w: int, a: int, scheme: str, iters: int,
@@ -125,6 +128,9 @@ def main(argv=None) -> int:
             (bc, rep), t_bc = timed(lambda: bias_correct(fused, tuned, plan, calib, samples=n_ada))
             qdq, t_apply = timed(lambda: apply_plan(bc, plan))
             record("qtool adaround + bias correction", qdq, t_ada + t_bc + t_apply)
+            (tuned, plan), t_q = timed(lambda: quantize_plan(fused, calib, replace(ada_cfg, qdrop=QDROP)))
+            qdq, t_apply = timed(lambda: apply_plan(tuned, plan))
+            record(f"qtool adaround --qdrop {QDROP}", qdq, t_q + t_apply)
             edge = []  # W4A4: the tensors qtool's first/last policy keeps at 8 bits (as `qtool qat` does)
             if a < 8:  # block reconstruction that also learns the activation scales: what W4A4 needs
                 brecq_cfg = replace(ada_cfg, algo="brecq", tune_activations=True, adaround_iters=args.brecq_iters or iters)

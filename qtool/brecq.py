@@ -22,6 +22,9 @@ stays the plan's integer (the unsigned 4-bit codes keep their [0, 15] layout, on
 tensors sharing the root's parameters (pass-through outputs, qtool.quant_points) share the learned scale.
 The learned scales (float32) are written into the plan's entries, in place.
 
+`drop` > 0: QDrop on the block's inputs (qtool.adaround.mix_inputs: each element of x_q is x's with that
+probability, redrawn every step).
+
 Weights are written back as `code * scale` as in qtool.adaround, so the result is a plain QDQ model of the
 (updated) plan. A block whose learned rounding and scales reconstruct its outputs worse than where it
 started (nearest rounding, calibrated scales) on the samples keeps its start (reported). `time_budget_s`:
@@ -40,7 +43,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from qtool.adaround import BATCH, LR, REG_WEIGHT, WARM_START, Rounding, beta_at, recon_error
+from qtool.adaround import BATCH, LR, REG_WEIGHT, WARM_START, Rounding, beta_at, mix_inputs, recon_error
 from qtool.layerwise import Layer, PlanQuant, quantized_lift, stack_feeds, weight_layers, with_initializers
 from qtool.lift import LiftedModule, lift
 from qtool.plan import QuantPlan, TensorQuant
@@ -239,8 +242,8 @@ def _mse(lifted, blk: Block, xs: dict, ts: dict, weights: dict) -> float:
 
 
 def brecq(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict[str, np.ndarray]], *, iters: int = 500,
-          samples: int = 256, tune_activations: bool = False, time_budget_s: float | None = None, seed: int = 0,
-          show_progress: bool = True) -> tuple[onnx.ModelProto, BrecqReport]:
+          samples: int = 256, tune_activations: bool = False, drop: float = 0.0, time_budget_s: float | None = None,
+          seed: int = 0, show_progress: bool = True) -> tuple[onnx.ModelProto, BrecqReport]:
     """A copy of the fused `model` whose planned weights are `learned code * scale`; with `tune_activations`
     the plan's activation entries take the learned scales (in place). See the module doc."""
     t0 = time.perf_counter()
@@ -264,8 +267,8 @@ def brecq(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict[str, np.
                 break
             if blk.layers or (tune_activations and blk.act_roots):
                 bar.update(task, info=blk.layers[0].w if blk.layers else blk.act_roots[0])
-                res = _reconstruct(blk, lq, lf, plan, groups, q_env, f_env, iters, tune_activations, gen, deadline,
-                                   learned)
+                res = _reconstruct(blk, lq, lf, plan, groups, q_env, f_env, iters, tune_activations, drop, gen,
+                                   deadline, learned)
                 report.blocks.append(res)
                 bar.update(task, info=f"{res.weights[0] if res.weights else ''}: "
                                       f"x{res.mse_learned / max(res.mse_start, 1e-30):.2f}")
@@ -291,8 +294,9 @@ def _set_group(lq: LiftedModule, plan: QuantPlan, groups: dict, root: str, tq: T
 
 
 def _reconstruct(blk: Block, lq, lf, plan: QuantPlan, groups: dict, q_env: dict, f_env: dict, iters: int,
-                 tune: bool, gen: torch.Generator, deadline: float | None, learned: dict) -> BrecqBlock:
+                 tune: bool, drop: float, gen: torch.Generator, deadline: float | None, learned: dict) -> BrecqBlock:
     xs = {t: q_env[t] for t in blk.inputs}
+    xfs = {t: f_env[t] for t in blk.inputs}
     ts = _propagate(lf, blk, f_env)
     rounding: dict[str, Rounding] = {}
     for la in blk.layers:
@@ -316,7 +320,8 @@ def _reconstruct(blk: Block, lq, lf, plan: QuantPlan, groups: dict, q_env: dict,
         if deadline is not None and time.perf_counter() >= deadline:
             break
         idx = torch.randint(n, (min(BATCH, n),), generator=gen)
-        y = _run(lq, blk, {t: v[idx] for t, v in xs.items()}, {w: r.soft() for w, r in rounding.items()})
+        y = _run(lq, blk, {t: mix_inputs(v[idx], xfs[t][idx], drop, gen) for t, v in xs.items()},
+                 {w: r.soft() for w, r in rounding.items()})
         loss = _loss(y, {o: v[idx] for o, v in ts.items()})
         if rounding and it >= WARM_START * iters:
             beta = beta_at(it, iters)

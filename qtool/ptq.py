@@ -90,6 +90,9 @@ class QuantConfig:
     adaround_iters: int = 500  # optimization steps per layer (adaround) / per block (brecq)
     adaround_samples: int = 256  # calibration samples the layers / blocks are reconstructed on
     tune_activations: bool = False  # brecq: learn the plan's activation scales with the rounding (LSQ gradient)
+    # adaround / brecq (QDrop, Wei et al. 2022): each element of a layer's / block's input is the FP32 model's
+    # instead of the quantized model's with this probability, redrawn every step (0: always the quantized input)
+    qdrop: float = 0.0
     bias_correction: bool = False  # empirical: each quantized Conv/Gemm's output mean per channel = FP32's
     time_budget_s: float | None = None  # bound on the refinements' / the accuracy control's wall time (None: no bound)
     seed: int = 0

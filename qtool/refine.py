@@ -27,19 +27,23 @@ def refine(model: onnx.ModelProto, plan: QuantPlan, calib_batches: list, config)
     tuned = model
     if config.algo == "adaround":
         tuned, rep = adaround(model, plan, calib_batches, iters=config.adaround_iters,
-                              samples=config.adaround_samples, time_budget_s=budget, seed=config.seed)
+                              samples=config.adaround_samples, drop=config.qdrop, time_budget_s=budget,
+                              seed=config.seed)
         notes["adaround"] = {"layers_learned": sum(r.kept == "learned" for r in rep.layers),
                              "layers_kept_nearest": [r.weight for r in rep.layers if r.kept == "nearest"],
                              "layers_skipped_time_budget": rep.skipped, "samples": rep.samples,
-                             "iterations": config.adaround_iters, "seconds": round(rep.seconds, 3)}
+                             "iterations": config.adaround_iters, "qdrop": config.qdrop,
+                             "seconds": round(rep.seconds, 3)}
         lines = rep.lines()
     elif config.algo == "brecq":
         tuned, rep = brecq(model, plan, calib_batches, iters=config.adaround_iters, samples=config.adaround_samples,
-                           tune_activations=config.tune_activations, time_budget_s=budget, seed=config.seed)
+                           tune_activations=config.tune_activations, drop=config.qdrop, time_budget_s=budget,
+                           seed=config.seed)
         notes["brecq"] = {"blocks_learned": sum(b.kept == "learned" for b in rep.blocks),
                           "blocks_kept_start": [b.weights for b in rep.blocks if b.kept == "start"],
                           "blocks_skipped_time_budget": rep.skipped, "samples": rep.samples,
-                          "iterations": config.adaround_iters, "tune_activations": config.tune_activations,
+                          "iterations": config.adaround_iters, "qdrop": config.qdrop,
+                          "tune_activations": config.tune_activations,
                           "activations_tuned": [a for b in rep.blocks if b.kept == "learned" for a in b.activations],
                           "seconds": round(rep.seconds, 3)}
         lines = rep.lines()

@@ -1,5 +1,5 @@
 """Validation of QuantConfig's post-training refinement fields (algo, adaround_*, tune_activations,
-bias_correction, time_budget_s, seed), kept apart from qtool.ptq so the refinements stay one separable piece; torch-free."""
+qdrop, bias_correction, time_budget_s, seed), kept apart from qtool.ptq so the refinements stay one separable piece; torch-free."""
 from __future__ import annotations
 
 from qtool.errors import QtoolError
@@ -23,6 +23,11 @@ def check_refine_config(c) -> None:
     if c.tune_activations and c.algo != "brecq":
         raise QtoolError(f"tune_activations learns activation scales in the block reconstruction: it needs "
                          f"algo='brecq', got algo={c.algo!r}")
+    q = c.qdrop
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q < 1.0:
+        raise QtoolError(f"qdrop must be a probability in [0, 1), got {q!r}")
+    if q and c.algo not in ("adaround", "brecq"):
+        raise QtoolError(f"qdrop mixes FP32 inputs into the reconstruction of adaround / brecq, got algo={c.algo!r}")
     if not isinstance(c.bias_correction, bool):
         raise QtoolError(f"bias_correction must be true or false, got {c.bias_correction!r}")
     t = c.time_budget_s
