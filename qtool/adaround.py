@@ -19,7 +19,9 @@ regularizer; Adam, batches of 32 samples. The result is hard rounding: h(V) >= 1
 `drop` > 0 is QDrop (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for Extremely Low-bit
 Post-Training Quantization"): in each step every element of x_q is replaced by x's with probability `drop`,
 so the rounding is fitted to a mix of the quantized and the FP32 input, which generalizes better than
-fitting the calibration samples' exact quantization noise (ResNet-20 W4A8, 3 seeds: +0.19 pp at 0.5).
+fitting the calibration samples' exact quantization noise (at 0.5, ResNet-20: +0.26 pp top-1 at W4A8, +0.92
+pp at W4A4; but MobileNetV2 x0.5 W4A8: -0.36 pp; benchmarks/results/lowbit*.md), hence opt-in. It costs a
+random draw per input element per step.
 
 The learned codes are written back as weights `code * s` (float32) with the plan's scales unchanged:
 `exporters.qdq.apply_plan` quantizes `code * s` back to exactly `code` (round((code s) / s) = code), so the

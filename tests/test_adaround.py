@@ -120,6 +120,33 @@ def test_deterministic_with_seed(results):
     assert any(not np.array_equal(a[k][0], c[k][0]) for k in a)  # the seed is what fixes the result
 
 
+def test_mix_inputs_takes_fp32_elements_with_the_probability():
+    import torch
+
+    from qtool.adaround import mix_inputs
+
+    xq, xf = torch.zeros(64, 16, 8, 8), torch.ones(64, 16, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    assert mix_inputs(xq, xf, 0.0, gen) is xq
+    frac = [float(mix_inputs(xq, xf, p, gen).mean()) for p in (0.25, 0.5)]
+    assert abs(frac[0] - 0.25) < 0.01 and abs(frac[1] - 0.5) < 0.01, frac
+    a, b = mix_inputs(xq, xf, 0.5, gen), mix_inputs(xq, xf, 0.5, gen)
+    assert not torch.equal(a, b)  # redrawn every call (every step)
+
+
+def test_qdrop_learns_a_different_rounding_that_still_beats_nearest(results):
+    m, plain, ada = results
+    q = qtool.quantize(m, feeds(4, 0), QuantConfig(algo="adaround", qdrop=0.5, **W4))
+    again = qtool.quantize(m, feeds(4, 0), QuantConfig(algo="adaround", qdrop=0.5, **W4))
+    assert q.plan.meta["refine"]["adaround"]["qdrop"] == 0.5
+    a, b, c = (weight_codes(r.model) for r in (q, again, ada))
+    assert all(np.array_equal(a[k][0], b[k][0]) for k in a)  # deterministic for a seed
+    assert any(not np.array_equal(a[k][0], c[k][0]) for k in a)  # the FP32 mix changed what was learned
+    x = np.concatenate([f["x"] for f in feeds(4, 99)])
+    ref = run(m, x)
+    assert sqnr(ref, run(q.model, x)) > sqnr(ref, run(plain.model, x)) + 0.5
+
+
 def test_time_budget_stops_it(results, one_thread):
     m, plain, _ = results
     r = qtool.quantize(m, feeds(4, 0), QuantConfig(algo="adaround", time_budget_s=1e-6, **W4))
@@ -157,6 +184,9 @@ def test_bias_correction_reduces_output_mean_error(one_thread):
     (dict(time_budget_s=float("nan")), "time_budget_s"),
     (dict(seed=-1), "seed must be an integer >= 0"),
     (dict(bias_correction="yes"), "bias_correction must be true or false"),
+    (dict(algo="adaround", qdrop=1.0), "qdrop must be a probability in [0, 1)"),
+    (dict(algo="adaround", qdrop=-0.1), "qdrop must be a probability in [0, 1)"),
+    (dict(qdrop=0.5), "qdrop mixes FP32 inputs into the reconstruction of adaround / brecq, got algo='none'"),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(QtoolError) as ei:
@@ -168,6 +198,7 @@ def test_bad_config(kw, msg):
     (["--adaround-iters", "0"], "adaround_iters must be an integer >= 1"),
     (["--time-budget", "-1"], "time_budget_s must be a number of seconds > 0"),
     (["--algo", "obq"], "Invalid value for '--algo'"),
+    (["--algo", "adaround", "--qdrop", "1.5"], "qdrop must be a probability in [0, 1)"),
 ])
 def test_cli_invalid_options_exit_2(tmp_path, capsys, args, msg):
     src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"

@@ -82,11 +82,11 @@ def test_block_reconstruction_beats_layerwise_adaround(results):
            (("plain", plain), ("adaround", ada), ("brecq", blk), ("tuned", tuned))}
     # the residual block's output, in the whole quantized model, on the samples
     assert err["brecq"][0] < err["adaround"][0] < err["plain"][0], err
-    # learned scales: the reconstructed block no worse than with learned rounding alone. Whether the logits
-    # also come closer is not a property of this random tiny net: they did on an AMD EPYC and did not on an
-    # Intel Xeon (other float kernels, another trajectory). The gain is measured on the trained ResNet-20
-    # instead (benchmarks/results/lowbit.json, W4A4: brecq --tune-activations 83.64 % vs adaround 82.92 %).
-    assert err["tuned"][0] <= err["brecq"][0] * 1.001, err
+    # learned scales: on this random tiny net the block error ties with learned rounding alone (within 0.4 %
+    # on three CPUs, either side: other float kernels, another trajectory), and beats the calibrated start.
+    # The gain is measured on the trained ResNet-20 instead (benchmarks/results/lowbit.json, W4A4: brecq
+    # --tune-activations 83.42 % vs adaround 82.92 %).
+    assert err["tuned"][0] < err["plain"][0] and err["tuned"][0] <= err["brecq"][0] * 1.01, err
     rep = tuned.plan.meta["refine"]["brecq"]
     assert rep["blocks_learned"] == 2 and rep["tune_activations"] and not rep["blocks_skipped_time_budget"]
     assert any(line.startswith("brecq: 2/2 blocks learned (rounding + activation scales)") for line in tuned.lines())
@@ -148,6 +148,18 @@ def test_deterministic_with_seed(results):
     w = {t.name: numpy_helper.to_array(t) for t in tuned.fused.graph.initializer}
     assert all(np.array_equal(numpy_helper.to_array(t), w[t.name]) for t in again.fused.graph.initializer)
     assert other.plan.tensors != tuned.plan.tensors  # the seed is what fixes the result
+
+
+def test_qdrop_mixes_fp32_block_inputs(results):
+    from qtool.brecq import block_errors
+
+    m, calib, plain, _, blk, _ = results
+    q = qtool.quantize(m, calib, QuantConfig(algo="brecq", qdrop=0.5, **W4A4))
+    assert q.plan.meta["refine"]["brecq"]["qdrop"] == 0.5
+    w = {t.name: numpy_helper.to_array(t) for t in blk.fused.graph.initializer}
+    assert any(not np.array_equal(numpy_helper.to_array(t), w[t.name]) for t in q.fused.graph.initializer)
+    unseen = {k: block_errors(m, r.fused, r.plan, feeds(4, 99), 64)[0] for k, r in (("plain", plain), ("qdrop", q))}
+    assert unseen["qdrop"] < 0.95 * unseen["plain"], unseen
 
 
 def test_time_budget_keeps_the_calibrated_plan(results):
