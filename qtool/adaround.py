@@ -75,12 +75,13 @@ class AdaRoundReport:
     skipped: list[str] = field(default_factory=list)  # weights left at nearest rounding: time budget over
     samples: int = 0
     seconds: float = 0.0
+    drop: float = 0.0
 
     def lines(self) -> list[str]:
         learned = [r for r in self.layers if r.kept == "learned"]
         ratio = [r.mse_learned / r.mse_nearest for r in learned if r.mse_nearest > 0]
         out = [f"adaround: {len(learned)}/{len(self.layers) + len(self.skipped)} layers learned on {self.samples} "
-               f"samples in {self.seconds:.1f} s" + (f", reconstruction error x{np.median(ratio):.2f} (median vs "
+               f"samples{f' (QDrop {self.drop:g})' if self.drop else ''} in {self.seconds:.1f} s" + (f", reconstruction error x{np.median(ratio):.2f} (median vs "
                                                       "nearest)" if ratio else "")]
         worse = [r.weight for r in self.layers if r.kept == "nearest"]
         if worse:
@@ -161,7 +162,7 @@ def adaround(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict[str, 
     t0 = time.perf_counter()
     deadline = None if time_budget_s is None else t0 + time_budget_s
     inputs = stack_feeds(feeds, samples)
-    report = AdaRoundReport(samples=len(next(iter(inputs.values()))))
+    report = AdaRoundReport(samples=len(next(iter(inputs.values()))), drop=drop)
     gen = torch.Generator().manual_seed(seed)
     lq = quantized_lift(model, plan)
     lf = lift(model).eval()

@@ -90,13 +90,14 @@ class BrecqReport:
     samples: int = 0
     seconds: float = 0.0
     tune_activations: bool = False
+    drop: float = 0.0
 
     def lines(self) -> list[str]:
         learned = [b for b in self.blocks if b.kept == "learned"]
         ratio = [b.mse_learned / b.mse_start for b in learned if b.mse_start > 0]
         what = "rounding + activation scales" if self.tune_activations else "rounding"
         out = [f"brecq: {len(learned)}/{len(self.blocks) + len(self.skipped)} blocks learned ({what}) on "
-               f"{self.samples} samples in {self.seconds:.1f} s" + (
+               f"{self.samples} samples{f' (QDrop {self.drop:g})' if self.drop else ''} in {self.seconds:.1f} s" + (
                    f", block reconstruction error x{np.median(ratio):.2f} (median vs start)" if ratio else "")]
         worse = [b.weights[0] for b in self.blocks if b.kept == "start"]
         if worse:
@@ -249,7 +250,7 @@ def brecq(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict[str, np.
     t0 = time.perf_counter()
     deadline = None if time_budget_s is None else t0 + time_budget_s
     inputs = stack_feeds(feeds, samples)
-    report = BrecqReport(samples=len(next(iter(inputs.values()))), tune_activations=tune_activations)
+    report = BrecqReport(samples=len(next(iter(inputs.values()))), tune_activations=tune_activations, drop=drop)
     gen = torch.Generator().manual_seed(seed)
     lq = quantized_lift(model, plan)
     lf = lift(model).eval()

@@ -139,6 +139,7 @@ def test_qdrop_learns_a_different_rounding_that_still_beats_nearest(results):
     q = qtool.quantize(m, feeds(4, 0), QuantConfig(algo="adaround", qdrop=0.5, **W4))
     again = qtool.quantize(m, feeds(4, 0), QuantConfig(algo="adaround", qdrop=0.5, **W4))
     assert q.plan.meta["refine"]["adaround"]["qdrop"] == 0.5
+    assert any(line.startswith("adaround: 3/3 layers learned on 128 samples (QDrop 0.5) in") for line in q.lines())
     a, b, c = (weight_codes(r.model) for r in (q, again, ada))
     assert all(np.array_equal(a[k][0], b[k][0]) for k in a)  # deterministic for a seed
     assert any(not np.array_equal(a[k][0], c[k][0]) for k in a)  # the FP32 mix changed what was learned

@@ -156,6 +156,7 @@ def test_qdrop_mixes_fp32_block_inputs(results):
     m, calib, plain, _, blk, _ = results
     q = qtool.quantize(m, calib, QuantConfig(algo="brecq", qdrop=0.5, **W4A4))
     assert q.plan.meta["refine"]["brecq"]["qdrop"] == 0.5
+    assert any("samples (QDrop 0.5) in" in line for line in q.lines())
     w = {t.name: numpy_helper.to_array(t) for t in blk.fused.graph.initializer}
     assert any(not np.array_equal(numpy_helper.to_array(t), w[t.name]) for t in q.fused.graph.initializer)
     unseen = {k: block_errors(m, r.fused, r.plan, feeds(4, 99), 64)[0] for k, r in (("plain", plain), ("qdrop", q))}
