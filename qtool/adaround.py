@@ -80,9 +80,10 @@ class AdaRoundReport:
     def lines(self) -> list[str]:
         learned = [r for r in self.layers if r.kept == "learned"]
         ratio = [r.mse_learned / r.mse_nearest for r in learned if r.mse_nearest > 0]
+        qdrop = f" (QDrop {self.drop:g})" if self.drop else ""
         out = [f"adaround: {len(learned)}/{len(self.layers) + len(self.skipped)} layers learned on {self.samples} "
-               f"samples{f' (QDrop {self.drop:g})' if self.drop else ''} in {self.seconds:.1f} s" + (f", reconstruction error x{np.median(ratio):.2f} (median vs "
-                                                      "nearest)" if ratio else "")]
+               f"samples{qdrop} in {self.seconds:.1f} s"
+               + (f", reconstruction error x{np.median(ratio):.2f} (median vs nearest)" if ratio else "")]
         worse = [r.weight for r in self.layers if r.kept == "nearest"]
         if worse:
             out.append(f"adaround: kept nearest rounding (learned was worse) for {', '.join(worse)}")

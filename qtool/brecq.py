@@ -96,8 +96,9 @@ class BrecqReport:
         learned = [b for b in self.blocks if b.kept == "learned"]
         ratio = [b.mse_learned / b.mse_start for b in learned if b.mse_start > 0]
         what = "rounding + activation scales" if self.tune_activations else "rounding"
+        qdrop = f" (QDrop {self.drop:g})" if self.drop else ""
         out = [f"brecq: {len(learned)}/{len(self.blocks) + len(self.skipped)} blocks learned ({what}) on "
-               f"{self.samples} samples{f' (QDrop {self.drop:g})' if self.drop else ''} in {self.seconds:.1f} s" + (
+               f"{self.samples} samples{qdrop} in {self.seconds:.1f} s" + (
                    f", block reconstruction error x{np.median(ratio):.2f} (median vs start)" if ratio else "")]
         worse = [b.weights[0] for b in self.blocks if b.kept == "start"]
         if worse:

@@ -1,5 +1,6 @@
-"""Validation of QuantConfig's post-training refinement fields (algo, adaround_*, tune_activations,
-qdrop, bias_correction, time_budget_s, seed), kept apart from qtool.ptq so the refinements stay one separable piece; torch-free."""
+"""Validation of QuantConfig's post-training refinement fields (algo, adaround_*, tune_activations, qdrop,
+bias_correction, time_budget_s, seed), kept apart from qtool.ptq so the refinements stay one separable
+piece; torch-free."""
 from __future__ import annotations
 
 from qtool.errors import QtoolError
