@@ -203,7 +203,7 @@ def _round_layer(layer: Layer, lq, lf, plan: QuantPlan, inputs: dict, iters: int
     xs = capture(lq, layer.x, inputs)  # the quantized model's input to this layer (fake-quantized)
     ts = capture(lf, layer.y, inputs, quantized=False)  # the FP32 model's output
     x_all, t_all = torch.cat(xs), torch.cat(ts)
-    xf_all = torch.cat(capture(lf, layer.x, inputs, quantized=False)) if drop > 0 else None
+    xf_all = torch.cat(capture(lf, layer.x, inputs, quantized=False)) if drop > 0 else x_all
     w = lq.tensor(layer.w).detach().clone().float()
     b = lq.tensor(layer.b).detach() if layer.b is not None else None
     r = Rounding(w, torch.tensor(tq.scale, dtype=torch.float32), _axis(plan, layer.w), qmin, qmax)
@@ -214,8 +214,7 @@ def _round_layer(layer: Layer, lq, lf, plan: QuantPlan, inputs: dict, iters: int
         if deadline is not None and time.perf_counter() >= deadline:
             break
         idx = torch.randint(n, (min(BATCH, n),), generator=gen)
-        x = x_all[idx] if xf_all is None else mix_inputs(x_all[idx], xf_all[idx], drop, gen)
-        y = _layer_out(layer, x, r.soft(), b)
+        y = _layer_out(layer, mix_inputs(x_all[idx], xf_all[idx], drop, gen), r.soft(), b)
         loss = recon_error(y, t_all[idx])
         if it >= WARM_START * iters:
             loss = loss + REG_WEIGHT * r.regularizer(beta_at(it, iters))

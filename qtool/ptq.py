@@ -33,7 +33,7 @@ from qtool.ortkernels import PAIRS, PAIRS_HWC, pair_sums, reachable_pair_sums, s
 from qtool.plan import QuantPlan, TensorQuant, range_quant, scale_of
 from qtool.quant_points import first_last_tensors, from_marks, node_tensors
 from qtool.control_config import check_control_config
-from qtool.refine_config import check_refine_config, needs_refine
+from qtool.refine_config import LEARNED_ROUNDING, check_refine_config, needs_refine
 from qtool.rescale import check_rescale_config, needs_rescale, rescale
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class QuantConfig:
                                  f"got weight_bits={self.weight_bits}")
             if self.format != "qdq":
                 raise QtoolError("activations='none' writes MatMulNBits nodes; format must stay qdq")
-            if self.algo in ("adaround", "brecq") or self.bias_correction:
+            if self.algo in LEARNED_ROUNDING or self.bias_correction:
                 raise QtoolError(f"{self.algo if self.algo != 'none' else 'bias_correction'} refines static "
                                  "quantization; with activations='none' "
                                  "use algo='gptq' (or 'none': round to nearest)")

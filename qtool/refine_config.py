@@ -6,6 +6,7 @@ from __future__ import annotations
 from qtool.errors import QtoolError
 
 ALGOS = ("none", "adaround", "brecq", "gptq")  # gptq: weight-only (activations="none") only
+LEARNED_ROUNDING = ("adaround", "brecq")  # the algos that reconstruct static quantization on the lifted graph
 
 
 def _int(v) -> bool:
@@ -27,7 +28,7 @@ def check_refine_config(c) -> None:
     q = c.qdrop
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q < 1.0:
         raise QtoolError(f"qdrop must be a probability in [0, 1), got {q!r}")
-    if q and c.algo not in ("adaround", "brecq"):
+    if q and c.algo not in LEARNED_ROUNDING:
         raise QtoolError(f"qdrop mixes FP32 inputs into the reconstruction of adaround / brecq, got algo={c.algo!r}")
     if not isinstance(c.bias_correction, bool):
         raise QtoolError(f"bias_correction must be true or false, got {c.bias_correction!r}")
@@ -40,4 +41,4 @@ def check_refine_config(c) -> None:
 
 
 def needs_refine(c) -> bool:
-    return c.algo in ("adaround", "brecq") or c.bias_correction
+    return c.algo in LEARNED_ROUNDING or c.bias_correction
